@@ -1,0 +1,201 @@
+"""StoreConfig and the parsing of sizes, paths, URLs and KVTIER_* environment variables.
+
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from kvtier.errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 1 << 10,
+    "kib": 1 << 10,
+    "mi": 1 << 20,
+    "mib": 1 << 20,
+    "gi": 1 << 30,
+    "gib": 1 << 30,
+    "ti": 1 << 40,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+MAX_CHUNK_TOKENS = 1 << 16
+REMOTE_SCHEMES = ("kvtier", "redis", "rediss")
+
+
+def parse_size(value: int | str, name: str = "size") -> int:
+    """Bytes from `8GiB`, `500G`, `64MiB`, `4096` or an int; raises ConfigError otherwise."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size like 8GiB, 500G or 4096, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        match = _SIZE_RE.match(str(value))
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _UNITS:
+            raise ConfigError(
+                f"{name}: cannot parse {value!r}; use bytes or a unit: 8GiB, 500G, 64MiB, 4096"
+            )
+        number = int(float(match.group(1)) * _UNITS[unit])
+    if number <= 0:
+        raise ConfigError(f"{name}: must be positive, got {value!r}")
+    return number
+
+
+class Endpoint(NamedTuple):
+    host: str
+    port: int
+
+
+class RemoteURL(NamedTuple):
+    """A parsed `remote=` URL: `kvtier://h1:7400,h2:7400` or `redis://h:6379/0`."""
+
+    scheme: str
+    endpoints: tuple[Endpoint, ...]
+    url: str
+
+
+def parse_remote(url: str) -> RemoteURL:
+    """Validate a remote URL; raises ConfigError saying what a good one looks like."""
+    hint = "use kvtier://host:port[,host:port...] or redis://host:port/db (rediss:// for TLS)"
+    parts = urlsplit(url)
+    if parts.scheme not in REMOTE_SCHEMES:
+        raise ConfigError(f"remote: unknown scheme in {url!r}; {hint}")
+    netloc = parts.netloc.rpartition("@")[2]
+    endpoints = []
+    for item in netloc.split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"remote: bad host:port {item!r} in {url!r}; {hint}")
+        endpoints.append(Endpoint(host.strip("[]"), int(port)))
+    return RemoteURL(parts.scheme, tuple(endpoints), url)
+
+
+def _check_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"disk_dir: cannot create {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"disk_dir: {path} is not writable; choose a directory you can write")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Everything a Store needs. `None` switches a tier off.
+
+    Sizes accept ints or strings like `8GiB`; they are normalised to ints.
+    """
+
+    chunk_tokens: int = 256
+    dram_bytes: int | str | None = 1 << 30
+    disk_dir: str | Path | None = None
+    disk_bytes: int | str | None = None
+    remote: str | None = None
+    remote_token: str | None = field(default=None, repr=False)
+    io_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
+            raise ConfigError(f"chunk_tokens: expected an int, got {self.chunk_tokens!r}")
+        if not 0 < self.chunk_tokens <= MAX_CHUNK_TOKENS:
+            raise ConfigError(
+                f"chunk_tokens: must be in 1..{MAX_CHUNK_TOKENS}, got {self.chunk_tokens}"
+            )
+        if not isinstance(self.io_workers, int) or not 1 <= self.io_workers <= 64:
+            raise ConfigError(f"io_workers: must be in 1..64, got {self.io_workers!r}")
+        ram = _physical_memory_bytes()
+        if self.dram_bytes is not None:
+            dram = parse_size(self.dram_bytes, "dram_bytes")
+            if dram > ram:
+                raise ConfigError(
+                    f"dram_bytes: {dram} bytes is more than this machine's {ram} bytes of memory"
+                )
+            object.__setattr__(self, "dram_bytes", dram)
+        self._check_disk()
+        if self.remote is not None:
+            parse_remote(self.remote)
+
+    def _check_disk(self) -> None:
+        if self.disk_dir is None:
+            if self.disk_bytes is not None:
+                raise ConfigError("disk_bytes is set but disk_dir is not; set both or neither")
+            return
+        if self.disk_bytes is None:
+            raise ConfigError("disk_dir is set but disk_bytes is not; give a size like 100GiB")
+        path = Path(self.disk_dir).expanduser()
+        _check_dir(path)
+        disk = parse_size(self.disk_bytes, "disk_bytes")
+        total = os.statvfs(path).f_blocks * os.statvfs(path).f_frsize
+        if disk > total:
+            raise ConfigError(
+                f"disk_bytes: {disk} bytes is more than the {total} bytes of the file system "
+                f"holding {path}"
+            )
+        object.__setattr__(self, "disk_dir", path)
+        object.__setattr__(self, "disk_bytes", disk)
+
+    @property
+    def remote_url(self) -> RemoteURL | None:
+        return None if self.remote is None else parse_remote(self.remote)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> StoreConfig:
+        """A config from KVTIER_* variables (KVTIER_DRAM=off switches a tier off)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for name, var in _ENV_FIELDS.items():
+            raw = env.get(var)
+            if raw is None:
+                continue
+            values[name] = None if raw.lower() in ("", "off", "none") else raw
+        if "chunk_tokens" in values:
+            values["chunk_tokens"] = _int_env("KVTIER_CHUNK_TOKENS", values["chunk_tokens"])
+        if "io_workers" in values:
+            values["io_workers"] = _int_env("KVTIER_IO_WORKERS", values["io_workers"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)  # type: ignore[arg-type]
+
+
+_ENV_FIELDS = {
+    "chunk_tokens": "KVTIER_CHUNK_TOKENS",
+    "dram_bytes": "KVTIER_DRAM",
+    "disk_dir": "KVTIER_DISK_DIR",
+    "disk_bytes": "KVTIER_DISK",
+    "remote": "KVTIER_REMOTE",
+    "remote_token": "KVTIER_REMOTE_TOKEN",
+    "io_workers": "KVTIER_IO_WORKERS",
+}
+
+
+def env_default(var: str, default: str | None = None) -> str | None:
+    """The value of a KVTIER_* variable, for CLI option defaults."""
+    return os.environ.get(var, default)
+
+
+def _int_env(var: str, raw: object) -> int:
+    try:
+        return int(str(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{var}: expected an integer, got {raw!r}") from exc
+
+
+def _physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

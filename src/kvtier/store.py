@@ -1,0 +1,311 @@
+"""Store: the one orchestrator. Lookup across tiers, promote on hit, write-through to lower
+tiers in the background, prefetch on hint. Tiers never know about each other.
+
+DRAM is written through to disk and remote, so a chunk evicted from DRAM is already on disk
+(it stays pinned in DRAM until its write has landed): evictions never drop a chunk the disk
+could hold. Without a DRAM tier, saves go through a small staging pool instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from kvtier.cache import BoundCache
+from kvtier.config import StoreConfig
+from kvtier.errors import KvtierError, StoreClosed
+from kvtier.keys import Key
+from kvtier.layout import KVLayout
+from kvtier.pool import SlabPool
+from kvtier.tiers.base import Tier, TierStats, Views, copy_views, total_bytes
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.dram import DramTier
+
+STAGING_BYTES = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counters of the store and of each tier (in lookup order: dram, disk, remote)."""
+
+    tiers: tuple[TierStats, ...]
+    saved_chunks: int
+    dropped_chunks: int
+    pending_writes: int
+
+    def tier(self, name: str) -> TierStats:
+        return next(t for t in self.tiers if t.name == name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tiers": {t.name: t._asdict() for t in self.tiers},
+            "saved_chunks": self.saved_chunks,
+            "dropped_chunks": self.dropped_chunks,
+            "pending_writes": self.pending_writes,
+        }
+
+
+class Located(NamedTuple):
+    """Where a prefix is stored: one tier name per leading chunk found."""
+
+    chunks: int
+    tiers: tuple[str, ...]
+
+
+class Store:
+    """Tiered chunk store; thread-safe. Use `bind()` to get a per-model cache."""
+
+    def __init__(self, config: StoreConfig | None = None) -> None:
+        self.config = config = config or StoreConfig()
+        self._dram = DramTier(int(config.dram_bytes)) if config.dram_bytes else None
+        lower: list[Tier] = []
+        if config.disk_dir is not None:
+            lower.append(DiskTier(config.disk_dir, int(config.disk_bytes or 0)))
+        if config.remote is not None:
+            lower.append(_open_remote(config))
+        self._lower = tuple(lower)
+        self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
+        self._staging = (
+            SlabPool(STAGING_BYTES, prefault=False) if lower and not self._dram else None
+        )
+        self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._saved = 0
+        self._dropped = 0
+        self._closed = False
+
+    def bind(self, model_id: str, layout: KVLayout, salt: str | None = None) -> BoundCache:
+        """A cache for one model (and tenant salt) over this store's tiers."""
+        return BoundCache(self, model_id, layout, salt)
+
+    # -- key-level API (BoundCache and the server build on it) -----------------------------
+
+    def locate(self, keys: Sequence[Key]) -> Located:
+        """Longest run of leading keys present in some tier, and the tier of each."""
+        self._check_open()
+        names: list[str] = []
+        while len(names) < len(keys):
+            rest = keys[len(names) :]
+            for tier in self._tiers:
+                found = tier.contains_prefix(rest)
+                if found:
+                    names += [tier.name] * found
+                    break
+            else:
+                break
+        return Located(len(names), tuple(names))
+
+    def read_chunk(self, key: Key, dst: Views) -> str | None:
+        """Copy a chunk into `dst`, promoting a lower-tier hit to DRAM; the serving tier's name,
+        or None if no tier could serve it."""
+        self._check_open()
+        dram = self._dram
+        if dram is not None and dram.get_into(key, dst):
+            return dram.name
+        for tier in self._lower:
+            view = self._promote(tier, key, total_bytes(dst)) if dram else None
+            if view is not None:
+                try:
+                    copy_views([view], dst)
+                finally:
+                    dram.release(key)  # type: ignore[union-attr]
+                return tier.name
+            if tier.get_into(key, dst):
+                return tier.name
+        return None
+
+    def write_chunk(self, key: Key, src: Views) -> None:
+        """Copy a chunk out of `src` now; write it to the lower tiers in the background."""
+        self._check_open()
+        if self._holds(key):
+            return
+        nbytes = total_bytes(src)
+        slot, release = self._claim(key, nbytes)
+        if slot is None:
+            with self._cond:
+                self._dropped += 1
+            return
+        copy_views(src, [slot])
+        if self._dram is not None and release is not None:
+            self._dram.commit(key, keep_pin=bool(self._lower))
+        with self._cond:
+            self._saved += 1
+        if self._lower:
+            self._submit(self._write_lower, key, slot, release, self._lower)
+
+    def prefetch_keys(self, keys: Sequence[Key]) -> None:
+        """Start promoting leading keys from lower tiers into DRAM, in the background."""
+        self._check_open()
+        if self._dram is not None and self._lower:
+            self._submit(self._prefetch, list(keys))
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        """Mark a request's keys used so its tail is evicted before its head."""
+        tail_first = list(reversed(keys))
+        for tier in self._tiers:
+            tier.touch(tail_first)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wait until every pending save has reached every tier."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0)
+
+    def stats(self) -> StoreStats:
+        with self._cond:
+            saved, dropped, pending = self._saved, self._dropped, self._pending
+        return StoreStats(tuple(t.stats() for t in self._tiers), saved, dropped, pending)
+
+    def close(self) -> None:
+        """Flush, then release every tier. Idempotent."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self._io.shutdown(wait=True)
+        for tier in self._tiers:
+            tier.close()
+        if self._staging is not None:
+            self._staging.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_integrity(self) -> None:
+        """Internal invariants of every tier (for tests)."""
+        for tier in self._tiers:
+            check = getattr(tier, "check_integrity", None)
+            if check is not None:
+                check()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("this Store is closed; create a new one")
+
+    def _holds(self, key: Key) -> bool:
+        if self._dram is not None and key in self._dram:
+            return True
+        return any(t.contains_prefix([key]) for t in self._lower if t.name == "disk")
+
+    def _claim(self, key: Key, nbytes: int) -> tuple[memoryview | None, Callable[[], None] | None]:
+        """A slot for a new chunk (DRAM, else staging), waiting while in-flight writes pin all
+        memory; (None, None) if the chunk cannot be held."""
+        pool_wait = 0.05
+        while True:
+            if self._dram is not None:
+                slot = self._dram.reserve(key, nbytes)
+                if slot is not None:
+                    return slot, functools.partial(self._dram.release, key)
+                if key in self._dram or nbytes > self._dram.capacity_bytes:
+                    return None, None
+            elif self._staging is not None:
+                slot, release = self._stage(nbytes)
+                if slot is not None:
+                    return slot, release
+            else:
+                return None, None
+            with self._cond:
+                if self._pending == 0:
+                    return None, None
+                self._cond.wait(pool_wait)
+
+    def _stage(self, nbytes: int) -> tuple[memoryview | None, Callable[[], None] | None]:
+        staging = self._staging
+        assert staging is not None
+        with self._cond:
+            extent = staging.alloc(nbytes)
+        if extent is None:
+            return None, None
+
+        def release() -> None:
+            with self._cond:
+                staging.free(extent)
+
+        return staging.slot(extent)[:nbytes], release
+
+    def _promote(self, tier: Tier, key: Key, nbytes: int) -> memoryview | None:
+        """Read a chunk from `tier` into a new DRAM slot; returns it pinned, or None."""
+        dram = self._dram
+        assert dram is not None
+        slot = dram.reserve(key, nbytes)
+        if slot is None:
+            return None
+        if not tier.get_into(key, [slot]):
+            dram.abort(key)
+            return None
+        dram.commit(key, keep_pin=True)
+        below = [t for t in self._lower if t is not tier and not t.contains_prefix([key])]
+        if below and tier.name != "disk":
+            dram.acquire(key, count=False)
+            self._submit(self._write_lower, key, slot, lambda: dram.release(key), below)
+        return slot
+
+    def _prefetch(self, keys: list[Key]) -> None:
+        dram = self._dram
+        assert dram is not None
+        for key in keys:
+            if key in dram:
+                continue
+            nbytes = next((s for t in self._lower if (s := _size_of(t, key))), 0)
+            view = None
+            for tier in self._lower:
+                view = self._promote(tier, key, nbytes) if nbytes else None
+                if view is not None:
+                    dram.release(key)
+                    break
+            if view is None:
+                return
+
+    def _write_lower(
+        self, key: Key, slot: memoryview, release: Callable[[], None] | None, tiers: Sequence[Tier]
+    ) -> None:
+        try:
+            for tier in tiers:
+                tier.put(key, [slot])
+        finally:
+            if release is not None:
+                release()
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._cond:
+            self._pending += 1
+
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+        self._io.submit(run)
+
+
+def _size_of(tier: Tier, key: Key) -> int:
+    size = getattr(tier, "chunk_bytes", None)
+    return int(size(key) or 0) if size is not None else 0
+
+
+def _open_remote(config: StoreConfig) -> Tier:
+    url = config.remote_url
+    assert url is not None
+    module, cls = ("remote", "RemoteTier") if url.scheme == "kvtier" else ("redis", "RedisTier")
+    try:
+        tier: Tier = getattr(importlib.import_module(f"kvtier.tiers.{module}"), cls)(
+            url, config.remote_token
+        )
+        return tier
+    except ImportError as exc:
+        raise KvtierError(f"remote tier {url.scheme}:// is not available: {exc}") from exc

@@ -1,0 +1,327 @@
+"""Local-SSD tier: one file per chunk, checksummed, crash-safe, persistent, LRU-bounded.
+
+A chunk is written to `tmp/`, then renamed into its shard directory (publish); a torn write
+is never visible under a chunk's name. Every file starts with a header holding the key, the
+payload size and an xxh3-64 checksum of key and payload; a file that fails verification is
+a miss, is counted and deleted. After a restart (clean or `kill -9`) the directory scan finds
+every published chunk again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import xxhash
+
+from kvtier.errors import ConfigError
+from kvtier.keys import KEY_BYTES, Key
+from kvtier.policy import LRUPolicy
+from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
+
+MAGIC = b"KVTIERC1"
+HEADER = struct.Struct("<8sHH16sQQQ")  # magic, version, flags, key, payload bytes, checksum, ns
+HEADER_BYTES = 4096  # payload starts page-aligned
+VERSION = 1
+SUFFIX = ".kv"
+
+
+class ChunkHeader(NamedTuple):
+    key: Key
+    payload_bytes: int
+    checksum: int
+
+
+def checksum(key: Key, views: Views) -> int:
+    h = xxhash.xxh3_64(key)
+    for view in views:
+        h.update(view)
+    return h.intdigest()
+
+
+def parse_header(buf: bytes | bytearray | memoryview) -> ChunkHeader | None:
+    """The header of a chunk file, or None if it is not one of ours."""
+    if len(buf) < HEADER.size:
+        return None
+    magic, version, _flags, key, nbytes, digest, _ns = HEADER.unpack_from(buf)
+    if magic != MAGIC or version != VERSION:
+        return None
+    return ChunkHeader(key, nbytes, digest)
+
+
+class DiskTier:
+    """Bounded by `capacity_bytes` of chunk files (headers included), plus writes in flight."""
+
+    name = "disk"
+
+    def __init__(self, directory: str | Path, capacity_bytes: int) -> None:
+        self.root = Path(directory) / "kvtier-v1"
+        self.capacity_bytes = capacity_bytes
+        self._tmp = self.root / "tmp"
+        self._lock = threading.Lock()
+        self._sizes: dict[Key, int] = {}
+        self._inflight: dict[Key, int] = {}
+        self._lru = LRUPolicy()
+        self._used = 0
+        self._count = Counters()
+        self._lockfile = self._open_exclusive()
+        self._load_index()
+
+    # -- the Tier interface ---------------------------------------------------------------
+
+    def contains_prefix(self, keys: Sequence[Key]) -> int:
+        with self._lock:
+            n = 0
+            for key in keys:
+                if key not in self._sizes:
+                    break
+                n += 1
+            return n
+
+    def get_into(self, key: Key, dst: Views) -> bool:
+        with self._lock:
+            known = key in self._sizes
+            self._count.misses += not known
+        if not known:
+            return False
+        ok = self._read(key, dst)
+        with self._lock:
+            if ok:
+                self._count.hits += 1
+            else:
+                self._count.misses += 1
+        return ok
+
+    def put(self, key: Key, src: Views) -> bool:
+        size = HEADER_BYTES + total_bytes(src)
+        if not self._reserve(key, size):
+            return key in self._sizes
+        published = False
+        try:
+            published = self._write(key, src)
+        finally:
+            with self._lock:
+                del self._inflight[key]
+                if published:
+                    self._sizes[key] = size
+                    self._lru.add(key)
+                else:
+                    self._used -= size
+        return published
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        with self._lock:
+            self._lru.touch(keys)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            c = self._count
+            return TierStats(
+                self.name,
+                self.capacity_bytes,
+                self._used,
+                len(self._sizes),
+                c.hits,
+                c.misses,
+                c.evictions,
+                c.errors,
+                c.checksum_failures,
+            )
+
+    def close(self) -> None:
+        if self._lockfile >= 0:
+            os.close(self._lockfile)  # releases the flock
+            self._lockfile = -1
+
+    # -- beyond the interface -------------------------------------------------------------
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._sizes)
+
+    def chunk_bytes(self, key: Key) -> int | None:
+        """Payload size of a stored chunk, or None."""
+        with self._lock:
+            size = self._sizes.get(key)
+        return None if size is None else size - HEADER_BYTES
+
+    def path(self, key: Key) -> Path:
+        name = key.hex()
+        return self.root / name[:2] / (name + SUFFIX)
+
+    def check_integrity(self) -> None:
+        """Index and files agree; bytes within capacity."""
+        with self._lock:
+            assert self._used == sum(self._sizes.values()) + sum(self._inflight.values())
+            assert self._used <= self.capacity_bytes
+            assert set(self._lru._order) == set(self._sizes)
+            on_disk = {key for key, _ in _scan(self.root)}
+            assert set(self._sizes) <= on_disk, "indexed chunk without a file"
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _reserve(self, key: Key, size: int) -> bool:
+        """Count `size` bytes for a new chunk, evicting LRU chunks; False if impossible."""
+        evicted: list[Key] = []
+        with self._lock:
+            if key in self._sizes or key in self._inflight or size > self.capacity_bytes:
+                return False
+            while self._used + size > self.capacity_bytes:
+                victim = self._lru.victim()
+                if victim is None:
+                    return False
+                self._lru.remove(victim)
+                self._used -= self._sizes.pop(victim)
+                self._count.evictions += 1
+                evicted.append(victim)
+            self._inflight[key] = size
+            self._used += size
+        for victim in evicted:  # unpublished above; a reader holding the file keeps its inode
+            self._unlink(self.path(victim))
+        return True
+
+    def _write(self, key: Key, src: Views) -> bool:
+        nbytes = total_bytes(src)
+        header = bytearray(HEADER_BYTES)
+        HEADER.pack_into(header, 0, MAGIC, VERSION, 0, key, nbytes, checksum(key, src), 0)
+        final = self.path(key)
+        tmp = self._tmp / f"{final.name}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_all(fd, [memoryview(header), *src])
+            finally:
+                os.close(fd)
+            final.parent.mkdir(exist_ok=True)
+            os.rename(tmp, final)
+            return True
+        except OSError:
+            with self._lock:
+                self._count.errors += 1
+            self._unlink(tmp)
+            return False
+
+    def _read(self, key: Key, dst: Views) -> bool:
+        header = bytearray(HEADER_BYTES)
+        want = HEADER_BYTES + total_bytes(dst)
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY)
+        except OSError:
+            self._forget(key, corrupt=False)
+            return False
+        try:
+            got = _pread_all(fd, [memoryview(header), *dst])
+            at_end = os.fstat(fd).st_size == want
+        except OSError:
+            with self._lock:
+                self._count.errors += 1
+            return False
+        finally:
+            os.close(fd)
+        meta = parse_header(header)
+        if got != want or not at_end or meta is None or meta.key != key:
+            self._forget(key, corrupt=True)
+            return False
+        if meta.payload_bytes != want - HEADER_BYTES or meta.checksum != checksum(key, dst):
+            self._forget(key, corrupt=True)
+            return False
+        return True
+
+    def _forget(self, key: Key, corrupt: bool) -> None:
+        """Unpublish a chunk that cannot be served, then delete its file."""
+        with self._lock:
+            size = self._sizes.pop(key, None)
+            if size is not None:
+                self._used -= size
+                self._lru.remove(key)
+            if corrupt:
+                self._count.checksum_failures += 1
+        if corrupt and size is not None:
+            self._unlink(self.path(key))
+
+    def _open_exclusive(self) -> int:
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"disk_dir: cannot use {self.root.parent}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(
+                f"disk_dir: {self.root.parent} is in use by another kvtier store; give each "
+                "process its own disk_dir (share chunks between processes through a server)"
+            ) from exc
+        return fd
+
+    def _load_index(self) -> None:
+        """Publish every complete chunk file, oldest first; delete leftovers of torn writes."""
+        for leftover in self._tmp.iterdir():
+            self._unlink(leftover)
+        found = sorted(_scan(self.root), key=lambda item: item[1].st_mtime_ns)
+        for key, st in found:
+            if self._used + st.st_size > self.capacity_bytes:
+                self._unlink(self.path(key))  # the directory shrank below what it holds
+                continue
+            self._sizes[key] = st.st_size
+            self._lru.add(key)
+            self._used += st.st_size
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _scan(root: Path) -> Iterator[tuple[Key, os.stat_result]]:
+    for shard in os.scandir(root):
+        if not shard.is_dir() or len(shard.name) != 2:
+            continue
+        for entry in os.scandir(shard.path):
+            name = entry.name
+            if not name.endswith(SUFFIX) or len(name) != 2 * KEY_BYTES + len(SUFFIX):
+                continue
+            try:
+                key = bytes.fromhex(name[: -len(SUFFIX)])
+                yield key, entry.stat()
+            except (ValueError, OSError):
+                continue
+
+
+def _pwrite_all(fd: int, views: list[memoryview]) -> None:
+    offset = 0
+    while views:
+        n = os.pwritev(fd, views[:1024], offset)
+        offset += n
+        views = _advance(views, n)
+
+
+def _pread_all(fd: int, views: list[memoryview]) -> int:
+    """Read until the views are full or the file ends; returns the bytes read."""
+    offset = 0
+    while views:
+        n = os.preadv(fd, views[:1024], offset)
+        if n == 0:
+            break
+        offset += n
+        views = _advance(views, n)
+    return offset
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views left after `n` bytes were transferred."""
+    i = 0
+    while i < len(views) and n >= views[i].nbytes:
+        n -= views[i].nbytes
+        i += 1
+    rest = views[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest
