@@ -57,6 +57,13 @@ class Located(NamedTuple):
     tiers: tuple[str, ...]
 
 
+class Acquired(NamedTuple):
+    """A pinned DRAM view of a chunk and the tier that served it."""
+
+    view: memoryview
+    tier: str
+
+
 class Store:
     """Tiered chunk store; thread-safe. Use `bind()` to get a per-model cache."""
 
@@ -119,6 +126,28 @@ class Store:
             if tier.get_into(key, dst):
                 return tier.name
         return None
+
+    def acquire_chunk(self, key: Key, nbytes: int) -> Acquired | None:
+        """Pin a chunk in DRAM (promoting it from a lower tier) and return a read-only view of
+        its `nbytes` bytes; call `release_chunk(key)` when done. None without a DRAM tier or
+        when no tier can serve it."""
+        self._check_open()
+        dram = self._dram
+        if dram is None:
+            return None
+        view = dram.acquire(key)
+        if view is not None:
+            return Acquired(view, dram.name)
+        for tier in self._lower:
+            view = self._promote(tier, key, nbytes)
+            if view is not None:
+                return Acquired(view, tier.name)
+        return None
+
+    def release_chunk(self, key: Key) -> None:
+        """Unpin a chunk returned by `acquire_chunk`."""
+        assert self._dram is not None
+        self._dram.release(key)
 
     def write_chunk(self, key: Key, src: Views) -> None:
         """Copy a chunk out of `src` now; write it to the lower tiers in the background."""
