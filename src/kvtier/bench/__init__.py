@@ -1,0 +1,1 @@
+"""Benchmarks: `kvtier bench io|load|chat|agent|rag|trace` and `kvtier plan`."""
