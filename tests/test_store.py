@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.conftest import CHUNK, LAYOUT, make_config, make_kv
 
 import kvtier
-from tests.conftest import CHUNK, LAYOUT, make_config, make_kv
 
 
 def test_round_trip_dram(store: kvtier.Store) -> None:
@@ -39,3 +39,39 @@ def test_load_rejects_partial_chunk(store: kvtier.Store) -> None:
     """Loading a length that is not a multiple of chunk_tokens is a clear ValueError."""
     with pytest.raises(ValueError, match="multiple of chunk_tokens"):
         store.bind("m", LAYOUT).load(list(range(CHUNK + 1)))
+
+
+def _saved(store: kvtier.Store, chunks: int) -> tuple[kvtier.BoundCache, list[int], np.ndarray]:
+    cache = store.bind("m", LAYOUT)
+    tokens = list(range(chunks * CHUNK))
+    kv = make_kv(len(tokens))
+    cache.save(tokens, kv)
+    return cache, tokens, kv
+
+
+def test_load_into_out_in_place(store: kvtier.Store) -> None:
+    """load(out=buf) fills the caller's contiguous array in place and returns it."""
+    cache, tokens, kv = _saved(store, 2)
+    buf = np.zeros_like(kv)
+    assert cache.load(tokens, out=buf) is buf
+    np.testing.assert_array_equal(buf, kv)
+
+
+@pytest.mark.parametrize("kind", ["strided", "transposed", "sliced_tokens"])
+def test_load_into_non_contiguous_out(store: kvtier.Store, kind: str) -> None:
+    """load(out=view) fills a non-contiguous view byte-exact and leaves the rest untouched."""
+    cache, tokens, kv = _saved(store, 2)
+    L, _, T, H, D = kv.shape
+    if kind == "strided":
+        base = np.zeros((L, 2, T, H, 2 * D), kv.dtype)
+        out = base[..., ::2]
+    elif kind == "transposed":
+        base = np.zeros((L, 2, H, T, D), kv.dtype)
+        out = base.transpose(0, 1, 3, 2, 4)
+    else:
+        base = np.zeros((L, 2, T + 3, H, D), kv.dtype)
+        out = base[:, :, 1 : T + 1]
+    assert not out.flags.c_contiguous
+    cache.load(tokens, out=out)
+    np.testing.assert_array_equal(out, kv)
+    assert np.count_nonzero(base) == np.count_nonzero(kv)

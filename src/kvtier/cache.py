@@ -58,7 +58,9 @@ class BoundCache:
             )
         result = self.layout.empty(n) if out is None else out
         arr = self.layout.as_storage(result, n, "out")  # (L, 2, T, H, D)
-        target = arr if rows_contiguous(arr) else np.empty_like(arr)
+        # empty_like would copy a transposed `out`'s stride order, and rows of such a target
+        # are not contiguous: data read into copies of them would be lost.
+        target = arr if rows_contiguous(arr) else np.empty(arr.shape, arr.dtype)
         keys = self.keys(tokens)
         try:
             for i, key in enumerate(keys):
