@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.errors import ConfigError
+from kvtier.tiers.base import ChunkViews
 
 # dtype name -> NumPy dtype holding the same bytes (bfloat16 has no NumPy dtype: raw uint16).
 _STORAGE: dict[str, np.dtype[Any]] = {
@@ -123,20 +124,24 @@ def _torch_to_numpy(kv: Any, dtype: str, storage: np.dtype[Any], what: str) -> A
 
 
 def rows_contiguous(arr: Array) -> bool:
-    """Each (layer, K/V) row of `arr` (L, 2, T, H, D) is one contiguous run of bytes."""
-    _, _, _, heads, dim = arr.shape
+    """Each (layer, K/V) row of `arr` (L, 2, T, H, D) is one contiguous run of bytes, and
+    rows are evenly spaced (so `chunk_views` needs no copy)."""
+    layers, _, _, heads, dim = arr.shape
     size = arr.itemsize
     s = arr.strides
-    return s[4] == size and (heads == 1 or s[3] == dim * size) and s[2] == heads * dim * size
+    rows_even = layers == 1 or s[0] == 2 * s[1]
+    return (
+        s[4] == size
+        and (heads == 1 or s[3] == dim * size)
+        and s[2] == heads * dim * size
+        and rows_even
+    )
 
 
-def chunk_views(arr: Array, start: int, stop: int) -> list[memoryview]:
-    """Byte views of tokens [start, stop) of a row-contiguous (L, 2, T, H, D) array, one per
-    (layer, K/V) row, in chunk byte order (layer-major, K then V)."""
-    if arr.flags.c_contiguous and stop - start == arr.shape[2]:
-        return [memoryview(arr.reshape(-1).view(np.uint8).data)]
-    return [
-        arr[layer, kv, start:stop].reshape(-1).view(np.uint8).data
-        for layer in range(arr.shape[0])
-        for kv in (0, 1)
-    ]
+def chunk_views(arr: Array, start: int, stop: int) -> ChunkViews:
+    """Tokens [start, stop) of a row-contiguous (L, 2, T, H, D) array as chunk rows, one per
+    (layer, K/V), in chunk byte order (layer-major, K then V). No copy."""
+    layers, _, _, heads, dim = arr.shape
+    part = arr[:, :, start:stop]  # (L, 2, C, H, D)
+    rows = np.reshape(part, (layers * 2, (stop - start) * heads * dim), copy=False)
+    return ChunkViews(rows.view(np.uint8))

@@ -210,6 +210,12 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def warm(self) -> None:
+        """Block until the pre-allocated memory is faulted in (it is, in the background)."""
+        for pool in (self._dram, self._staging):
+            if pool is not None:
+                pool.wait_prefaulted()
+
     def check_integrity(self) -> None:
         """Internal invariants of every tier (for tests)."""
         for tier in self._tiers:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, overload
+
+import numpy as np
 
 from kvtier.keys import Key
 
@@ -66,12 +68,66 @@ class Counters:
     checksum_failures: int = 0
 
 
+class ChunkViews(Sequence[memoryview]):
+    """A chunk's bytes as the rows of a `(rows, row_bytes)` uint8 array (rows may be strided,
+    each row contiguous). Copies between arrays take one NumPy call; the per-row memoryviews
+    that scatter/gather I/O needs are made only when asked for."""
+
+    __slots__ = ("_views", "array")
+
+    def __init__(self, array: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
+        self.array = array
+        self._views: list[memoryview] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @overload
+    def __getitem__(self, index: int) -> memoryview: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[memoryview]: ...
+    def __getitem__(self, index: int | slice) -> memoryview | Sequence[memoryview]:
+        if self._views is None:
+            self._views = [row.data for row in self.array]
+        return self._views[index]
+
+
 def total_bytes(views: Views) -> int:
+    if isinstance(views, ChunkViews):
+        return views.nbytes
     return sum(v.nbytes for v in views)
 
 
+def _rows(views: Views) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
+    if isinstance(views, ChunkViews):
+        return views.array
+    if len(views) == 1:
+        return np.frombuffer(views[0], dtype=np.uint8).reshape(1, -1)
+    return None
+
+
 def copy_views(src: Views, dst: Views) -> None:
-    """Copy the bytes of `src` into `dst` (same total size), memcpy per overlapping run."""
+    """Copy the bytes of `src` into `dst` (same total size)."""
+    a, b = _rows(src), _rows(dst)
+    if a is not None and b is not None:
+        if a.shape == b.shape:
+            np.copyto(b, a)
+            return
+        if b.flags.c_contiguous:
+            np.copyto(b.reshape(a.shape), a)
+            return
+        if a.flags.c_contiguous:
+            np.copyto(b, a.reshape(b.shape))
+            return
+    _copy_runs(src, dst)
+
+
+def _copy_runs(src: Views, dst: Views) -> None:
+    """memcpy per overlapping run of two lists of views."""
     si = di = s_off = d_off = 0
     while si < len(src) and di < len(dst):
         s, d = src[si], dst[di]
