@@ -89,7 +89,7 @@ class BoundCache:
 
     def prefetch(self, tokens: TokensLike) -> None:
         """Hint: start promoting the stored prefix of `tokens` towards DRAM."""
-        self.store.prefetch_keys(self.keys(tokens))
+        self.store.prefetch_keys(self.keys(tokens), self.chunk_bytes)
 
     def __repr__(self) -> str:
         return f"BoundCache(model_id={self.model_id!r}, layout={self.layout}, salt=...)"

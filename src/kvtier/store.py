@@ -168,11 +168,12 @@ class Store:
         if self._lower:
             self._submit(self._write_lower, key, slot, release, self._lower)
 
-    def prefetch_keys(self, keys: Sequence[Key]) -> None:
-        """Start promoting leading keys from lower tiers into DRAM, in the background."""
+    def prefetch_keys(self, keys: Sequence[Key], nbytes: int) -> None:
+        """Start promoting leading chunks of `nbytes` each from lower tiers into DRAM, in the
+        background; stops at the first chunk no tier holds."""
         self._check_open()
         if self._dram is not None and self._lower:
-            self._submit(self._prefetch, list(keys))
+            self._submit(self._prefetch, list(keys), nbytes)
 
     def touch(self, keys: Sequence[Key]) -> None:
         """Mark a request's keys used so its tail is evicted before its head."""
@@ -287,21 +288,16 @@ class Store:
             self._submit(self._write_lower, key, slot, lambda: dram.release(key), below)
         return slot
 
-    def _prefetch(self, keys: list[Key]) -> None:
+    def _prefetch(self, keys: list[Key], nbytes: int) -> None:
         dram = self._dram
         assert dram is not None
         for key in keys:
             if key in dram:
                 continue
-            nbytes = next((s for t in self._lower if (s := _size_of(t, key))), 0)
-            view = None
-            for tier in self._lower:
-                view = self._promote(tier, key, nbytes) if nbytes else None
-                if view is not None:
-                    dram.release(key)
-                    break
+            view = next((v for t in self._lower if (v := self._promote(t, key, nbytes))), None)
             if view is None:
                 return
+            dram.release(key)
 
     def _write_lower(
         self, key: Key, slot: memoryview, release: Callable[[], None] | None, tiers: Sequence[Tier]
@@ -326,11 +322,6 @@ class Store:
                     self._cond.notify_all()
 
         self._io.submit(run)
-
-
-def _size_of(tier: Tier, key: Key) -> int:
-    size = getattr(tier, "chunk_bytes", None)
-    return int(size(key) or 0) if size is not None else 0
 
 
 def _open_remote(config: StoreConfig) -> Tier:
