@@ -217,7 +217,7 @@ class DiskTier:
             return False
         try:
             got = _pread_all(fd, [memoryview(header), *dst])
-            at_end = os.fstat(fd).st_size == want
+            file_bytes = os.fstat(fd).st_size
         except OSError:
             with self._lock:
                 self._count.errors += 1
@@ -225,12 +225,12 @@ class DiskTier:
         finally:
             os.close(fd)
         meta = parse_header(header)
-        if meta is not None and meta.key == key and meta.payload_bytes != want - HEADER_BYTES:
-            return False  # asked for another size: a miss, the chunk itself is fine
-        if got != want or not at_end or meta is None or meta.key != key:
-            self._forget(key, corrupt=True)
+        if meta is None or meta.key != key or file_bytes != HEADER_BYTES + meta.payload_bytes:
+            self._forget(key, corrupt=True)  # torn, truncated, renamed or a damaged header
             return False
-        if meta.checksum != checksum(key, dst):
+        if meta.payload_bytes != want - HEADER_BYTES:
+            return False  # asked for another size: a miss, the chunk itself is fine
+        if got != want or meta.checksum != checksum(key, dst):
             self._forget(key, corrupt=True)
             return False
         return True
