@@ -75,3 +75,21 @@ def test_load_into_non_contiguous_out(store: kvtier.Store, kind: str) -> None:
     cache.load(tokens, out=out)
     np.testing.assert_array_equal(out, kv)
     assert np.count_nonzero(base) == np.count_nonzero(kv)
+
+
+def test_long_prefix_keeps_its_head_in_small_dram(tmp_path: Path) -> None:
+    """A prefix longer than a DRAM-only store keeps its head chunks; later saves evict tails."""
+    config = make_config(tmp_path, dram_bytes=3 * 4096, disk_dir=None, disk_bytes=None)
+    with kvtier.Store(config) as store:
+        cache = store.bind("m", LAYOUT)
+        tokens = list(range(6 * CHUNK))
+        kv = make_kv(len(tokens))
+        cache.save(tokens, kv)
+        assert cache.lookup(tokens) == 3 * CHUNK
+        np.testing.assert_array_equal(cache.load(tokens[: 3 * CHUNK]), kv[:, :, : 3 * CHUNK])
+        other = [7] * CHUNK
+        cache.save(other, make_kv(CHUNK, seed=1))
+        assert cache.lookup(other) == CHUNK
+        assert cache.lookup(tokens) == 2 * CHUNK
+        assert store.stats().tier("dram").bytes <= store.stats().tier("dram").capacity_bytes
+        store.check_integrity()

@@ -82,9 +82,10 @@ class BoundCache:
         if not rows_contiguous(arr):
             arr = np.ascontiguousarray(arr)
         keys = self.keys(tokens)
-        for i, key in enumerate(keys):
+        # Tail first: when the prefix does not fit, making room evicts its own tail, not its head.
+        for i in reversed(range(len(keys))):
             start = i * self.chunk_tokens
-            self.store.write_chunk(key, chunk_views(arr, start, start + self.chunk_tokens))
+            self.store.write_chunk(keys[i], chunk_views(arr, start, start + self.chunk_tokens))
         self.store.touch(keys)
 
     def prefetch(self, tokens: TokensLike) -> None:
