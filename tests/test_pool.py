@@ -1,0 +1,78 @@
+"""SlabPool: first-fit extents over one mapping, coalescing frees, checked against a model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvtier.pool import ALIGN, Extent, SlabPool, aligned
+
+PAGES = 16
+
+
+def free_runs(capacity: int, used: list[Extent]) -> list[int]:
+    """Sizes of the free gaps between allocated extents (the model of the pool)."""
+    runs, at = [], 0
+    for ext in sorted(used):
+        if ext.offset > at:
+            runs.append(ext.offset - at)
+        at = ext.offset + ext.nbytes
+    if capacity > at:
+        runs.append(capacity - at)
+    return runs
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 5 * ALIGN), st.integers(0, 99))))
+def test_alloc_free_against_model(ops: list[tuple[bool, int, int]]) -> None:
+    """Extents never overlap nor leave the pool; alloc fails only when no free run is big
+    enough; used bytes and free runs add up; frees coalesce."""
+    pool = SlabPool(PAGES * ALIGN, prefault=False)
+    used: list[Extent] = []
+    try:
+        for do_alloc, nbytes, pick in ops:
+            if do_alloc or not used:
+                ext = pool.alloc(nbytes)
+                fits = max(free_runs(pool.capacity_bytes, used), default=0) >= aligned(nbytes)
+                assert (ext is not None) == fits
+                if ext is not None:
+                    assert ext.nbytes == aligned(nbytes) and ext.offset % ALIGN == 0
+                    assert ext.offset >= 0 and ext.offset + ext.nbytes <= pool.capacity_bytes
+                    assert all(
+                        ext.offset + ext.nbytes <= o.offset or o.offset + o.nbytes <= ext.offset
+                        for o in used
+                    )
+                    used.append(ext)
+            else:
+                pool.free(used.pop(pick % len(used)))
+            assert pool.used_bytes == sum(e.nbytes for e in used)
+            pool.check_integrity()
+        for ext in used:
+            pool.free(ext)
+        assert pool.alloc(pool.capacity_bytes) == Extent(0, pool.capacity_bytes)
+    finally:
+        pool.close()
+
+
+def test_slots_are_writable_views_of_the_pool() -> None:
+    """Two extents are disjoint writable views; a freed extent of the same size is reused."""
+    pool = SlabPool(3 * ALIGN, prefault=True)
+    pool.wait_prefaulted()
+    a, b = pool.alloc(100), pool.alloc(ALIGN + 1)
+    assert a is not None and b is not None
+    pool.slot(a)[:3] = b"abc"
+    pool.slot(b)[:3] = b"xyz"
+    assert bytes(pool.slot(a)[:3]) == b"abc"
+    assert pool.slot(b).nbytes == 2 * ALIGN
+    pool.free(a)
+    assert pool.alloc(ALIGN) == a
+    assert pool.alloc(1) is None
+    pool.check_integrity()
+    pool.close()
+
+
+def test_too_small_pool_is_refused() -> None:
+    """A pool smaller than one page is a clear error."""
+    with pytest.raises(ValueError, match="at least 4096 bytes"):
+        SlabPool(100)
