@@ -1,0 +1,72 @@
+"""Saving the new full chunks of a sequence's KV from a transformers cache, in the background."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from kvtier.cache import BoundCache
+from kvtier.integrations.hf_load import LayerKV, raw_numpy
+
+TokenArray = np.ndarray[tuple[int], np.dtype[np.int64]]
+
+
+class ChunkSaver:
+    """Writes chunks on one background thread, in submission order; thread-safe.
+
+    The caller hands over the cache's per-layer tensors (1, H, T, D) as they are; transformers
+    replaces them (`torch.cat`) rather than writing into them, so they stay valid while saved.
+    A failure is counted in `errors`, never raised into inference.
+    """
+
+    def __init__(self, cache: BoundCache, dtype: torch.dtype) -> None:
+        self.cache = cache
+        self.errors = 0
+        self.last_error: BaseException | None = None
+        layout = cache.layout
+        shape = layout.shape(cache.chunk_tokens)  # (L, 2, C, H, D)
+        self._buf = torch.empty(shape, dtype=dtype)
+        self._view = raw_numpy(self._buf).reshape(-1).view(np.uint8).data
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
+        self._lock = threading.Lock()
+        self._futures: list[Future[None]] = []
+
+    def submit(self, tokens: TokenArray, layers: Sequence[LayerKV], first_chunk: int) -> None:
+        """Save full chunks `first_chunk..` of `tokens`, whose KV `layers` hold."""
+        future = self._pool.submit(self._save, tokens, list(layers), first_chunk)
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()] + [future]
+
+    def flush(self) -> None:
+        """Wait until every submitted chunk has been handed to the store."""
+        with self._lock:
+            futures = list(self._futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _save(self, tokens: TokenArray, layers: list[LayerKV], first_chunk: int) -> None:
+        try:
+            self._write(tokens, layers, first_chunk)
+        except Exception as exc:  # a failing tier degrades to misses, never to a failed request
+            self.errors += 1
+            self.last_error = exc
+
+    def _write(self, tokens: TokenArray, layers: list[LayerKV], first_chunk: int) -> None:
+        c = self.cache.chunk_tokens
+        seq = min(len(tokens), int(layers[0][0].shape[-2]))
+        keys = self.cache.keys(tokens[: seq // c * c])
+        store, buf = self.cache.store, self._buf
+        for i in range(first_chunk, len(keys)):
+            lo, hi = i * c, (i + 1) * c
+            for layer, (k, v) in enumerate(layers):
+                buf[layer, 0].copy_(k[0, :, lo:hi].transpose(0, 1))  # (C, H, D)
+                buf[layer, 1].copy_(v[0, :, lo:hi].transpose(0, 1))
+            store.write_chunk(keys[i], [self._view])
+        store.touch(keys)
