@@ -93,3 +93,17 @@ def test_long_prefix_keeps_its_head_in_small_dram(tmp_path: Path) -> None:
         assert cache.lookup(tokens) == 2 * CHUNK
         assert store.stats().tier("dram").bytes <= store.stats().tier("dram").capacity_bytes
         store.check_integrity()
+
+
+def test_close_while_a_view_is_held(tmp_path: Path) -> None:
+    """close() with an acquired chunk view still alive succeeds and releases the disk dir."""
+    store = kvtier.Store(make_config(tmp_path))
+    cache, tokens, kv = _saved(store, 1)
+    store.flush()
+    held = store.acquire_chunk(cache.keys(tokens)[0], cache.chunk_bytes)
+    assert held is not None
+    assert bytes(held.view) == kv.tobytes()
+    store.close()
+    with kvtier.Store(make_config(tmp_path)) as again:
+        assert again.bind("m", LAYOUT).lookup(tokens) == CHUNK
+    del held

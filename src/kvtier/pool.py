@@ -10,6 +10,7 @@ The mapping is faulted in by a background thread at start (first-touch page faul
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
 from typing import NamedTuple
@@ -89,7 +90,9 @@ class SlabPool:
         if self._prefault is not None:
             self._prefault.join()
         self.view.release()
-        self._map.close()
+        # A caller may still hold a slot view: then the mapping goes when its last view does.
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
     def check_integrity(self) -> None:
         """Free extents and used bytes add up to the capacity; free runs never touch."""
