@@ -1,0 +1,62 @@
+"""`kvtier bench trace|chat|agent --quick` produce the promised JSON, markdown and PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvtier.bench.trace import SAMPLE
+from kvtier.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _bench(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> dict[str, object]:
+    out = tmp_path / "out"
+    code = main(
+        ["bench", *args, "--quick", "--json", "--out", str(out), "--work-dir", str(tmp_path)]
+    )
+    assert code == 0
+    result: dict[str, object] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def test_trace_quick_json_has_required_fields(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`bench trace FILE --json` prints one object with requests, tokens, hit rates by tier
+    and TTFT percentiles; the figures are labelled modelled."""
+    args = ["trace", str(SAMPLE), "--engine", "sim", "--chunk-tokens", "512"]
+    result = _bench(capsys, tmp_path, *args, "--dram-tokens", "20000", "--disk-tokens", "2M")
+    assert result["requests"] == 300
+    assert result["modelled"] is True
+    hit, total = result["hit_tokens"], result["input_tokens"]
+    assert isinstance(hit, int) and isinstance(total, int) and 0 < hit < total
+    assert result["hit_rate"] == pytest.approx(hit / total)
+    by_tier = result["hit_rate_by_tier"]
+    assert isinstance(by_tier, dict) and {"dram", "disk", "remote"} <= set(by_tier)
+    assert by_tier["disk"] > 0
+    assert sum(by_tier.values()) == pytest.approx(result["hit_rate"])
+    ttft = result["ttft_ms"]
+    assert isinstance(ttft, dict) and 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"]
+    configs = result["configs"]
+    assert isinstance(configs, dict) and configs["none"]["hit_tokens"] == 0
+
+
+@pytest.mark.parametrize("bench", ["chat", "agent"])
+def test_workload_quick_writes_json_markdown_and_pngs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bench: str
+) -> None:
+    """A quick run writes its JSON, a markdown summary and PNG plots to --out."""
+    result = _bench(capsys, tmp_path, bench)
+    out = tmp_path / "out"
+    assert json.loads((out / f"{bench}.json").read_text())["benchmark"] == bench
+    assert "(modelled)" in (out / f"{bench}.md").read_text()
+    for name in (f"{bench}_ttft.png", f"{bench}_hit_rate_vs_capacity.png"):
+        assert (out / name).read_bytes().startswith(PNG)
+    configs = result["configs"]
+    assert isinstance(configs, dict)
+    assert {"none", "gpu-lru", "tiered", "tiered+prefetch"} <= set(configs)
+    assert configs["tiered"]["hit_rate"] > 0
