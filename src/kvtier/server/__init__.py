@@ -1,0 +1,1 @@
+"""The kvtier cache server (`kvtier serve`): protocol, asyncio service, auth and metrics."""

@@ -1,0 +1,77 @@
+"""Tenants and tokens: the auth file, token checks and per-tenant key spaces.
+
+An auth file has one `tenant token` pair per line (`#` starts a comment). Without one, every
+client is the single default tenant "". Each tenant's keys are rehashed server-side as
+blake2b(tenant || key), so tenants never share a key space whatever keys they send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvtier.errors import ConfigError
+from kvtier.keys import KEY_BYTES, Key
+
+DEFAULT_TENANT = ""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Token -> tenant. `open` (no auth file) accepts every client as the default tenant."""
+
+    tenants_by_digest: dict[bytes, str] = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return not self.tenants_by_digest
+
+    def tenant(self, token: str) -> str | None:
+        """The tenant a token belongs to, or None if it is not a valid token."""
+        if self.open:
+            return DEFAULT_TENANT
+        wanted = _digest(token)
+        found = None
+        for digest, tenant in self.tenants_by_digest.items():
+            if hmac.compare_digest(digest, wanted):
+                found = tenant
+        return found
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Auth:
+        """Parse an auth file; raises ConfigError naming the line to fix."""
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"auth file {path}: cannot read it: {exc.strerror}") from exc
+        tenants: dict[bytes, str] = {}
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ConfigError(f"auth file {path}:{number}: expected 'tenant token'")
+            tenant, token = parts
+            if len(token) < 8:
+                raise ConfigError(f"auth file {path}:{number}: token shorter than 8 characters")
+            if _digest(token) in tenants:
+                raise ConfigError(f"auth file {path}:{number}: token used twice")
+            tenants[_digest(token)] = tenant
+        if not tenants:
+            raise ConfigError(f"auth file {path}: no 'tenant token' lines")
+        return cls(tenants)
+
+
+def tenant_key(tenant: str, key: Key) -> Key:
+    """The server-side key of a tenant's chunk."""
+    data = tenant.encode()
+    h = hashlib.blake2b(len(data).to_bytes(2, "little") + data, digest_size=KEY_BYTES)
+    h.update(key)
+    return h.digest()

@@ -1,0 +1,138 @@
+"""The kvtier wire protocol: length-prefixed binary frames with a fixed header.
+
+Every frame (request or reply) is a 24-byte header followed by a body of
+`key_count * 16` key bytes and then `payload_bytes` payload bytes:
+
+    magic "KVTR" | version u8 | opcode u8 | status u16 | request_id u32 |
+    key_count u32 | payload_bytes u64                        (little-endian)
+
+Requests and their payloads (a reply echoes opcode and request_id; status OK or an error
+whose payload is a UTF-8 message):
+
+    HELLO          no keys; payload = token (UTF-8)       reply: tenant name (UTF-8)
+    PING           nothing                                reply: nothing
+    EXISTS_PREFIX  keys                                   reply: u32 leading keys present
+    GET            keys; u64 expected size per key        reply: u8 found flag per key, then
+                                                                 the found chunks' bytes
+    PUT            keys; u64 size per key, then the data  reply: u8 stored flag per key
+    DELETE         keys                                   reply: u32 keys deleted
+    STATS          nothing                                reply: JSON (UTF-8)
+
+Requests may be pipelined; replies come back in request order.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple
+
+from kvtier.errors import ProtocolError
+from kvtier.keys import KEY_BYTES
+
+MAGIC = b"KVTR"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHIIQ")
+HEADER_BYTES = HEADER.size
+SIZE = struct.Struct("<Q")
+COUNT = struct.Struct("<I")
+MAX_TOKEN_BYTES = 4096
+
+
+class Op(IntEnum):
+    HELLO = 1
+    PING = 2
+    EXISTS_PREFIX = 3
+    GET = 4
+    PUT = 5
+    DELETE = 6
+    STATS = 7
+
+
+class Status(IntEnum):
+    OK = 0
+    ERROR = 1
+    AUTH_REQUIRED = 2
+    AUTH_FAILED = 3
+    UNSUPPORTED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Hard limits a server enforces on every frame (and a client on every reply)."""
+
+    max_keys: int = 4096
+    max_chunk_bytes: int = 256 << 20
+    max_frame_bytes: int = 256 << 20
+
+    def check_sizes(self, sizes: list[int]) -> None:
+        for size in sizes:
+            if not 0 < size <= self.max_chunk_bytes:
+                raise ProtocolError(f"chunk size {size} is outside 1..{self.max_chunk_bytes} bytes")
+
+
+class Header(NamedTuple):
+    opcode: int
+    status: int
+    request_id: int
+    key_count: int
+    payload_bytes: int
+
+    @property
+    def body_bytes(self) -> int:
+        return self.key_count * KEY_BYTES + self.payload_bytes
+
+
+def pack_header(
+    opcode: int, request_id: int, key_count: int, payload_bytes: int, status: int = Status.OK
+) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, opcode, status, request_id, key_count, payload_bytes)
+
+
+def parse_header(buf: bytes | bytearray | memoryview) -> Header:
+    """Decode a frame header; raises ProtocolError for a frame that is not ours."""
+    magic, version, opcode, status, request_id, key_count, payload = HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}: the peer is not a kvtier server")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, expected {VERSION}: upgrade kvtier")
+    return Header(opcode, status, request_id, key_count, payload)
+
+
+def check_request(header: Header, limits: Limits) -> Op:
+    """The opcode of a request header that respects `limits`; raises ProtocolError otherwise."""
+    try:
+        op = Op(header.opcode)
+    except ValueError as exc:
+        raise ProtocolError(f"unknown opcode {header.opcode}") from exc
+    n, payload = header.key_count, header.payload_bytes
+    if n > limits.max_keys:
+        raise ProtocolError(f"{n} keys in one frame; the limit is {limits.max_keys}")
+    if header.body_bytes > limits.max_frame_bytes:
+        raise ProtocolError(f"frame of {header.body_bytes} bytes; limit {limits.max_frame_bytes}")
+    expected = {
+        Op.HELLO: (n == 0 and payload <= MAX_TOKEN_BYTES),
+        Op.PING: (n == 0 and payload == 0),
+        Op.STATS: (n == 0 and payload == 0),
+        Op.EXISTS_PREFIX: (payload == 0),
+        Op.DELETE: (payload == 0),
+        Op.GET: (n > 0 and payload == n * SIZE.size),
+        Op.PUT: (n > 0 and payload > n * SIZE.size),
+    }[op]
+    if not expected:
+        raise ProtocolError(f"{op.name} frame with {n} keys and {payload} payload bytes")
+    return op
+
+
+def split_keys(body: memoryview, key_count: int) -> list[bytes]:
+    """The keys at the start of a frame body."""
+    return [bytes(body[i * KEY_BYTES : (i + 1) * KEY_BYTES]) for i in range(key_count)]
+
+
+def unpack_sizes(buf: memoryview, count: int) -> list[int]:
+    return list(struct.unpack_from(f"<{count}Q", buf))
+
+
+def pack_sizes(sizes: list[int]) -> bytes:
+    return struct.pack(f"<{len(sizes)}Q", *sizes)

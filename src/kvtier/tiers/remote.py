@@ -1,0 +1,341 @@
+"""Remote tier: a client of one or more `kvtier serve` nodes (`remote="kvtier://h1:7400,h2:7400"`).
+
+Chunks are placed by rendezvous hashing over the listed servers, so adding a server moves about
+1/N of the keys. Each server has a small thread-safe pool of blocking sockets; requests go out
+with `sendmsg([header, payload views])` and replies are received with `recv_into` straight into
+the caller's views. A server that is down or misbehaves yields misses (counted as errors) and
+is retried with exponential backoff; only a rejected token at construction time raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+import xxhash
+
+from kvtier.config import Endpoint, RemoteURL
+from kvtier.errors import AuthError, KvtierError, ProtocolError
+from kvtier.keys import Key
+from kvtier.server.protocol import (
+    COUNT,
+    HEADER_BYTES,
+    SIZE,
+    Header,
+    Limits,
+    Op,
+    Status,
+    pack_header,
+    parse_header,
+)
+from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
+
+log = logging.getLogger("kvtier.remote")
+LIMITS = Limits()
+IDLE_SOCKETS = 8
+IOV_MAX = 512
+BACKOFF_S = (0.05, 5.0)
+_FAILURES = (OSError, KvtierError)
+
+
+def owner(endpoints: Sequence[Endpoint], key: Key) -> int:
+    """Index of the server a key lives on (rendezvous / highest-random-weight hashing)."""
+    scores = [xxhash.xxh3_64_intdigest(key, seed=_seed(ep)) for ep in endpoints]
+    return scores.index(max(scores))
+
+
+def _seed(endpoint: Endpoint) -> int:
+    return xxhash.xxh3_64_intdigest(f"{endpoint.host}:{endpoint.port}".encode())
+
+
+class Unavailable(KvtierError):
+    """The server is down or backing off; the caller treats this as a miss."""
+
+
+def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """`sendmsg` every part (gather I/O), continuing after partial sends."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket with `recv_into`; raises ConnectionError on EOF."""
+    view = view.cast("B")
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("the server closed the connection")
+        view = view[n:]
+
+
+class Connection:
+    """One blocking socket to one server; used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket, where: str) -> None:
+        self.sock = sock
+        self.where = where
+        self._rid = 0
+        self._head = memoryview(bytearray(HEADER_BYTES))
+
+    def send(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes | memoryview]) -> int:
+        self._rid = (self._rid + 1) & 0xFFFFFFFF
+        size = sum(memoryview(p).nbytes for p in payload)
+        send_all(self.sock, [pack_header(op, self._rid, len(keys), size), *keys, *payload])
+        return self._rid
+
+    def reply(self, op: Op, rid: int) -> Header:
+        """The next reply header; raises ProtocolError / AuthError for an error reply."""
+        recv_exact(self.sock, self._head)
+        header = parse_header(self._head)
+        if header.status != Status.OK:
+            message = self.recv_bytes(min(header.payload_bytes, 4096)).decode(errors="replace")
+            if header.status in (Status.AUTH_FAILED, Status.AUTH_REQUIRED):
+                raise AuthError(f"token rejected by server {self.where}; check KVTIER_REMOTE_TOKEN")
+            raise ProtocolError(
+                f"server {self.where} answered {Status(header.status).name}: {message}"
+            )
+        if header.opcode != op or header.request_id != rid:
+            raise ProtocolError(f"server {self.where} answered out of order")
+        if header.payload_bytes > LIMITS.max_frame_bytes:
+            raise ProtocolError(f"server {self.where} sent a {header.payload_bytes}-byte reply")
+        return header
+
+    def call(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes | memoryview]) -> Header:
+        return self.reply(op, self.send(op, keys, payload))
+
+    def recv_bytes(self, n: int) -> bytes:
+        buf = bytearray(n)
+        recv_exact(self.sock, memoryview(buf))
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ServerLink:
+    """The sockets to one server: an idle pool, reconnection with exponential backoff."""
+
+    def __init__(self, endpoint: Endpoint, token: str, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self.where = f"{endpoint.host}:{endpoint.port}"
+        self._token = token
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._idle: list[Connection] = []
+        self._retry_at = 0.0
+        self._backoff_s = BACKOFF_S[0]
+
+    def take(self) -> Connection:
+        """An idle or new connection; raises Unavailable while backing off or when the
+        server cannot be reached, AuthError when it rejects the token."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            if time.monotonic() < self._retry_at:
+                raise Unavailable(f"server {self.where} is backing off")
+        try:
+            sock = socket.create_connection(self.endpoint, timeout=min(self._timeout_s, 2.0))
+        except OSError as exc:
+            self._down()
+            raise Unavailable(f"cannot connect to {self.where}: {exc}") from exc
+        sock.settimeout(self._timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, self.where)
+        try:
+            header = conn.call(Op.HELLO, [], [self._token.encode()])
+            conn.recv_bytes(header.payload_bytes)
+        except AuthError:
+            self.broken(conn)
+            raise
+        except _FAILURES as exc:
+            self.broken(conn)
+            raise Unavailable(f"server {self.where} failed the handshake: {exc}") from exc
+        with self._lock:
+            self._backoff_s = BACKOFF_S[0]
+        return conn
+
+    def give(self, conn: Connection) -> None:
+        with self._lock:
+            if len(self._idle) < IDLE_SOCKETS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def broken(self, conn: Connection) -> None:
+        """Close a connection that failed; drop the idle ones too and back off."""
+        conn.close()
+        self._down()
+
+    def _down(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._retry_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])
+        for conn in idle:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class RemoteTier:
+    """The shared tier over a pool of kvtier servers; thread-safe; never raises on I/O."""
+
+    name = "remote"
+
+    def __init__(self, url: RemoteURL, token: str | None, timeout_s: float = 10.0) -> None:
+        self.url = url
+        self._links = [ServerLink(ep, token or "", timeout_s) for ep in url.endpoints]
+        self._lock = threading.Lock()
+        self._count = Counters()
+        for link in self._links:
+            try:
+                link.give(link.take())
+            except Unavailable as exc:
+                log.warning("kvtier remote tier: %s; its chunks are misses until it is up", exc)
+
+    # -- the Tier interface ---------------------------------------------------------------
+
+    def contains_prefix(self, keys: Sequence[Key]) -> int:
+        done = 0
+        while done < len(keys):
+            batch = keys[done : done + LIMITS.max_keys]
+            found = self._exists_prefix(batch)
+            done += found
+            if found < len(batch):
+                break
+        return done
+
+    def get_into(self, key: Key, dst: Views) -> bool:
+        size = total_bytes(dst)
+        link = self._link(key)
+        conn = self._take(link) if 0 < size <= LIMITS.max_chunk_bytes else None
+        if conn is None:
+            self._counted(misses=1)
+            return False
+        try:
+            conn.call(Op.GET, [key], [SIZE.pack(size)])
+            found = conn.recv_bytes(1) == b"\x01"
+            if found:
+                for view in dst:
+                    recv_exact(conn.sock, view)
+        except _FAILURES:
+            link.broken(conn)
+            self._counted(misses=1, errors=1)
+            return False
+        link.give(conn)
+        self._counted(hits=int(found), misses=int(not found))
+        return found
+
+    def put(self, key: Key, src: Views) -> bool:
+        size = total_bytes(src)
+        link = self._link(key)
+        conn = self._take(link) if 0 < size <= LIMITS.max_chunk_bytes else None
+        if conn is None:
+            return False
+        try:
+            conn.call(Op.PUT, [key], [SIZE.pack(size), *src])
+            stored = conn.recv_bytes(1) == b"\x01"
+        except _FAILURES:
+            link.broken(conn)
+            self._counted(errors=1)
+            return False
+        link.give(conn)
+        return stored
+
+    def touch(self, keys: Sequence[Key]) -> None:
+        """Servers keep their own LRU, refreshed by every GET; nothing to send."""
+
+    def stats(self) -> TierStats:
+        capacity = used = chunks = 0
+        for link in self._links:
+            for tier in self._server_tiers(link):
+                capacity += int(tier.get("capacity_bytes", 0))
+                used += int(tier.get("bytes", 0))
+                chunks += int(tier.get("chunks", 0))
+        with self._lock:
+            c = self._count
+            return TierStats(
+                self.name, capacity, used, chunks, c.hits, c.misses, c.evictions, c.errors, 0
+            )
+
+    def close(self) -> None:
+        for link in self._links:
+            link.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _link(self, key: Key) -> ServerLink:
+        return self._links[owner(self.url.endpoints, key)]
+
+    def _take(self, link: ServerLink) -> Connection | None:
+        try:
+            return link.take()
+        except Unavailable as exc:
+            self._counted(errors=int(exc.__cause__ is not None))
+        except _FAILURES:
+            self._counted(errors=1)
+        return None
+
+    def _exists_prefix(self, keys: Sequence[Key]) -> int:
+        """Leading keys present: one EXISTS_PREFIX per server, all sent before any reply."""
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(owner(self.url.endpoints, key), []).append(i)
+        first_missing = len(keys)
+        sent: list[tuple[ServerLink, Connection, int, list[int]]] = []
+        for server, positions in groups.items():
+            link = self._links[server]
+            conn = self._take(link)
+            if conn is not None:
+                try:
+                    rid = conn.send(Op.EXISTS_PREFIX, [keys[i] for i in positions], [])
+                    sent.append((link, conn, rid, positions))
+                    continue
+                except _FAILURES:
+                    link.broken(conn)
+                    self._counted(errors=1)
+            first_missing = min(first_missing, positions[0])
+        for link, conn, rid, positions in sent:
+            try:
+                conn.reply(Op.EXISTS_PREFIX, rid)
+                (count,) = COUNT.unpack(conn.recv_bytes(COUNT.size))
+                link.give(conn)
+            except _FAILURES:
+                link.broken(conn)
+                self._counted(errors=1)
+                count = 0
+            if count < len(positions):
+                first_missing = min(first_missing, positions[count])
+        return first_missing
+
+    def _server_tiers(self, link: ServerLink) -> list[dict[str, int]]:
+        conn = self._take(link)
+        if conn is None:
+            return []
+        try:
+            header = conn.call(Op.STATS, [], [])
+            tiers = json.loads(conn.recv_bytes(header.payload_bytes))["tiers"]
+        except (*_FAILURES, ValueError, KeyError):
+            link.broken(conn)
+            return []
+        link.give(conn)
+        return list(tiers.values())
+
+    def _counted(self, hits: int = 0, misses: int = 0, errors: int = 0) -> None:
+        with self._lock:
+            self._count.hits += hits
+            self._count.misses += misses
+            self._count.errors += errors
