@@ -60,3 +60,17 @@ def test_workload_quick_writes_json_markdown_and_pngs(
     assert isinstance(configs, dict)
     assert {"none", "gpu-lru", "tiered", "tiered+prefetch"} <= set(configs)
     assert configs["tiered"]["hit_rate"] > 0
+
+
+def test_plan_table_grows_with_capacity(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`kvtier plan` reports one row per DRAM x SSD pair; adding SSD never lowers the hit
+    rate; it writes a table, JSON and a PNG."""
+    out = tmp_path / "out"
+    args = ["plan", str(SAMPLE), "--dram-tokens", "20k", "--disk-tokens", "0,1M", "--json"]
+    assert main([*args, "--out", str(out), "--work-dir", str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["dram_tokens"], r["disk_tokens"]) for r in rows] == [(20000, 0), (20000, 10**6)]
+    assert rows[0]["hit_rate_by_tier"]["disk"] == 0
+    assert rows[1]["hit_rate"] > rows[0]["hit_rate"]
+    assert (out / "plan.png").read_bytes().startswith(PNG)
+    assert "| DRAM tokens" in (out / "plan.md").read_text()
