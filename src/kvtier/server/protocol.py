@@ -18,7 +18,8 @@ whose payload is a UTF-8 message):
     DELETE         keys                                   reply: u32 keys deleted
     STATS          nothing                                reply: JSON (UTF-8)
 
-Requests may be pipelined; replies come back in request order.
+Replies carry no keys (key_count 0). Requests may be pipelined; replies come back in
+request order.
 """
 
 from __future__ import annotations

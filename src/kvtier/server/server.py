@@ -208,14 +208,14 @@ class Connection(asyncio.BufferedProtocol):
                 self._fail(Status.AUTH_FAILED, "token rejected; check KVTIER_REMOTE_TOKEN", rid)
                 return
             self.tenant = tenant
-            self._reply(op, rid, 0, [tenant.encode()])
+            self._reply(op, rid, [tenant.encode()])
         elif op is Op.PING:
-            self._reply(op, rid, 0, [])
+            self._reply(op, rid, [])
         elif op is Op.STATS:
-            self._reply(op, rid, 0, [self.server.stats_json()])
+            self._reply(op, rid, [self.server.stats_json()])
         else:
             found = self.server.store.locate(self._keys(header, body)).chunks
-            self._reply(op, rid, 0, [COUNT.pack(found)])
+            self._reply(op, rid, [COUNT.pack(found)])
 
     async def _run_async(self, op: Op, header: Header, body: memoryview) -> None:
         keys = self._keys(header, body)
@@ -230,19 +230,19 @@ class Connection(asyncio.BufferedProtocol):
             try:
                 flags = bytes(v is not None for v in views)
                 found = [v for v in views if v is not None]
-                self._reply(op, rid, n, [flags, *found])
+                self._reply(op, rid, [flags, *found])
                 await self._drained()
             finally:
                 self.server.release(keys, views)
         elif op is Op.PUT:
             data = _put_views(tail, n, self.server.limits)
-            self._reply(op, rid, n, [await run(ex, self.server.put, keys, data)])
+            self._reply(op, rid, [await run(ex, self.server.put, keys, data)])
         else:
             deleted = await run(ex, self.server.delete, keys)
             if deleted is None:
-                self._reply(op, rid, 0, [b"DELETE needs Store.delete_chunk"], Status.UNSUPPORTED)
+                self._reply(op, rid, [b"DELETE needs Store.delete_chunk"], Status.UNSUPPORTED)
             else:
-                self._reply(op, rid, 0, [COUNT.pack(deleted)])
+                self._reply(op, rid, [COUNT.pack(deleted)])
 
     def _after_async(self, task: asyncio.Task[None]) -> None:
         exc = None if task.cancelled() else task.exception()
@@ -264,13 +264,14 @@ class Connection(asyncio.BufferedProtocol):
     # -- replies ---------------------------------------------------------------------------
 
     def _reply(
-        self, op: Op, rid: int, n: int, parts: list[bytes | memoryview], status: int = Status.OK
+        self, op: Op, rid: int, parts: list[bytes | memoryview], status: int = Status.OK
     ) -> None:
+        """A reply frame (replies carry no keys): header, then `parts` as the payload."""
         transport = self._transport
         if transport is None:
             return
         size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-        head = pack_header(op, rid, n, size, status)
+        head = pack_header(op, rid, 0, size, status)
         first = head + parts[0] if parts and isinstance(parts[0], bytes) else head
         rest = parts[1:] if first is not head else parts
         transport.write(first)
@@ -284,7 +285,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None:
             known = self._frame is not None and self._frame.opcode in Op._value2member_map_
             op = Op(self._frame.opcode) if known and self._frame else Op.PING
-            self._reply(op, rid, 0, [message.encode()], status)
+            self._reply(op, rid, [message.encode()], status)
             self._transport.close()
 
     async def _drained(self) -> None:

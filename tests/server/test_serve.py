@@ -1,0 +1,65 @@
+"""`kvtier serve` as a process: metrics, SIGTERM persistence, refusing unsafe configuration."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tests.conftest import LAYOUT, make_kv
+from tests.server.conftest import client_config
+
+import kvtier
+from kvtier.bench.remote_io import ServeProcess
+
+TOKENS = list(range(32))
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body: str = response.read().decode()
+        return body
+
+
+def test_sigterm_persists_chunks_and_a_restart_serves_them(tmp_path: Path) -> None:
+    """After SIGTERM and a restart on the same disk dir, saved chunks load byte-exact;
+    /metrics and /healthz answer while it runs."""
+    disk = ["--dram", "4MiB", "--disk-dir", str(tmp_path / "srv"), "--disk", "64MiB"]
+    kv = make_kv(len(TOKENS))
+    with ServeProcess(*disk, "--metrics-port", "0") as server:
+        metrics = re.search(r"(http://\S+)/metrics", server.banner)
+        assert metrics is not None
+        with kvtier.Store(client_config(tmp_path, server.url, "a")) as a:
+            a.bind("m", LAYOUT).save(TOKENS, kv)
+        assert _get(metrics.group(1) + "/healthz") == "ok\n"
+        text = _get(metrics.group(1) + "/metrics")
+        assert 'kvtier_tier_chunks{tier="dram"} 8' in text
+        assert "kvtier_server_requests_put_total 8" in text
+        server.stop()
+        assert server.proc.returncode == 0
+        assert "every chunk is on disk" in server.output()
+    with ServeProcess(*disk) as server, kvtier.Store(client_config(tmp_path, server.url, "b")) as b:
+        np.testing.assert_array_equal(b.bind("m", LAYOUT).load(TOKENS), kv)
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--port", "0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+def test_refuses_a_public_address_without_auth() -> None:
+    """Listening on a non-loopback address needs an auth file (or --insecure)."""
+    result = _serve("--host", "0.0.0.0")
+    assert result.returncode == 2
+    assert "--auth-file" in result.stderr and "--insecure" in result.stderr
+
+
+def test_bad_auth_file_names_the_line(tmp_path: Path) -> None:
+    """An auth file line that is not 'tenant token' is reported with its line number."""
+    path = tmp_path / "auth"
+    path.write_text("alice good-token-1\nbroken\n")
+    result = _serve("--auth-file", str(path))
+    assert result.returncode == 2 and f"{path}:2" in result.stderr
