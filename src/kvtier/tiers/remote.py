@@ -204,6 +204,7 @@ class RemoteTier:
             try:
                 link.give(link.take())
             except Unavailable as exc:
+                self._counted(errors=1)
                 log.warning("kvtier remote tier: %s; its chunks are misses until it is up", exc)
 
     # -- the Tier interface ---------------------------------------------------------------

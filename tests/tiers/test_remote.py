@@ -1,0 +1,118 @@
+"""The remote tier: rendezvous placement, one lookup round trip per server, misses (never
+exceptions) while a server is down, reconnection after it comes back, thread safety."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.server.conftest import server_store
+
+import kvtier
+from kvtier.bench.remote_io import free_port
+from kvtier.config import Endpoint, parse_remote
+from kvtier.server.server import ServerThread
+from kvtier.tiers.remote import RemoteTier, owner
+
+
+def _keys(n: int, tag: bytes = b"k") -> list[bytes]:
+    return [hashlib.blake2b(tag + b"%d" % i, digest_size=16).digest() for i in range(n)]
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[ServerThread]]:
+    handles = [ServerThread(server_store(tmp_path, f"s{i}")) for i in range(3)]
+    yield handles
+    for handle in handles:
+        handle.stop()
+        handle.server.store.close()
+
+
+def _url(handles: list[ServerThread]) -> str:
+    return "kvtier://" + ",".join(f"127.0.0.1:{h.port}" for h in handles)
+
+
+def test_adding_a_server_moves_about_one_nth_of_the_keys() -> None:
+    """Going from 4 to 5 servers moves ~1/5 of the keys, all of them to the new server."""
+    four = [Endpoint(f"10.0.0.{i}", 7400) for i in range(4)]
+    five = [*four, Endpoint("10.0.0.9", 7400)]
+    keys = _keys(20000)
+    moved = [k for k in keys if owner(four, k) != owner(five, k)]
+    assert 0.17 < len(moved) / len(keys) < 0.23
+    assert all(owner(five, k) == 4 for k in moved)
+    shares = np.bincount([owner(five, k) for k in keys], minlength=5) / len(keys)
+    assert shares.min() > 0.17 and shares.max() < 0.23
+
+
+def test_prefix_over_several_servers_is_one_request_each(servers: list[ServerThread]) -> None:
+    """contains_prefix combines per-server answers and sends each server one request."""
+    tier = RemoteTier(parse_remote(_url(servers)), None)
+    keys = _keys(60)
+    data = memoryview(bytes(1000))
+    for i, key in enumerate(keys):
+        if i != 41:
+            assert tier.put(key, [data])
+    before = [h.server.counters["requests_exists_prefix"] for h in servers]
+    assert tier.contains_prefix(keys) == 41
+    after = [h.server.counters["requests_exists_prefix"] for h in servers]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+    assert tier.contains_prefix(keys[:41]) == 41
+    tier.close()
+
+
+def test_a_down_server_yields_misses_and_is_reconnected(tmp_path: Path) -> None:
+    """While its server is down the tier misses without raising; it recovers once it is back."""
+    port = free_port()
+    url = f"kvtier://127.0.0.1:{port}"
+    cfg = kvtier.StoreConfig(chunk_tokens=4, dram_bytes=None, remote=url)
+    layout = kvtier.KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32")
+    kv = np.ones(layout.shape(8), np.float32)
+    with kvtier.Store(cfg) as store:
+        cache = store.bind("m", layout)
+        cache.save(range(8), kv)
+        store.flush()
+        assert cache.lookup(range(8)) == 0
+        with pytest.raises(kvtier.ChunkMissing):
+            cache.load(range(8))
+        assert store.stats().tier("remote").errors >= 1
+        handle = ServerThread(server_store(tmp_path), port=port)
+        try:
+            for _ in range(200):  # backoff is at most a few seconds
+                cache.save(range(8), kv)
+                store.flush()
+                if cache.lookup(range(8)) == 8:
+                    break
+                threading.Event().wait(0.05)
+            np.testing.assert_array_equal(cache.load(range(8)), kv)
+        finally:
+            handle.stop()
+            handle.server.store.close()
+        assert cache.lookup(range(8)) == 0, "stopped again: a miss, not an exception"
+
+
+def test_threads_share_the_connection_pool(servers: list[ServerThread]) -> None:
+    """Concurrent puts and gets from many threads all return their own bytes."""
+    tier = RemoteTier(parse_remote(_url(servers)), None)
+    errors: list[str] = []
+
+    def work(t: int) -> None:
+        for i, key in enumerate(_keys(20, b"t%d:" % t)):
+            data = np.full(3000 + i, t * 7 + i, np.uint8)
+            out = np.zeros_like(data)
+            if not (tier.put(key, [memoryview(data)]) and tier.get_into(key, [memoryview(out)])):
+                errors.append(f"thread {t} key {i} missing")
+            elif not np.array_equal(out, data):
+                errors.append(f"thread {t} key {i} wrong bytes")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert tier.stats().errors == 0
+    tier.close()
