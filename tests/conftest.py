@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,20 @@ def make_kv(tokens: int, seed: int = 0, layout: kvtier.KVLayout = LAYOUT) -> np.
     """Random KV for `tokens` tokens, (L, 2, T, H, D)."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal(layout.shape(tokens)).astype(layout.storage_dtype)
+
+
+def prefix_kv(tokens: Sequence[int], layout: kvtier.KVLayout = LAYOUT) -> np.ndarray:
+    """Deterministic KV (L, 2, T, H, D) where each full chunk depends only on the tokens up to
+    its end (as real KV does), so any process can regenerate what a chunk must hold."""
+    kv = np.zeros(layout.shape(len(tokens)), dtype=layout.storage_dtype)
+    ids = np.asarray(tokens, dtype="<i4")
+    for end in range(CHUNK, len(tokens) + 1, CHUNK):
+        seed = int.from_bytes(
+            hashlib.blake2b(ids[:end].tobytes(), digest_size=8).digest(), "little"
+        )
+        chunk = np.random.default_rng(seed).standard_normal(layout.shape(CHUNK))
+        kv[:, :, end - CHUNK : end] = chunk.astype(layout.storage_dtype)
+    return kv
 
 
 def make_config(tmp_path: Path, **overrides: object) -> kvtier.StoreConfig:
