@@ -35,6 +35,16 @@ def prefix_kv(tokens: Sequence[int], layout: kvtier.KVLayout = LAYOUT) -> np.nda
     return kv
 
 
+SAVE_CHUNKS = 3
+
+
+def tokens_for(i: int) -> list[int]:
+    """The tokens of the writer's i-th save (two saves in three share a head)."""
+    rng = np.random.default_rng(i)
+    head = [int(i // 3)] * CHUNK
+    return head + [int(t) for t in rng.integers(0, 1000, (SAVE_CHUNKS - 1) * CHUNK + 1)]
+
+
 def make_config(tmp_path: Path, **overrides: object) -> kvtier.StoreConfig:
     values: dict[str, object] = {
         "chunk_tokens": CHUNK,
