@@ -107,3 +107,33 @@ def test_close_while_a_view_is_held(tmp_path: Path) -> None:
     with kvtier.Store(make_config(tmp_path)) as again:
         assert again.bind("m", LAYOUT).lookup(tokens) == CHUNK
     del held
+
+
+def test_delete_chunk_removes_from_every_local_tier(store: kvtier.Store) -> None:
+    """delete_chunk drops a chunk from DRAM and disk: lookup stops before it, reopen too."""
+    cache = store.bind("m", LAYOUT)
+    tokens = list(range(3 * CHUNK))
+    cache.save(tokens, make_kv(len(tokens)))
+    store.flush()
+    assert store.delete_chunk(cache.keys(tokens)[1])
+    assert cache.lookup(tokens) == CHUNK
+    assert not store.delete_chunk(cache.keys(tokens)[1])
+    store.check_integrity()
+
+
+def test_delete_while_pinned_frees_after_release(store: kvtier.Store) -> None:
+    """A chunk deleted under a reader stays readable to it and is freed on release."""
+    cache = store.bind("m", LAYOUT)
+    tokens = list(range(CHUNK))
+    kv = make_kv(CHUNK)
+    cache.save(tokens, kv)
+    store.flush()
+    key = cache.keys(tokens)[0]
+    held = store.acquire_chunk(key, cache.chunk_bytes)
+    assert held is not None
+    assert store.delete_chunk(key)
+    assert cache.lookup(tokens) == 0
+    assert bytes(held.view) == kv.tobytes()
+    store.release_chunk(key)
+    assert store.stats().tier("dram").chunks == 0
+    store.check_integrity()

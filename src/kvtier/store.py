@@ -168,6 +168,12 @@ class Store:
         if self._lower:
             self._submit(self._write_lower, key, slot, release, self._lower)
 
+    def delete_chunk(self, key: Key) -> bool:
+        """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
+        self._check_open()
+        local = [t for t in (self._dram, *self._lower) if isinstance(t, DramTier | DiskTier)]
+        return sum(t.delete(key) for t in local) > 0
+
     def prefetch_keys(self, keys: Sequence[Key], nbytes: int) -> None:
         """Start promoting leading chunks of `nbytes` each from lower tiers into DRAM, in the
         background; stops at the first chunk no tier holds."""

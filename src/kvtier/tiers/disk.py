@@ -145,6 +145,17 @@ class DiskTier:
         with self._lock:
             return list(self._sizes)
 
+    def delete(self, key: Key) -> bool:
+        """Unpublish a chunk, then delete its file (a reader holding it open keeps its data)."""
+        with self._lock:
+            size = self._sizes.pop(key, None)
+            if size is None:
+                return False
+            self._used -= size
+            self._lru.remove(key)
+        self._unlink(self.path(key))
+        return True
+
     def chunk_bytes(self, key: Key) -> int | None:
         """Payload size of a stored chunk, or None."""
         with self._lock:
@@ -168,7 +179,6 @@ class DiskTier:
 
     def _reserve(self, key: Key, size: int) -> bool:
         """Count `size` bytes for a new chunk, evicting LRU chunks; False if impossible."""
-        evicted: list[Key] = []
         with self._lock:
             if key in self._sizes or key in self._inflight or size > self.capacity_bytes:
                 return False
@@ -179,11 +189,11 @@ class DiskTier:
                 self._lru.remove(victim)
                 self._used -= self._sizes.pop(victim)
                 self._count.evictions += 1
-                evicted.append(victim)
+                # Unlink under the lock: later, a new put of the same key could already have
+                # published its file. A reader holding the old file keeps its inode.
+                self._unlink(self.path(victim))
             self._inflight[key] = size
             self._used += size
-        for victim in evicted:  # unpublished above; a reader holding the file keeps its inode
-            self._unlink(self.path(victim))
         return True
 
     def _write(self, key: Key, src: Views) -> bool:
@@ -244,8 +254,8 @@ class DiskTier:
                 self._lru.remove(key)
             if corrupt:
                 self._count.checksum_failures += 1
-        if corrupt and size is not None:
-            self._unlink(self.path(key))
+            if corrupt and size is not None:  # under the lock, as in _reserve
+                self._unlink(self.path(key))
 
     def _open_exclusive(self) -> int:
         try:

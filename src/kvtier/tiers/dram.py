@@ -39,7 +39,7 @@ class DramTier:
             n = 0
             for key in keys:
                 entry = self._entries.get(key)
-                if entry is None or not entry.ready:
+                if entry is None or not entry.ready or entry.doomed:
                     break
                 n += 1
             return n
@@ -136,6 +136,17 @@ class DramTier:
     def release(self, key: Key) -> None:
         with self._lock:
             self._unpin(key)
+
+    def delete(self, key: Key) -> bool:
+        """Forget a chunk (freed now, or when its last reader releases it)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.doomed:
+                return False
+            entry.doomed = True
+            if not self._lru.pinned(key):
+                self._drop(key)
+            return True
 
     def check_integrity(self) -> None:
         with self._lock:
