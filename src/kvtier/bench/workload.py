@@ -81,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lookahead", type=int, default=env_default("KVTIER_BENCH_LOOKAHEAD", "8"))
     add("--slo-ms", type=float, default=env_default("KVTIER_BENCH_SLO_MS", "2000"))
     add("--sweep", type=int, default=env_default("KVTIER_BENCH_SWEEP"), help="capacity points")
+    add(
+        "--users",
+        type=int,
+        default=env_default("KVTIER_BENCH_USERS"),
+        help="chat users, agent sessions or RAG requests",
+    )
     add("--seed", type=int, default=env_default("KVTIER_BENCH_SEED", "0"))
     add("--quick", action="store_true", default=bool(env_default("KVTIER_BENCH_QUICK")))
     add("--json", action="store_true", help="print one JSON object")
@@ -96,6 +102,9 @@ def load_workload(command: str, args: argparse.Namespace) -> Workload:
         return Workload(lambda: trace_requests(records), len(records), spec)
     base = (QUICK if args.quick else FULL)[command]
     spec_obj: Any = replace(base, seed=args.seed)  # type: ignore[type-var]
+    if args.users is not None:  # chat users, agent sessions or RAG requests
+        field = {"chat": "users", "agent": "sessions", "rag": "requests"}[command]
+        spec_obj = replace(spec_obj, **{field: int(args.users)})
     make = MAKERS[command]
     total = sum(1 for _ in make(spec_obj))
     return Workload(lambda: make(spec_obj), total, asdict(spec_obj))
