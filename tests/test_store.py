@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import CHUNK, LAYOUT, make_config, make_kv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.conftest import CHUNK, LAYOUT, make_config, make_kv, prefix_kv
 
 import kvtier
+from kvtier.errors import StoreClosed
 
 
 def test_round_trip_dram(store: kvtier.Store) -> None:
@@ -137,3 +141,69 @@ def test_delete_while_pinned_frees_after_release(store: kvtier.Store) -> None:
     store.release_chunk(key)
     assert store.stats().tier("dram").chunks == 0
     store.check_integrity()
+
+
+def test_use_after_close_is_a_clear_error(tmp_path: Path) -> None:
+    """Every call on a closed store raises StoreClosed; close is idempotent."""
+    store = kvtier.Store(make_config(tmp_path))
+    cache, tokens, kv = _saved(store, 1)
+    store.close()
+    store.close()
+    for call in (
+        lambda: cache.lookup(tokens),
+        lambda: cache.load(tokens),
+        lambda: cache.save(tokens, kv),
+        lambda: cache.prefetch(tokens),
+    ):
+        with pytest.raises(StoreClosed, match="closed; create a new one"):
+            call()
+
+
+def test_two_stores_on_one_disk_dir(tmp_path: Path) -> None:
+    """A second store on a disk_dir in use is refused with a clear error."""
+    first = kvtier.Store(make_config(tmp_path))
+    with pytest.raises(kvtier.ConfigError, match="in use by another kvtier store"):
+        kvtier.Store(make_config(tmp_path))
+    first.close()
+    kvtier.Store(make_config(tmp_path)).close()
+
+
+def test_bad_remote_url_in_store_config(tmp_path: Path) -> None:
+    """A bad remote URL fails at config time, saying what a good one looks like."""
+    with pytest.raises(kvtier.KvtierError, match=r"kvtier://host:port"):
+        make_config(tmp_path, remote="kvtier://h:99999")
+
+
+def test_demoted_chunks_load_from_disk(tmp_path: Path) -> None:
+    """With DRAM far smaller than the data, every saved prefix still loads (from disk)."""
+    config = make_config(tmp_path, dram_bytes=3 * 4096)
+    prefixes = [[i] * (3 * CHUNK) for i in range(8)]
+    with kvtier.Store(config) as store:
+        cache = store.bind("m", LAYOUT)
+        for tokens in prefixes:
+            cache.save(tokens, prefix_kv(tokens))
+        store.flush()
+        assert store.stats().tier("dram").evictions > 0
+        assert store.stats().dropped_chunks == 0
+        for tokens in prefixes:
+            assert cache.lookup(tokens) == len(tokens)
+            np.testing.assert_array_equal(cache.load(tokens), prefix_kv(tokens))
+        assert store.stats().tier("disk").hits > 0
+        store.check_integrity()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 8)), min_size=1, max_size=25))
+def test_tiers_never_exceed_capacity(saves: list[tuple[int, int]]) -> None:
+    """Random saves keep DRAM within its bytes and disk within its bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = make_config(Path(tmp), dram_bytes=5 * 4096, disk_bytes=9 * (4096 + 512))
+        with kvtier.Store(config) as store:
+            cache = store.bind("m", LAYOUT)
+            for first, chunks in saves:
+                tokens = [first] + [first + 1] * (chunks * CHUNK - 1)
+                cache.save(tokens, prefix_kv(tokens))
+                for tier in store.stats().tiers:
+                    assert tier.bytes <= tier.capacity_bytes, tier
+            store.flush()
+            store.check_integrity()
