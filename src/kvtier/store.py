@@ -69,17 +69,20 @@ class Store:
 
     def __init__(self, config: StoreConfig | None = None) -> None:
         self.config = config = config or StoreConfig()
-        self._dram = DramTier(int(config.dram_bytes)) if config.dram_bytes else None
         lower: list[Tier] = []
-        if config.disk_dir is not None:
-            lower.append(DiskTier(config.disk_dir, int(config.disk_bytes or 0)))
-        if config.remote is not None:
-            lower.append(_open_remote(config))
+        try:  # lower tiers first: they can fail (disk in use, server refuses the token)
+            if config.disk_dir is not None:
+                lower.append(DiskTier(config.disk_dir, int(config.disk_bytes or 0)))
+            if config.remote is not None:
+                lower.append(_open_remote(config))
+        except BaseException:
+            for tier in lower:
+                tier.close()
+            raise
         self._lower = tuple(lower)
+        self._dram = DramTier(int(config.dram_bytes)) if config.dram_bytes else None
         self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
-        self._staging = (
-            SlabPool(STAGING_BYTES, prefault=False) if lower and not self._dram else None
-        )
+        self._staging = SlabPool(STAGING_BYTES) if lower and not self._dram else None
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
         self._cond = threading.Condition()
         self._pending = 0
