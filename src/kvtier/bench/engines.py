@@ -95,34 +95,41 @@ class SimEngine:
         store: Store | None,
         chunk_tokens: int,
         tier_names: Mapping[str, str] | None = None,
+        gpu: Store | None = None,
     ) -> None:
         self.cost = cost
         self.store = store
+        self.gpu = gpu
         self.chunk_tokens = chunk_tokens
-        self.cache: BoundCache | None = (
-            store.bind(cost.model.name, scaled_layout(chunk_tokens)) if store else None
-        )
+        layout = scaled_layout(chunk_tokens)
+        self.cache: BoundCache | None = store.bind(cost.model.name, layout) if store else None
+        self.gpu_cache = gpu.bind(cost.model.name, layout) if gpu else None
         self.names = dict(tier_names or {})  # store tier -> reported tier ("dram" -> "gpu")
         self._zeros = np.zeros((1, 2, 0, 1, 1), dtype=np.uint8)
 
     def run(self, request: Request) -> Outcome:
         tokens, c = request.tokens, self.chunk_tokens
         n = len(tokens)
+        usable = (n - 1) // c * c  # always compute at least the last prompt token
         hits = dict.fromkeys(TIERS, 0)
-        hit = 0
+        # The engine's own prefix cache in VRAM is consulted first; kvtier serves what it lacks.
+        on_gpu = self.gpu_cache.locate(tokens[:usable]).chunks if self.gpu_cache else 0
+        hits["gpu"] = on_gpu * c
         if self.cache is not None and self.store is not None:
-            usable = (n - 1) // c * c  # always compute at least the last prompt token
             located = self.cache.locate(tokens[:usable])
-            hit = located.chunks * c
-            if hit:
+            found = located.chunks
+            if found > on_gpu:
                 try:
-                    self.cache.load(tokens[:hit])
+                    self.cache.load(tokens[: found * c])
                 except ChunkMissing as exc:
-                    hit = exc.loaded_tokens
-            for tier in located.tiers[: hit // c]:
+                    found = exc.loaded_tokens // c
+            for tier in located.tiers[on_gpu:found]:
                 hits[self.names.get(tier, tier)] += c
             self.cache.save(tokens[: n // c * c], self._kv(n // c * c))
             self.store.flush()
+        if self.gpu_cache is not None:
+            self.gpu_cache.save(tokens[: n // c * c], self._kv(n // c * c))
+        hit = sum(hits.values())
         load_s = sum(self.cost.load_s(t, tier) for tier, t in hits.items() if t)
         compute_s = self.cost.prefill_s(n - hit, hit)
         return Outcome(n, hits, load_s, compute_s, self.cost.prefill_s(n))
@@ -143,8 +150,9 @@ class SimEngine:
             self.store.touch(self.cache.keys(request.tokens))
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        for store in (self.store, self.gpu):
+            if store is not None:
+                store.close()
 
     def _kv(self, tokens: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
         """Zeros shaped (1, 2, tokens, 1, D) of the scaled layout, from one reused buffer."""
@@ -164,8 +172,10 @@ class SimFactory:
         self.chunk_bytes = scaled_layout(chunk_tokens).chunk_bytes(chunk_tokens)
         self.scale = cost.model.kv_bytes_per_token / scaled_layout(chunk_tokens).bytes_per_token
 
-    def __call__(self, store: Store | None, tier_names: Mapping[str, str]) -> Engine:
-        return SimEngine(self.cost, store, self.chunk_tokens, tier_names)
+    def __call__(
+        self, store: Store | None, tier_names: Mapping[str, str], gpu: Store | None = None
+    ) -> Engine:
+        return SimEngine(self.cost, store, self.chunk_tokens, tier_names, gpu)
 
 
 class TransformersEngine:
@@ -218,7 +228,11 @@ class TransformersFactory:
         self.model = _load_model(model_dir)
         self.chunk_bytes = kv_layout(self.model).chunk_bytes(chunk_tokens)
 
-    def __call__(self, store: Store | None, tier_names: Mapping[str, str]) -> Engine:
+    def __call__(
+        self, store: Store | None, tier_names: Mapping[str, str], gpu: Store | None = None
+    ) -> Engine:
+        if gpu is not None:  # the model keeps its own cache object; no separate GPU tier
+            gpu.close()
         store = store or Store(StoreConfig(chunk_tokens=self.chunk_tokens, dram_bytes=None))
         return TransformersEngine(self.model, store, tier_names)
 

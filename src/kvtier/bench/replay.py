@@ -56,7 +56,9 @@ class EngineFactory(Protocol):
 
     chunk_bytes: int
 
-    def __call__(self, store: Store | None, tier_names: Mapping[str, str]) -> Engine: ...
+    def __call__(
+        self, store: Store | None, tier_names: Mapping[str, str], gpu: Store | None = None
+    ) -> Engine: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +106,18 @@ def build(
     if config in ("tiered", "tiered+prefetch"):
         shutil.rmtree(root, ignore_errors=True)
         store = Store(store_config(c, cb, caps.dram_tokens, caps.disk_tokens, root / "node0"))
-        return Setup([make(store, {})], lookahead if config == "tiered+prefetch" else 0)
+        node = make(store, {}, gpu=_gpu_store(caps, cb))
+        return Setup([node], lookahead if config == "tiered+prefetch" else 0)
     if config == "shared":
         return _build_shared(make, caps, root)
     raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+
+
+def _gpu_store(caps: Capacities, chunk_bytes: int) -> Store | None:
+    """The engine's own VRAM prefix cache, in front of kvtier's tiers (None if it has none)."""
+    if caps.gpu_tokens < caps.chunk_tokens:
+        return None
+    return Store(store_config(caps.chunk_tokens, chunk_bytes, caps.gpu_tokens, 0, None))
 
 
 def _build_shared(make: EngineFactory, caps: Capacities, root: Path) -> Setup:
@@ -121,7 +131,7 @@ def _build_shared(make: EngineFactory, caps: Capacities, root: Path) -> Setup:
     nodes = []
     for k in range(SHARED_NODES):
         config = store_config(c, cb, caps.dram_tokens, caps.disk_tokens, root / f"node{k}")
-        nodes.append(make(Store(replace(config, remote=server.url)), {}))
+        nodes.append(make(Store(replace(config, remote=server.url)), {}, gpu=_gpu_store(caps, cb)))
 
     def stop() -> None:
         server.stop()
