@@ -3,7 +3,8 @@
 Lookup -> load the stored prefix into the model's own `DynamicCache` (layer by layer, overlapped
 with the new tokens' prefill when the store has a DRAM tier) -> compute only the remaining
 tokens (always at least the last prompt token) -> generate -> save the new full chunks of the
-prompt (right after prefill) and of the answer (after generation) in the background.
+prompt and the answer in the background once generation returns (saving during decode would
+compete with it for the CPU).
 """
 
 from __future__ import annotations
@@ -145,9 +146,7 @@ class CachedModel:
                 loader = prefix.loader
                 cache.layers = [PrefixLayer(loader, i) for i in range(self.layout.num_layers)]
             first: list[float] = []
-            hook = self.model.register_forward_hook(
-                lambda *_: self._after_prefill(first, start, tokens, cache, prefix.tokens)
-            )
+            hook = self.model.register_forward_hook(lambda *_: self._after_prefill(first))
             try:
                 out = self.model.generate(input_ids, past_key_values=cache, **kwargs)
             finally:
@@ -158,7 +157,7 @@ class CachedModel:
             seq = out if isinstance(out, torch.Tensor) else out.sequences
             if self.save:
                 full = seq[0].detach().cpu().numpy().astype(np.int64)
-                self._saver.submit(full, _layers(cache), len(tokens) // self.cache.chunk_tokens)
+                self._saver.submit(full, _layers(cache), prefix.tokens // self.cache.chunk_tokens)
             ttft = (first[0] if first else end) - start
             new = int(seq.shape[1]) - len(tokens)
             self.last_request = RequestStats(
@@ -248,15 +247,11 @@ class CachedModel:
         loader = ChunkLoader(views, release, c, self._staging, self.model.device)
         return Prefix(loader, len(views) * c, _tier_name(tiers))
 
-    def _after_prefill(
-        self, first: list[float], start: float, tokens: TokenArray, cache: Any, hit: int
-    ) -> None:
-        """Forward hook: note the first token's time; start saving the prompt's new chunks."""
-        if first:
-            return
-        first.append(time.perf_counter())
-        if self.save:
-            self._saver.submit(tokens, _layers(cache), hit // self.cache.chunk_tokens)
+    @staticmethod
+    def _after_prefill(first: list[float]) -> None:
+        """Forward hook: note the first token's time."""
+        if not first:
+            first.append(time.perf_counter())
 
 
 def _layers(cache: Any) -> list[LayerKV]:
