@@ -101,10 +101,21 @@ def test_pipelined_requests_are_answered_in_order(server: ServerThread) -> None:
     assert json.loads(replies[5][1])["server"]["requests_put"] == 1
 
 
-def test_delete_keeps_the_connection_usable(server: ServerThread) -> None:
-    """DELETE either deletes or answers UNSUPPORTED; the connection keeps working after it."""
+def test_delete_removes_the_chunk_and_keeps_the_connection_usable(server: ServerThread) -> None:
+    """DELETE counts what it removed; the chunk is gone afterwards and the connection works."""
+    key, data = b"d" * 16, bytes(range(256)) * 16
+    frames = [
+        pack_header(Op.PUT, 1, 1, 8 + len(data)) + key + SIZE.pack(len(data)) + data,
+        pack_header(Op.DELETE, 2, 2, 0) + key + b"n" * 16,
+        pack_header(Op.EXISTS_PREFIX, 3, 1, 0) + key,
+        pack_header(Op.DELETE, 4, 1, 0) + key,
+        pack_header(Op.PING, 5, 0, 0),
+    ]
     with socket.create_connection(("127.0.0.1", server.port), 5) as sock:
-        sock.sendall(pack_header(Op.DELETE, 1, 1, 0) + b"k" * 16 + pack_header(Op.PING, 2, 0, 0))
-        (first, _), (second, _) = read_frame(sock), read_frame(sock)
-    assert first.status in (Status.OK, Status.UNSUPPORTED)
-    assert second.request_id == 2 and second.status == Status.OK
+        sock.sendall(b"".join(frames))
+        replies = [read_frame(sock) for _ in frames]
+    assert all(h.status == Status.OK for h, _ in replies)
+    assert COUNT.unpack(replies[1][1])[0] == 1, "one of the two keys existed"
+    assert COUNT.unpack(replies[2][1])[0] == 0, "the deleted chunk is no longer found"
+    assert COUNT.unpack(replies[3][1])[0] == 0, "deleting it again removes nothing"
+    assert replies[4][0].request_id == 5

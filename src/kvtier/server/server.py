@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -98,11 +98,8 @@ class CacheServer:
             self.store.write_chunk(key, [view])
         return bytes(self.store.locate([k]).chunks for k in keys)
 
-    def delete(self, keys: list[Key]) -> int | None:
-        delete_chunk: Callable[[Key], bool] | None = getattr(self.store, "delete_chunk", None)
-        if delete_chunk is None:
-            return None
-        return sum(bool(delete_chunk(key)) for key in keys)
+    def delete(self, keys: list[Key]) -> int:
+        return sum(self.store.delete_chunk(key) for key in keys)
 
     def stats_json(self) -> bytes:
         payload: dict[str, Any] = self.store.stats().as_dict()
@@ -239,10 +236,7 @@ class Connection(asyncio.BufferedProtocol):
             self._reply(op, rid, [await run(ex, self.server.put, keys, data)])
         else:
             deleted = await run(ex, self.server.delete, keys)
-            if deleted is None:
-                self._reply(op, rid, [b"DELETE needs Store.delete_chunk"], Status.UNSUPPORTED)
-            else:
-                self._reply(op, rid, [COUNT.pack(deleted)])
+            self._reply(op, rid, [COUNT.pack(deleted)])
 
     def _after_async(self, task: asyncio.Task[None]) -> None:
         exc = None if task.cancelled() else task.exception()
