@@ -61,7 +61,7 @@ def _sorted(requests: list[Request]) -> Iterator[Request]:
 class ChatSpec:
     """Users x rounds of conversation over one shared system prompt."""
 
-    users: int = 200
+    users: int = 1000  # more sessions than one GPU's KV budget holds: the case kvtier is for
     rounds: int = 6
     system_tokens: int = 2000
     user_tokens: tuple[int, int] = (100, 500)
