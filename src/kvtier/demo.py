@@ -170,6 +170,7 @@ class Conversation:
             timed_generate(self.model, self.user_tokens(64), 2)  # warm up kernels
             for phase, turns in (("live", args.turns), ("restarted", RESUME_TURNS)):
                 with kvtier.Store(self.config) as store:
+                    store.warm()  # DRAM is pre-allocated at start-up, before serving
                     cm = CachedModel(self.model, store, model_id=self.model_id)
                     probe = CachedModel(self.model, store, None, self.model_id, save=False)
                     for _ in range(turns):
@@ -236,6 +237,7 @@ class Conversation:
         on: list[float] = []
         off: list[float] = []
         with kvtier.Store(self.config) as store:
+            store.warm()
             for rep in range(2 * self.args.repeats):
                 plain.append(timed_generate(self.model, prompt, 1)[1])
                 for save, speeds in ((True, on), (False, off)):
