@@ -137,3 +137,9 @@ def test_remote_token_is_not_in_repr() -> None:
     """The remote auth token never appears in a config's repr."""
     config = kvtier.StoreConfig(remote="kvtier://127.0.0.1:7400", remote_token="s3cret")
     assert "s3cret" not in repr(config)
+
+
+def test_dram_smaller_than_a_page_is_refused() -> None:
+    """dram_bytes below one page is a ConfigError naming the minimum."""
+    with pytest.raises(kvtier.ConfigError, match="at least 4096"):
+        kvtier.StoreConfig(dram_bytes=100)

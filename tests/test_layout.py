@@ -123,3 +123,11 @@ def test_raw_uint16_for_bfloat16(store: kvtier.Store) -> None:
     cache.load(tokens, out=out)
     np.testing.assert_array_equal(out, kv)
     assert torch.equal(cache.load(tokens).view(torch.int16), torch.from_numpy(kv.view(np.int16)))
+
+
+def test_big_endian_arrays_are_refused() -> None:
+    """A non-native byte order is refused rather than reinterpreted into wrong values."""
+    layout = kvtier.KVLayout(1, 1, 4, "float16")
+    kv = np.arange(8, dtype=">f2").reshape(layout.shape(1))
+    with pytest.raises(ValueError, match="native-endian"):
+        layout.as_storage(kv, 1)

@@ -207,3 +207,36 @@ def test_tiers_never_exceed_capacity(saves: list[tuple[int, int]]) -> None:
                     assert tier.bytes <= tier.capacity_bytes, tier
             store.flush()
             store.check_integrity()
+
+
+def test_a_chunk_larger_than_dram_is_refused_at_bind(tmp_path: Path) -> None:
+    """Binding a layout whose chunk cannot fit in the DRAM tier is a clear ConfigError."""
+    big = kvtier.KVLayout(num_layers=8, num_kv_heads=8, head_dim=128, dtype="float16")
+    with (
+        kvtier.Store(make_config(tmp_path, dram_bytes=64 << 10)) as s,
+        pytest.raises(kvtier.ConfigError, match="raise dram_bytes or lower chunk_tokens"),
+    ):
+        s.bind("m", big)
+
+
+def test_prefetch_of_an_unknown_prefix_evicts_nothing(tmp_path: Path) -> None:
+    """Promotion asks the lower tier first: a miss there never evicts a DRAM chunk."""
+    one_chunk = LAYOUT.chunk_bytes(CHUNK)
+    with kvtier.Store(make_config(tmp_path, dram_bytes=max(one_chunk, 4096))) as s:
+        cache = s.bind("m", LAYOUT)
+        cache.save(list(range(CHUNK)), make_kv(CHUNK))
+        s.flush()
+        cache.prefetch([7] * (3 * CHUNK))
+        s.flush()
+        dram = s.stats().tier("dram")
+        assert dram.chunks == 1 and dram.evictions == 0
+
+
+def test_save_after_close_is_refused(tmp_path: Path) -> None:
+    """A store used after close() raises StoreClosed, and close() stays idempotent."""
+    s = kvtier.Store(make_config(tmp_path))
+    cache = s.bind("m", LAYOUT)
+    s.close()
+    with pytest.raises(kvtier.KvtierError, match="closed"):
+        cache.save(list(range(CHUNK)), make_kv(CHUNK))
+    s.close()

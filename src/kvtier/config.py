@@ -37,6 +37,7 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 MAX_CHUNK_TOKENS = 1 << 16
+MIN_DRAM_BYTES = 4096
 REMOTE_SCHEMES = ("kvtier", "redis", "rediss")
 
 
@@ -124,6 +125,11 @@ class StoreConfig:
         ram = _physical_memory_bytes()
         if self.dram_bytes is not None:
             dram = parse_size(self.dram_bytes, "dram_bytes")
+            if dram < MIN_DRAM_BYTES:
+                raise ConfigError(
+                    f"dram_bytes: {dram} is too small; give at least {MIN_DRAM_BYTES} bytes "
+                    "(one page), or None for no DRAM tier"
+                )
             if dram > ram:
                 raise ConfigError(
                     f"dram_bytes: {dram} bytes is more than this machine's {ram} bytes of memory"

@@ -102,6 +102,8 @@ class KVLayout:
 def _to_numpy(kv: object, dtype: str, what: str) -> Array:
     storage = _STORAGE[dtype]
     if isinstance(kv, np.ndarray):
+        if not kv.dtype.isnative:
+            raise ValueError(f"{what}: byte order {kv.dtype.str}; pass a native-endian array")
         if kv.dtype.name != dtype and not (dtype not in _NUMPY_NATIVE and kv.dtype == storage):
             raise ValueError(f"{what}: dtype {kv.dtype} does not match the layout's {dtype}")
         return kv.view(storage) if kv.dtype != storage else kv

@@ -37,7 +37,8 @@ class SlabPool:
             raise ValueError(f"pool capacity must be at least {ALIGN} bytes, got {capacity_bytes}")
         self._map = mmap.mmap(-1, self.capacity_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
-            self._map.madvise(mmap.MADV_HUGEPAGE)
+            with contextlib.suppress(OSError):  # kernels without transparent huge pages
+                self._map.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self._map)
         self._free_by_start: dict[int, int] = {0: self.capacity_bytes}
         self._free_by_end: dict[int, int] = {self.capacity_bytes: 0}

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from kvtier.cache import BoundCache
 from kvtier.config import StoreConfig
-from kvtier.errors import KvtierError, StoreClosed
+from kvtier.errors import ConfigError, KvtierError, StoreClosed
 from kvtier.keys import Key
 from kvtier.layout import KVLayout
 from kvtier.pool import SlabPool
@@ -70,17 +70,18 @@ class Store:
     def __init__(self, config: StoreConfig | None = None) -> None:
         self.config = config = config or StoreConfig()
         lower: list[Tier] = []
-        try:  # lower tiers first: they can fail (disk in use, server refuses the token)
+        self._dram: DramTier | None = None
+        try:  # if any tier fails (disk in use, token refused), close those already open
             if config.disk_dir is not None:
                 lower.append(DiskTier(config.disk_dir, int(config.disk_bytes or 0)))
             if config.remote is not None:
                 lower.append(_open_remote(config))
+            self._dram = DramTier(int(config.dram_bytes)) if config.dram_bytes else None
         except BaseException:
             for tier in lower:
                 tier.close()
             raise
         self._lower = tuple(lower)
-        self._dram = DramTier(int(config.dram_bytes)) if config.dram_bytes else None
         self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
         self._staging = SlabPool(STAGING_BYTES) if lower and not self._dram else None
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
@@ -92,7 +93,15 @@ class Store:
 
     def bind(self, model_id: str, layout: KVLayout, salt: str | None = None) -> BoundCache:
         """A cache for one model (and tenant salt) over this store's tiers."""
-        return BoundCache(self, model_id, layout, salt)
+        cache = BoundCache(self, model_id, layout, salt)
+        memory = self._dram or self._staging
+        if memory is not None and cache.chunk_bytes > memory.capacity_bytes:
+            raise ConfigError(
+                f"a chunk of this layout is {cache.chunk_bytes} bytes, more than the "
+                f"{memory.capacity_bytes}-byte {'DRAM tier' if self._dram else 'staging pool'}; "
+                "raise dram_bytes or lower chunk_tokens"
+            )
+        return cache
 
     # -- key-level API (BoundCache and the server build on it) -----------------------------
 
@@ -169,7 +178,7 @@ class Store:
         with self._cond:
             self._saved += 1
         if self._lower:
-            self._submit(self._write_lower, key, slot, release, self._lower)
+            self._submit(self._write_lower, key, slot, release, self._lower, cleanup=release)
 
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
@@ -204,10 +213,11 @@ class Store:
 
     def close(self) -> None:
         """Flush, then release every tier. Idempotent."""
-        if self._closed:
-            return
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True  # new calls now fail with StoreClosed
         self.flush()
-        self._closed = True
         self._io.shutdown(wait=True)
         for tier in self._tiers:
             tier.close()
@@ -284,6 +294,8 @@ class Store:
         """Read a chunk from `tier` into a new DRAM slot; returns it pinned, or None."""
         dram = self._dram
         assert dram is not None
+        if not tier.contains_prefix([key]):  # don't evict anything for a chunk that isn't there
+            return None
         slot = dram.reserve(key, nbytes)
         if slot is None:
             return None
@@ -292,9 +304,9 @@ class Store:
             return None
         dram.commit(key, keep_pin=True)
         below = [t for t in self._lower if t is not tier and not t.contains_prefix([key])]
-        if below and tier.name != "disk":
-            dram.acquire(key, count=False)
-            self._submit(self._write_lower, key, slot, lambda: dram.release(key), below)
+        if below and tier.name != "disk" and dram.acquire(key, count=False) is not None:
+            release = functools.partial(dram.release, key)
+            self._submit(self._write_lower, key, slot, release, below, cleanup=release)
         return slot
 
     def _prefetch(self, keys: list[Key], nbytes: int) -> None:
@@ -318,7 +330,11 @@ class Store:
             if release is not None:
                 release()
 
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+    def _submit(
+        self, fn: Callable[..., None], *args: Any, cleanup: Callable[[], None] | None = None
+    ) -> None:
+        """Run `fn(*args)` on an I/O worker, counted as pending until it ends; if the store
+        is closing and the job is refused, `cleanup` undoes what the job would have."""
         with self._cond:
             self._pending += 1
 
@@ -326,11 +342,20 @@ class Store:
             try:
                 fn(*args)
             finally:
-                with self._cond:
-                    self._pending -= 1
-                    self._cond.notify_all()
+                self._done()
 
-        self._io.submit(run)
+        try:
+            self._io.submit(run)
+        except RuntimeError as exc:  # the executor shut down: close() won the race
+            self._done()
+            if cleanup is not None:
+                cleanup()
+            raise StoreClosed("this Store was closed during the call") from exc
+
+    def _done(self) -> None:
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify_all()
 
 
 def _open_remote(config: StoreConfig) -> Tier:

@@ -194,3 +194,33 @@ def test_file_deleted_behind_the_tier_is_a_miss(tmp_path: Path) -> None:
     assert (stats.checksum_failures, stats.errors, stats.chunks) == (0, 0, 0)
     tier.check_integrity()
     tier.close()
+
+
+def test_open_error_other_than_missing_keeps_the_chunk(tmp_path: Path) -> None:
+    """An open() failure that is not ENOENT (here ELOOP) is a counted miss; the chunk stays
+    indexed and serves again once the file is readable."""
+    tier = DiskTier(tmp_path, 1 << 20)
+    assert put(tier, 1)
+    path = tier.path(key(1))
+    saved = path.with_name("saved")
+    path.rename(saved)
+    path.symlink_to(path.name)  # a link to itself: open() fails with ELOOP
+    assert get(tier, 1) is None
+    assert tier.contains_prefix([key(1)]) == 1
+    assert tier.stats().errors == 1 and tier.stats().checksum_failures == 0
+    path.unlink()
+    saved.rename(path)
+    assert get(tier, 1) == payload(1)
+
+
+def test_reopening_smaller_keeps_the_newest_chunks(tmp_path: Path) -> None:
+    """A disk tier reopened with room for fewer chunks keeps the most recently written."""
+    tier = DiskTier(tmp_path, 1 << 20)
+    for i in range(4):
+        assert put(tier, i)
+        os.utime(tier.path(key(i)), ns=(i * 10**9, i * 10**9))  # distinct write times
+    tier.close()
+    small = DiskTier(tmp_path, 2 * CHUNK_FILE)
+    kept = small.keys()
+    assert sorted(int.from_bytes(k, "little") for k in kept) == [2, 3]
+    small.check_integrity()

@@ -10,6 +10,7 @@ every published chunk again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -222,8 +223,12 @@ class DiskTier:
         want = HEADER_BYTES + total_bytes(dst)
         try:
             fd = os.open(self.path(key), os.O_RDONLY)
-        except OSError:
-            self._forget(key, corrupt=False)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # deleted behind our back: unpublish it
+                self._forget(key, corrupt=False)
+            else:  # EMFILE, EIO, EACCES...: a miss now, the chunk stays
+                with self._lock:
+                    self._count.errors += 1
             return False
         try:
             got = _pread_all(fd, [memoryview(header), *dst])
@@ -274,17 +279,21 @@ class DiskTier:
         return fd
 
     def _load_index(self) -> None:
-        """Publish every complete chunk file, oldest first; delete leftovers of torn writes."""
+        """Publish every complete chunk file (LRU order = write order); delete leftovers of torn
+        writes, and the oldest chunks if they no longer fit."""
         for leftover in self._tmp.iterdir():
             self._unlink(leftover)
-        found = sorted(_scan(self.root), key=lambda item: item[1].st_mtime_ns)
-        for key, st in found:
+        newest_first = sorted(_scan(self.root), key=lambda item: -item[1].st_mtime_ns)
+        kept = []
+        for key, st in newest_first:
             if self._used + st.st_size > self.capacity_bytes:
-                self._unlink(self.path(key))  # the directory shrank below what it holds
+                self._unlink(self.path(key))  # disk_bytes shrank: keep the most recent chunks
                 continue
+            kept.append(key)
             self._sizes[key] = st.st_size
-            self._lru.add(key)
             self._used += st.st_size
+        for key in reversed(kept):  # least recently written first in LRU order
+            self._lru.add(key)
 
     @staticmethod
     def _unlink(path: Path) -> None:
