@@ -4,17 +4,19 @@ exceptions) while a server is down, reconnection after it comes back, thread saf
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.server.conftest import server_store
+from tests.server.conftest import recv_n, server_store
 
 import kvtier
 from kvtier.bench.remote_io import free_port
 from kvtier.config import Endpoint, parse_remote
+from kvtier.server.protocol import HEADER_BYTES, Header, Op, Status, pack_header, parse_header
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier, owner
 
@@ -116,3 +118,73 @@ def test_threads_share_the_connection_pool(servers: list[ServerThread]) -> None:
     assert errors == []
     assert tier.stats().errors == 0
     tier.close()
+
+
+Answer = Callable[[Header], tuple[int, bytes]]
+
+
+class FakeServer:
+    """A scripted kvtier peer on 127.0.0.1: answers each request frame with `answer(header)`
+    (status, payload); sets `closed` when the client closes its connection."""
+
+    def __init__(self, answer: Answer) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.closed = threading.Event()
+        self._answer = answer
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                while True:
+                    header = parse_header(recv_n(conn, HEADER_BYTES))
+                    recv_n(conn, header.body_bytes)
+                    status, payload = self._answer(header)
+                    reply = pack_header(header.opcode, header.request_id, 0, len(payload), status)
+                    conn.sendall(reply + payload)
+            except (OSError, ConnectionError):
+                self.closed.set()
+
+    def stop(self) -> None:
+        self._listener.close()
+        self._thread.join(timeout=5)
+
+
+def _hello_then(status: int) -> Answer:
+    def answer(header: Header) -> tuple[int, bytes]:
+        return (Status.OK, b"tenant") if header.opcode == Op.HELLO else (status, b"odd")
+
+    return answer
+
+
+def test_unknown_reply_status_is_a_counted_miss() -> None:
+    """A reply with a status this client does not know is a miss and an error, not a crash."""
+    fake = FakeServer(_hello_then(250))
+    try:
+        tier = RemoteTier(parse_remote(f"kvtier://127.0.0.1:{fake.port}"), None)
+        assert tier.contains_prefix(_keys(3)) == 0
+        assert tier.stats().errors == 1
+        tier.close()
+    finally:
+        fake.stop()
+
+
+def test_rejected_token_on_a_later_server_closes_the_earlier_sockets() -> None:
+    """An AuthError from the second server does not leak the first server's pooled socket."""
+    good = FakeServer(_hello_then(Status.OK))
+    bad = FakeServer(lambda header: (Status.AUTH_FAILED, b"token rejected"))
+    url = parse_remote(f"kvtier://127.0.0.1:{good.port},127.0.0.1:{bad.port}")
+    try:
+        with pytest.raises(kvtier.AuthError) as raised:
+            RemoteTier(url, "wrong")
+        assert good.closed.wait(timeout=5), "the first server's socket was left open"
+        assert isinstance(raised.value, kvtier.AuthError)  # the traceback is still alive here
+    finally:
+        good.stop()
+        bad.stop()

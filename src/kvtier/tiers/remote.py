@@ -100,9 +100,7 @@ class Connection:
             message = self.recv_bytes(min(header.payload_bytes, 4096)).decode(errors="replace")
             if header.status in (Status.AUTH_FAILED, Status.AUTH_REQUIRED):
                 raise AuthError(f"token rejected by server {self.where}; check KVTIER_REMOTE_TOKEN")
-            raise ProtocolError(
-                f"server {self.where} answered {Status(header.status).name}: {message}"
-            )
+            raise ProtocolError(f"server {self.where} answered {_status_name(header)}: {message}")
         if header.opcode != op or header.request_id != rid:
             raise ProtocolError(f"server {self.where} answered out of order")
         if header.payload_bytes > LIMITS.max_frame_bytes:
@@ -119,6 +117,11 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _status_name(header: Header) -> str:
+    known = header.status in Status._value2member_map_
+    return Status(header.status).name if known else f"unknown status {header.status}"
 
 
 class ServerLink:
@@ -200,6 +203,14 @@ class RemoteTier:
         self._links = [ServerLink(ep, token or "", timeout_s) for ep in url.endpoints]
         self._lock = threading.Lock()
         self._count = Counters()
+        try:
+            self._connect_all()
+        except AuthError:
+            self.close()
+            raise
+
+    def _connect_all(self) -> None:
+        """One pooled connection per server now; AuthError for a rejected token."""
         for link in self._links:
             try:
                 link.give(link.take())
