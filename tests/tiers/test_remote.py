@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -188,3 +189,26 @@ def test_rejected_token_on_a_later_server_closes_the_earlier_sockets() -> None:
     finally:
         good.stop()
         bad.stop()
+
+
+def test_a_hung_server_yields_quick_misses() -> None:
+    """A server that accepts TCP but never answers makes Store() and lookups miss within the
+    short reply timeout (not the transfer timeout), and no request is sent while backing off."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:  # never accept()ed
+        url = f"kvtier://127.0.0.1:{hung.getsockname()[1]}"
+        layout = kvtier.KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32")
+        start = time.monotonic()
+        store = kvtier.Store(kvtier.StoreConfig(chunk_tokens=4, dram_bytes="1MiB", remote=url))
+        with store:
+            cache = store.bind("m", layout)
+            assert cache.lookup(range(8)) == 0
+            assert store.stats().tier("remote").errors >= 1, "the failed handshake is counted"
+            cache.save(range(8), np.ones(layout.shape(8), np.float32))
+            store.flush()  # the remote put does not wait for the hung server
+            assert cache.lookup(range(8)) == 8
+            assert time.monotonic() - start < 5, "stalled on the hung server"
+        tier = RemoteTier(parse_remote(url), None, timeout_s=0.2)
+        assert tier.stats().errors == 1
+        assert tier.contains_prefix(_keys(2)) == 0
+        assert tier.stats().errors == 1, "no new attempt during the backoff window"
+        tier.close()

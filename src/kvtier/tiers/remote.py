@@ -3,8 +3,11 @@
 Chunks are placed by rendezvous hashing over the listed servers, so adding a server moves about
 1/N of the keys. Each server has a small thread-safe pool of blocking sockets; requests go out
 with `sendmsg([header, payload views])` and replies are received with `recv_into` straight into
-the caller's views. A server that is down or misbehaves yields misses (counted as errors) and
-is retried with exponential backoff; only a rejected token at construction time raises.
+the caller's views. A server that is down, hung or misbehaving yields misses (counted as
+errors) and is retried with exponential backoff; only a rejected token at construction time
+raises. Connecting, HELLO, EXISTS_PREFIX and the first reply to a GET wait at most
+`REPLY_TIMEOUT_S`, so a hung server never stalls a lookup for long; only moving GET/PUT bodies
+may take up to `TRANSFER_TIMEOUT_S` (a socket timeout bounds each send/recv, not the whole body).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ log = logging.getLogger("kvtier.remote")
 LIMITS = Limits()
 IDLE_SOCKETS = 8
 IOV_MAX = 512
-BACKOFF_S = (0.05, 5.0)
+REPLY_TIMEOUT_S = 1.0
+TRANSFER_TIMEOUT_S = 10.0
+BACKOFF_S = (1.0, 30.0)  # first wait after a failure, doubling up to the second
 _FAILURES = (OSError, KvtierError)
 
 
@@ -85,6 +90,14 @@ class Connection:
         self.where = where
         self._rid = 0
         self._head = memoryview(bytearray(HEADER_BYTES))
+        self._timeout_s = sock.gettimeout()
+
+    def waiting(self, timeout_s: float) -> Connection:
+        """Let each following send/recv wait at most `timeout_s`; returns self."""
+        if timeout_s != self._timeout_s:
+            self.sock.settimeout(timeout_s)
+            self._timeout_s = timeout_s
+        return self
 
     def send(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes | memoryview]) -> int:
         self._rid = (self._rid + 1) & 0xFFFFFFFF
@@ -127,11 +140,11 @@ def _status_name(header: Header) -> str:
 class ServerLink:
     """The sockets to one server: an idle pool, reconnection with exponential backoff."""
 
-    def __init__(self, endpoint: Endpoint, token: str, timeout_s: float) -> None:
+    def __init__(self, endpoint: Endpoint, token: str, reply_timeout_s: float) -> None:
         self.endpoint = endpoint
         self.where = f"{endpoint.host}:{endpoint.port}"
         self._token = token
-        self._timeout_s = timeout_s
+        self._timeout_s = reply_timeout_s
         self._lock = threading.Lock()
         self._idle: list[Connection] = []
         self._retry_at = 0.0
@@ -146,11 +159,10 @@ class ServerLink:
             if time.monotonic() < self._retry_at:
                 raise Unavailable(f"server {self.where} is backing off")
         try:
-            sock = socket.create_connection(self.endpoint, timeout=min(self._timeout_s, 2.0))
+            sock = socket.create_connection(self.endpoint, timeout=self._timeout_s)
         except OSError as exc:
             self._down()
             raise Unavailable(f"cannot connect to {self.where}: {exc}") from exc
-        sock.settimeout(self._timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, self.where)
         try:
@@ -162,12 +174,13 @@ class ServerLink:
         except _FAILURES as exc:
             self.broken(conn)
             raise Unavailable(f"server {self.where} failed the handshake: {exc}") from exc
-        with self._lock:
-            self._backoff_s = BACKOFF_S[0]
         return conn
 
     def give(self, conn: Connection) -> None:
+        """Pool a connection after a complete exchange: the server answers, so the next
+        failure backs off from the shortest wait again."""
         with self._lock:
+            self._backoff_s = BACKOFF_S[0]
             if len(self._idle) < IDLE_SOCKETS:
                 self._idle.append(conn)
                 return
@@ -198,8 +211,16 @@ class RemoteTier:
 
     name = "remote"
 
-    def __init__(self, url: RemoteURL, token: str | None, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: RemoteURL,
+        token: str | None,
+        timeout_s: float = REPLY_TIMEOUT_S,
+        transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
+    ) -> None:
         self.url = url
+        self._timeout_s = timeout_s
+        self._transfer_s = max(timeout_s, transfer_timeout_s)
         self._links = [ServerLink(ep, token or "", timeout_s) for ep in url.endpoints]
         self._lock = threading.Lock()
         self._count = Counters()
@@ -238,8 +259,8 @@ class RemoteTier:
             self._counted(misses=1)
             return False
         try:
-            conn.call(Op.GET, [key], [SIZE.pack(size)])
-            found = conn.recv_bytes(1) == b"\x01"
+            conn.waiting(self._timeout_s).call(Op.GET, [key], [SIZE.pack(size)])
+            found = conn.waiting(self._transfer_s).recv_bytes(1) == b"\x01"
             if found:
                 for view in dst:
                     recv_exact(conn.sock, view)
@@ -258,7 +279,7 @@ class RemoteTier:
         if conn is None:
             return False
         try:
-            conn.call(Op.PUT, [key], [SIZE.pack(size), *src])
+            conn.waiting(self._transfer_s).call(Op.PUT, [key], [SIZE.pack(size), *src])
             stored = conn.recv_bytes(1) == b"\x01"
         except _FAILURES:
             link.broken(conn)
@@ -313,7 +334,9 @@ class RemoteTier:
             conn = self._take(link)
             if conn is not None:
                 try:
-                    rid = conn.send(Op.EXISTS_PREFIX, [keys[i] for i in positions], [])
+                    rid = conn.waiting(self._timeout_s).send(
+                        Op.EXISTS_PREFIX, [keys[i] for i in positions], []
+                    )
                     sent.append((link, conn, rid, positions))
                     continue
                 except _FAILURES:
@@ -338,7 +361,7 @@ class RemoteTier:
         if conn is None:
             return []
         try:
-            header = conn.call(Op.STATS, [], [])
+            header = conn.waiting(self._timeout_s).call(Op.STATS, [], [])
             tiers = json.loads(conn.recv_bytes(header.payload_bytes))["tiers"]
         except (*_FAILURES, ValueError, KeyError):
             link.broken(conn)
