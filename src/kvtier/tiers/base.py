@@ -67,6 +67,20 @@ class Counters:
     errors: int = 0
     checksum_failures: int = 0
 
+    def snapshot(self, name: str, capacity_bytes: int, used_bytes: int, chunks: int) -> TierStats:
+        """These counters with a tier's sizes, as an immutable TierStats."""
+        return TierStats(
+            name,
+            capacity_bytes,
+            used_bytes,
+            chunks,
+            self.hits,
+            self.misses,
+            self.evictions,
+            self.errors,
+            self.checksum_failures,
+        )
+
 
 class ChunkViews(Sequence[memoryview]):
     """A chunk's bytes as the rows of a `(rows, row_bytes)` uint8 array (rows may be strided,

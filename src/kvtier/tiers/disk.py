@@ -122,17 +122,8 @@ class DiskTier:
 
     def stats(self) -> TierStats:
         with self._lock:
-            c = self._count
-            return TierStats(
-                self.name,
-                self.capacity_bytes,
-                self._used,
-                len(self._sizes),
-                c.hits,
-                c.misses,
-                c.evictions,
-                c.errors,
-                c.checksum_failures,
+            return self._count.snapshot(
+                self.name, self.capacity_bytes, self._used, len(self._sizes)
             )
 
     def close(self) -> None:

@@ -68,17 +68,8 @@ class DramTier:
 
     def stats(self) -> TierStats:
         with self._lock:
-            c = self._count
-            return TierStats(
-                self.name,
-                self._pool.capacity_bytes,
-                self._pool.used_bytes,
-                len(self._entries),
-                c.hits,
-                c.misses,
-                c.evictions,
-                c.errors,
-                c.checksum_failures,
+            return self._count.snapshot(
+                self.name, self._pool.capacity_bytes, self._pool.used_bytes, len(self._entries)
             )
 
     def close(self) -> None:
