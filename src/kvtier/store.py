@@ -294,8 +294,8 @@ class Store:
         """Read a chunk from `tier` into a new DRAM slot; returns it pinned, or None."""
         dram = self._dram
         assert dram is not None
-        if not tier.contains_prefix([key]):  # don't evict anything for a chunk that isn't there
-            return None
+        if isinstance(tier, DiskTier) and not tier.contains_prefix([key]):
+            return None  # don't evict for a chunk that isn't there (remote: costs a round trip)
         slot = dram.reserve(key, nbytes)
         if slot is None:
             return None
@@ -312,11 +312,12 @@ class Store:
     def _prefetch(self, keys: list[Key], nbytes: int) -> None:
         dram = self._dram
         assert dram is not None
-        for key in keys:
-            if key in dram:
+        located = self.locate(keys)  # one batched question per tier; only present chunks move
+        by_name = {tier.name: tier for tier in self._lower}
+        for key, name in zip(keys, located.tiers, strict=False):
+            if name == dram.name:
                 continue
-            view = next((v for t in self._lower if (v := self._promote(t, key, nbytes))), None)
-            if view is None:
+            if self._promote(by_name[name], key, nbytes) is None:
                 return
             dram.release(key)
 
