@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.server.conftest import read_frame, read_until_closed, server_store
 
+import kvtier
 from kvtier.config import parse_remote
+from kvtier.server.auth import tenant_key
 from kvtier.server.protocol import HEADER, MAGIC, SIZE, VERSION, Limits, Op, Status, pack_header
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
@@ -169,3 +172,44 @@ def test_put_whose_sizes_disagree_with_its_payload_is_refused(
     assert b"PUT sizes" in _send_and_drain(handle.port, frame)
     assert good.contains_prefix([key]) == 0
     _good_client_works(good)
+
+
+def test_get_whose_reply_exceeds_the_frame_limit_is_refused(
+    limited: tuple[ServerThread, RemoteTier],
+) -> None:
+    """A GET of chunks that together exceed the frame limit gets an error and a closed
+    connection, so one request cannot pin more than a frame's worth of DRAM."""
+    handle, good = limited
+    sizes = [LIMITS.max_chunk_bytes] * 3  # each allowed, together over max_frame_bytes
+    keys = b"".join(bytes([i]) * 16 for i in range(3))
+    frame = pack_header(Op.GET, 1, 3, 8 * 3) + keys + struct.pack("<3Q", *sizes)
+    reply = _send_and_drain(handle.port, frame)
+    assert b"fewer chunks per GET" in reply
+    _good_client_works(good)
+
+
+def test_client_that_never_reads_its_get_loses_the_connection_and_its_pins() -> None:
+    """A GET whose reply is never read is dropped after drain_timeout_s and its chunk is
+    unpinned (a delete then frees it)."""
+    store = kvtier.Store(kvtier.StoreConfig(dram_bytes=64 << 20))
+    handle = ServerThread(store, limits=Limits(drain_timeout_s=0.3))
+    key, size = b"p" * 16, 32 << 20
+    try:
+        writer = RemoteTier(parse_remote(handle.url), None)
+        assert writer.put(key, [memoryview(bytes(size))])
+        writer.close()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", handle.port))
+            sock.sendall(pack_header(Op.GET, 1, 1, 8) + key + SIZE.pack(size))
+            deadline = time.monotonic() + 10
+            while handle.server.counters["bytes_out"] < size and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the reply (pinned views) is queued on the transport
+            assert store.delete_chunk(tenant_key("", key))
+            while store.stats().tier("dram").chunks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert store.stats().tier("dram").chunks == 0, "the unread GET still pins its chunk"
+        assert handle.server.counters["drain_timeouts"] == 1
+    finally:
+        handle.stop()
+        store.close()

@@ -66,11 +66,21 @@ class Limits:
     max_keys: int = 4096
     max_chunk_bytes: int = 256 << 20
     max_frame_bytes: int = 256 << 20
+    drain_timeout_s: float = 30.0  # a GET reply not read by then is dropped with its connection
 
     def check_sizes(self, sizes: list[int]) -> None:
         for size in sizes:
             if not 0 < size <= self.max_chunk_bytes:
                 raise ProtocolError(f"chunk size {size} is outside 1..{self.max_chunk_bytes} bytes")
+
+    def check_reply(self, sizes: list[int]) -> None:
+        """A GET's reply (header, found flags, every chunk) must fit in one frame."""
+        reply = HEADER_BYTES + len(sizes) + sum(sizes)
+        if reply > self.max_frame_bytes:
+            raise ProtocolError(
+                f"GET of {len(sizes)} chunks needs a {reply}-byte reply; the limit is "
+                f"{self.max_frame_bytes}: ask for fewer chunks per GET"
+            )
 
 
 class Header(NamedTuple):

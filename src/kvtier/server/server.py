@@ -223,6 +223,7 @@ class Connection(asyncio.BufferedProtocol):
         if op is Op.GET:
             sizes = unpack_sizes(tail, n)
             self.server.limits.check_sizes(sizes)
+            self.server.limits.check_reply(sizes)
             views = await run(ex, self.server.acquire, keys, sizes)
             try:
                 flags = bytes(v is not None for v in views)
@@ -240,7 +241,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _after_async(self, task: asyncio.Task[None]) -> None:
         exc = None if task.cancelled() else task.exception()
-        if self._transport is None:
+        if self._transport is None or self._transport.is_closing():
             return
         if exc is not None:
             if not isinstance(exc, ProtocolError):
@@ -283,9 +284,16 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.close()
 
     async def _drained(self) -> None:
+        """Wait until the reply left the process; a client that does not read it within
+        `drain_timeout_s` loses its connection, so the chunks it pinned are released."""
         if self._write_paused and self._transport is not None:
             self._drain = asyncio.get_running_loop().create_future()
-            await self._drain
+            try:
+                await asyncio.wait_for(self._drain, self.server.limits.drain_timeout_s)
+            except TimeoutError:
+                self.server.counters["drain_timeouts"] += 1
+                if self._transport is not None:
+                    self._transport.abort()
 
     def _wake_drain(self) -> None:
         if self._drain is not None and not self._drain.done():
