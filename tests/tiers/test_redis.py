@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +26,9 @@ from kvtier.tiers.redis import PREFIX, RedisTier
 KEY = hashlib.blake2b(b"redis-test", digest_size=16).digest()
 
 
-def _start(workdir: Path, *args: str) -> RedisProcess:
+def _start(workdir: Path, *args: str, port: int | None = None) -> RedisProcess:
     try:
-        return RedisProcess(workdir, *args)
+        return RedisProcess(workdir, *args, port=port)
     except RuntimeError as exc:
         pytest.fail(str(exc))
 
@@ -79,13 +81,17 @@ def test_wrong_size_is_a_miss_that_keeps_the_value(server: RedisProcess) -> None
 
 
 def test_password_is_the_token(tmp_path: Path) -> None:
-    """With requirepass, the right token works and a wrong one raises a clear AuthError."""
+    """With requirepass, the right token works and a wrong one raises a clear AuthError (also
+    for a URL listing several nodes)."""
     with _start(tmp_path / "r", "--requirepass", "s3cret-pass") as proc:
         url = parse_remote(proc.url)
         with pytest.raises(kvtier.AuthError, match="KVTIER_REMOTE_TOKEN"):
             RedisTier(url, "wrong")
         with pytest.raises(kvtier.AuthError, match="KVTIER_REMOTE_TOKEN"):
             RedisTier(url, None)
+        twice = parse_remote(f"redis://127.0.0.1:{proc.port},127.0.0.1:{proc.port}")
+        with pytest.raises(kvtier.AuthError, match="KVTIER_REMOTE_TOKEN"):
+            RedisTier(twice, "wrong")  # a node list takes the cluster client's path
         tier = RedisTier(url, "s3cret-pass")
         assert tier.put(KEY, [memoryview(b"x" * 100)]) and tier.contains_prefix([KEY]) == 1
         tier.close()
@@ -144,3 +150,66 @@ def test_cluster_mode_round_trip(cluster: list[int]) -> None:
     assert single.contains_prefix(keys) == 30, "one node of a cluster is detected as cluster"
     tier.close()
     single.close()
+
+
+def test_store_started_before_redis_uses_the_token_once_it_is_up(tmp_path: Path) -> None:
+    """A Store opened while Redis is down misses, then (after the backoff) saves and loads
+    through the Redis that comes up, authenticating with the token."""
+    port, tokens, kv = free_port(), list(range(8)), make_kv(8)
+    cfg = kvtier.StoreConfig(
+        chunk_tokens=4, dram_bytes=None, remote=f"redis://127.0.0.1:{port}/0", remote_token="tok"
+    )
+    with kvtier.Store(cfg) as store:
+        cache = store.bind("m", LAYOUT)
+        assert cache.lookup(tokens) == 0
+        assert store.stats().tier("remote").errors >= 1
+        with _start(tmp_path / "redis", "--requirepass", "tok", port=port):
+            deadline = time.monotonic() + 10
+            while cache.lookup(tokens) < 8 and time.monotonic() < deadline:
+                cache.save(tokens, kv)
+                store.flush()
+                time.sleep(0.05)
+            np.testing.assert_array_equal(cache.load(tokens), kv)
+            assert redis.Redis(port=port, password="tok").dbsize() == 2
+
+
+def _silent_listener() -> socket.socket:
+    """A socket that accepts TCP connections (kernel backlog) but never answers."""
+    return socket.create_server(("127.0.0.1", 0), backlog=16)
+
+
+def test_absent_or_hung_cluster_gives_misses(tmp_path: Path) -> None:
+    """A cluster URL whose nodes are absent or never answer: Store() and every call miss
+    (counted), nothing raises."""
+    with _silent_listener() as hung:
+        nodes = f"127.0.0.1:{free_port()},127.0.0.1:{hung.getsockname()[1]}"
+        cfg = kvtier.StoreConfig(chunk_tokens=4, dram_bytes=None, remote=f"redis://{nodes}")
+        with kvtier.Store(cfg) as store:
+            cache = store.bind("m", LAYOUT)
+            assert cache.lookup(range(8)) == 0
+            cache.save(range(8), make_kv(8))
+            store.flush()
+            with pytest.raises(kvtier.ChunkMissing):
+                cache.load(range(8))
+            assert store.stats().tier("remote").errors >= 1
+
+
+def test_rediss_cluster_url_speaks_tls() -> None:
+    """rediss:// with several nodes opens TLS connections (the first byte is a handshake)."""
+    first: list[bytes] = []
+    with _silent_listener() as node:
+
+        def record() -> None:
+            conn, _ = node.accept()
+            with conn:
+                conn.settimeout(5)
+                first.append(conn.recv(1))
+
+        thread = threading.Thread(target=record, daemon=True)
+        thread.start()
+        url = parse_remote(f"rediss://127.0.0.1:{node.getsockname()[1]},127.0.0.1:{free_port()}")
+        tier = RedisTier(url, None)
+        thread.join(timeout=5)
+        assert tier.contains_prefix([KEY]) == 0
+        tier.close()
+    assert first == [b"\x16"], "expected a TLS ClientHello, got plain RESP"
