@@ -240,3 +240,16 @@ def test_save_after_close_is_refused(tmp_path: Path) -> None:
     with pytest.raises(kvtier.KvtierError, match="closed"):
         cache.save(list(range(CHUNK)), make_kv(CHUNK))
     s.close()
+
+
+def test_delete_right_after_save_stays_deleted(store: kvtier.Store) -> None:
+    """A delete issued while the chunk's disk write is still pending wins: after flush and a
+    reopen-free lookup the chunk is gone from every tier."""
+    cache = store.bind("m", LAYOUT)
+    for round_ in range(20):
+        tokens = [round_] * CHUNK
+        cache.save(tokens, make_kv(CHUNK, seed=round_))
+        assert store.delete_chunk(cache.keys(tokens)[0])
+        store.flush()
+        assert cache.lookup(tokens) == 0
+    store.check_integrity()

@@ -87,6 +87,7 @@ class Store:
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
         self._cond = threading.Condition()
         self._pending = 0
+        self._writing: dict[Key, int] = {}  # key -> background writes in flight
         self._saved = 0
         self._dropped = 0
         self._closed = False
@@ -168,21 +169,23 @@ class Store:
             return
         nbytes = total_bytes(src)
         slot, release = self._claim(key, nbytes)
-        if slot is None:
+        if slot is None or release is None:
             with self._cond:
                 self._dropped += 1
             return
         copy_views(src, [slot])
-        if self._dram is not None and release is not None:
+        if self._dram is not None:
             self._dram.commit(key, keep_pin=bool(self._lower))
         with self._cond:
             self._saved += 1
         if self._lower:
-            self._submit(self._write_lower, key, slot, release, self._lower, cleanup=release)
+            self._write_behind(key, slot, release, self._lower)
 
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
         self._check_open()
+        with self._cond:
+            self._cond.wait_for(lambda: key not in self._writing)
         local = [t for t in (self._dram, *self._lower) if isinstance(t, DramTier | DiskTier)]
         return sum(t.delete(key) for t in local) > 0
 
@@ -306,7 +309,7 @@ class Store:
         below = [t for t in self._lower if t is not tier and not t.contains_prefix([key])]
         if below and tier.name != "disk" and dram.acquire(key, count=False) is not None:
             release = functools.partial(dram.release, key)
-            self._submit(self._write_lower, key, slot, release, below, cleanup=release)
+            self._write_behind(key, slot, release, below)
         return slot
 
     def _prefetch(self, keys: list[Key], nbytes: int) -> None:
@@ -321,15 +324,30 @@ class Store:
                 return
             dram.release(key)
 
-    def _write_lower(
-        self, key: Key, slot: memoryview, release: Callable[[], None] | None, tiers: Sequence[Tier]
+    def _write_behind(
+        self, key: Key, slot: memoryview, release: Callable[[], None], tiers: Sequence[Tier]
     ) -> None:
-        try:
-            for tier in tiers:
-                tier.put(key, [slot])
-        finally:
-            if release is not None:
-                release()
+        """Write a pinned slot to `tiers` in the background, then unpin it; `delete_chunk`
+        waits for a key's pending writes so a deleted chunk never reappears."""
+        with self._cond:
+            self._writing[key] = self._writing.get(key, 0) + 1
+
+        def done() -> None:
+            release()
+            with self._cond:
+                left = self._writing.pop(key) - 1
+                if left:
+                    self._writing[key] = left
+                self._cond.notify_all()
+
+        def write() -> None:
+            try:
+                for tier in tiers:
+                    tier.put(key, [slot])
+            finally:
+                done()
+
+        self._submit(write, cleanup=done)
 
     def _submit(
         self, fn: Callable[..., None], *args: Any, cleanup: Callable[[], None] | None = None
