@@ -160,18 +160,7 @@ class RedisTier:
             capacity, used = int(info.get("maxmemory", 0)), int(info["used_memory"])
             chunks = int(self._call("dbsize") or 0)
         with self._lock:
-            c = self._count
-            return TierStats(
-                self.name,
-                capacity,
-                used,
-                chunks,
-                c.hits,
-                c.misses,
-                c.evictions,
-                c.errors,
-                c.checksum_failures,
-            )
+            return self._count.snapshot(self.name, capacity, used, chunks)
 
     def close(self) -> None:
         with self._lock:

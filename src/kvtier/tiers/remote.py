@@ -299,10 +299,7 @@ class RemoteTier:
                 used += int(tier.get("bytes", 0))
                 chunks += int(tier.get("chunks", 0))
         with self._lock:
-            c = self._count
-            return TierStats(
-                self.name, capacity, used, chunks, c.hits, c.misses, c.evictions, c.errors, 0
-            )
+            return self._count.snapshot(self.name, capacity, used, chunks)
 
     def close(self) -> None:
         for link in self._links:
