@@ -62,12 +62,13 @@ class BoundCache:
         # are not contiguous: data read into copies of them would be lost.
         target = arr if rows_contiguous(arr) else np.empty(arr.shape, arr.dtype)
         keys = self.keys(tokens)
+        c = self.chunk_tokens
         try:
-            for i, key in enumerate(keys):
-                start = i * self.chunk_tokens
-                views = chunk_views(target, start, start + self.chunk_tokens)
-                if self.store.read_chunk(key, views) is None:
-                    raise ChunkMissing(start, n)
+            views = [chunk_views(target, i * c, (i + 1) * c) for i in range(len(keys))]
+            served = self.store.read_chunks(keys, views)
+            missing = next((i for i, tier in enumerate(served) if tier is None), None)
+            if missing is not None:
+                raise ChunkMissing(missing * c, n)
         finally:
             if target is not arr:
                 np.copyto(arr, target)

@@ -85,6 +85,8 @@ class Store:
         self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
         self._staging = SlabPool(STAGING_BYTES) if lower and not self._dram else None
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
+        # Loads from lower tiers run here, not behind the background writes queued on _io.
+        self._readers = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-read")
         self._cond = threading.Condition()
         self._pending = 0
         self._writing: dict[Key, int] = {}  # key -> background writes in flight
@@ -139,6 +141,26 @@ class Store:
             if tier.get_into(key, dst):
                 return tier.name
         return None
+
+    def read_chunks(self, keys: Sequence[Key], dsts: Sequence[Views]) -> list[str | None]:
+        """`read_chunk` for many chunks: DRAM hits are copied at once, the rest are read from
+        the lower tiers in parallel (one reader's checksum overlaps another's I/O)."""
+        self._check_open()
+        dram = self._dram
+        served: list[str | None] = [None] * len(keys)
+        rest = []
+        for i, (key, dst) in enumerate(zip(keys, dsts, strict=True)):
+            if dram is not None and dram.get_into(key, dst):
+                served[i] = dram.name
+            else:
+                rest.append(i)
+        if len(rest) == 1:
+            served[rest[0]] = self.read_chunk(keys[rest[0]], dsts[rest[0]])
+        elif rest:
+            reads = self._readers.map(lambda i: self.read_chunk(keys[i], dsts[i]), rest)
+            for i, tier in zip(rest, reads, strict=True):
+                served[i] = tier
+        return served
 
     def acquire_chunk(self, key: Key, nbytes: int) -> Acquired | None:
         """Pin a chunk in DRAM (promoting it from a lower tier) and return a read-only view of
@@ -222,6 +244,7 @@ class Store:
             self._closed = True  # new calls now fail with StoreClosed
         self.flush()
         self._io.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         for tier in self._tiers:
             tier.close()
         if self._staging is not None:
