@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_default("KVTIER_BENCH_DIR"),
         help="directory on the disk to measure (default: a temp dir under /var/tmp)",
     )
-    parser.add_argument("--repeat", type=int, default=int(env_default("KVTIER_BENCH_REPEAT") or 3))
+    parser.add_argument("--repeat", type=int, default=int(env_default("KVTIER_BENCH_REPEAT") or 5))
     parser.add_argument("--quick", action="store_true", help="4MiB chunks, 256MiB, 1 repeat")
     parser.add_argument("--remote", action="store_true", help="add the cache server and Redis")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
