@@ -63,7 +63,7 @@ class ChunkSaver:
         seq = min(len(tokens), int(layers[0][0].shape[-2]))
         keys = self.cache.keys(tokens[: seq // c * c])
         store, buf = self.cache.store, self._buf
-        for i in range(first_chunk, len(keys)):
+        for i in reversed(range(first_chunk, len(keys))):  # tail first, as BoundCache.save
             lo, hi = i * c, (i + 1) * c
             for layer, (k, v) in enumerate(layers):
                 buf[layer, 0].copy_(k[0, :, lo:hi].transpose(0, 1))  # (C, H, D)
