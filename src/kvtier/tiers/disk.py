@@ -139,14 +139,7 @@ class DiskTier:
 
     def delete(self, key: Key) -> bool:
         """Unpublish a chunk, then delete its file (a reader holding it open keeps its data)."""
-        with self._lock:
-            size = self._sizes.pop(key, None)
-            if size is None:
-                return False
-            self._used -= size
-            self._lru.remove(key)
-        self._unlink(self.path(key))
-        return True
+        return self._forget(key, unlink=True)
 
     def chunk_bytes(self, key: Key) -> int | None:
         """Payload size of a stored chunk, or None."""
@@ -216,7 +209,7 @@ class DiskTier:
             fd = os.open(self.path(key), os.O_RDONLY)
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # deleted behind our back: unpublish it
-                self._forget(key, corrupt=False)
+                self._forget(key, unlink=False)
             else:  # EMFILE, EIO, EACCES...: a miss now, the chunk stays
                 with self._lock:
                     self._count.errors += 1
@@ -232,26 +225,29 @@ class DiskTier:
             os.close(fd)
         meta = parse_header(header)
         if meta is None or meta.key != key or file_bytes != HEADER_BYTES + meta.payload_bytes:
-            self._forget(key, corrupt=True)  # torn, truncated, renamed or a damaged header
+            self._forget(
+                key, unlink=True, corrupt=True
+            )  # torn, truncated, renamed or a damaged header
             return False
         if meta.payload_bytes != want - HEADER_BYTES:
             return False  # asked for another size: a miss, the chunk itself is fine
         if got != want or meta.checksum != checksum(key, dst):
-            self._forget(key, corrupt=True)
+            self._forget(key, unlink=True, corrupt=True)
             return False
         return True
 
-    def _forget(self, key: Key, corrupt: bool) -> None:
-        """Unpublish a chunk that cannot be served, then delete its file."""
+    def _forget(self, key: Key, unlink: bool, corrupt: bool = False) -> bool:
+        """Unpublish a chunk (and delete its file); True if it was published."""
         with self._lock:
             size = self._sizes.pop(key, None)
             if size is not None:
                 self._used -= size
                 self._lru.remove(key)
+                if unlink:  # under the lock, as in _reserve
+                    self._unlink(self.path(key))
             if corrupt:
                 self._count.checksum_failures += 1
-            if corrupt and size is not None:  # under the lock, as in _reserve
-                self._unlink(self.path(key))
+        return size is not None
 
     def _open_exclusive(self) -> int:
         try:
