@@ -127,20 +127,9 @@ class Store:
         """Copy a chunk into `dst`, promoting a lower-tier hit to DRAM; the serving tier's name,
         or None if no tier could serve it."""
         self._check_open()
-        dram = self._dram
-        if dram is not None and dram.get_into(key, dst):
-            return dram.name
-        for tier in self._lower:
-            view = self._promote(tier, key, total_bytes(dst)) if dram else None
-            if view is not None:
-                try:
-                    copy_views([view], dst)
-                finally:
-                    dram.release(key)  # type: ignore[union-attr]
-                return tier.name
-            if tier.get_into(key, dst):
-                return tier.name
-        return None
+        if self._dram is not None and self._dram.get_into(key, dst):
+            return self._dram.name
+        return self._read_lower(key, dst)
 
     def read_chunks(self, keys: Sequence[Key], dsts: Sequence[Views]) -> list[str | None]:
         """`read_chunk` for many chunks: DRAM hits are copied at once, the rest are read from
@@ -155,9 +144,9 @@ class Store:
             else:
                 rest.append(i)
         if len(rest) == 1:
-            served[rest[0]] = self.read_chunk(keys[rest[0]], dsts[rest[0]])
+            served[rest[0]] = self._read_lower(keys[rest[0]], dsts[rest[0]])
         elif rest:
-            reads = self._readers.map(lambda i: self.read_chunk(keys[i], dsts[i]), rest)
+            reads = self._readers.map(lambda i: self._read_lower(keys[i], dsts[i]), rest)
             for i, tier in zip(rest, reads, strict=True):
                 served[i] = tier
         return served
@@ -171,13 +160,7 @@ class Store:
         if dram is None:
             return None
         view = dram.acquire(key)
-        if view is not None:
-            return Acquired(view, dram.name)
-        for tier in self._lower:
-            view = self._promote(tier, key, nbytes)
-            if view is not None:
-                return Acquired(view, tier.name)
-        return None
+        return Acquired(view, dram.name) if view is not None else self._from_lower(key, nbytes)
 
     def release_chunk(self, key: Key) -> None:
         """Unpin a chunk returned by `acquire_chunk`."""
@@ -278,7 +261,7 @@ class Store:
     def _holds(self, key: Key) -> bool:
         if self._dram is not None and key in self._dram:
             return True
-        return any(t.contains_prefix([key]) for t in self._lower if t.name == "disk")
+        return any(t.contains_prefix([key]) for t in self._lower if isinstance(t, DiskTier))
 
     def _claim(self, key: Key, nbytes: int) -> tuple[memoryview | None, Callable[[], None] | None]:
         """A slot for a new chunk (DRAM, else staging), waiting while in-flight writes pin all
@@ -316,6 +299,30 @@ class Store:
 
         return staging.slot(extent)[:nbytes], release
 
+    def _from_lower(self, key: Key, nbytes: int) -> Acquired | None:
+        """Promote a chunk from the first lower tier that serves it; pinned in DRAM."""
+        for tier in self._lower:
+            view = self._promote(tier, key, nbytes)
+            if view is not None:
+                return Acquired(view, tier.name)
+        return None
+
+    def _read_lower(self, key: Key, dst: Views) -> str | None:
+        """Serve a DRAM miss from the lower tiers: through DRAM (promoting), or straight
+        into `dst` when there is no DRAM tier or no room in it."""
+        if self._dram is not None:
+            got = self._from_lower(key, total_bytes(dst))
+            if got is not None:
+                try:
+                    copy_views([got.view], dst)
+                finally:
+                    self._dram.release(key)
+                return got.tier
+        for tier in self._lower:
+            if tier.get_into(key, dst):
+                return tier.name
+        return None
+
     def _promote(self, tier: Tier, key: Key, nbytes: int) -> memoryview | None:
         """Read a chunk from `tier` into a new DRAM slot; returns it pinned, or None."""
         dram = self._dram
@@ -329,8 +336,10 @@ class Store:
             dram.abort(key)
             return None
         dram.commit(key, keep_pin=True)
+        if isinstance(tier, DiskTier):
+            return slot  # already on the lowest local tier; nothing to write back
         below = [t for t in self._lower if t is not tier and not t.contains_prefix([key])]
-        if below and tier.name != "disk" and dram.acquire(key, count=False) is not None:
+        if below and dram.acquire(key, count=False) is not None:
             release = functools.partial(dram.release, key)
             self._write_behind(key, slot, release, below)
         return slot
