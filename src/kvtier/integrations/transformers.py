@@ -157,7 +157,8 @@ class CachedModel:
             seq = out if isinstance(out, torch.Tensor) else out.sequences
             if self.save:
                 full = seq[0].detach().cpu().numpy().astype(np.int64)
-                self._saver.submit(full, _layers(cache), prefix.tokens // self.cache.chunk_tokens)
+                first_chunk = prefix.tokens // self.cache.chunk_tokens
+                self._saver.submit(tokens, full, _layers(cache), first_chunk)
             ttft = (first[0] if first else end) - start
             new = int(seq.shape[1]) - len(tokens)
             self.last_request = RequestStats(
@@ -179,6 +180,14 @@ class CachedModel:
     def save_errors(self) -> int:
         """Background saves that failed (they degrade to misses)."""
         return self._saver.errors
+
+    @property
+    def unsafe_saves_skipped(self) -> int:
+        """Requests whose KV was not saved because the cache after `generate` did not hold
+        exactly one row per processed token (sequence length - 1) for every layer, or the
+        sequence did not start with the prompt. Expected to stay 0; anything else means a
+        generation path this integration does not know (saving it would store wrong KV)."""
+        return self._saver.unsafe_skipped
 
     # -- internals -------------------------------------------------------------------------
 
@@ -255,7 +264,7 @@ class CachedModel:
 
 
 def _layers(cache: Any) -> list[LayerKV]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(layer.keys, layer.values) for layer in cache.layers]  # (1, H, T, D) each, or None
 
 
 def _tier_name(tiers: tuple[str, ...] | list[str]) -> str:
