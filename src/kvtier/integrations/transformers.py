@@ -5,6 +5,11 @@ with the new tokens' prefill when the store has a DRAM tier) -> compute only the
 tokens (always at least the last prompt token) -> generate -> save the new full chunks of the
 prompt and the answer in the background once generation returns (saving during decode would
 compete with it for the CPU).
+
+Only requests whose cache keeps row i = the KV of token i are served (`hf_request`: greedy and
+sampling with the KV cache on; `use_cache=False`, assisted and prompt-lookup decoding, beams and
+caller caches are refused with `UnsupportedModel`), and a cache that does not hold exactly one row
+per processed token after `generate` is not saved (`CachedModel.unsafe_saves_skipped`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from kvtier.errors import ChunkMissing, KvtierError
+from kvtier.errors import ChunkMissing
 from kvtier.integrations.hf_load import (
     ChunkLoader,
     HostStaging,
@@ -28,16 +33,12 @@ from kvtier.integrations.hf_load import (
     PrefixLayer,
     ReadyLoader,
 )
+from kvtier.integrations.hf_request import UnsupportedModel as UnsupportedModel
+from kvtier.integrations.hf_request import check_generate_kwargs
 from kvtier.integrations.hf_save import ChunkSaver, TokenArray
 from kvtier.keys import Key
 from kvtier.layout import KVLayout
 from kvtier.store import Store
-
-_REFUSED_KWARGS = ("past_key_values", "inputs_embeds", "prefill_chunk_size")
-
-
-class UnsupportedModel(KvtierError, ValueError):
-    """The model (or request) cannot be served correctly with stored KV."""
 
 
 class RequestStats(NamedTuple):
@@ -97,6 +98,8 @@ def check_supported(model: Any) -> None:
         )
     if not hasattr(model, "generate"):
         raise UnsupportedModel(f"{what} has no generate(); load it with AutoModelForCausalLM")
+    if not hasattr(model, "_prepare_generation_config"):  # read by hf_request (transformers 5.x)
+        raise UnsupportedModel(f"{what}.generate is not transformers 5.x GenerationMixin's")
     layers = DynamicCache(config=config).layers
     odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
     if odd:
@@ -136,7 +139,18 @@ class CachedModel:
         self._lock = threading.Lock()
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        """`model.generate(input_ids, **kwargs)`, reusing the stored prefix of the prompt."""
+        """`model.generate(input_ids, **kwargs)`, reusing the stored prefix of the prompt.
+
+        Served: one unpadded sequence, greedy decoding or sampling with the KV cache on, and
+        any logits processors, stopping criteria, streamers and `output_*` options. Anything
+        else raises `UnsupportedModel` (a `ValueError`) naming the option, before any load.
+        `use_cache=False` (passed, or in `model.generation_config`, which copies
+        `model.config.use_cache` at load) is refused rather than served by a plain
+        `model.generate` behind kvtier's back: CachedModel exists to reuse a KV cache, so a
+        silent bypass would hide a quadratic decode with no reuse, and forcing the cache on
+        would not return `model.generate`'s own uncached output. Set
+        `model.generation_config.use_cache = True` to serve such a checkpoint.
+        """
         tokens = self._check_request(input_ids, kwargs)
         with self._lock:
             start = time.perf_counter()
@@ -199,12 +213,7 @@ class CachedModel:
                 f"input_ids: batch size {input_ids.shape[0]}; CachedModel serves one sequence "
                 "per call: call generate once per row"
             )
-        for name in _REFUSED_KWARGS:
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name}=: not supported by CachedModel (it manages the cache)")
-        for name in ("num_beams", "num_return_sequences"):
-            if int(kwargs.get(name) or 1) != 1:
-                raise ValueError(f"{name}=: CachedModel supports one sequence (greedy/sampling)")
+        check_generate_kwargs(self.model, kwargs)
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(torch.all(mask != 0)):
             raise ValueError("attention_mask: padding is not supported; pass unpadded input_ids")
