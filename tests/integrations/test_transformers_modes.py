@@ -209,6 +209,7 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("past_key_values", {"past_key_values": DynamicCache()}),
     ("position_ids", {"position_ids": torch.arange(40)[None] + 5}),
     ("synced_gpus", {"synced_gpus": True}),
+    ("negative_prompt_ids", {"negative_prompt_ids": user_turn(1, 8), "guidance_scale": 1.5}),
     ("custom_generate", {"custom_generate": lambda **_: None}),
     ("token_healing", {"token_healing": True}),
     ("dola", {"dola_layers": "high"}),

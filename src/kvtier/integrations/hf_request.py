@@ -81,7 +81,7 @@ def check_generate_kwargs(model: Any, kwargs: dict[str, Any]) -> None:
     """Raise `UnsupportedModel` unless `model.generate(ids, **kwargs)` is plain greedy or
     sampling decoding of one sequence, with the KV cache on and token ids as the only input."""
     for name in sorted(kwargs.keys() & (_GENERATE_ARGS - _SAFE_ARGS)):
-        if kwargs[name] not in (None, False):
+        if kwargs[name] is not None and kwargs[name] is not False:  # may be a tensor
             _refuse(f"{name}=: {_ARG_REASONS.get(name, 'not served by CachedModel')}")
     config_kwargs = {k: v for k, v in kwargs.items() if k not in _GENERATE_ARGS}
     config, model_kwargs = model._prepare_generation_config(
