@@ -18,21 +18,25 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class Listener:
-    """Accepts on `sock` and hands each new socket to `on_socket`; counts resource errors."""
+    """Accepts on `sock` and hands each new socket to `on_socket` while `ready()` says so
+    (otherwise it waits for `resume()`); reports resource errors to `on_error`."""
 
     def __init__(
         self,
         sock: socket.socket,
         on_socket: Callable[[socket.socket], None],
         on_error: Callable[[OSError], None],
+        ready: Callable[[], bool],
     ) -> None:
         self.sock = sock
         self._on_socket = on_socket
         self._on_error = on_error
+        self._can_accept = ready
         self._loop = asyncio.get_running_loop()
         self._retry: asyncio.TimerHandle | None = None
+        self._reading = False
         sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._ready)
+        self.resume()
 
     @property
     def port(self) -> int:
@@ -42,12 +46,25 @@ class Listener:
     def close(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
-        if self.sock.fileno() >= 0:
+        self._pause()
+        self.sock.close()
+
+    def resume(self) -> None:
+        """Accept again (after `ready()` said no); a no-op while accepting or retrying."""
+        if not self._reading and self._retry is None and self.sock.fileno() >= 0:
+            self._loop.add_reader(self.sock.fileno(), self._ready)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading and self.sock.fileno() >= 0:
             self._loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        self._reading = False
 
     def _ready(self) -> None:
         for _ in range(ACCEPT_BATCH):
+            if not self._can_accept():
+                self._pause()
+                return
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -56,15 +73,14 @@ class Listener:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     continue  # ECONNABORTED and the like: that one peer's problem
                 self._on_error(exc)
-                self._loop.remove_reader(self.sock.fileno())
-                self._retry = self._loop.call_later(ACCEPT_RETRY_S, self._resume)
+                self._pause()
+                self._retry = self._loop.call_later(ACCEPT_RETRY_S, self._retried)
                 return
             self._on_socket(conn)
 
-    def _resume(self) -> None:
+    def _retried(self) -> None:
         self._retry = None
-        if self.sock.fileno() >= 0:
-            self._loop.add_reader(self.sock.fileno(), self._ready)
+        self.resume()
 
 
 def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:

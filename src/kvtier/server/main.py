@@ -43,8 +43,9 @@ def _add_bounds(parser: argparse.ArgumentParser) -> None:
     arg(
         "--recv-budget",
         default=env_default("KVTIER_RECV_BUDGET", "512MiB"),
-        help="memory for frames being received, all connections together; a client that "
-        "finds it used up waits (its reads pause); a frame larger than it is refused",
+        help="bound on receive memory: frame bodies being received, all connections "
+        "together (plus 128 KiB per connection for keys); a client that finds it used up "
+        "waits, its reads paused, up to --stall-timeout; a frame larger than it is refused",
     )
     arg(
         "--max-connections",

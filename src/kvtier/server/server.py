@@ -57,7 +57,9 @@ class CacheServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = any free port); returns the bound port."""
-        self._listener = Listener(listen(host, port), self._accepted, self._accept_failed)
+        self._listener = Listener(
+            listen(host, port), self._accepted, self._accept_failed, self._can_accept
+        )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return self._listener.port
 
@@ -78,9 +80,21 @@ class CacheServer:
 
     # -- admission (event loop) ------------------------------------------------------------
 
+    def _can_accept(self) -> bool:
+        """False while the next socket could only be refused for want of a pending
+        connection to drop, but sockets still being set up will become droppable soon."""
+        crowded = self._crowded()
+        return not (crowded and not self._pending and self._opening)
+
+    def _crowded(self) -> bool:
+        over_quota = len(self._pending) + self._opening >= self.policy.max_pending
+        return over_quota or self.connections >= self.policy.max_connections
+
     def _accepted(self, sock: socket.socket) -> None:
-        """A new socket: make room among pending connections, or refuse it at the cap."""
-        if len(self._pending) >= self.policy.max_pending:
+        """A new socket: make room by dropping the oldest pending connection when pending
+        ones (sockets still being set up included) fill their half, or the cap is reached;
+        refuse it when the cap is reached and nothing is pending."""
+        if self._crowded() and self._pending:
             next(iter(self._pending)).drop("pending_evicted")
         elif self.connections >= self.policy.max_connections:
             self.counters["connections_refused"] += 1
@@ -95,6 +109,8 @@ class CacheServer:
         self._opening -= 1
         if task.cancelled() or task.exception() is not None:
             sock.close()
+        if self._listener is not None:
+            self._listener.resume()
 
     def _accept_failed(self, exc: OSError) -> None:
         self.counters["accept_errors"] += 1
