@@ -26,7 +26,7 @@ from kvtier.server.protocol import HEADER, MAGIC, SIZE, VERSION, Limits, Op, Sta
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
 
-LIMITS = Limits(max_keys=64, max_chunk_bytes=1 << 20, max_frame_bytes=2 << 20)
+LIMITS = Limits(max_keys=64, max_chunk_bytes=1 << 20)
 GOOD_KEY = b"g" * 16
 GOOD_DATA = np.arange(4096, dtype=np.uint8)
 
@@ -180,7 +180,7 @@ def test_get_whose_reply_exceeds_the_frame_limit_is_refused(
     """A GET of chunks that together exceed the frame limit gets an error and a closed
     connection, so one request cannot pin more than a frame's worth of DRAM."""
     handle, good = limited
-    sizes = [LIMITS.max_chunk_bytes] * 3  # each allowed, together over max_frame_bytes
+    sizes = [LIMITS.max_chunk_bytes] * 3  # each allowed, together over the frame limit
     keys = b"".join(bytes([i]) * 16 for i in range(3))
     frame = pack_header(Op.GET, 1, 3, 8 * 3) + keys + struct.pack("<3Q", *sizes)
     reply = _send_and_drain(handle.port, frame)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -63,3 +64,33 @@ def test_bad_auth_file_names_the_line(tmp_path: Path) -> None:
     path.write_text("alice good-token-1\nbroken\n")
     result = _serve("--auth-file", str(path))
     assert result.returncode == 2 and f"{path}:2" in result.stderr
+
+
+def _raw_http(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.settimeout(5)
+        if data:
+            sock.sendall(data)
+        reply = b""
+        while part := sock.recv(65536):
+            reply += part
+        return reply
+
+
+def test_metrics_port_answers_bad_requests_without_tracebacks() -> None:
+    """Clients that close early, send a head over 8 KiB or garbage get 431 / 400 or a quiet
+    close; the server logs no traceback and keeps answering."""
+    with ServeProcess("--dram", "4MiB", "--metrics-port", "0") as server:
+        metrics = re.search(r"http://[^:]+:(\d+)/metrics", server.banner)
+        assert metrics is not None
+        port = int(metrics.group(1))
+        socket.create_connection(("127.0.0.1", port), 5).close()
+        with socket.create_connection(("127.0.0.1", port), 5) as early:
+            early.sendall(b"GET /met")
+        big = b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+        assert _raw_http(port, big).startswith(b"HTTP/1.1 431 ")
+        assert _raw_http(port, b"hello\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        assert _get(f"http://127.0.0.1:{port}/healthz") == "ok\n"
+        server.stop()
+        output = server.output()
+    assert "Traceback" not in output and "Error" not in output, output

@@ -17,7 +17,16 @@ from tests.server.conftest import recv_n, server_store
 import kvtier
 from kvtier.bench.remote_io import free_port
 from kvtier.config import Endpoint, parse_remote
-from kvtier.server.protocol import HEADER_BYTES, Header, Op, Status, pack_header, parse_header
+from kvtier.server.protocol import (
+    HEADER_BYTES,
+    LIMITS,
+    Header,
+    Limits,
+    Op,
+    Status,
+    pack_header,
+    parse_header,
+)
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier, owner
 
@@ -212,3 +221,60 @@ def test_a_hung_server_yields_quick_misses() -> None:
         assert tier.contains_prefix(_keys(2)) == 0
         assert tier.stats().errors == 1, "no new attempt during the backoff window"
         tier.close()
+
+
+def test_a_chunk_at_the_wire_limit_round_trips(tmp_path: Path) -> None:
+    """A chunk of exactly LIMITS.max_chunk_bytes (256 MiB: Llama-3-8B at chunk_tokens=2048)
+    is stored and loaded byte-exact; the server stays usable (its frame limit includes the
+    key and size that come with the chunk)."""
+    size = LIMITS.max_chunk_bytes
+    store = kvtier.Store(kvtier.StoreConfig(dram_bytes=size + (16 << 20)))
+    handle = ServerThread(store)
+    tier = RemoteTier(parse_remote(handle.url), None)
+    try:
+        data = np.zeros(size, dtype=np.uint8)  # (chunk bytes,)
+        data[::4093] = 7
+        data[-1] = 9
+        assert tier.put(b"L" * 16, [memoryview(data)])
+        out = np.empty_like(data)
+        assert tier.get_into(b"L" * 16, [memoryview(out)])
+        assert np.array_equal(out, data)
+        assert tier.put(b"s" * 16, [memoryview(bytes(4096))])
+        assert tier.stats().errors == 0
+    finally:
+        tier.close()
+        handle.stop()
+        store.close()
+
+
+def test_an_oversized_chunk_is_refused_locally_without_backing_off(
+    servers: list[ServerThread],
+) -> None:
+    """A chunk over the wire limit is an error counted by the client, sent nowhere; the
+    server is not backed off, so the next chunk is stored."""
+    tier = RemoteTier(parse_remote(servers[0].url), None)
+    try:
+        bytes_in = servers[0].server.counters["bytes_in"]
+        huge = np.zeros(LIMITS.max_chunk_bytes + 1, dtype=np.uint8)  # never touched: lazy
+        assert not tier.put(b"h" * 16, [memoryview(huge)])
+        assert not tier.get_into(b"h" * 16, [memoryview(huge)])
+        assert servers[0].server.counters["bytes_in"] == bytes_in, "nothing was sent"
+        assert tier.stats().errors == 2
+        assert tier.put(b"k" * 16, [memoryview(bytes(4096))])
+    finally:
+        tier.close()
+
+
+def test_an_error_reply_closes_the_connection_but_does_not_back_off(tmp_path: Path) -> None:
+    """A server that refuses one request (here: a chunk size over its own, smaller limit)
+    answers an error; the client counts it and keeps using the server right away."""
+    handle = ServerThread(server_store(tmp_path), limits=Limits(max_chunk_bytes=64 << 10))
+    tier = RemoteTier(parse_remote(handle.url), None)
+    try:
+        assert not tier.get_into(b"g" * 16, [memoryview(bytearray(128 << 10))])
+        assert tier.stats().errors == 1
+        assert tier.put(b"k" * 16, [memoryview(bytes(4096))]), "not backed off"
+    finally:
+        tier.close()
+        handle.stop()
+        handle.server.store.close()

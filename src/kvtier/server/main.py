@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import resource
 import signal
 import sys
 
-from kvtier.config import StoreConfig, env_default
+from kvtier.config import StoreConfig, env_default, parse_size
 from kvtier.errors import ConfigError
+from kvtier.server.admission import ServerPolicy
 from kvtier.server.auth import Auth
 from kvtier.server.metrics import render, start_metrics
 from kvtier.server.server import CacheServer, run_loop
@@ -29,6 +31,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--insecure", action="store_true",
         default=env_default("KVTIER_INSECURE", "") in ("1", "true", "yes"),
         help="allow a non-loopback address without an auth file")  # fmt: skip
+    _add_bounds(parser)
+
+
+FD_RESERVE = 64  # descriptors kept for the disk tier, the metrics port and accept bursts
+
+
+def _add_bounds(parser: argparse.ArgumentParser) -> None:
+    arg = parser.add_argument
+    d = ServerPolicy()
+    arg(
+        "--recv-budget",
+        default=env_default("KVTIER_RECV_BUDGET", "512MiB"),
+        help="bound on receive memory: frame bodies being received, all connections "
+        "together (plus 128 KiB per connection for keys); a client that finds it used up "
+        "waits, its reads paused, up to --stall-timeout; a frame larger than it is refused",
+    )
+    arg(
+        "--max-connections",
+        type=int,
+        default=env_default("KVTIER_MAX_CONNECTIONS", str(d.max_connections)),
+        help="connection cap (lowered to fit the open-file limit); at most half of it "
+        "before a valid HELLO, the oldest of those dropped for a newcomer",
+    )
+    arg(
+        "--handshake-timeout",
+        type=float,
+        default=env_default("KVTIER_HANDSHAKE_TIMEOUT", str(d.handshake_timeout_s)),
+        help="seconds a new connection has to send a valid HELLO (its first frame without "
+        "an auth file)",
+    )
+    arg(
+        "--idle-timeout",
+        type=float,
+        default=env_default("KVTIER_IDLE_TIMEOUT", str(d.idle_timeout_s)),
+        help="seconds a logged-in connection may send nothing before it is closed",
+    )
+    arg(
+        "--stall-timeout",
+        type=float,
+        default=env_default("KVTIER_STALL_TIMEOUT", str(d.stall_timeout_s)),
+        help="seconds a connection may wait for receive budget, or send nothing in the "
+        "middle of a frame, before it is closed",
+    )
+    arg("--auth-delay", type=float,
+        default=env_default("KVTIER_AUTH_DELAY", str(d.auth_delay_s)),
+        help="seconds before an address's next HELLO is checked, after a wrong token")  # fmt: skip
+
+
+def _policy(args: argparse.Namespace) -> ServerPolicy:
+    return ServerPolicy(
+        recv_budget_bytes=parse_size(args.recv_budget, "--recv-budget"),
+        max_connections=_connection_cap(args.max_connections),
+        handshake_timeout_s=args.handshake_timeout,
+        idle_timeout_s=args.idle_timeout,
+        stall_timeout_s=args.stall_timeout,
+        auth_delay_s=args.auth_delay,
+    )
+
+
+def _connection_cap(wanted: int) -> int:
+    """`wanted`, lowered so that the cap plus FD_RESERVE fits the open-file limit (raised
+    towards its hard limit first), so accepting never runs out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - FD_RESERVE))
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,13 +130,15 @@ def _auth(args: argparse.Namespace) -> Auth:
 def run(args: argparse.Namespace) -> int:
     try:
         auth = _auth(args)
+        policy = _policy(args)
         config = StoreConfig(dram_bytes=args.dram, disk_dir=args.disk_dir, disk_bytes=args.disk)
         store = Store(config)
     except ConfigError as exc:
         print(f"kvtier serve: {exc}", file=sys.stderr)
         return 2
     try:
-        run_loop(_serve(CacheServer(store, auth), args.host, args.port, args.metrics_port))
+        server = CacheServer(store, auth, policy=policy)
+        run_loop(_serve(server, args.host, args.port, args.metrics_port))
     except OSError as exc:
         print(f"kvtier serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -79,6 +157,12 @@ async def _serve(server: CacheServer, host: str, port: int, metrics_port: int | 
         metrics = await start_metrics(host, metrics_port, lambda: render(server))
         note = f", metrics on http://{host}:{metrics.sockets[0].getsockname()[1]}/metrics"
     print(f"kvtier serve: listening on {host}:{bound}{note}", flush=True)
+    p = server.policy
+    print(
+        f"kvtier serve: receive budget {p.recv_budget_bytes} bytes, at most "
+        f"{p.max_connections} connections",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

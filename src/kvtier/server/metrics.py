@@ -44,27 +44,55 @@ def render(server: CacheServer) -> str:
     return "\n".join(lines) + "\n"
 
 
+REQUEST_LIMIT_BYTES = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+
+def _response(status: str, body: str) -> bytes:
+    data = body.encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+        + data
+    )
+
+
+def _answer(request: bytes, text: Callable[[], str]) -> bytes:
+    parts = request.split(b" ", 2)
+    if len(parts) < 3 or not parts[2].startswith(b"HTTP/"):
+        return _response("400 Bad Request", "not an HTTP request\n")
+    path = parts[1] if parts[0] == b"GET" else b""
+    if path == b"/metrics":
+        return _response("200 OK", text())
+    if path == b"/healthz":
+        return _response("200 OK", "ok\n")
+    return _response("404 Not Found", "try /metrics or /healthz\n")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
+    """The request head, b"" when it is too large, None when the client left early."""
+    try:
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+    except asyncio.LimitOverrunError:
+        return b""
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+        return None
+
+
 async def start_metrics(host: str, port: int, text: Callable[[], str]) -> asyncio.Server:
-    """Serve `GET /metrics` (text()) and `GET /healthz` on host:port."""
+    """Serve `GET /metrics` (text()) and `GET /healthz` on host:port. A request head over
+    8 KiB gets 431, a malformed one 400; a client that leaves early is closed quietly."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError):
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            parts = request.split(b" ", 2)
-            path = parts[1].decode() if len(parts) > 1 and parts[0] == b"GET" else ""
-            if path == "/metrics":
-                status, body = "200 OK", text()
-            elif path == "/healthz":
-                status, body = "200 OK", "ok\n"
-            else:
-                status, body = "404 Not Found", "try /metrics or /healthz\n"
-            data = body.encode()
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-                + data
-            )
+        request = await _read_request(reader)
+        with contextlib.suppress(OSError):
+            if request == b"":
+                writer.write(_response("431 Request Header Fields Too Large", "too large\n"))
+            elif request is not None:
+                writer.write(_answer(request, text))
             await writer.drain()
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
-    return await asyncio.start_server(handle, host, port, limit=8192)
+    return await asyncio.start_server(handle, host, port, limit=REQUEST_LIMIT_BYTES)

@@ -59,14 +59,28 @@ class Status(IntEnum):
     UNSUPPORTED = 4
 
 
+# A frame body carries, per chunk, its key and its u64 size (PUT) or a u8 found flag (GET
+# reply) on top of the chunk's bytes: the frame limit is the chunk limit plus this.
+CHUNK_OVERHEAD_BYTES = KEY_BYTES + SIZE.size
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Hard limits a server enforces on every frame (and a client on every reply)."""
+    """Hard limits a server enforces on every frame (and a client on every request and reply).
+
+    `max_chunk_bytes` is the one source of truth for the largest chunk the wire carries; the
+    frame limit is derived from it, so a chunk at the limit always fits in one PUT frame and
+    in one GET reply.
+    """
 
     max_keys: int = 4096
     max_chunk_bytes: int = 256 << 20
-    max_frame_bytes: int = 256 << 20
     drain_timeout_s: float = 30.0  # a GET reply not read by then is dropped with its connection
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame body (keys + payload, header excluded): one chunk at the limit."""
+        return self.max_chunk_bytes + CHUNK_OVERHEAD_BYTES
 
     def check_sizes(self, sizes: list[int]) -> None:
         for size in sizes:
@@ -74,13 +88,16 @@ class Limits:
                 raise ProtocolError(f"chunk size {size} is outside 1..{self.max_chunk_bytes} bytes")
 
     def check_reply(self, sizes: list[int]) -> None:
-        """A GET's reply (header, found flags, every chunk) must fit in one frame."""
-        reply = HEADER_BYTES + len(sizes) + sum(sizes)
+        """A GET's reply (found flags, then every chunk) must fit in one frame."""
+        reply = len(sizes) + sum(sizes)
         if reply > self.max_frame_bytes:
             raise ProtocolError(
                 f"GET of {len(sizes)} chunks needs a {reply}-byte reply; the limit is "
                 f"{self.max_frame_bytes}: ask for fewer chunks per GET"
             )
+
+
+LIMITS = Limits()  # what every client and a default server use
 
 
 class Header(NamedTuple):

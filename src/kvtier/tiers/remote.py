@@ -5,15 +5,20 @@ Chunks are placed by rendezvous hashing over the listed servers, so adding a ser
 with `sendmsg([header, payload views])` and replies are received with `recv_into` straight into
 the caller's views. A server that is down, hung or misbehaving yields misses (counted as
 errors) and is retried with exponential backoff; only a rejected token at construction time
-raises. Connecting, HELLO, EXISTS_PREFIX and the first reply to a GET wait at most
-`REPLY_TIMEOUT_S`, so a hung server never stalls a lookup for long; only moving GET/PUT bodies
-may take up to `TRANSFER_TIMEOUT_S` (a socket timeout bounds each send/recv, not the whole body).
+raises. Backoff is for a server that cannot be reached or does not answer: a chunk over the
+wire limit is refused here before any byte is sent, and an error reply (the server refused one
+request) closes that connection only. Connecting, HELLO, EXISTS_PREFIX and the first reply to a
+GET wait at most `REPLY_TIMEOUT_S`, so a hung server never stalls a lookup for long; only
+moving GET/PUT bodies may take up to `TRANSFER_TIMEOUT_S` (a socket timeout bounds each
+send/recv, not the whole body). A pooled connection the server has closed (idle timeout) is
+noticed before it is used and replaced, without backoff.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -27,9 +32,9 @@ from kvtier.keys import Key
 from kvtier.server.protocol import (
     COUNT,
     HEADER_BYTES,
+    LIMITS,
     SIZE,
     Header,
-    Limits,
     Op,
     Status,
     pack_header,
@@ -38,7 +43,6 @@ from kvtier.server.protocol import (
 from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
 
 log = logging.getLogger("kvtier.remote")
-LIMITS = Limits()
 IDLE_SOCKETS = 8
 IOV_MAX = 512
 REPLY_TIMEOUT_S = 1.0
@@ -59,6 +63,11 @@ def _seed(endpoint: Endpoint) -> int:
 
 class Unavailable(KvtierError):
     """The server is down or backing off; the caller treats this as a miss."""
+
+
+class Refused(ProtocolError):
+    """The server answered one request with an error (and closes that connection): it is up,
+    so this is no reason to back off."""
 
 
 def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
@@ -113,7 +122,10 @@ class Connection:
             message = self.recv_bytes(min(header.payload_bytes, 4096)).decode(errors="replace")
             if header.status in (Status.AUTH_FAILED, Status.AUTH_REQUIRED):
                 raise AuthError(f"token rejected by server {self.where}; check KVTIER_REMOTE_TOKEN")
-            raise ProtocolError(f"server {self.where} answered {_status_name(header)}: {message}")
+            text = f"server {self.where} answered {_status_name(header)}: {message}"
+            if header.status in (Status.ERROR, Status.UNSUPPORTED):
+                raise Refused(text)
+            raise ProtocolError(text)  # a status we do not know: not a server to trust
         if header.opcode != op or header.request_id != rid:
             raise ProtocolError(f"server {self.where} answered out of order")
         if header.payload_bytes > LIMITS.max_frame_bytes:
@@ -127,6 +139,12 @@ class Connection:
         buf = bytearray(n)
         recv_exact(self.sock, memoryview(buf))
         return bytes(buf)
+
+    def closed_by_peer(self) -> bool:
+        """An idle connection with something to read has been closed (or garbled) by the
+        server, e.g. after its idle timeout: not worth a request."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
 
     def close(self) -> None:
         self.sock.close()
@@ -153,9 +171,11 @@ class ServerLink:
     def take(self) -> Connection:
         """An idle or new connection; raises Unavailable while backing off or when the
         server cannot be reached, AuthError when it rejects the token."""
+        while (idle := self._idle_connection()) is not None:
+            if not idle.closed_by_peer():
+                return idle
+            idle.close()
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
             if time.monotonic() < self._retry_at:
                 raise Unavailable(f"server {self.where} is backing off")
         try:
@@ -172,9 +192,13 @@ class ServerLink:
             self.broken(conn)
             raise
         except _FAILURES as exc:
-            self.broken(conn)
+            self.broken(conn, exc)
             raise Unavailable(f"server {self.where} failed the handshake: {exc}") from exc
         return conn
+
+    def _idle_connection(self) -> Connection | None:
+        with self._lock:
+            return self._idle.pop() if self._idle else None
 
     def give(self, conn: Connection) -> None:
         """Pool a connection after a complete exchange: the server answers, so the next
@@ -186,10 +210,12 @@ class ServerLink:
                 return
         conn.close()
 
-    def broken(self, conn: Connection) -> None:
-        """Close a connection that failed; drop the idle ones too and back off."""
+    def broken(self, conn: Connection, exc: BaseException | None = None) -> None:
+        """Close a connection that failed; unless the server merely refused the request
+        (`Refused`), drop the idle ones too and back off."""
         conn.close()
-        self._down()
+        if not isinstance(exc, Refused):
+            self._down()
 
     def _down(self) -> None:
         with self._lock:
@@ -254,7 +280,7 @@ class RemoteTier:
     def get_into(self, key: Key, dst: Views) -> bool:
         size = total_bytes(dst)
         link = self._link(key)
-        conn = self._take(link) if 0 < size <= LIMITS.max_chunk_bytes else None
+        conn = self._take(link) if self._fits(size) else None
         if conn is None:
             self._counted(misses=1)
             return False
@@ -264,8 +290,8 @@ class RemoteTier:
             if found:
                 for view in dst:
                     recv_exact(conn.sock, view)
-        except _FAILURES:
-            link.broken(conn)
+        except _FAILURES as exc:
+            link.broken(conn, exc)
             self._counted(misses=1, errors=1)
             return False
         link.give(conn)
@@ -275,14 +301,14 @@ class RemoteTier:
     def put(self, key: Key, src: Views) -> bool:
         size = total_bytes(src)
         link = self._link(key)
-        conn = self._take(link) if 0 < size <= LIMITS.max_chunk_bytes else None
+        conn = self._take(link) if self._fits(size) else None
         if conn is None:
             return False
         try:
             conn.waiting(self._transfer_s).call(Op.PUT, [key], [SIZE.pack(size), *src])
             stored = conn.recv_bytes(1) == b"\x01"
-        except _FAILURES:
-            link.broken(conn)
+        except _FAILURES as exc:
+            link.broken(conn, exc)
             self._counted(errors=1)
             return False
         link.give(conn)
@@ -310,6 +336,14 @@ class RemoteTier:
     def _link(self, key: Key) -> ServerLink:
         return self._links[owner(self.url.endpoints, key)]
 
+    def _fits(self, size: int) -> bool:
+        """A chunk the wire protocol carries; one that is not is an error counted here,
+        refused before any connection is touched (the server is not to blame)."""
+        if 0 < size <= LIMITS.max_chunk_bytes:
+            return True
+        self._counted(errors=1)
+        return False
+
     def _take(self, link: ServerLink) -> Connection | None:
         try:
             return link.take()
@@ -336,8 +370,8 @@ class RemoteTier:
                     )
                     sent.append((link, conn, rid, positions))
                     continue
-                except _FAILURES:
-                    link.broken(conn)
+                except _FAILURES as exc:
+                    link.broken(conn, exc)
                     self._counted(errors=1)
             first_missing = min(first_missing, positions[0])
         for link, conn, rid, positions in sent:
@@ -345,8 +379,8 @@ class RemoteTier:
                 conn.reply(Op.EXISTS_PREFIX, rid)
                 (count,) = COUNT.unpack(conn.recv_bytes(COUNT.size))
                 link.give(conn)
-            except _FAILURES:
-                link.broken(conn)
+            except _FAILURES as exc:
+                link.broken(conn, exc)
                 self._counted(errors=1)
                 count = 0
             if count < len(positions):
@@ -360,8 +394,8 @@ class RemoteTier:
         try:
             header = conn.waiting(self._timeout_s).call(Op.STATS, [], [])
             tiers = json.loads(conn.recv_bytes(header.payload_bytes))["tiers"]
-        except (*_FAILURES, ValueError, KeyError):
-            link.broken(conn)
+        except (*_FAILURES, ValueError, KeyError) as exc:
+            link.broken(conn, exc)
             return []
         link.give(conn)
         return list(tiers.values())
