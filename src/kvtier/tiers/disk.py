@@ -72,7 +72,15 @@ class DiskTier:
         self._used = 0
         self._count = Counters()
         self._lockfile = self._open_exclusive()
-        self._load_index()
+        try:
+            self._load_index()
+        except BaseException as exc:
+            self.close()  # release the lock: a later open in this process must not be refused
+            if isinstance(exc, OSError):
+                raise ConfigError(
+                    f"disk_dir: cannot read {self.root}: {exc}; fix or remove what is there"
+                ) from exc
+            raise
 
     # -- the Tier interface ---------------------------------------------------------------
 
