@@ -92,6 +92,7 @@ class Store:
         self._writing: dict[Key, int] = {}  # key -> background writes in flight
         self._saved = 0
         self._dropped = 0
+        self._calls = 0  # calls using the tiers now; close() waits for them
         self._closed = False
 
     def bind(self, model_id: str, layout: KVLayout, salt: str | None = None) -> BoundCache:
@@ -110,7 +111,13 @@ class Store:
 
     def locate(self, keys: Sequence[Key]) -> Located:
         """Longest run of leading keys present in some tier, and the tier of each."""
-        self._check_open()
+        self._enter()
+        try:
+            return self._locate(keys)
+        finally:
+            self._leave()
+
+    def _locate(self, keys: Sequence[Key]) -> Located:
         names: list[str] = []
         while len(names) < len(keys):
             rest = keys[len(names) :]
@@ -126,15 +133,24 @@ class Store:
     def read_chunk(self, key: Key, dst: Views) -> str | None:
         """Copy a chunk into `dst`, promoting a lower-tier hit to DRAM; the serving tier's name,
         or None if no tier could serve it."""
-        self._check_open()
-        if self._dram is not None and self._dram.get_into(key, dst):
-            return self._dram.name
-        return self._read_lower(key, dst)
+        self._enter()
+        try:
+            if self._dram is not None and self._dram.get_into(key, dst):
+                return self._dram.name
+            return self._read_lower(key, dst)
+        finally:
+            self._leave()
 
     def read_chunks(self, keys: Sequence[Key], dsts: Sequence[Views]) -> list[str | None]:
         """`read_chunk` for many chunks: DRAM hits are copied at once, the rest are read from
         the lower tiers in parallel (one reader's checksum overlaps another's I/O)."""
-        self._check_open()
+        self._enter()
+        try:
+            return self._read_chunks(keys, dsts)
+        finally:
+            self._leave()
+
+    def _read_chunks(self, keys: Sequence[Key], dsts: Sequence[Views]) -> list[str | None]:
         dram = self._dram
         served: list[str | None] = [None] * len(keys)
         rest = []
@@ -155,12 +171,16 @@ class Store:
         """Pin a chunk in DRAM (promoting it from a lower tier) and return a read-only view of
         its `nbytes` bytes; call `release_chunk(key)` when done. None without a DRAM tier or
         when no tier can serve it."""
-        self._check_open()
         dram = self._dram
         if dram is None:
+            self._check_open()
             return None
-        view = dram.acquire(key)
-        return Acquired(view, dram.name) if view is not None else self._from_lower(key, nbytes)
+        self._enter()
+        try:
+            view = dram.acquire(key)
+            return Acquired(view, dram.name) if view is not None else self._from_lower(key, nbytes)
+        finally:
+            self._leave()
 
     def release_chunk(self, key: Key) -> None:
         """Unpin a chunk returned by `acquire_chunk`."""
@@ -168,31 +188,41 @@ class Store:
         self._dram.release(key)
 
     def write_chunk(self, key: Key, src: Views) -> None:
-        """Copy a chunk out of `src` now; write it to the lower tiers in the background."""
-        self._check_open()
+        """Copy a chunk out of `src` now; write it to the lower tiers in the background.
+        Raises StoreClosed once close() has begun; a call already under way completes."""
+        self._enter()
+        saved = False
+        try:
+            saved = self._write_chunk(key, src)
+        finally:
+            self._leave(saved)
+
+    def _write_chunk(self, key: Key, src: Views) -> bool:
+        """Whether the chunk was taken (False: already held, or no room for it)."""
         if self._holds(key):
-            return
-        nbytes = total_bytes(src)
-        slot, release = self._claim(key, nbytes)
+            return False
+        slot, release = self._claim(key, total_bytes(src))
         if slot is None or release is None:
             with self._cond:
                 self._dropped += 1
-            return
+            return False
         copy_views(src, [slot])
         if self._dram is not None:
             self._dram.commit(key, keep_pin=bool(self._lower))
-        with self._cond:
-            self._saved += 1
         if self._lower:
             self._write_behind(key, slot, release, self._lower)
+        return True
 
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
-        self._check_open()
-        with self._cond:
-            self._cond.wait_for(lambda: key not in self._writing)
-        local = [t for t in (self._dram, *self._lower) if isinstance(t, DramTier | DiskTier)]
-        return sum(t.delete(key) for t in local) > 0
+        self._enter()
+        try:
+            with self._cond:
+                self._cond.wait_for(lambda: key not in self._writing)
+            local = [t for t in (self._dram, *self._lower) if isinstance(t, DramTier | DiskTier)]
+            return sum(t.delete(key) for t in local) > 0
+        finally:
+            self._leave()
 
     def prefetch_keys(self, keys: Sequence[Key], nbytes: int) -> None:
         """Start promoting leading chunks of `nbytes` each from lower tiers into DRAM, in the
@@ -225,6 +255,7 @@ class Store:
             if self._closed:
                 return
             self._closed = True  # new calls now fail with StoreClosed
+            self._cond.wait_for(lambda: self._calls == 0)  # calls under way complete
         self.flush()
         self._io.shutdown(wait=True)
         self._readers.shutdown(wait=True)
@@ -257,6 +288,19 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed("this Store is closed; create a new one")
+
+    def _enter(self) -> None:
+        """Begin a call that uses the tiers; StoreClosed once close() has begun."""
+        with self._cond:
+            self._check_open()
+            self._calls += 1
+
+    def _leave(self, saved: bool = False) -> None:
+        with self._cond:
+            self._calls -= 1
+            self._saved += saved
+            if self._closed and not self._calls:
+                self._cond.notify_all()
 
     def _holds(self, key: Key) -> bool:
         if self._dram is not None and key in self._dram:
@@ -347,7 +391,7 @@ class Store:
     def _prefetch(self, keys: list[Key], nbytes: int) -> None:
         dram = self._dram
         assert dram is not None
-        located = self.locate(keys)  # one batched question per tier; only present chunks move
+        located = self._locate(keys)  # one batched question per tier; only present chunks move
         by_name = {tier.name: tier for tier in self._lower}
         for key, name in zip(keys, located.tiers, strict=False):
             if name == dram.name:

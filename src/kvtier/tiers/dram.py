@@ -38,6 +38,7 @@ class DramTier:
         self._retired: dict[Key, list[Extent]] = {}  # doomed extents of re-saved keys, pinned
         self._lru = LRUPolicy()
         self._count = Counters()
+        self._closed = False
 
     # -- the Tier interface ---------------------------------------------------------------
 
@@ -81,6 +82,7 @@ class DramTier:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._entries.clear()
             self._retired.clear()
             self._pool.close()
@@ -102,7 +104,9 @@ class DramTier:
         evicted (every chunk pinned). Call `commit` or `abort` after filling it."""
         with self._lock:
             old = self._entries.get(key)
-            if (old is not None and not old.doomed) or nbytes > self._pool.capacity_bytes:
+            if self._closed or (old is not None and not old.doomed):
+                return None
+            if nbytes > self._pool.capacity_bytes:
                 return None
             extent = self._alloc(nbytes)
             if extent is None:
@@ -140,7 +144,8 @@ class DramTier:
 
     def release(self, key: Key) -> None:
         with self._lock:
-            self._unpin(key)
+            if not self._closed:  # after close() there is nothing left to unpin
+                self._unpin(key)
 
     def delete(self, key: Key) -> bool:
         """Forget a chunk (freed now, or when its last reader releases it)."""
