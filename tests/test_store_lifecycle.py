@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tests.conftest import make_config
 
 import kvtier
@@ -64,3 +65,51 @@ def test_release_after_close_is_harmless(tmp_path: Path) -> None:
     store.close()
     store.release_chunk(key)
     del held
+
+
+def _save_until_stopped(
+    cache: kvtier.BoundCache, started: threading.Event, stop: threading.Event
+) -> None:
+    """Save new chunks (each save its own prefix) until `stop` is set."""
+    kv = np.ones(WIDE.shape(2 * WIDE_CHUNK), WIDE.storage_dtype)  # (L, 2, T, H, D)
+    i = 1000
+    try:
+        while not stop.is_set():
+            cache.save([i] * (2 * WIDE_CHUNK), kv)
+            i += 1
+            started.set()
+    finally:
+        started.set()
+
+
+@pytest.mark.parametrize("dram_bytes", [None, 1 << 20])
+def test_flush_waits_only_for_earlier_saves(tmp_path: Path, dram_bytes: int | None) -> None:
+    """flush() returns while another thread keeps saving, and by then every save issued
+    before it has reached the disk tier (it used to wait for the pending count to reach 0)."""
+    config = make_config(
+        tmp_path, chunk_tokens=WIDE_CHUNK, dram_bytes=dram_bytes, disk_bytes=64 << 20
+    )
+    with kvtier.Store(config) as store:
+        cache = store.bind("m", WIDE)
+        started, stop = threading.Event(), threading.Event()
+        saver = threading.Thread(target=_save_until_stopped, args=(cache, started, stop))
+        saver.start()
+        try:
+            started.wait()
+            mine = [[i] * (2 * WIDE_CHUNK) for i in range(8)]
+            for tokens in mine:
+                cache.save(tokens, np.full(WIDE.shape(len(tokens)), tokens[0], WIDE.storage_dtype))
+            found: list[int] = []
+
+            def flush_then_look() -> None:
+                store.flush()
+                found.extend(cache.lookup(tokens) for tokens in mine)
+
+            flusher = threading.Thread(target=flush_then_look)
+            flusher.start()
+            flusher.join(timeout=30)
+            assert not flusher.is_alive(), "flush() did not return while another thread saved"
+        finally:
+            stop.set()
+            saver.join()
+        assert found == [2 * WIDE_CHUNK] * len(mine)

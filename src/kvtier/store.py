@@ -88,7 +88,13 @@ class Store:
         # Loads from lower tiers run here, not behind the background writes queued on _io.
         self._readers = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-read")
         self._cond = threading.Condition()
-        self._pending = 0
+        self._pending = 0  # background jobs not yet finished
+        # flush() waits by ticket: each job gets the next number (a job started by a job shares
+        # its parent's); every ticket below _finished_below has finished all its jobs.
+        self._issued = 0
+        self._finished_below = 1
+        self._open: dict[int, int] = {}  # ticket -> its jobs not yet finished
+        self._job = threading.local()  # .ticket: the ticket of the job this worker runs
         self._writing: dict[Key, int] = {}  # key -> background writes in flight
         self._saved = 0
         self._dropped = 0
@@ -240,9 +246,11 @@ class Store:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Wait until every pending save has reached every tier."""
+        """Wait until every save issued before this call has reached every tier (and every
+        prefetch issued before it has ended). Saves issued meanwhile are not waited for."""
         with self._cond:
-            self._cond.wait_for(lambda: self._pending == 0)
+            target = self._issued
+            self._cond.wait_for(lambda: self._finished_below > target)
 
     def stats(self) -> StoreStats:
         with self._cond:
@@ -432,24 +440,40 @@ class Store:
         is closing and the job is refused, `cleanup` undoes what the job would have."""
         with self._cond:
             self._pending += 1
+            ticket: int | None = getattr(self._job, "ticket", None)
+            if ticket is None:
+                self._issued += 1
+                ticket = self._issued
+            self._open[ticket] = self._open.get(ticket, 0) + 1
 
         def run() -> None:
+            self._job.ticket = ticket
             try:
                 fn(*args)
             finally:
-                self._done()
+                self._job.ticket = None
+                self._done(ticket)
 
         try:
             self._io.submit(run)
         except RuntimeError as exc:  # the executor shut down: close() won the race
-            self._done()
+            self._done(ticket)
             if cleanup is not None:
                 cleanup()
             raise StoreClosed("this Store was closed during the call") from exc
 
-    def _done(self) -> None:
+    def _done(self, ticket: int) -> None:
         with self._cond:
             self._pending -= 1
+            left = self._open[ticket] - 1
+            if left:
+                self._open[ticket] = left
+            else:
+                del self._open[ticket]
+                while (
+                    self._finished_below <= self._issued and self._finished_below not in self._open
+                ):
+                    self._finished_below += 1
             self._cond.notify_all()
 
 
