@@ -22,7 +22,7 @@ from kvtier.errors import ConfigError, KvtierError, StoreClosed
 from kvtier.keys import Key
 from kvtier.layout import KVLayout
 from kvtier.pool import SlabPool
-from kvtier.tiers.base import Tier, TierStats, Views, copy_views, total_bytes
+from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 
@@ -104,12 +104,12 @@ class Store:
     def bind(self, model_id: str, layout: KVLayout, salt: str | None = None) -> BoundCache:
         """A cache for one model (and tenant salt) over this store's tiers."""
         cache = BoundCache(self, model_id, layout, salt)
-        memory = self._dram or self._staging
-        if memory is not None and cache.chunk_bytes > memory.capacity_bytes:
+        check_chunk_fits(cache.chunk_bytes, cache.chunk_tokens, self._tiers)
+        staging = self._staging
+        if staging is not None and cache.chunk_bytes > staging.capacity_bytes:
             raise ConfigError(
                 f"a chunk of this layout is {cache.chunk_bytes} bytes, more than the "
-                f"{memory.capacity_bytes}-byte {'DRAM tier' if self._dram else 'staging pool'}; "
-                "raise dram_bytes or lower chunk_tokens"
+                f"{staging.capacity_bytes}-byte staging pool; lower chunk_tokens"
             )
         return cache
 

@@ -64,6 +64,7 @@ class DiskTier:
     def __init__(self, directory: str | Path, capacity_bytes: int) -> None:
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
+        self.max_chunk_bytes = max(0, capacity_bytes - HEADER_BYTES)  # a file is header + payload
         self._tmp = self.root / "tmp"
         self._lock = threading.Lock()
         self._sizes: dict[Key, int] = {}

@@ -33,6 +33,7 @@ class DramTier:
 
     def __init__(self, capacity_bytes: int, prefault: bool = True) -> None:
         self._pool = SlabPool(capacity_bytes, prefault=prefault)
+        self.max_chunk_bytes = self._pool.capacity_bytes
         self._lock = threading.Lock()
         self._entries: dict[Key, _Entry] = {}
         self._retired: dict[Key, list[Extent]] = {}  # doomed extents of re-saved keys, pinned
