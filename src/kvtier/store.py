@@ -3,7 +3,9 @@ tiers in the background, prefetch on hint. Tiers never know about each other.
 
 DRAM is written through to disk and remote, so a chunk evicted from DRAM is already on disk
 (it stays pinned in DRAM until its write has landed): evictions never drop a chunk the disk
-could hold. Without a DRAM tier, saves go through a small staging pool instead.
+could hold. Without a DRAM tier, saves go through a small staging pool instead: room for
+io_workers + 2 chunks of the largest chunk size bound (mapped and faulted in by `bind`); a save
+waits while every slot is still being written.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from typing import Any, NamedTuple
 
 from kvtier.cache import BoundCache
 from kvtier.config import StoreConfig
-from kvtier.errors import ConfigError, KvtierError, StoreClosed
+from kvtier.errors import KvtierError, StoreClosed
 from kvtier.keys import Key
 from kvtier.layout import KVLayout
-from kvtier.pool import SlabPool
+from kvtier.pool import StagingPool
 from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 
-STAGING_BYTES = 256 << 20
+STAGING_SPARE = 2  # staging slots beyond one per I/O worker: one being copied, one queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,8 @@ class Store:
             raise
         self._lower = tuple(lower)
         self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
-        self._staging = SlabPool(STAGING_BYTES) if lower and not self._dram else None
+        staged = config.io_workers + STAGING_SPARE
+        self._staging = StagingPool(staged) if lower and not self._dram else None
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
         # Loads from lower tiers run here, not behind the background writes queued on _io.
         self._readers = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-read")
@@ -105,12 +108,12 @@ class Store:
         """A cache for one model (and tenant salt) over this store's tiers."""
         cache = BoundCache(self, model_id, layout, salt)
         check_chunk_fits(cache.chunk_bytes, cache.chunk_tokens, self._tiers)
-        staging = self._staging
-        if staging is not None and cache.chunk_bytes > staging.capacity_bytes:
-            raise ConfigError(
-                f"a chunk of this layout is {cache.chunk_bytes} bytes, more than the "
-                f"{staging.capacity_bytes}-byte staging pool; lower chunk_tokens"
-            )
+        if self._staging is not None:
+            with self._cond:
+                self._check_open()
+                mapped = self._staging.fit(cache.chunk_bytes)
+            if mapped is not None:
+                mapped.wait_prefaulted()  # so the first saves copy into faulted-in memory
         return cache
 
     # -- key-level API (BoundCache and the server build on it) -----------------------------
@@ -341,15 +344,15 @@ class Store:
         staging = self._staging
         assert staging is not None
         with self._cond:
-            extent = staging.alloc(nbytes)
-        if extent is None:
+            staged = staging.alloc(nbytes)
+        if staged is None:
             return None, None
 
         def release() -> None:
             with self._cond:
-                staging.free(extent)
+                staged.pool.free(staged.extent)
 
-        return staging.slot(extent)[:nbytes], release
+        return staged.pool.slot(staged.extent)[:nbytes], release
 
     def _from_lower(self, key: Key, nbytes: int) -> Acquired | None:
         """Promote a chunk from the first lower tier that serves it; pinned in DRAM."""
