@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.pool import ALIGN, Extent, SlabPool, aligned
+from kvtier.pool import ALIGN, Extent, SlabPool, StagingPool, aligned
 
 PAGES = 16
 
@@ -76,3 +76,24 @@ def test_too_small_pool_is_refused() -> None:
     """A pool smaller than one page is a clear error."""
     with pytest.raises(ValueError, match="at least 4096 bytes"):
         SlabPool(100)
+
+
+def test_staging_pool_grows_and_old_extents_stay_valid() -> None:
+    """A StagingPool maps nothing until used, grows for a larger chunk, and an extent handed
+    out before it grew keeps its bytes and frees into its own (retired) pool."""
+    staging = StagingPool(slots=2)
+    assert staging.capacity_bytes == 0
+    old = staging.alloc(100)
+    assert old is not None and staging.capacity_bytes == 2 * ALIGN
+    view = old.pool.slot(old.extent)
+    view[:3] = b"abc"
+    new = staging.alloc(3 * ALIGN)
+    assert new is not None and new.pool is not old.pool
+    assert staging.capacity_bytes == 6 * ALIGN
+    assert bytes(view[:3]) == b"abc"
+    old.pool.free(old.extent)
+    new.pool.free(new.extent)
+    new.pool.check_integrity()
+    assert staging.alloc(3 * ALIGN) is not None and staging.alloc(3 * ALIGN) is not None
+    assert staging.alloc(3 * ALIGN) is None  # two slots, both taken
+    staging.close()

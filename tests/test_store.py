@@ -143,6 +143,31 @@ def test_delete_while_pinned_frees_after_release(store: kvtier.Store) -> None:
     store.check_integrity()
 
 
+@pytest.mark.parametrize("dram_only", [False, True])
+def test_resave_after_delete_under_a_reader(tmp_path: Path, dram_only: bool) -> None:
+    """A chunk deleted while a reader holds it and then saved again is stored (not skipped as
+    already present): the new bytes load, the reader keeps the old ones until it releases."""
+    extra = {"disk_dir": None, "disk_bytes": None} if dram_only else {}
+    with kvtier.Store(make_config(tmp_path, **extra)) as store:
+        cache = store.bind("m", LAYOUT)
+        tokens = list(range(CHUNK))
+        old, new = make_kv(CHUNK, seed=1), make_kv(CHUNK, seed=2)
+        cache.save(tokens, old)
+        store.flush()
+        key = cache.keys(tokens)[0]
+        held = store.acquire_chunk(key, cache.chunk_bytes)
+        assert held is not None
+        assert store.delete_chunk(key)
+        cache.save(tokens, new)
+        store.flush()
+        assert cache.lookup(tokens) == CHUNK
+        np.testing.assert_array_equal(cache.load(tokens), new)
+        assert bytes(held.view) == old.tobytes()
+        store.release_chunk(key)
+        np.testing.assert_array_equal(cache.load(tokens), new)
+        store.check_integrity()
+
+
 def test_use_after_close_is_a_clear_error(tmp_path: Path) -> None:
     """Every call on a closed store raises StoreClosed; close is idempotent."""
     store = kvtier.Store(make_config(tmp_path))

@@ -103,6 +103,11 @@ class StoreConfig:
     """Everything a Store needs. `None` switches a tier off.
 
     Sizes accept ints or strings like `8GiB`; they are normalised to ints.
+
+    `dram_bytes=None` with a lower tier: saves are staged in a small pool of io_workers + 2
+    chunk slots, sized to the largest chunk bound (e.g. 4 x 32 MiB for Llama-3-8B bf16 at 256
+    tokens with the default 2 workers), so memory stays small; a save then waits while every
+    slot is still being written.
     """
 
     chunk_tokens: int = 256

@@ -134,3 +134,54 @@ class SlabPool:
                 )
             except OSError:
                 return
+
+
+class Staged(NamedTuple):
+    """An extent handed out by a StagingPool, with the pool to free it into."""
+
+    pool: SlabPool
+    extent: Extent
+
+
+class StagingPool:
+    """Room for `slots` chunks on their way to the lower tiers (a store with no DRAM tier).
+
+    Nothing is mapped until a chunk size is known: `fit(nbytes)` maps a pool of `slots`
+    chunks of that size, and maps a larger one (retiring the old) when a larger chunk comes.
+    Extents of a retired pool stay valid until they are freed. Not thread-safe: the owner locks.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._pool: SlabPool | None = None
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0 if self._pool is None else self._pool.capacity_bytes
+
+    def fit(self, nbytes: int) -> SlabPool | None:
+        """Make room for `slots` chunks of `nbytes`; the newly mapped pool (being faulted in
+        by its thread), or None when the current one is large enough."""
+        need = aligned(nbytes) * self.slots
+        if self._pool is not None and self._pool.capacity_bytes >= need:
+            return None
+        old, self._pool = self._pool, SlabPool(need)
+        if old is not None:
+            old.close()  # extents still in use keep its mapping alive until they go
+        return self._pool
+
+    def alloc(self, nbytes: int) -> Staged | None:
+        """An extent of at least `nbytes` (growing the pool to fit), or None while full."""
+        self.fit(nbytes)
+        pool = self._pool
+        assert pool is not None
+        extent = pool.alloc(nbytes)
+        return None if extent is None else Staged(pool, extent)
+
+    def wait_prefaulted(self) -> None:
+        if self._pool is not None:
+            self._pool.wait_prefaulted()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()

@@ -3,7 +3,9 @@ tiers in the background, prefetch on hint. Tiers never know about each other.
 
 DRAM is written through to disk and remote, so a chunk evicted from DRAM is already on disk
 (it stays pinned in DRAM until its write has landed): evictions never drop a chunk the disk
-could hold. Without a DRAM tier, saves go through a small staging pool instead.
+could hold. Without a DRAM tier, saves go through a small staging pool instead: room for
+io_workers + 2 chunks of the largest chunk size bound (mapped and faulted in by `bind`); a save
+waits while every slot is still being written.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from typing import Any, NamedTuple
 
 from kvtier.cache import BoundCache
 from kvtier.config import StoreConfig
-from kvtier.errors import ConfigError, KvtierError, StoreClosed
+from kvtier.errors import KvtierError, StoreClosed
 from kvtier.keys import Key
 from kvtier.layout import KVLayout
-from kvtier.pool import SlabPool
-from kvtier.tiers.base import Tier, TierStats, Views, copy_views, total_bytes
+from kvtier.pool import StagingPool
+from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 
-STAGING_BYTES = 256 << 20
+STAGING_SPARE = 2  # staging slots beyond one per I/O worker: one being copied, one queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,34 +85,48 @@ class Store:
             raise
         self._lower = tuple(lower)
         self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
-        self._staging = SlabPool(STAGING_BYTES) if lower and not self._dram else None
+        staged = config.io_workers + STAGING_SPARE
+        self._staging = StagingPool(staged) if lower and not self._dram else None
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
         # Loads from lower tiers run here, not behind the background writes queued on _io.
         self._readers = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-read")
         self._cond = threading.Condition()
-        self._pending = 0
+        self._pending = 0  # background jobs not yet finished
+        # flush() waits by ticket: each job gets the next number (a job started by a job shares
+        # its parent's); every ticket below _finished_below has finished all its jobs.
+        self._issued = 0
+        self._finished_below = 1
+        self._open: dict[int, int] = {}  # ticket -> its jobs not yet finished
+        self._job = threading.local()  # .ticket: the ticket of the job this worker runs
         self._writing: dict[Key, int] = {}  # key -> background writes in flight
         self._saved = 0
         self._dropped = 0
+        self._calls = 0  # calls using the tiers now; close() waits for them
         self._closed = False
 
     def bind(self, model_id: str, layout: KVLayout, salt: str | None = None) -> BoundCache:
         """A cache for one model (and tenant salt) over this store's tiers."""
         cache = BoundCache(self, model_id, layout, salt)
-        memory = self._dram or self._staging
-        if memory is not None and cache.chunk_bytes > memory.capacity_bytes:
-            raise ConfigError(
-                f"a chunk of this layout is {cache.chunk_bytes} bytes, more than the "
-                f"{memory.capacity_bytes}-byte {'DRAM tier' if self._dram else 'staging pool'}; "
-                "raise dram_bytes or lower chunk_tokens"
-            )
+        check_chunk_fits(cache.chunk_bytes, cache.chunk_tokens, self._tiers)
+        if self._staging is not None:
+            with self._cond:
+                self._check_open()
+                mapped = self._staging.fit(cache.chunk_bytes)
+            if mapped is not None:
+                mapped.wait_prefaulted()  # so the first saves copy into faulted-in memory
         return cache
 
     # -- key-level API (BoundCache and the server build on it) -----------------------------
 
     def locate(self, keys: Sequence[Key]) -> Located:
         """Longest run of leading keys present in some tier, and the tier of each."""
-        self._check_open()
+        self._enter()
+        try:
+            return self._locate(keys)
+        finally:
+            self._leave()
+
+    def _locate(self, keys: Sequence[Key]) -> Located:
         names: list[str] = []
         while len(names) < len(keys):
             rest = keys[len(names) :]
@@ -126,15 +142,24 @@ class Store:
     def read_chunk(self, key: Key, dst: Views) -> str | None:
         """Copy a chunk into `dst`, promoting a lower-tier hit to DRAM; the serving tier's name,
         or None if no tier could serve it."""
-        self._check_open()
-        if self._dram is not None and self._dram.get_into(key, dst):
-            return self._dram.name
-        return self._read_lower(key, dst)
+        self._enter()
+        try:
+            if self._dram is not None and self._dram.get_into(key, dst):
+                return self._dram.name
+            return self._read_lower(key, dst)
+        finally:
+            self._leave()
 
     def read_chunks(self, keys: Sequence[Key], dsts: Sequence[Views]) -> list[str | None]:
         """`read_chunk` for many chunks: DRAM hits are copied at once, the rest are read from
         the lower tiers in parallel (one reader's checksum overlaps another's I/O)."""
-        self._check_open()
+        self._enter()
+        try:
+            return self._read_chunks(keys, dsts)
+        finally:
+            self._leave()
+
+    def _read_chunks(self, keys: Sequence[Key], dsts: Sequence[Views]) -> list[str | None]:
         dram = self._dram
         served: list[str | None] = [None] * len(keys)
         rest = []
@@ -155,12 +180,16 @@ class Store:
         """Pin a chunk in DRAM (promoting it from a lower tier) and return a read-only view of
         its `nbytes` bytes; call `release_chunk(key)` when done. None without a DRAM tier or
         when no tier can serve it."""
-        self._check_open()
         dram = self._dram
         if dram is None:
+            self._check_open()
             return None
-        view = dram.acquire(key)
-        return Acquired(view, dram.name) if view is not None else self._from_lower(key, nbytes)
+        self._enter()
+        try:
+            view = dram.acquire(key)
+            return Acquired(view, dram.name) if view is not None else self._from_lower(key, nbytes)
+        finally:
+            self._leave()
 
     def release_chunk(self, key: Key) -> None:
         """Unpin a chunk returned by `acquire_chunk`."""
@@ -168,31 +197,41 @@ class Store:
         self._dram.release(key)
 
     def write_chunk(self, key: Key, src: Views) -> None:
-        """Copy a chunk out of `src` now; write it to the lower tiers in the background."""
-        self._check_open()
+        """Copy a chunk out of `src` now; write it to the lower tiers in the background.
+        Raises StoreClosed once close() has begun; a call already under way completes."""
+        self._enter()
+        saved = False
+        try:
+            saved = self._write_chunk(key, src)
+        finally:
+            self._leave(saved)
+
+    def _write_chunk(self, key: Key, src: Views) -> bool:
+        """Whether the chunk was taken (False: already held, or no room for it)."""
         if self._holds(key):
-            return
-        nbytes = total_bytes(src)
-        slot, release = self._claim(key, nbytes)
+            return False
+        slot, release = self._claim(key, total_bytes(src))
         if slot is None or release is None:
             with self._cond:
                 self._dropped += 1
-            return
+            return False
         copy_views(src, [slot])
         if self._dram is not None:
             self._dram.commit(key, keep_pin=bool(self._lower))
-        with self._cond:
-            self._saved += 1
         if self._lower:
             self._write_behind(key, slot, release, self._lower)
+        return True
 
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
-        self._check_open()
-        with self._cond:
-            self._cond.wait_for(lambda: key not in self._writing)
-        local = [t for t in (self._dram, *self._lower) if isinstance(t, DramTier | DiskTier)]
-        return sum(t.delete(key) for t in local) > 0
+        self._enter()
+        try:
+            with self._cond:
+                self._cond.wait_for(lambda: key not in self._writing)
+            local = [t for t in (self._dram, *self._lower) if isinstance(t, DramTier | DiskTier)]
+            return sum(t.delete(key) for t in local) > 0
+        finally:
+            self._leave()
 
     def prefetch_keys(self, keys: Sequence[Key], nbytes: int) -> None:
         """Start promoting leading chunks of `nbytes` each from lower tiers into DRAM, in the
@@ -210,9 +249,11 @@ class Store:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Wait until every pending save has reached every tier."""
+        """Wait until every save issued before this call has reached every tier (and every
+        prefetch issued before it has ended). Saves issued meanwhile are not waited for."""
         with self._cond:
-            self._cond.wait_for(lambda: self._pending == 0)
+            target = self._issued
+            self._cond.wait_for(lambda: self._finished_below > target)
 
     def stats(self) -> StoreStats:
         with self._cond:
@@ -225,6 +266,7 @@ class Store:
             if self._closed:
                 return
             self._closed = True  # new calls now fail with StoreClosed
+            self._cond.wait_for(lambda: self._calls == 0)  # calls under way complete
         self.flush()
         self._io.shutdown(wait=True)
         self._readers.shutdown(wait=True)
@@ -258,6 +300,19 @@ class Store:
         if self._closed:
             raise StoreClosed("this Store is closed; create a new one")
 
+    def _enter(self) -> None:
+        """Begin a call that uses the tiers; StoreClosed once close() has begun."""
+        with self._cond:
+            self._check_open()
+            self._calls += 1
+
+    def _leave(self, saved: bool = False) -> None:
+        with self._cond:
+            self._calls -= 1
+            self._saved += saved
+            if self._closed and not self._calls:
+                self._cond.notify_all()
+
     def _holds(self, key: Key) -> bool:
         if self._dram is not None and key in self._dram:
             return True
@@ -289,15 +344,15 @@ class Store:
         staging = self._staging
         assert staging is not None
         with self._cond:
-            extent = staging.alloc(nbytes)
-        if extent is None:
+            staged = staging.alloc(nbytes)
+        if staged is None:
             return None, None
 
         def release() -> None:
             with self._cond:
-                staging.free(extent)
+                staged.pool.free(staged.extent)
 
-        return staging.slot(extent)[:nbytes], release
+        return staged.pool.slot(staged.extent)[:nbytes], release
 
     def _from_lower(self, key: Key, nbytes: int) -> Acquired | None:
         """Promote a chunk from the first lower tier that serves it; pinned in DRAM."""
@@ -347,7 +402,7 @@ class Store:
     def _prefetch(self, keys: list[Key], nbytes: int) -> None:
         dram = self._dram
         assert dram is not None
-        located = self.locate(keys)  # one batched question per tier; only present chunks move
+        located = self._locate(keys)  # one batched question per tier; only present chunks move
         by_name = {tier.name: tier for tier in self._lower}
         for key, name in zip(keys, located.tiers, strict=False):
             if name == dram.name:
@@ -388,24 +443,40 @@ class Store:
         is closing and the job is refused, `cleanup` undoes what the job would have."""
         with self._cond:
             self._pending += 1
+            ticket: int | None = getattr(self._job, "ticket", None)
+            if ticket is None:
+                self._issued += 1
+                ticket = self._issued
+            self._open[ticket] = self._open.get(ticket, 0) + 1
 
         def run() -> None:
+            self._job.ticket = ticket
             try:
                 fn(*args)
             finally:
-                self._done()
+                self._job.ticket = None
+                self._done(ticket)
 
         try:
             self._io.submit(run)
         except RuntimeError as exc:  # the executor shut down: close() won the race
-            self._done()
+            self._done(ticket)
             if cleanup is not None:
                 cleanup()
             raise StoreClosed("this Store was closed during the call") from exc
 
-    def _done(self) -> None:
+    def _done(self, ticket: int) -> None:
         with self._cond:
             self._pending -= 1
+            left = self._open[ticket] - 1
+            if left:
+                self._open[ticket] = left
+            else:
+                del self._open[ticket]
+                while (
+                    self._finished_below <= self._issued and self._finished_below not in self._open
+                ):
+                    self._finished_below += 1
             self._cond.notify_all()
 
 

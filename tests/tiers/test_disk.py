@@ -224,3 +224,18 @@ def test_reopening_smaller_keeps_the_newest_chunks(tmp_path: Path) -> None:
     kept = small.keys()
     assert sorted(int.from_bytes(k, "little") for k in kept) == [2, 3]
     small.check_integrity()
+
+
+def test_failed_open_releases_the_lock(tmp_path: Path) -> None:
+    """A DiskTier whose index scan fails after it took the lock releases the lock: once the
+    cause is fixed, the same process can open the directory again."""
+    root = tmp_path / "kvtier-v1"
+    root.mkdir()
+    loop = root / "ab"
+    loop.symlink_to(loop)  # a shard directory that cannot be listed (ELOOP), even for root
+    with pytest.raises(kvtier.ConfigError, match="cannot read"):
+        DiskTier(tmp_path, 1 << 20)
+    loop.unlink()
+    tier = DiskTier(tmp_path, 1 << 20)
+    assert put(tier, 1) and get(tier, 1) == payload(1)
+    tier.close()

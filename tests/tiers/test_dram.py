@@ -73,11 +73,37 @@ def test_all_pinned_means_no_room() -> None:
     tier.close()
 
 
-@settings(max_examples=40, deadline=None)
+def test_resave_after_delete_under_a_reader() -> None:
+    """A chunk deleted while a reader holds it can be saved again at once: the new bytes are
+    served while the reader keeps the old ones, which are freed when it releases."""
+    tier = DramTier(4 * ALIGN, prefault=False)
+    tier.put(key(0), [memoryview(data(0))])
+    view = tier.acquire(key(0))
+    assert view is not None
+    assert tier.delete(key(0))
+    assert key(0) not in tier
+    assert tier.put(key(0), [memoryview(data(1))])
+    assert get(tier, 0) == data(1)
+    assert bytes(view) == data(0)
+    assert tier.stats().bytes == 2 * ALIGN
+    tier.check_integrity()
+    tier.release(key(0))
+    assert get(tier, 0) == data(1)
+    assert (tier.stats().chunks, tier.stats().bytes) == (1, ALIGN)
+    tier.check_integrity()
+    tier.close()
+
+
+def version(i: int, nbytes: int) -> bytes:
+    """Bytes of chunk `i` saved with `nbytes` (so a re-saved chunk differs from its old self)."""
+    return bytes([(13 * i + nbytes) % 251]) * nbytes
+
+
+@settings(max_examples=60, deadline=None)
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["put", "get", "acquire", "release", "touch"]),
+            st.sampled_from(["put", "get", "acquire", "release", "touch", "delete"]),
             st.integers(0, 12),
             st.integers(1, 3 * ALIGN),
         ),
@@ -85,28 +111,33 @@ def test_all_pinned_means_no_room() -> None:
     )
 )
 def test_random_ops_stay_bounded_and_exact(ops: list[tuple[str, int, int]]) -> None:
-    """Any sequence keeps bytes <= capacity, serves only exact data, never drops a held chunk."""
+    """Any sequence (deletes and re-saves included) keeps bytes <= capacity, serves only the
+    latest saved bytes of a chunk, and never changes the bytes under a reader."""
     tier = DramTier(5 * ALIGN, prefault=False)
-    sizes: dict[int, int] = {}
-    held: dict[int, int] = {}
+    stored: dict[int, bytes] = {}
+    held: dict[int, list[tuple[memoryview, bytes]]] = {}
     for op, i, nbytes in ops:
         if op == "put":
-            if tier.put(key(i), [memoryview(data(i, nbytes))]) and i not in sizes:
-                sizes[i] = nbytes
-        elif op in ("get", "acquire") and i in sizes:
+            new = key(i) not in tier
+            if tier.put(key(i), [memoryview(version(i, nbytes))]) and new:
+                stored[i] = version(i, nbytes)
+        elif op in ("get", "acquire"):
             view = tier.acquire(key(i))
             if view is not None:
-                assert bytes(view) == data(i, sizes[i])
+                assert bytes(view) == stored[i]
                 if op == "acquire":
-                    held[i] = held.get(i, 0) + 1
+                    held.setdefault(i, []).append((view, stored[i]))
                 else:
                     tier.release(key(i))
         elif op == "release" and held.get(i):
-            held[i] -= 1
+            held[i].pop()
             tier.release(key(i))
         elif op == "touch":
             tier.touch([key(i)])
-        assert all(key(h) in tier for h, n in held.items() if n)
+        elif op == "delete":
+            tier.delete(key(i))
+            stored.pop(i, None)
+        assert all(bytes(view) == want for views in held.values() for view, want in views)
         stats = tier.stats()
         assert stats.bytes <= stats.capacity_bytes
         tier.check_integrity()

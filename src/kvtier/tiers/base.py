@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Protocol, overload
 
 import numpy as np
 
+from kvtier.errors import ConfigError
 from kvtier.keys import Key
 
 Views = Sequence[memoryview]
@@ -35,6 +36,8 @@ class Tier(Protocol):
     """
 
     name: str
+    max_chunk_bytes: int
+    """The largest chunk payload this tier can ever store (capacity less its own overhead)."""
 
     def contains_prefix(self, keys: Sequence[Key]) -> int:
         """How many leading keys this tier holds."""
@@ -108,6 +111,26 @@ class ChunkViews(Sequence[memoryview]):
         if self._views is None:
             self._views = [row.data for row in self.array]
         return self._views[index]
+
+
+FIXES = {
+    "dram": "raise dram_bytes or lower chunk_tokens",
+    "disk": "raise disk_bytes or lower chunk_tokens (each chunk file also holds a header)",
+    "remote": "lower chunk_tokens (the shared tier's largest value is fixed by its server)",
+}
+
+
+def check_chunk_fits(chunk_bytes: int, chunk_tokens: int, tiers: Sequence[Tier]) -> None:
+    """Raise ConfigError, naming the tier, the sizes and the fix, if some tier could never
+    hold a chunk of `chunk_bytes`."""
+    for tier in tiers:
+        if chunk_bytes > tier.max_chunk_bytes:
+            fix = FIXES.get(tier.name, "lower chunk_tokens")
+            raise ConfigError(
+                f"a chunk of this layout is {chunk_bytes} bytes ({chunk_tokens} tokens), more "
+                f"than the {tier.name} tier can hold ({tier.max_chunk_bytes} bytes a chunk); "
+                f"{fix}"
+            )
 
 
 def total_bytes(views: Views) -> int:

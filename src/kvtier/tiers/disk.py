@@ -64,6 +64,7 @@ class DiskTier:
     def __init__(self, directory: str | Path, capacity_bytes: int) -> None:
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
+        self.max_chunk_bytes = max(0, capacity_bytes - HEADER_BYTES)  # a file is header + payload
         self._tmp = self.root / "tmp"
         self._lock = threading.Lock()
         self._sizes: dict[Key, int] = {}
@@ -72,7 +73,15 @@ class DiskTier:
         self._used = 0
         self._count = Counters()
         self._lockfile = self._open_exclusive()
-        self._load_index()
+        try:
+            self._load_index()
+        except BaseException as exc:
+            self.close()  # release the lock: a later open in this process must not be refused
+            if isinstance(exc, OSError):
+                raise ConfigError(
+                    f"disk_dir: cannot read {self.root}: {exc}; fix or remove what is there"
+                ) from exc
+            raise
 
     # -- the Tier interface ---------------------------------------------------------------
 

@@ -1,4 +1,10 @@
-"""Host-memory tier: chunks in one pre-allocated SlabPool, LRU, pinned while read or written."""
+"""Host-memory tier: chunks in one pre-allocated SlabPool, LRU, pinned while read or written.
+
+Pins count per key. A chunk deleted under a reader is doomed: invisible at once, freed when its
+key's last pin goes. Saving the key again meanwhile makes a new entry; the doomed one's extent
+waits in `_retired` until the key's last pin (of either) goes, so no reader ever sees its bytes
+change.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +33,13 @@ class DramTier:
 
     def __init__(self, capacity_bytes: int, prefault: bool = True) -> None:
         self._pool = SlabPool(capacity_bytes, prefault=prefault)
+        self.max_chunk_bytes = self._pool.capacity_bytes
         self._lock = threading.Lock()
         self._entries: dict[Key, _Entry] = {}
+        self._retired: dict[Key, list[Extent]] = {}  # doomed extents of re-saved keys, pinned
         self._lru = LRUPolicy()
         self._count = Counters()
+        self._closed = False
 
     # -- the Tier interface ---------------------------------------------------------------
 
@@ -57,7 +66,7 @@ class DramTier:
     def put(self, key: Key, src: Views) -> bool:
         slot = self.reserve(key, total_bytes(src))
         if slot is None:
-            return key in self._entries
+            return key in self
         copy_views(src, [slot])
         self.commit(key)
         return True
@@ -74,7 +83,9 @@ class DramTier:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._entries.clear()
+            self._retired.clear()
             self._pool.close()
 
     # -- zero-copy access for the Store ---------------------------------------------------
@@ -84,18 +95,26 @@ class DramTier:
         return self._pool.capacity_bytes
 
     def __contains__(self, key: object) -> bool:
+        """Whether the tier holds (or is being given) this chunk; a deleted one is not held."""
         with self._lock:
-            return key in self._entries
+            entry = self._entries.get(key)  # type: ignore[call-overload]
+            return entry is not None and not entry.doomed
 
     def reserve(self, key: Key, nbytes: int) -> memoryview | None:
         """A pinned, writable slot for a new chunk; None if the key exists or nothing can be
         evicted (every chunk pinned). Call `commit` or `abort` after filling it."""
         with self._lock:
-            if key in self._entries or nbytes > self._pool.capacity_bytes:
+            old = self._entries.get(key)
+            if self._closed or (old is not None and not old.doomed):
+                return None
+            if nbytes > self._pool.capacity_bytes:
                 return None
             extent = self._alloc(nbytes)
             if extent is None:
                 return None
+            if old is not None:  # deleted, still pinned by a reader: keep its bytes for it
+                self._retired.setdefault(key, []).append(old.extent)
+                self._lru.remove(key)
             self._entries[key] = _Entry(extent, nbytes)
             self._lru.add(key)
             self._lru.pin(key)
@@ -126,7 +145,8 @@ class DramTier:
 
     def release(self, key: Key) -> None:
         with self._lock:
-            self._unpin(key)
+            if not self._closed:  # after close() there is nothing left to unpin
+                self._unpin(key)
 
     def delete(self, key: Key) -> bool:
         """Forget a chunk (freed now, or when its last reader releases it)."""
@@ -143,7 +163,9 @@ class DramTier:
         with self._lock:
             self._pool.check_integrity()
             assert len(self._lru) == len(self._entries)
+            assert all(self._lru.pinned(key) for key in self._retired)
             used = sum(e.extent.nbytes for e in self._entries.values())
+            used += sum(x.nbytes for extents in self._retired.values() for x in extents)
             assert used == self._pool.used_bytes, (used, self._pool.used_bytes)
             assert used <= self._pool.capacity_bytes
 
@@ -153,7 +175,11 @@ class DramTier:
     # -- internals (lock held) -------------------------------------------------------------
 
     def _unpin(self, key: Key) -> None:
-        if self._lru.unpin(key) == 0 and self._entries[key].doomed:
+        if self._lru.unpin(key):
+            return
+        for extent in self._retired.pop(key, ()):
+            self._pool.free(extent)
+        if self._entries[key].doomed:
             self._drop(key)
 
     def _alloc(self, nbytes: int) -> Extent | None:

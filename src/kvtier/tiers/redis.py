@@ -35,6 +35,7 @@ MAGIC = b"KVTRDS01"
 HEADER = struct.Struct("<8sQQQ")  # magic, payload bytes, checksum, reserved
 PREFIX = b"kvtier:"
 TIMEOUT_S = 1.0
+MAX_VALUE_BYTES = 512 << 20  # Redis's (and Valkey's) largest string value
 BACKOFF_S = (1.0, 30.0)  # first wait after a failure, doubling up to the second
 _ERRORS = (redis.RedisError, RedisClusterException, OSError)
 
@@ -81,6 +82,7 @@ class RedisTier:
     """The shared tier on Redis; thread-safe; never raises on I/O after construction."""
 
     name = "remote"
+    max_chunk_bytes = MAX_VALUE_BYTES - HEADER.size
 
     def __init__(self, url: RemoteURL, token: str | None) -> None:
         self.url = url

@@ -245,6 +245,7 @@ class RemoteTier:
         transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
     ) -> None:
         self.url = url
+        self.max_chunk_bytes = LIMITS.max_chunk_bytes
         self._timeout_s = timeout_s
         self._transfer_s = max(timeout_s, transfer_timeout_s)
         self._links = [ServerLink(ep, token or "", timeout_s) for ep in url.endpoints]
