@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+VLLM   := $(VENV)/.vllm-installed
 
 .PHONY: demo test lint typecheck ci install redis clean
 
@@ -19,6 +20,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The vLLM engine tests run vLLM's CPU build, which needs exactly this torch (and holds
+# transformers < 5.20, numpy < 2.4). The torchvision, torchaudio and torchcodec it pulls from
+# PyPI are CUDA builds that break `import vllm`; a text model needs none of them.
+$(VLLM): $(STAMP)
+	$(PIP) install -q "torch==2.13.0" -e ".[dev,vllm]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM)
+
 # The Redis tests use a real redis-server; install it when it is missing (Debian package).
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -29,7 +38,7 @@ redis:
 demo: $(STAMP)
 	$(VENV)/bin/kvtier demo
 
-test: $(STAMP) redis
+test: $(VLLM) redis
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
