@@ -1,0 +1,235 @@
+"""`KvtierConnector`: kvtier as a vLLM KV connector (v1), loaded with no change to vLLM:
+
+    --kv-transfer-config '{"kv_connector": "KvtierConnector",
+                           "kv_connector_module_path": "kvtier.integrations.vllm",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"dram_bytes": "8GiB", ...}}'
+
+vLLM's own paged cache is the GPU tier; this moves whole chunks between its blocks and kvtier.
+One instance runs in the scheduler process (`ChunkPlanner`), one in every worker (`ChunkMover`);
+both are clients of the node-local kvtier process (`node.py`), so they see the same tiers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from kvtier.config import StoreConfig
+from kvtier.errors import ConfigError
+from kvtier.integrations.vllm.metrics import KvtierPromMetrics, KvtierStats
+from kvtier.integrations.vllm.node import engine_config
+from kvtier.integrations.vllm.pages import PagedKV
+from kvtier.integrations.vllm.plan import Geometry, StepPlan, page_fingerprint
+from kvtier.integrations.vllm.scheduler import ChunkPlanner
+from kvtier.integrations.vllm.worker import ChunkMover
+from kvtier.store import Store
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvtier.vllm")
+_OPTIONS = ("model_id", "node_dir")
+
+
+@dataclass
+class KvtierMetadata(KVConnectorMetadata):
+    plan: StepPlan
+
+
+def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]]:
+    """`kv_connector_extra_config` as a StoreConfig (its field names; KVTIER_* variables
+    fill what it leaves out) and the connector's own options (`model_id`, `node_dir`)."""
+    fields = set(StoreConfig.__dataclass_fields__)
+    unknown = set(extra) - fields - set(_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"kv_connector_extra_config: unknown keys {sorted(unknown)}; use StoreConfig's "
+            f"fields {sorted(fields)} or {list(_OPTIONS)}"
+        )
+    changes: dict[str, Any] = {}
+    for key, value in extra.items():
+        if key not in fields:
+            continue
+        if value is None or str(value).lower() in ("off", "none"):
+            value = None
+        elif key in ("chunk_tokens", "io_workers"):
+            value = int(value)
+        changes[key] = value
+    options = {k: extra[k] for k in _OPTIONS if k in extra}
+    return replace(StoreConfig.from_env(), **changes), options
+
+
+class KvtierConnector(KVConnectorBase_V1):
+    """kvtier's KV connector; see the module docstring for how to enable it."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        assert transfer is not None
+        config, options = connector_config(dict(transfer.kv_connector_extra_config or {}))
+        spec = _attention_spec(kv_cache_config)
+        self.geometry = Geometry(config.chunk_tokens, spec.block_size)
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        layout = kv_cache_config.kv_cache_layout or vllm_config.cache_config.kv_cache_layout
+        self._layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
+        self.fingerprint = page_fingerprint(
+            str(layout),
+            str(spec.dtype).removeprefix("torch."),
+            spec.block_size,
+            spec.page_size_bytes,
+            len(self._layer_names),
+            self.tp_size,
+        )
+        self.model_id = str(options.get("model_id") or vllm_config.model_config.model)
+        node_dir = options.get("node_dir")
+        self.store = Store(engine_config(config, Path(node_dir) if node_dir else None))
+        self._page_bytes = spec.page_size_bytes
+        self._planner: ChunkPlanner | None = None
+        self._mover: ChunkMover | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if transfer.kv_load_failure_policy != "recompute":
+                log.warning(
+                    'kvtier: kv_load_failure_policy is %r; set "recompute" so that a chunk '
+                    "kvtier cannot serve is recomputed instead of failing the request",
+                    transfer.kv_load_failure_policy,
+                )
+            self._planner = ChunkPlanner(
+                self.store, self.geometry, self.model_id, self.fingerprint, self.tp_size,
+                self._block_table,
+            )  # fmt: skip
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a dropped save is a future miss, never an error
+
+    # -- scheduler side -------------------------------------------------------------------
+
+    def _block_table(self, req_id: str) -> list[int]:
+        assert self._kv_cache_manager is not None
+        table: list[int] = self._kv_cache_manager.get_block_ids(req_id)[0]
+        return table
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        assert self._planner is not None
+        return self._planner.matched(request, num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        assert self._planner is not None
+        self._planner.allocated(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._planner is not None
+        tokens = scheduler_output.num_scheduled_tokens
+        scheduled = [
+            (r.req_id, r.num_computed_tokens + tokens[r.req_id])
+            for r in scheduler_output.scheduled_new_reqs
+        ]
+        cached = scheduler_output.scheduled_cached_reqs
+        scheduled += [
+            (req_id, computed + tokens[req_id])
+            for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True)
+        ]
+        return KvtierMetadata(self._planner.plan(scheduled, scheduler_output.finished_req_ids))
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        if self._planner is not None:
+            self._planner.finished(request.request_id)
+        return False, None
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        layers = [(name, kv_caches[name]) for name in self._layer_names]
+        pages = PagedKV(layers, self._page_bytes)
+        rank = get_tensor_model_parallel_rank() if self.tp_size > 1 else 0
+        self._mover = ChunkMover(
+            self.store, pages, self.geometry.blocks_per_chunk, (rank, self.tp_size)
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self._mover is not None and isinstance(meta, KvtierMetadata):
+            self._mover.load(meta.plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if self._mover is not None and isinstance(meta, KvtierMetadata):
+            self._mover.save(meta.plan)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._mover.take_failed() if self._mover is not None else set()
+
+    def shutdown(self) -> None:
+        self.store.close()
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KvtierStats | None:
+        side = self._planner or self._mover
+        data = side.tally.drain() if side is not None else {}
+        return KvtierStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvtierStats:
+        return KvtierStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KvtierPromMetrics:
+        return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _attention_spec(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
+    groups = kv_cache_config.kv_cache_groups
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if not isinstance(spec, FullAttentionSpec) or type(spec) is not FullAttentionSpec:
+        kinds = [type(g.kv_cache_spec).__name__ for g in groups]
+        raise ConfigError(
+            f"kvtier serves models with one full-attention KV cache group; this model has "
+            f"{kinds} (sliding-window, hybrid and MLA caches are not supported yet)"
+        )
+    return spec

@@ -1,0 +1,92 @@
+"""The connector's figures in vLLM's stats pipeline: logged every interval by vLLM and
+exported as Prometheus counters on the engine's `/metrics`.
+
+Both sides report counter deltas (`drain()`); vLLM adds up the scheduler's and every worker's.
+Hit tokens are by the tier the engine process reached them through (`remote` for the
+node-local process or a shared server); inside the node, `kvtier serve`-style STATS and the
+node store's own `stats()` split them into DRAM and disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+
+from kvtier.integrations.vllm.plan import HIT_PREFIX
+
+_COUNTERS = {
+    "lookups": "Requests kvtier looked up",
+    "failed_chunks": "Chunks a worker could not load (recomputed by vLLM)",
+    "loaded_bytes": "Bytes loaded into vLLM's KV cache",
+    "load_seconds": "Seconds spent loading",
+    "saved_bytes": "Bytes saved from vLLM's KV cache",
+    "save_seconds": "Seconds spent saving (the copy the engine waits for)",
+}
+
+
+@dataclass
+class KvtierStats(KVConnectorStats):
+    """Counter deltas by name (`hit_tokens/<tier>`, `loaded_bytes`, ...)."""
+
+    def reset(self) -> None:
+        self.data: dict[str, float] = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KvtierStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+        hits = {k: v for k, v in d.items() if k.startswith(HIT_PREFIX)}
+        out: dict[str, int | float] = {"hit_tokens": sum(hits.values()), **hits}
+        for kind in ("load", "save"):
+            seconds = d.get(f"{kind}_seconds", 0.0)
+            moved = d.get(f"{kind}ed_bytes" if kind == "load" else "saved_bytes", 0)
+            out[f"{kind}_GBps"] = round(moved / seconds / 1e9, 3) if seconds else 0.0
+        for name in ("lookups", "failed_chunks", "loaded_bytes", "saved_bytes"):
+            out[name] = d.get(name, 0)
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class KvtierPromMetrics(KVConnectorPromMetrics):
+    """`kvtier_vllm_*_total` counters, one series per engine (and tier for hits)."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        counter = self._counter_cls
+        self._hits = counter(
+            name="kvtier_vllm_hit_tokens_total",
+            documentation="Prompt tokens kvtier supplied beyond vLLM's own prefix cache",
+            labelnames=[*labelnames, "tier"],
+        )
+        self._counters = {
+            name: counter(
+                name=f"kvtier_vllm_{name}_total", documentation=doc, labelnames=labelnames
+            )
+            for name, doc in _COUNTERS.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = self.per_engine_labelvalues[engine_idx]
+        for name, value in transfer_stats_data.items():
+            if not value:
+                continue
+            if name.startswith(HIT_PREFIX):
+                self._hits.labels(*labels, name.removeprefix(HIT_PREFIX)).inc(value)
+            elif name in self._counters:
+                self._counters[name].labels(*labels).inc(value)

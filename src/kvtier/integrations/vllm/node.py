@@ -1,0 +1,203 @@
+"""The node-local kvtier process every engine process on a node shares.
+
+vLLM runs its scheduler and each worker in separate processes, and a node often runs several
+engines; a disk directory opens in one Store only. So the tiers live in one process per node
+(per tier configuration): DRAM, disk and, when configured, the shared remote tier behind it,
+served on 127.0.0.1 to the engine processes, which are plain clients (`remote=kvtier://...`).
+
+Discovery, with nothing started by hand: the tier configuration names a run directory
+(`/tmp/kvtier-node-<uid>/<digest>`). Under its flock, the first engine process finds no live
+node there and starts one (`python -m kvtier.integrations.vllm.node RUN_DIR`, a new session so
+it outlives the engine), which writes `node.json` (port, random token; mode 0600) once it
+listens. Every engine process registers its pid in `clients/`; the node exits (flushing to
+disk) once no registered process has been alive for `idle_exit_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from kvtier.config import StoreConfig
+from kvtier.errors import ConfigError
+
+START_TIMEOUT_S = 60.0
+IDLE_EXIT_S = 30.0
+
+
+def engine_config(config: StoreConfig, node_dir: Path | None = None) -> StoreConfig:
+    """The config an engine process opens: a client of this node's kvtier process, started
+    here if none is running; `config` itself when it has no node-local tier. `node_dir`
+    holds the run directories (default `/tmp/kvtier-node-<uid>`)."""
+    if config.dram_bytes is None and config.disk_dir is None:
+        return config
+    run_dir = _run_dir(config, node_dir or Path("/tmp") / f"kvtier-node-{os.getuid()}")
+    port, token = _ensure_node(run_dir, config)
+    _register(run_dir)
+    return StoreConfig(
+        chunk_tokens=config.chunk_tokens,
+        dram_bytes=None,
+        remote=f"kvtier://127.0.0.1:{port}",
+        remote_token=token,
+        io_workers=config.io_workers,
+    )
+
+
+def _run_dir(config: StoreConfig, node_dir: Path) -> Path:
+    tiers = {k: str(v) for k, v in asdict(config).items() if k != "remote_token"}
+    digest = hashlib.blake2b(json.dumps(tiers, sort_keys=True).encode(), digest_size=8).hexdigest()
+    node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = node_dir / digest
+    path.mkdir(exist_ok=True, mode=0o700)
+    (path / "clients").mkdir(exist_ok=True)
+    return path
+
+
+def _ensure_node(run_dir: Path, config: StoreConfig) -> tuple[int, str]:
+    with open(run_dir / "lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _live_node(run_dir)
+        if found is not None:
+            return found
+        (run_dir / "config.json").write_text(json.dumps(_serialise(config)))
+        (run_dir / "node.pid").unlink(missing_ok=True)
+        with open(run_dir / "node.log", "ab") as log:
+            # The child forks again and exits: the node is nobody's descendant, so an engine
+            # that kills its process tree on shutdown (vLLM does) cannot kill it unflushed.
+            subprocess.run(
+                [sys.executable, "-m", "kvtier.integrations.vllm.node", str(run_dir)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=False, timeout=30,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            found = _live_node(run_dir)
+            if found is not None:
+                return found
+            if not _alive(run_dir / "node.pid"):
+                break
+            time.sleep(0.05)
+        tail = (run_dir / "node.log").read_text(errors="replace")[-2000:]
+        raise ConfigError(f"kvtier: the node-local store process did not start: {tail}")
+
+
+def _live_node(run_dir: Path) -> tuple[int, str] | None:
+    try:
+        info = json.loads((run_dir / "node.json").read_text())
+        os.kill(int(info["pid"]), 0)
+        with socket.create_connection(("127.0.0.1", int(info["port"])), timeout=1.0):
+            pass
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(info["port"]), str(info["token"])
+
+
+def _alive(pid_file: Path) -> bool:
+    """False once the process named in `pid_file` has exited (True until it is written)."""
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except FileNotFoundError:
+        return True
+    except (ProcessLookupError, ValueError):
+        return False
+    return True
+
+
+def _register(run_dir: Path) -> None:
+    (run_dir / "clients" / str(os.getpid())).touch()
+
+
+def _serialise(config: StoreConfig) -> dict[str, object]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+def _alive_clients(run_dir: Path) -> int:
+    alive = 0
+    for entry in (run_dir / "clients").iterdir():
+        try:
+            os.kill(int(entry.name), 0)
+            alive += 1
+        except (ValueError, ProcessLookupError):
+            entry.unlink(missing_ok=True)
+        except PermissionError:
+            alive += 1
+    return alive
+
+
+async def _serve(run_dir: Path, idle_exit_s: float) -> None:
+    from kvtier.server.auth import Auth
+    from kvtier.server.server import CacheServer
+    from kvtier.store import Store
+
+    config = StoreConfig(**json.loads((run_dir / "config.json").read_text()))
+    token = secrets.token_hex(16)
+    with Store(config) as store:
+        server = CacheServer(store, Auth({hashlib.sha256(token.encode()).digest(): "node"}))
+        port = await server.start("127.0.0.1", 0)
+        tmp = run_dir / f"node.json.{os.getpid()}"
+        tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "token": token}))
+        tmp.chmod(0o600)
+        tmp.replace(run_dir / "node.json")
+        print(f"kvtier node: serving {config} on 127.0.0.1:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        idle_since = time.monotonic()
+        while not stop.is_set():
+            if _alive_clients(run_dir):
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > idle_exit_s:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+        (run_dir / "node.json").unlink(missing_ok=True)
+        await server.stop()
+        print(f"kvtier node: stats {json.dumps(store.stats().as_dict())}", flush=True)
+    print("kvtier node: stopped", flush=True)
+
+
+def stop_nodes(node_dir: Path, timeout_s: float = 30.0) -> int:
+    """Stop every node-local process under `node_dir` (each flushes to its disk tier first);
+    returns how many were running."""
+    pids = []
+    for info_path in node_dir.glob("*/node.json"):
+        try:
+            pid = int(json.loads(info_path.read_text())["pid"])
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (OSError, ValueError, KeyError):
+            continue
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    return len(pids)
+
+
+def main() -> None:
+    run_dir = Path(sys.argv[1])
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    (run_dir / "node.pid").write_text(str(os.getpid()))
+    asyncio.run(_serve(run_dir, float(sys.argv[2]) if len(sys.argv) > 2 else IDLE_EXIT_S))
+
+
+if __name__ == "__main__":
+    main()

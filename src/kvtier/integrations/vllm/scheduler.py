@@ -1,0 +1,198 @@
+"""The scheduler side of the connector: which chunks each step loads and saves.
+
+- `matched`: how many tokens beyond vLLM's own (block-aligned) prefix-cache hit kvtier holds,
+  in whole chunks, never the last prompt token.
+- `allocated`: vLLM gave the request blocks for them; the next plan loads them.
+- `plan`: this step's loads, and saves of every chunk completed by the tokens this step
+  computes (prompt and output alike), each chunk saved once per request.
+Requests with multimodal inputs or prompt embeddings bypass kvtier: their token ids do not
+determine their KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvtier.integrations.vllm.plan import (
+    HIT_PREFIX,
+    ChunkCopy,
+    Geometry,
+    KeyChain,
+    RequestJobs,
+    StepPlan,
+    Tally,
+    rank_keys,
+)
+from kvtier.keys import Key, root_key
+from kvtier.store import Store
+
+
+class Request(Protocol):
+    """The parts of vLLM's `Request` the scheduler side reads."""
+
+    request_id: str
+    cache_salt: str | None
+
+    @property
+    def all_token_ids(self) -> Sequence[int]: ...
+    @property
+    def num_tokens(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Tracked:
+    request: Any
+    chain: KeyChain
+    stored: int = 0  # leading chunks kvtier holds or this request has saved
+    claimed: int = 0  # leading chunks the last lookup offered vLLM
+    load_from: int | None = None  # first token of a pending load
+    tiers: tuple[str, ...] = ()  # the tier of each claimed chunk, at lookup
+
+
+class ChunkPlanner:
+    """Scheduler-side state of every live request; not thread-safe (vLLM's scheduler is one
+    thread)."""
+
+    def __init__(
+        self,
+        store: Store,
+        geometry: Geometry,
+        model_id: str,
+        fingerprint: str,
+        tp_size: int,
+        block_table: Callable[[str], Sequence[int]],
+    ) -> None:
+        self.store = store
+        self.geometry = geometry
+        self.model_id = model_id
+        self.fingerprint = fingerprint
+        self.tp_size = tp_size
+        self._block_table = block_table
+        self._requests: dict[str, Tracked] = {}
+        self.tally = Tally()
+
+    # -- vLLM hooks ---------------------------------------------------------------------
+
+    def matched(self, request: Any, num_computed_tokens: int) -> int:
+        """Tokens beyond `num_computed_tokens` that kvtier can supply (whole chunks)."""
+        tracked = self._track(request)
+        if tracked is None:
+            return 0
+        c = self.geometry.chunk_tokens
+        keys = tracked.chain.upto(request.all_token_ids, request.num_tokens // c)
+        hit, tiers = self._locate(keys)
+        tracked.stored = max(tracked.stored, hit)  # a full chunk kvtier holds is not saved again
+        tracked.claimed = min(hit, self.geometry.loadable_chunks(request.num_tokens))
+        tracked.tiers = tiers[: tracked.claimed]
+        return max(tracked.claimed * c - num_computed_tokens, 0)
+
+    def allocated(self, request: Any, num_external_tokens: int) -> None:
+        """vLLM allocated blocks for `num_external_tokens` loaded tokens."""
+        tracked = self._requests.get(request.request_id)
+        if tracked is None:
+            return
+        self.tally.add("lookups")
+        if num_external_tokens <= 0:
+            return
+        self._count_hits(tracked, num_external_tokens)
+        tracked.load_from = tracked.claimed * self.geometry.chunk_tokens - num_external_tokens
+
+    def plan(
+        self,
+        scheduled: Iterable[tuple[str, int]],
+        finished: Iterable[str],
+    ) -> StepPlan:
+        """This step's copies. `scheduled`: (request id, tokens computed once this step
+        has run) for every request in the batch."""
+        step = StepPlan()
+        for loading in self._requests.values():
+            if loading.load_from is not None:
+                step.loads.append(self._load_jobs(loading))
+                loading.load_from = None
+        for req_id, computed in scheduled:
+            tracked = self._requests.get(req_id)
+            if tracked is not None:
+                jobs = self._save_jobs(tracked, computed)
+                if jobs.chunks:
+                    step.saves.append(jobs)
+        for req_id in finished:
+            self._requests.pop(req_id, None)
+        return step
+
+    def finished(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _track(self, request: Any) -> Tracked | None:
+        tracked = self._requests.get(request.request_id)
+        if tracked is not None:
+            return tracked
+        if (
+            getattr(request, "mm_features", None)
+            or getattr(request, "prompt_embeds", None) is not None
+        ):
+            self.tally.add("bypassed")
+            return None
+        root = root_key(self.model_id, self.fingerprint, self.geometry.chunk_tokens, _salt(request))
+        tracked = Tracked(request, KeyChain(root, self.geometry.chunk_tokens))
+        self._requests[request.request_id] = tracked
+        return tracked
+
+    def _locate(self, keys: list[Key]) -> tuple[int, tuple[str, ...]]:
+        """Leading chunks every rank holds, and the tier of each (as rank 0 sees it)."""
+        found = self.store.locate(rank_keys(keys, 0, self.tp_size))
+        hit = found.chunks
+        for rank in range(1, self.tp_size):
+            hit = min(hit, self.store.locate(rank_keys(keys[:hit], rank, self.tp_size)).chunks)
+        return hit, found.tiers[:hit]
+
+    def _count_hits(self, tracked: Tracked, tokens: int) -> None:
+        """Hit tokens by the tier that holds each chunk (counted once per admitted request,
+        not per lookup: vLLM may ask several times before it can admit a request)."""
+        c = self.geometry.chunk_tokens
+        first = tracked.claimed * c - tokens
+        for i, tier in enumerate(tracked.tiers):
+            covered = (i + 1) * c - max(i * c, first)
+            if covered > 0:
+                self.tally.add(HIT_PREFIX + tier, covered)
+
+    def _load_jobs(self, tracked: Tracked) -> RequestJobs:
+        assert tracked.load_from is not None
+        g = self.geometry
+        table = self._block_table(tracked.request.request_id)
+        keys = tracked.chain.keys
+        jobs = RequestJobs(tracked.request.request_id)
+        for chunk in range(tracked.load_from // g.chunk_tokens, tracked.claimed):
+            blocks = g.chunk_blocks(table, chunk, tracked.load_from)
+            jobs.chunks.append(
+                ChunkCopy(keys[chunk], tuple(blocks), g.blocks_per_chunk - len(blocks))
+            )
+        return jobs
+
+    def _save_jobs(self, tracked: Tracked, computed: int) -> RequestJobs:
+        request = tracked.request
+        jobs = RequestJobs(request.request_id)
+        full = min(computed, request.num_tokens) // self.geometry.chunk_tokens
+        if full <= tracked.stored:
+            return jobs
+        keys = tracked.chain.upto(request.all_token_ids, full)
+        table = self._block_table(request.request_id)
+        for chunk in range(tracked.stored, full):
+            blocks = self.geometry.chunk_blocks(table, chunk)
+            jobs.chunks.append(ChunkCopy(keys[chunk], tuple(blocks)))
+        tracked.stored = full
+        return jobs
+
+
+def _salt(request: Any) -> str | None:
+    """kvtier's salt for a request: its `cache_salt` and LoRA adapter, when set."""
+    parts = []
+    if getattr(request, "cache_salt", None):
+        parts.append("salt:" + str(request.cache_salt))
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append(f"lora:{lora.lora_name}:{lora.lora_int_id}")
+    return "|".join(parts) or None

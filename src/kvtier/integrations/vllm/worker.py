@@ -1,0 +1,87 @@
+"""The worker side of the connector: copies whole chunks between kvtier and vLLM's pages.
+
+Loads run before the forward pass that needs them (vLLM calls `start_load_kv` first when a
+step has loads); a chunk kvtier cannot serve marks its blocks, and every later block of that
+request's load, as failed, so vLLM recomputes them. Saves copy the pages of newly completed
+chunks into kvtier in `wait_for_save`, at the end of the step that computed them: once it
+returns the blocks may be freed or reused, and the store writes its lower tiers in the
+background. Copies run on the engine's current stream, after the forward that wrote the pages
+and before the one that reads them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from time import perf_counter as _now
+
+import torch
+
+from kvtier.integrations.vllm.pages import PagedKV
+from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan, Tally, rank_keys
+from kvtier.keys import Key
+from kvtier.store import Store
+
+
+class ChunkMover:
+    """Loads and saves chunks for one worker (one tensor-parallel rank)."""
+
+    def __init__(self, store: Store, pages: PagedKV, blocks_per_chunk: int, tp: tuple[int, int]):
+        self.store = store
+        self.pages = pages
+        self.blocks_per_chunk = blocks_per_chunk
+        self.tp_rank, self.tp_size = tp
+        self.chunk_bytes = pages.block_bytes * blocks_per_chunk
+        shape = (pages.num_layers, blocks_per_chunk, pages.page_bytes)  # (L, k, P)
+        pin = pages.device.type == "cuda"
+        self._staging = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        self._view = memoryview(self._staging.numpy()).cast("B")  # type: ignore[arg-type]
+        self.tally = Tally()
+        self._failed: set[int] = set()
+        self._lock = threading.Lock()
+
+    def keys(self, chunks: Sequence[ChunkCopy]) -> list[Key]:
+        return rank_keys([c.key for c in chunks], self.tp_rank, self.tp_size)
+
+    def load(self, plan: StepPlan) -> None:
+        """Copy every planned chunk into its blocks; failures are remembered by block."""
+        for job in plan.loads:
+            self._load_request(job)
+
+    def _load_request(self, job: RequestJobs) -> None:
+        keys = self.keys(job.chunks)
+        for i, (chunk, key) in enumerate(zip(job.chunks, keys, strict=True)):
+            t0 = _now()
+            tier = self.store.read_chunk(key, [self._view])
+            if tier is None:
+                # vLLM recomputes from the first failed block; later chunks of this
+                # request are not loaded (they would be recomputed anyway).
+                failed = {b for c in job.chunks[i:] for b in c.block_ids}
+                with self._lock:
+                    self._failed |= failed
+                self.tally.add("failed_chunks", len(job.chunks) - i)
+                return
+            src = self._staging[:, chunk.skip_blocks : chunk.skip_blocks + len(chunk.block_ids)]
+            self.pages.scatter(self.pages.index(chunk.block_ids), src)
+            self.tally.add("loaded_bytes", self.chunk_bytes)
+            self.tally.add("load_seconds", _now() - t0)
+
+    def save(self, plan: StepPlan) -> None:
+        """Copy the pages of every planned chunk into kvtier (lower tiers written later)."""
+        if not plan.saves:
+            return
+        if self.pages.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        for job in plan.saves:
+            for chunk, key in zip(job.chunks, self.keys(job.chunks), strict=True):
+                t0 = _now()
+                self.pages.gather(self.pages.index(chunk.block_ids), self._staging)
+                self.store.write_chunk(key, [self._view])
+                self.tally.add("saved_bytes", self.chunk_bytes)
+                self.tally.add("save_seconds", _now() - t0)
+
+    def take_failed(self) -> set[int]:
+        """Block ids whose load failed since the last call."""
+        with self._lock:
+            failed, self._failed = self._failed, set()
+        return failed

@@ -1,0 +1,62 @@
+"""Run a real vLLM engine with kvtier's connector over a list of prompts; print one JSON line.
+
+Usage: python engine.py '{"model": DIR, "extra": {...}, "jobs": [{"prompt": [...], "salt": null}]}'
+Each job's result: generated token ids, the sampled tokens' logprobs, num_cached_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    transfer = KVTransferConfig(
+        kv_connector="KvtierConnector",
+        kv_connector_module_path="kvtier.integrations.vllm",
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config=spec["extra"],
+    )
+    llm = LLM(
+        model=spec["model"],
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="float32",
+        block_size=32,
+        max_model_len=2048,
+        kv_cache_memory_bytes=spec.get("kv_cache_bytes", 32 << 20),
+        kv_transfer_config=transfer,
+        disable_log_stats=True,
+    )
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, detokenize=False)
+    results = []
+    for job in spec["jobs"]:
+        prompt = TokensPrompt(prompt_token_ids=job["prompt"])
+        if job.get("salt"):
+            prompt["cache_salt"] = job["salt"]
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        sample = out.outputs[0]
+        logprobs = [
+            step[tok].logprob for step, tok in zip(sample.logprobs, sample.token_ids, strict=True)
+        ]
+        results.append(
+            {
+                "tokens": list(sample.token_ids),
+                "logprobs": logprobs,
+                "cached": out.num_cached_tokens,
+            }
+        )
+    print("RESULTS " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""kvtier under real vLLM engines (CPU build, a tiny random Llama): engine processes reuse
+each other's KV through the node-local store, a kvtier server and Redis, with identical
+output; salts never share; corrupt chunks and a dead server mean recomputation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import numpy as np
+
+import kvtier
+from kvtier.bench.remote_io import RedisProcess
+from kvtier.integrations.vllm.node import stop_nodes
+from kvtier.server.server import ServerThread
+
+ENGINE = Path(__file__).with_name("engine.py")
+CHUNK = 64
+RNG = np.random.default_rng(7)
+PROMPT = [int(t) for t in RNG.integers(1, 500, 600)]
+SHARED_300 = PROMPT[:300] + [int(t) for t in RNG.integers(1, 500, 100)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=2048, initializer_range=0.02,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("vllm")
+    yield path
+    stop_nodes(path / "node")
+
+
+@pytest.fixture(scope="module")
+def server(work: Path) -> Iterator[ServerThread]:
+    store = kvtier.Store(kvtier.StoreConfig(chunk_tokens=CHUNK, dram_bytes=64 << 20))
+    thread = ServerThread(store)
+    yield thread
+    thread.stop()
+    store.close()
+
+
+def run_engine(
+    model: Path, extra: dict[str, Any], jobs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    spec = {"model": str(model), "extra": {"chunk_tokens": CHUNK, **extra}, "jobs": jobs}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ENGINE), json.dumps(spec)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    results: list[dict[str, Any]] = json.loads(lines[-1].removeprefix("RESULTS "))
+    return results
+
+
+def node(work: Path, name: str, **extra: Any) -> dict[str, Any]:
+    disk = work / name
+    disk.mkdir(exist_ok=True)
+    return {"dram_bytes": "16MiB", "disk_dir": str(disk), "disk_bytes": "64MiB",
+            "node_dir": str(work / "node"), **extra}  # fmt: skip
+
+
+def same_output(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["tokens"] == b["tokens"]
+    assert np.allclose(a["logprobs"], b["logprobs"], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def first(model_dir: Path, work: Path, server: ServerThread) -> list[dict[str, Any]]:
+    """Engine 1 on node A (DRAM + disk, the kvtier server behind): the prompt, then a salted
+    copy of it."""
+    jobs = [{"prompt": PROMPT}, {"prompt": PROMPT, "salt": "tenant-b"}]
+    return run_engine(model_dir, node(work, "a", remote=server.url), jobs)
+
+
+def test_second_engine_reuses_the_first_engines_kv(
+    first: list[dict[str, Any]], model_dir: Path, work: Path, server: ServerThread
+) -> None:
+    """A second engine process on the same node loads the stored prefix (all full chunks
+    but the last token's) and generates the same tokens and logprobs; a prompt sharing only
+    a 300-token head reuses that head's whole chunks; another salt never hits."""
+    assert first[0]["cached"] == 0
+    jobs = [{"prompt": SHARED_300}, {"prompt": PROMPT}, {"prompt": PROMPT, "salt": "tenant-c"}]
+    shared, again, salted = run_engine(model_dir, node(work, "a", remote=server.url), jobs)
+    assert shared["cached"] == 300 // CHUNK * CHUNK
+    assert again["cached"] == 599 // CHUNK * CHUNK
+    same_output(again, first[0])
+    assert salted["cached"] == 0
+    same_output(salted, first[0])
+
+
+def test_another_node_finds_it_through_the_server(
+    first: list[dict[str, Any]], model_dir: Path, work: Path, server: ServerThread
+) -> None:
+    """An engine on another node (its own DRAM and disk) finds the first engine's KV
+    through the kvtier server, with identical output; the salted copy stays the salt's."""
+    jobs = [{"prompt": PROMPT}, {"prompt": PROMPT, "salt": "tenant-b"}]
+    plain, salted = run_engine(model_dir, node(work, "b", remote=server.url), jobs)
+    assert plain["cached"] >= 512
+    same_output(plain, first[0])
+    assert salted["cached"] >= 512
+    same_output(salted, first[1])
+
+
+def test_corrupt_chunks_and_a_dead_server_mean_recomputation(
+    first: list[dict[str, Any]], model_dir: Path, work: Path, server: ServerThread
+) -> None:
+    """With every chunk file of node A corrupted (after a restart, so they are read from
+    disk) and the server gone, the engine recomputes: identical output, no dead engine."""
+    stop_nodes(work / "node")  # it may have exited already, idle
+    server.stop()
+    files = [p for p in (work / "a").rglob("*") if p.is_file() and p.stat().st_size > 4096]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size - 100)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    (result,) = run_engine(model_dir, node(work, "a", remote=server.url), [{"prompt": PROMPT}])
+    same_output(result, first[0])
+
+
+def test_engines_share_through_redis(model_dir: Path, tmp_path: Path) -> None:
+    """Engines with Redis as their only tier (no node-local process) share KV through it."""
+    with RedisProcess(tmp_path / "redis") as redis:
+        extra = {"dram_bytes": None, "remote": redis.url}
+        (written,) = run_engine(model_dir, extra, [{"prompt": PROMPT}])
+        (read,) = run_engine(model_dir, extra, [{"prompt": PROMPT}])
+    assert written["cached"] == 0
+    assert read["cached"] >= 512
+    same_output(read, written)
