@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.vllm")
@@ -153,6 +154,10 @@ class KvtierConnector(KVConnectorBase_V1):
             for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True)
         ]
         return KvtierMetadata(self._planner.plan(scheduled, scheduler_output.finished_req_ids))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self._planner is not None and connector_output.invalid_block_ids:
+            self._planner.load_failed(set(connector_output.invalid_block_ids))
 
     def request_finished(
         self, request: Request, block_ids: list[int]

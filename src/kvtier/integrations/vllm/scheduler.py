@@ -71,6 +71,7 @@ class ChunkPlanner:
         self.tp_size = tp_size
         self._block_table = block_table
         self._requests: dict[str, Tracked] = {}
+        self._loading: dict[str, tuple[int, RequestJobs]] = {}  # the last plan's loads
         self.tally = Tally()
 
     # -- vLLM hooks ---------------------------------------------------------------------
@@ -107,9 +108,12 @@ class ChunkPlanner:
         """This step's copies. `scheduled`: (request id, tokens computed once this step
         has run) for every request in the batch."""
         step = StepPlan()
+        self._loading = {}
         for loading in self._requests.values():
             if loading.load_from is not None:
-                step.loads.append(self._load_jobs(loading))
+                jobs = self._load_jobs(loading)
+                self._loading[jobs.req_id] = (loading.load_from // self.geometry.chunk_tokens, jobs)
+                step.loads.append(jobs)
                 loading.load_from = None
         for req_id, computed in scheduled:
             tracked = self._requests.get(req_id)
@@ -120,6 +124,15 @@ class ChunkPlanner:
         for req_id in finished:
             self._requests.pop(req_id, None)
         return step
+
+    def load_failed(self, block_ids: set[int]) -> None:
+        """Workers could not load these blocks of the last plan: vLLM recomputes them, and
+        the chunks they belong to are saved again once recomputed."""
+        for req_id, (first_chunk, jobs) in self._loading.items():
+            tracked = self._requests.get(req_id)
+            bad = [i for i, c in enumerate(jobs.chunks) if block_ids.intersection(c.block_ids)]
+            if tracked is not None and bad:
+                tracked.stored = min(tracked.stored, first_chunk + bad[0])
 
     def finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
@@ -194,5 +207,5 @@ def _salt(request: Any) -> str | None:
         parts.append("salt:" + str(request.cache_salt))
     lora = getattr(request, "lora_request", None)
     if lora is not None:
-        parts.append(f"lora:{lora.lora_name}:{lora.lora_int_id}")
+        parts.append(f"lora:{lora.lora_name}:{getattr(lora, 'lora_path', '')}")
     return "|".join(parts) or None
