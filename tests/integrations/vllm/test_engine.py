@@ -117,9 +117,11 @@ def test_another_node_finds_it_through_the_server(
     first: list[dict[str, Any]], model_dir: Path, work: Path, server: ServerThread
 ) -> None:
     """An engine on another node (its own DRAM and disk) finds the first engine's KV
-    through the kvtier server, with identical output; the salted copy stays the salt's."""
+    through the kvtier server, loading it in the background (load_async), with identical
+    output; the salted copy stays the salt's."""
     jobs = [{"prompt": PROMPT}, {"prompt": PROMPT, "salt": "tenant-b"}]
-    plain, salted = run_engine(model_dir, node(work, "b", remote=server.url), jobs)
+    extra = node(work, "b", remote=server.url, load_async=True)
+    plain, salted = run_engine(model_dir, extra, jobs)
     assert plain["cached"] >= 512
     same_output(plain, first[0])
     assert salted["cached"] >= 512

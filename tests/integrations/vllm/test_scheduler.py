@@ -74,7 +74,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def vllm_config(
-    model_dir: Path, node_dir: Path, model_id: str, max_batched_tokens: int
+    model_dir: Path, node_dir: Path, model_id: str, max_batched_tokens: int, load_async: bool
 ) -> VllmConfig:
     model = ModelConfig(
         model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=1024
@@ -98,6 +98,7 @@ def vllm_config(
             "dram_bytes": "64MiB",
             "node_dir": str(node_dir),
             "model_id": model_id,
+            "load_async": load_async,
         },
     )
     return VllmConfig(
@@ -119,9 +120,11 @@ class FakeWorker:
     dropped: set[Key] = field(default_factory=set)  # saves the store drops
     failed_loads: int = 0
 
-    def run(self, plan: StepPlan) -> set[int]:
-        """Do the plan's loads, then its saves; the block ids whose load failed."""
+    def run(self, plan: StepPlan) -> tuple[set[int], set[str]]:
+        """Do the plan's loads, then its saves; the block ids whose load failed, and the
+        requests whose asynchronous load ended (all of them end within the step here)."""
         failed: set[int] = set()
+        received = {job.req_id for job in plan.loads if job.async_load}
         for job in plan.loads:
             for i, chunk in enumerate(job.chunks):
                 if not self._load(chunk):
@@ -134,7 +137,7 @@ class FakeWorker:
                 if chunk.key not in self.dropped:
                     store.write_chunk(chunk.key, [memoryview(payload(chunk.key))])
         store.flush()
-        return failed
+        return failed, received
 
     def _load(self, chunk: ChunkCopy) -> bool:
         if chunk.key in self.lost:
@@ -192,14 +195,16 @@ class Engine:
         plan = meta.plan
         manager = scheduler.kv_cache_manager
         tables = {r: list(manager.get_block_ids(r)[0]) for r in output.num_scheduled_tokens}
-        failed = self.worker.run(plan)
+        failed, received = self.worker.run(plan)
         ids = list(output.num_scheduled_tokens)
         sampled = [[] if scheduler.requests[r].is_prefill_chunk else [SAMPLED] for r in ids]
         result = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled,
-            kv_connector_output=KVConnectorOutput(invalid_block_ids=failed) if failed else None,
+            kv_connector_output=KVConnectorOutput(
+                invalid_block_ids=failed, finished_recving=received or None
+            ),
         )
         scheduler.update_from_output(output, result)
         step = Step(output, plan, tables)
@@ -235,8 +240,10 @@ def make_engine(
     """Engines of one model; each test has its own model id, so its own chunk keys."""
     engines: list[Engine] = []
 
-    def make(num_blocks: int = 64, max_batched_tokens: int = 96) -> Engine:
-        config = vllm_config(model_dir, node_dir, request.node.name, max_batched_tokens)
+    def make(
+        num_blocks: int = 64, max_batched_tokens: int = 96, load_async: bool = False
+    ) -> Engine:
+        config = vllm_config(model_dir, node_dir, request.node.name, max_batched_tokens, load_async)
         config.cache_config.num_gpu_blocks = num_blocks
         kv_cache = KVCacheConfig(
             num_blocks=num_blocks,
@@ -428,6 +435,52 @@ def test_load_error_rolls_back_to_the_failed_chunk_and_recomputes(
     assert request.is_finished() and request.num_output_tokens == 3
     assert [copy.key for _, copy in saved(engine, "b")] == keys[1:3]
     assert_plans_follow_block_tables(engine, {"b": request})
+    assert_no_leaks(engine)
+
+
+def test_async_load_parks_the_request_until_the_workers_report_it(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """With load_async, a hit parks the request (no tokens scheduled) while the workers load
+    in the background; once they report it received, it computes only its last token(s)."""
+    engine = make_engine(load_async=True)
+    tokens = prompt(200)
+    engine.add("a", tokens, max_tokens=1)
+    engine.run()
+    keys = engine.keys(tokens)
+    assert engine.scheduler.reset_prefix_cache()
+
+    request = engine.add("b", tokens, max_tokens=2)
+    first = engine.step()
+    assert "b" not in first.output.num_scheduled_tokens
+    (job,) = first.plan.loads
+    assert job.async_load and [c.key for c in job.chunks] == keys[:3]
+    second = engine.step()
+    assert second.output.num_scheduled_tokens["b"] == 200 - 3 * CHUNK
+    assert loaded(second, "b") == []
+    engine.run()
+    assert request.is_finished() and request.num_output_tokens == 2
+    assert saved(engine, "b") == []
+    assert_no_leaks(engine)
+
+
+def test_failed_async_load_is_recomputed_and_saved_again(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """A background load that fails is reported with its request; vLLM recomputes from the
+    failed chunk, and the recomputed chunks are saved again."""
+    engine = make_engine(load_async=True)
+    tokens = prompt(200)
+    engine.add("a", tokens, max_tokens=1)
+    engine.run()
+    keys = engine.keys(tokens)
+    assert engine.scheduler.reset_prefix_cache()
+
+    engine.worker.lost = {keys[2]}
+    request = engine.add("b", tokens, max_tokens=2)
+    engine.run()
+    assert request.is_finished() and request.num_output_tokens == 2
+    assert [copy.key for _, copy in saved(engine, "b")] == keys[2:3]
     assert_no_leaks(engine)
 
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.vllm")
-_OPTIONS = ("model_id", "node_dir")
+_OPTIONS = ("model_id", "node_dir", "load_async")
 
 
 @dataclass
@@ -56,7 +56,8 @@ class KvtierMetadata(KVConnectorMetadata):
 
 def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]]:
     """`kv_connector_extra_config` as a StoreConfig (its field names; KVTIER_* variables
-    fill what it leaves out) and the connector's own options (`model_id`, `node_dir`)."""
+    fill what it leaves out) and the connector's own options (`model_id`, `node_dir`,
+    `load_async`)."""
     fields = set(StoreConfig.__dataclass_fields__)
     unknown = set(extra) - fields - set(_OPTIONS)
     if unknown:
@@ -74,6 +75,12 @@ def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]
             value = int(value)
         changes[key] = value
     options = {k: extra[k] for k in _OPTIONS if k in extra}
+    flag = str(options.get("load_async", False)).lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise ConfigError(
+            f"kv_connector_extra_config: load_async must be true or false, got {flag}"
+        )
+    options["load_async"] = flag in ("true", "1")
     return replace(StoreConfig.from_env(), **changes), options
 
 
@@ -115,7 +122,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 )
             self._planner = ChunkPlanner(
                 self.store, self.geometry, self.model_id, self.fingerprint, self.tp_size,
-                self._block_table,
+                self._block_table, options["load_async"],
             )  # fmt: skip
 
     @property
@@ -133,7 +140,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         assert self._planner is not None
-        return self._planner.matched(request, num_computed_tokens), False
+        tokens = self._planner.matched(request, num_computed_tokens)
+        return tokens, self._planner.load_async and tokens > 0
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -156,8 +164,11 @@ class KvtierConnector(KVConnectorBase_V1):
         return KvtierMetadata(self._planner.plan(scheduled, scheduler_output.finished_req_ids))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        if self._planner is not None and connector_output.invalid_block_ids:
-            self._planner.load_failed(set(connector_output.invalid_block_ids))
+        if self._planner is not None:
+            self._planner.loads_reported(
+                set(connector_output.invalid_block_ids),
+                set(connector_output.finished_recving or ()),
+            )
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -200,10 +211,15 @@ class KvtierConnector(KVConnectorBase_V1):
         if self._mover is not None and isinstance(meta, KvtierMetadata):
             self._mover.save(meta.plan)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, (self._mover.take_received() or None) if self._mover is not None else None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._mover.take_failed() if self._mover is not None else set()
 
     def shutdown(self) -> None:
+        if self._mover is not None:
+            self._mover.close()
         self.store.close()
 
     # -- metrics --------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class RequestJobs:
 
     req_id: str
     chunks: list[ChunkCopy] = field(default_factory=list)
+    async_load: bool = False  # load in the background; the request waits, others run
 
 
 @dataclass(slots=True)
@@ -76,7 +77,6 @@ class StepPlan:
 
     loads: list[RequestJobs] = field(default_factory=list)
     saves: list[RequestJobs] = field(default_factory=list)
-    async_load: bool = False
 
     def load_block_ids(self) -> set[int]:
         return {b for job in self.loads for c in job.chunks for b in c.block_ids}

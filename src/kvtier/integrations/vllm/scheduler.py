@@ -63,6 +63,7 @@ class ChunkPlanner:
         fingerprint: str,
         tp_size: int,
         block_table: Callable[[str], Sequence[int]],
+        load_async: bool = False,
     ) -> None:
         self.store = store
         self.geometry = geometry
@@ -70,6 +71,7 @@ class ChunkPlanner:
         self.fingerprint = fingerprint
         self.tp_size = tp_size
         self._block_table = block_table
+        self.load_async = load_async
         self._requests: dict[str, Tracked] = {}
         self._loading: dict[str, tuple[int, RequestJobs]] = {}  # the last plan's loads
         self.tally = Tally()
@@ -108,7 +110,6 @@ class ChunkPlanner:
         """This step's copies. `scheduled`: (request id, tokens computed once this step
         has run) for every request in the batch."""
         step = StepPlan()
-        self._loading = {}
         for loading in self._requests.values():
             if loading.load_from is not None:
                 jobs = self._load_jobs(loading)
@@ -125,14 +126,17 @@ class ChunkPlanner:
             self._requests.pop(req_id, None)
         return step
 
-    def load_failed(self, block_ids: set[int]) -> None:
-        """Workers could not load these blocks of the last plan: vLLM recomputes them, and
-        the chunks they belong to are saved again once recomputed."""
-        for req_id, (first_chunk, jobs) in self._loading.items():
+    def loads_reported(self, failed_blocks: set[int], received: set[str]) -> None:
+        """The workers' report for a step: blocks they could not load (vLLM recomputes them,
+        and their chunks are saved again once recomputed) and requests whose background
+        load ended. A synchronous load is reported in the step that planned it."""
+        for req_id, (first_chunk, jobs) in list(self._loading.items()):
             tracked = self._requests.get(req_id)
-            bad = [i for i, c in enumerate(jobs.chunks) if block_ids.intersection(c.block_ids)]
+            bad = [i for i, c in enumerate(jobs.chunks) if failed_blocks.intersection(c.block_ids)]
             if tracked is not None and bad:
                 tracked.stored = min(tracked.stored, first_chunk + bad[0])
+            if not jobs.async_load or req_id in received:
+                del self._loading[req_id]
 
     def finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
@@ -177,7 +181,7 @@ class ChunkPlanner:
         g = self.geometry
         table = self._block_table(tracked.request.request_id)
         keys = tracked.chain.keys
-        jobs = RequestJobs(tracked.request.request_id)
+        jobs = RequestJobs(tracked.request.request_id, async_load=self.load_async)
         for chunk in range(tracked.load_from // g.chunk_tokens, tracked.claimed):
             blocks = g.chunk_blocks(table, chunk, tracked.load_from)
             jobs.chunks.append(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from time import perf_counter as _now
 
 import torch
@@ -33,26 +35,48 @@ class ChunkMover:
         self.tp_rank, self.tp_size = tp
         self.chunk_bytes = pages.block_bytes * blocks_per_chunk
         shape = (pages.num_layers, blocks_per_chunk, pages.page_bytes)  # (L, k, P)
-        pin = pages.device.type == "cuda"
-        self._staging = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        self._view = memoryview(self._staging.numpy()).cast("B")  # type: ignore[arg-type]
+        cuda = pages.device.type == "cuda"
+        self._staging = Staging(shape, pin=cuda)  # the engine thread's
+        self._async_staging = Staging(shape, pin=cuda)  # the background loader's
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
+        self._stream = torch.cuda.Stream(pages.device) if cuda else None  # type: ignore[no-untyped-call]
         self.tally = Tally()
         self._failed: set[int] = set()
+        self._received: set[str] = set()
         self._lock = threading.Lock()
 
     def keys(self, chunks: Sequence[ChunkCopy]) -> list[Key]:
         return rank_keys([c.key for c in chunks], self.tp_rank, self.tp_size)
 
     def load(self, plan: StepPlan) -> None:
-        """Copy every planned chunk into its blocks; failures are remembered by block."""
+        """Copy every planned chunk into its blocks (asynchronous loads in the background);
+        failures are remembered by block."""
         for job in plan.loads:
-            self._load_request(job)
+            if job.async_load:
+                self._loader.submit(self._load_in_background, job)
+            else:
+                self._load_request(job, self._staging)
 
-    def _load_request(self, job: RequestJobs) -> None:
+    def _load_in_background(self, job: RequestJobs) -> None:
+        try:
+            stream = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+            with stream:
+                self._load_request(job, self._async_staging)
+            if self._stream is not None:
+                self._stream.synchronize()  # the pages are written before vLLM hears of it
+        except Exception:
+            with self._lock:
+                self._failed |= {b for c in job.chunks for b in c.block_ids}
+            raise
+        finally:
+            with self._lock:
+                self._received.add(job.req_id)
+
+    def _load_request(self, job: RequestJobs, staging: Staging) -> None:
         keys = self.keys(job.chunks)
         for i, (chunk, key) in enumerate(zip(job.chunks, keys, strict=True)):
             t0 = _now()
-            tier = self.store.read_chunk(key, [self._view])
+            tier = self.store.read_chunk(key, [staging.view])
             if tier is None:
                 # vLLM recomputes from the first failed block; later chunks of this
                 # request are not loaded (they would be recomputed anyway).
@@ -61,7 +85,7 @@ class ChunkMover:
                     self._failed |= failed
                 self.tally.add("failed_chunks", len(job.chunks) - i)
                 return
-            src = self._staging[:, chunk.skip_blocks : chunk.skip_blocks + len(chunk.block_ids)]
+            src = staging.tensor[:, chunk.skip_blocks : chunk.skip_blocks + len(chunk.block_ids)]
             self.pages.scatter(self.pages.index(chunk.block_ids), src)
             self.tally.add("loaded_bytes", self.chunk_bytes)
             self.tally.add("load_seconds", _now() - t0)
@@ -75,8 +99,8 @@ class ChunkMover:
         for job in plan.saves:
             for chunk, key in zip(job.chunks, self.keys(job.chunks), strict=True):
                 t0 = _now()
-                self.pages.gather(self.pages.index(chunk.block_ids), self._staging)
-                self.store.write_chunk(key, [self._view])
+                self.pages.gather(self.pages.index(chunk.block_ids), self._staging.tensor)
+                self.store.write_chunk(key, [self._staging.view])
                 self.tally.add("saved_bytes", self.chunk_bytes)
                 self.tally.add("save_seconds", _now() - t0)
 
@@ -85,3 +109,21 @@ class ChunkMover:
         with self._lock:
             failed, self._failed = self._failed, set()
         return failed
+
+    def take_received(self) -> set[str]:
+        """Requests whose background load ended (loaded or failed) since the last call; their
+        failed blocks are in `take_failed` by then."""
+        with self._lock:
+            received, self._received = self._received, set()
+        return received
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True)
+
+
+class Staging:
+    """A host buffer for one chunk, (L, k, P) bytes, and the byte view kvtier copies through."""
+
+    def __init__(self, shape: tuple[int, int, int], pin: bool) -> None:
+        self.tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        self.view = memoryview(self.tensor.numpy()).cast("B")  # type: ignore[arg-type]
