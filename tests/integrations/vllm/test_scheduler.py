@@ -266,6 +266,15 @@ def make_engine(
         engine.connector.shutdown()
 
 
+def store_in_kvtier_only(engine: Engine, tokens: list[int]) -> list[Key]:
+    """Run a request for `tokens` to the end, then empty vLLM's own prefix cache: only
+    kvtier holds their KV. Returns their chunk keys."""
+    engine.add("a", tokens, max_tokens=1)
+    engine.run()
+    assert engine.scheduler.reset_prefix_cache()
+    return engine.keys(tokens)
+
+
 def prompt(n: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(3, 512, n)]
@@ -361,11 +370,8 @@ def test_hit_loads_whole_chunks_but_never_the_last_token(
     is saved again, not even the one recomputed for the last token."""
     engine = make_engine()
     tokens = prompt(length)
-    engine.add("a", tokens, max_tokens=1)
-    engine.run()
-    keys = engine.keys(tokens)
+    keys = store_in_kvtier_only(engine, tokens)
     assert engine.connector.store.locate(keys).chunks == length // CHUNK
-    assert engine.scheduler.reset_prefix_cache()
 
     engine.add("b", tokens, max_tokens=2)
     first = engine.step()
@@ -388,10 +394,7 @@ def test_local_prefix_hit_inside_a_chunk_loads_only_its_remaining_blocks(
     the blocks vLLM has and fills only the rest of that chunk, then whole chunks."""
     engine = make_engine()
     tokens = prompt(200)
-    engine.add("a", tokens, max_tokens=1)
-    engine.run()
-    keys = engine.keys(tokens)
-    assert engine.scheduler.reset_prefix_cache()
+    keys = store_in_kvtier_only(engine, tokens)
     engine.add("x", tokens[: local_tokens + 8], max_tokens=1)  # leaves local_tokens cached
     engine.run()
 
@@ -417,10 +420,7 @@ def test_load_error_rolls_back_to_the_failed_chunk_and_recomputes(
     token, recomputes from there and completes it; the recomputed chunks are saved again."""
     engine = make_engine()
     tokens = prompt(200)
-    engine.add("a", tokens, max_tokens=1)
-    engine.run()
-    keys = engine.keys(tokens)
-    assert engine.scheduler.reset_prefix_cache()
+    keys = store_in_kvtier_only(engine, tokens)
 
     engine.worker.lost = {keys[1]}
     request = engine.add("b", tokens, max_tokens=3)
@@ -445,10 +445,7 @@ def test_async_load_parks_the_request_until_the_workers_report_it(
     in the background; once they report it received, it computes only its last token(s)."""
     engine = make_engine(load_async=True)
     tokens = prompt(200)
-    engine.add("a", tokens, max_tokens=1)
-    engine.run()
-    keys = engine.keys(tokens)
-    assert engine.scheduler.reset_prefix_cache()
+    keys = store_in_kvtier_only(engine, tokens)
 
     request = engine.add("b", tokens, max_tokens=2)
     first = engine.step()
@@ -471,10 +468,7 @@ def test_failed_async_load_is_recomputed_and_saved_again(
     failed chunk, and the recomputed chunks are saved again."""
     engine = make_engine(load_async=True)
     tokens = prompt(200)
-    engine.add("a", tokens, max_tokens=1)
-    engine.run()
-    keys = engine.keys(tokens)
-    assert engine.scheduler.reset_prefix_cache()
+    keys = store_in_kvtier_only(engine, tokens)
 
     engine.worker.lost = {keys[2]}
     request = engine.add("b", tokens, max_tokens=2)
