@@ -41,6 +41,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from kvtier.integrations.vllm.connector import KvtierConnector, KvtierMetadata
+from kvtier.integrations.vllm.metrics import KvtierStats
 from kvtier.integrations.vllm.node import stop_nodes
 from kvtier.integrations.vllm.plan import ChunkCopy, StepPlan
 from kvtier.keys import Key, chain_keys, root_key
@@ -165,6 +166,7 @@ class Engine:
     scheduler: Scheduler
     worker: FakeWorker
     steps: list[Step] = field(default_factory=list)
+    connector_stats: list[dict[str, float]] = field(default_factory=list)  # as vLLM logs them
 
     @property
     def connector(self) -> KvtierConnector:
@@ -206,7 +208,10 @@ class Engine:
                 invalid_block_ids=failed, finished_recving=received or None
             ),
         )
-        scheduler.update_from_output(output, result)
+        for outputs in scheduler.update_from_output(output, result).values():
+            stats = outputs.scheduler_stats
+            if stats is not None and stats.kv_connector_stats:
+                self.connector_stats.append(stats.kv_connector_stats)
         step = Step(output, plan, tables)
         self.steps.append(step)
         return step
@@ -255,6 +260,7 @@ def make_engine(
             kv_cache_config=kv_cache,
             structured_output_manager=StructuredOutputManager(config),
             block_size=BLOCK,
+            log_stats=True,
         )
         assert isinstance(scheduler.connector, KvtierConnector)
         engine = Engine(scheduler, FakeWorker(scheduler.connector))
@@ -384,6 +390,24 @@ def test_hit_loads_whole_chunks_but_never_the_last_token(
     assert saved(engine, "b") == []
     assert sum(len(loaded(step, "b")) for step in engine.steps) == hit_chunks
     assert_no_leaks(engine)
+
+
+def test_stats_count_lookups_and_hit_tokens_by_tier(make_engine: Callable[..., Engine]) -> None:
+    """The scheduler side reports each admitted request once, and the tokens kvtier supplied
+    beyond vLLM's own hit under the tier that holds them (the node process: `remote`)."""
+    engine = make_engine()
+    tokens = prompt(200)
+    store_in_kvtier_only(engine, tokens)
+    first = len(engine.connector_stats)
+    engine.add("x", tokens[:72], max_tokens=1)  # vLLM's own cache then holds 64 tokens
+    engine.run()
+    engine.add("b", tokens, max_tokens=1)
+    engine.run()
+    stats = KvtierStats()
+    for data in engine.connector_stats[first:]:
+        stats.aggregate(KvtierConnector.build_kv_connector_stats(data))
+    assert stats.data == {"lookups": 2, "hit_tokens/remote": 64 + 2 * CHUNK}
+    assert stats.reduce()["hit_tokens"] == 64 + 2 * CHUNK
 
 
 @pytest.mark.parametrize("local_tokens", [32, 96])

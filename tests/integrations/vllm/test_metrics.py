@@ -1,0 +1,63 @@
+"""The connector's figures as vLLM aggregates, logs and exports them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvtier.integrations.vllm.connector import KvtierConnector
+from kvtier.integrations.vllm.metrics import KvtierStats
+
+
+def test_stats_add_up_and_reduce_to_rates() -> None:
+    """Deltas from the scheduler and every worker add up; the summary has the hit tokens in
+    all and by tier, and GB/s from bytes over seconds."""
+    scheduler = KvtierStats(data={"lookups": 2, "hit_tokens/remote": 512})
+    worker0 = KvtierConnector.build_kv_connector_stats(
+        {"loaded_bytes": 2e9, "load_seconds": 1.0, "saved_bytes": 1e9, "save_seconds": 4.0}
+    )
+    worker1 = KvtierConnector.build_kv_connector_stats({"loaded_bytes": 2e9, "load_seconds": 1.0})
+    total = scheduler.aggregate(worker0).aggregate(worker1)
+    summary = total.reduce()
+    assert summary["hit_tokens"] == 512 and summary["hit_tokens/remote"] == 512
+    assert summary["load_GBps"] == 2.0 and summary["save_GBps"] == 0.25
+    assert summary["loaded_bytes"] == 4e9 and summary["lookups"] == 2
+    assert not total.is_empty()
+    total.reset()
+    assert total.is_empty()
+
+
+def test_prometheus_counters_per_engine_and_tier() -> None:
+    """Observed deltas accumulate in `kvtier_vllm_*_total` counters labelled by engine, and
+    hit tokens also by tier."""
+    registry = CollectorRegistry()
+
+    def bound(cls: type) -> type:
+        class Bound(cls):  # type: ignore[valid-type,misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, registry=registry, **kwargs)
+
+        return Bound
+
+    metrics = KvtierConnector.build_prom_metrics(
+        SimpleNamespace(kv_transfer_config=None),
+        {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)},
+        ["model_name", "engine"],
+        {0: ["m", "0"], 1: ["m", "1"]},
+    )
+    metrics.observe({"hit_tokens/remote": 256, "loaded_bytes": 1000, "failed_chunks": 1}, 0)
+    metrics.observe({"hit_tokens/remote": 64, "hit_tokens/dram": 32}, 0)
+    metrics.observe({"saved_bytes": 5}, 1)
+    value = registry.get_sample_value
+    engine0 = {"model_name": "m", "engine": "0"}
+    assert value("kvtier_vllm_hit_tokens_total", {**engine0, "tier": "remote"}) == 320
+    assert value("kvtier_vllm_hit_tokens_total", {**engine0, "tier": "dram"}) == 32
+    assert value("kvtier_vllm_loaded_bytes_total", engine0) == 1000
+    assert value("kvtier_vllm_failed_chunks_total", engine0) == 1
+    assert value("kvtier_vllm_saved_bytes_total", {"model_name": "m", "engine": "1"}) == 5
