@@ -23,6 +23,7 @@ BENCHMARKS = {
     "agent": ("kvtier.bench.workload", "ReAct agent workload"),
     "rag": ("kvtier.bench.workload", "RAG documents with Zipf popularity"),
     "trace": ("kvtier.bench.workload", "replay a Mooncake-format JSONL trace"),
+    "vllm": ("kvtier.bench.vllm", "chat, agent and no-reuse workloads on a real vLLM engine"),
 }
 
 

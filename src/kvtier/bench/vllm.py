@@ -1,0 +1,260 @@
+"""`kvtier bench vllm`: chat and agent sessions, and a workload with no reuse, against a real
+vLLM engine, with more live sessions than vLLM's KV cache holds.
+
+Configurations, each in fresh engine processes (`kvtier.bench.vllm_engine`, one per engine,
+driven over JSON lines: no HTTP server or tokenizer in the timed path, and the engine core
+runs in that process so TTFT is timed around `LLMEngine.step()` and the connector's counters
+are readable): `vllm` (vLLM alone, its prefix cache on), `kvtier` (the connector, node-local
+DRAM + disk), `shared` (two engines, each with its own node-local DRAM + disk, and a kvtier
+server behind both; requests go to the engines round-robin, no session routing).
+
+Requests run one at a time in arrival order (TTFT is the service time); the no-reuse workload
+runs as one batch (throughput). The default model is a random-weight Llama built here (CPU,
+float32); `--model DIR` serves a real checkpoint (e.g. on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tqdm import tqdm
+
+from kvtier.bench import vllm_report as rep
+from kvtier.bench import workloads as wl
+from kvtier.bench.vllm_engine import EngineProcess
+from kvtier.bench.vllm_model import Fleet, Model, build_default, describe
+from kvtier.config import env_default
+
+BLOCK_TOKENS = 32
+CONFIGS = ("vllm", "kvtier", "shared")
+CHAT = wl.ChatSpec(
+    users=16, rounds=5, system_tokens=256, user_tokens=(128, 384), answer_tokens=(64, 192),
+    think_s=30.0, start_window_s=60.0,
+)  # fmt: skip
+AGENT = wl.AgentSpec(
+    sessions=6, steps=6, roles=2, context_tokens=(1024, 1536), thought_tokens=(32, 64),
+    observation_tokens=(96, 256), step_s=4.0, parallel_every=3, parallel_calls=2, subagents=1,
+    subagent_steps=1, pause_every=3, idle_s=60.0, start_window_s=30.0,
+)  # fmt: skip
+DEFAULT_MODEL = {
+    "num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 1536,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class NoReuseSpec:
+    """Unique prompts sharing no token: nothing for any cache to reuse."""
+
+    requests: int = 24
+    prompt_tokens: int = 512
+    seed: int = 0
+
+
+def noreuse(spec: NoReuseSpec) -> Iterator[wl.Request]:
+    for i in range(spec.requests):
+        yield wl.Request(0.0, f"n{i}", wl.segment(spec.seed + 1000, i, spec.prompt_tokens), 1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", default=env_default("KVTIER_BENCH_MODEL"), help="checkpoint dir (GPU)")
+    add("--chunk-tokens", type=int, default=env_default("KVTIER_CHUNK_TOKENS", "64"))
+    add("--users", type=int, default=env_default("KVTIER_BENCH_USERS"), help="chat users")
+    add("--sessions", type=int, default=env_default("KVTIER_BENCH_SESSIONS"), help="agents")
+    add("--gen-tokens", type=int, default=env_default("KVTIER_BENCH_GEN_TOKENS", "4"))
+    add("--slo-ms", type=float, default=env_default("KVTIER_BENCH_SLO_MS", "1500"))
+    add("--workloads", default=env_default("KVTIER_BENCH_WORKLOADS", "chat,agent,noreuse"))
+    add("--seed", type=int, default=env_default("KVTIER_BENCH_SEED", "0"))
+    add("--json", action="store_true", help="print one JSON object")
+    add("--out", type=Path, default=env_default("KVTIER_BENCH_OUT", "results"))
+    add("--work-dir", type=Path, default=env_default("KVTIER_BENCH_WORK_DIR"))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = bench(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"kvtier bench vllm: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else rep.markdown(result))
+    return 0
+
+
+def workloads(args: argparse.Namespace) -> dict[str, list[wl.Request]]:
+    """The requests of each chosen workload, in arrival order."""
+    chat = CHAT if args.users is None else _replace(CHAT, users=int(args.users))
+    agent = AGENT if args.sessions is None else _replace(AGENT, sessions=int(args.sessions))
+    makers = {
+        "chat": lambda: wl.chat(_replace(chat, seed=args.seed)),
+        "agent": lambda: wl.agent(_replace(agent, seed=args.seed)),
+        "noreuse": lambda: noreuse(NoReuseSpec(seed=args.seed)),
+    }
+    chosen = [w.strip() for w in str(args.workloads).split(",") if w.strip()]
+    unknown = sorted(set(chosen) - set(makers))
+    if unknown or not chosen:
+        raise ValueError(f"--workloads: unknown {unknown}; choose from {', '.join(makers)}")
+    return {w: list(makers[w]()) for w in chosen}
+
+
+def _replace(spec: Any, **changes: Any) -> Any:
+    return type(spec)(**{**asdict(spec), **changes})
+
+
+class Sizing(NamedTuple):
+    kv_cache_tokens: int  # vLLM's KV cache
+    sessions_held: float  # average sessions' contexts that fit in it
+    sessions: int
+    context_tokens: int  # every session's longest context, summed
+    max_model_len: int
+
+
+def sizing(requests: list[wl.Request], gen_tokens: int) -> Sizing:
+    """vLLM's KV cache holds ~1/4 of the sessions' contexts (never less than the longest
+    request, which vLLM refuses to start without)."""
+    context: dict[str, int] = {}
+    for r in requests:
+        context[r.session] = max(context.get(r.session, 0), len(r.tokens) + gen_tokens)
+    total = sum(context.values())
+    longest = -(-(max(context.values()) + 1) // BLOCK_TOKENS) * BLOCK_TOKENS
+    # vLLM keeps one block back (its null block)
+    tokens = -(-max(total // 4, longest + BLOCK_TOKENS) // BLOCK_TOKENS) * BLOCK_TOKENS
+    return Sizing(tokens, tokens / (total / len(context)), len(context), total, longest)
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    works = workloads(args)
+    with tempfile.TemporaryDirectory(prefix="kvtier-bench-vllm-", dir=args.work_dir) as tmp:
+        root = Path(tmp)
+        model = describe(Path(args.model)) if args.model else build_default(root, DEFAULT_MODEL)
+        total = sum(len(reqs) * (2 if w == "noreuse" else 3) for w, reqs in works.items())
+        passes: dict[str, dict[str, list[rep.Record]]] = {}
+        summaries: dict[str, dict[str, dict[str, Any]]] = {}
+        sizes: dict[str, Any] = {}
+        with tqdm(total=total, desc="bench vllm", unit="req", file=sys.stderr) as bar:
+            for work, reqs in works.items():
+                size = sizing(reqs, int(args.gen_tokens))
+                sizes[work] = size._asdict()
+                spec = model.spec(size.kv_cache_tokens, size.max_model_len)
+                kv_bytes = size.context_tokens * model.kv_bytes_per_token
+                passes[work], summaries[work] = {}, {}
+                for config in CONFIGS[:2] if work == "noreuse" else CONFIGS:
+                    bar.set_description(f"{work} {config}")
+                    pass_dir = root / f"{work}-{config}"
+                    pass_dir.mkdir()
+                    with Fleet(config, spec, pass_dir, int(args.chunk_tokens), kv_bytes) as fleet:
+                        recs, wall = _pass(fleet, work, reqs, model.vocab_size, args, bar)
+                    passes[work][config] = recs
+                    summaries[work][config] = rep.summary(recs, wall, float(args.slo_ms))
+    return _result(args, model, works, passes, summaries, sizes, time.perf_counter() - start)
+
+
+def _pass(
+    fleet: Fleet,
+    work: str,
+    requests: list[wl.Request],
+    vocab: int,
+    args: argparse.Namespace,
+    bar: tqdm[Any],
+) -> tuple[list[rep.Record], float]:
+    """Requests one at a time in arrival order, round-robin over the fleet's engines (the
+    no-reuse workload: one batch); the records and the engines' busy time."""
+    if work == "noreuse":
+        return _batch(fleet.engines[0], requests, vocab, bar)
+    records = []
+    wall = 0.0
+    for i, r in enumerate(requests):
+        engine = i % len(fleet.engines)
+        reply = fleet.engines[engine].run([_job(f"{i}", r, vocab, int(args.gen_tokens))])
+        wall += reply["wall_s"]
+        records.append(_record(f"{i}", r, engine, reply, 0, True))
+        bar.update()
+    return records, wall
+
+
+def _job(rid: str, r: wl.Request, vocab: int, gen_tokens: int) -> dict[str, Any]:
+    """Token ids folded into the model's vocabulary; greedy, at most `gen_tokens` tokens."""
+    prompt = (r.tokens % vocab).tolist()
+    return {"id": rid, "prompt": prompt, "max_tokens": min(r.output_tokens, gen_tokens)}
+
+
+def _batch(
+    engine: EngineProcess, requests: list[wl.Request], vocab: int, bar: tqdm[Any]
+) -> tuple[list[rep.Record], float]:
+    jobs = [{"id": f"{i}", "prompt": (r.tokens % vocab).tolist(), "max_tokens": 1}
+            for i, r in enumerate(requests)]  # fmt: skip
+    reply = engine.run(jobs)
+    bar.update(len(requests))
+    return [_record(f"{i}", r, 0, reply, i, False) for i, r in enumerate(requests)], reply["wall_s"]
+
+
+def _record(
+    rid: str, r: wl.Request, engine: int, reply: dict[str, Any], index: int, alone: bool
+) -> rep.Record:
+    """One request's record; kvtier's loaded tokens are split over the node's tiers in
+    proportion to the chunks each served (exact when the request ran `alone`; a batch's
+    kvtier tokens are not attributed to its requests)."""
+    out = reply["results"][index]
+    loaded = int(reply["kvtier_tokens"]) if alone else 0
+    chunks = {t: int(n) for t, n in reply["tier_chunks"].items() if t in ("dram", "disk", "remote")}
+    served = sum(chunks.values())
+    hits = {t: round(loaded * n / served) for t, n in chunks.items()} if served else {}
+    hits["gpu"] = int(out["cached"]) - loaded
+    return {
+        "id": rid, "session": r.session, "turn": r.turn, "arrival_s": r.arrival_s,
+        "prompt_tokens": len(r.tokens), "engine": engine, "ttft_s": out["ttft_s"],
+        "tokens": out["tokens"], "cached": int(out["cached"]), "hits": hits,
+    }  # fmt: skip
+
+
+def _result(
+    args: argparse.Namespace,
+    model: Model,
+    works: dict[str, list[wl.Request]],
+    passes: dict[str, dict[str, list[rep.Record]]],
+    summaries: dict[str, dict[str, dict[str, Any]]],
+    sizes: dict[str, Any],
+    wall_s: float,
+) -> dict[str, Any]:
+    base = summaries.get("noreuse", {}).get(rep.BASE)
+    prefill = base["throughput_tokens_s"] if base else 0.0
+    result: dict[str, Any] = {
+        "benchmark": "vllm",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": {"name": model.name, "kv_bytes_per_token": model.kv_bytes_per_token},
+        "device": model.device,
+        "chunk_tokens": int(args.chunk_tokens),
+        "gen_tokens": int(args.gen_tokens),
+        "slo_ms": float(args.slo_ms),
+        "slo_method": "modelled from measured service times: 2,000 Poisson arrivals, the "
+        "pass's service times cycled in order, round-robin over its engines, one request at a "
+        "time per engine (FIFO); highest rate with TTFT p90 <= SLO",
+        "sizing": sizes,
+        "break_even": {
+            "prefill_tokens_s": prefill,
+            "bytes_per_s": prefill * model.kv_bytes_per_token,
+            "how": "KV bytes per token x prefill tokens/s of vLLM alone on the no-reuse batch",
+        },
+        "workloads": {w: len(reqs) for w, reqs in works.items()},
+        "summaries": summaries,
+        "headline": rep.headline(passes, summaries, BLOCK_TOKENS),
+        "wall_s": wall_s,
+    }
+    result.update(result["headline"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vllm.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / "vllm_requests.json").write_text(json.dumps(passes))
+    (out / "vllm.md").write_text(rep.markdown(result))
+    rep.plot(out / "vllm.png", result)
+    result["files"] = [str(out / f"vllm.{ext}") for ext in ("json", "md", "png")]
+    return result

@@ -1,0 +1,212 @@
+"""One vLLM engine for `kvtier bench vllm`, in its own process, driven over JSON lines.
+
+    python -m kvtier.bench.vllm_engine SPEC_JSON
+
+SPEC: model, dtype, block_size, max_model_len, kv_cache_bytes and `extra` (the connector's
+`kv_connector_extra_config`, or null for vLLM alone). The engine core runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), so the timing is one loop around `LLMEngine.step()` and
+the connector's counters are readable. Each stdin line `{"requests": [...]}` (id, prompt,
+max_tokens) adds the requests at once and steps until all finish; the reply (one stdout line
+starting "KVB ") gives each request's TTFT (add -> first output token), generated tokens and
+cached prompt tokens, plus the kvtier tokens loaded and the node tiers' chunk hits.
+
+`EngineProcess` is the driver's side: it starts the process and sends the lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from kvtier.server.protocol import HEADER_BYTES, Op, pack_header, parse_header
+
+PREFIX = "KVB "
+START_TIMEOUT_S = 600.0
+
+
+class EngineProcess:
+    """A running engine process; `run(requests)` returns its reply dict."""
+
+    def __init__(self, spec: dict[str, Any], log_path: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "kvtier.bench.vllm_engine", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+        )  # fmt: skip
+        self.log_path = log_path
+        self.info = self._reply()
+
+    def run(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"requests": requests}) + "\n")
+        self._proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(PREFIX):
+                reply: dict[str, Any] = json.loads(line[len(PREFIX) :])
+                return reply
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the vLLM engine process exited ({self.log_path}):\n{tail}")
+
+    def close(self) -> None:
+        if self._proc.stdin is not None and self._proc.poll() is None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+
+# -- inside the engine process ---------------------------------------------------------------
+
+
+def _build(spec: dict[str, Any]) -> Any:
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    transfer = None
+    if spec.get("extra") is not None:
+        transfer = KVTransferConfig(
+            kv_connector="KvtierConnector",
+            kv_connector_module_path="kvtier.integrations.vllm",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=spec["extra"],
+        )
+    return LLM(
+        model=spec["model"],
+        skip_tokenizer_init=True,
+        enforce_eager=spec.get("enforce_eager", True),
+        dtype=spec["dtype"],
+        block_size=spec["block_size"],
+        max_model_len=spec["max_model_len"],
+        kv_cache_memory_bytes=spec["kv_cache_bytes"],
+        enable_prefix_caching=True,
+        kv_transfer_config=transfer,
+        disable_log_stats=True,
+    )
+
+
+class HitCounter:
+    """Tokens kvtier's connector served, read from the connector's stats (vLLM's public
+    `get_kv_connector_stats`, drained by the scheduler each step: this wraps it and keeps
+    a running total of its `hit_tokens/<tier>` counters)."""
+
+    def __init__(self, llm: Any) -> None:
+        self.tokens = 0.0
+        core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+        connector = getattr(getattr(core, "scheduler", None), "connector", None)
+        if connector is not None:
+            drain = connector.get_kv_connector_stats
+
+            def counted() -> Any:
+                stats = drain()
+                for name, value in (getattr(stats, "data", None) or {}).items():
+                    if name.startswith("hit_tokens/"):
+                        self.tokens += value
+                return stats
+
+            connector.get_kv_connector_stats = counted
+
+
+def node_tier_hits(node_dir: str | None) -> dict[str, int]:
+    """Chunk hits per tier of the node-local kvtier process(es) under `node_dir`."""
+    hits: dict[str, int] = {}
+    for info_path in Path(node_dir).glob("*/node.json") if node_dir else []:
+        info = json.loads(info_path.read_text())
+        for name, tier in _server_stats(int(info["port"]), str(info["token"])).items():
+            hits[name] = hits.get(name, 0) + int(tier.get("hits", 0))
+    return hits
+
+
+def _server_stats(port: int, token: str) -> dict[str, dict[str, Any]]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        f: BinaryIO = sock.makefile("rwb")  # type: ignore[assignment]
+        _call(f, Op.HELLO, token.encode())
+        tiers: dict[str, dict[str, Any]] = json.loads(_call(f, Op.STATS, b""))["tiers"]
+        return tiers
+
+
+def _call(f: BinaryIO, op: Op, payload: bytes) -> bytes:
+    f.write(pack_header(op, 1, 0, len(payload)) + payload)
+    f.flush()
+    header = parse_header(f.read(HEADER_BYTES))
+    body = f.read(header.body_bytes)
+    if header.status:
+        raise RuntimeError(f"kvtier node refused {op.name}: {body.decode(errors='replace')}")
+    return body
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def _serve(
+    llm: Any, hits: HitCounter, requests: list[dict[str, Any]], node_dir: str | None
+) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    loaded, tiers = hits.tokens, node_tier_hits(node_dir)
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    done: dict[str, dict[str, Any]] = {}
+    ours: dict[str, str] = {}  # vLLM may append a suffix to an id
+    for r in requests:
+        params = SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, detokenize=False)
+        prompt = TokensPrompt(prompt_token_ids=r["prompt"])
+        ours[engine.add_request(r["id"], prompt, params)] = ours[r["id"]] = r["id"]
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now, rid = time.perf_counter() - start, ours[out.request_id]
+            if out.outputs and out.outputs[0].token_ids and rid not in first:
+                first[rid] = now
+            if out.finished:
+                done[rid] = {
+                    "id": rid,
+                    "ttft_s": first.get(rid, now),
+                    "done_s": now,
+                    "tokens": list(out.outputs[0].token_ids),
+                    "cached": int(out.num_cached_tokens or 0),
+                }
+    wall = time.perf_counter() - start
+    return {
+        "results": [done[r["id"]] for r in requests],
+        "wall_s": wall,
+        "kvtier_tokens": round(hits.tokens - loaded),
+        "tier_chunks": _delta(node_tier_hits(node_dir), tiers),
+    }
+
+
+def main() -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    spec = json.loads(sys.argv[1])
+    start = time.perf_counter()
+    llm = _build(spec)
+    hits = HitCounter(llm)
+    warm = [{"id": "warm-up", "prompt": [0] * 2 * spec["block_size"], "max_tokens": 2}]
+    _serve(llm, hits, warm, None)  # first-step costs out of the first measured request
+    node_dir = (spec.get("extra") or {}).get("node_dir")
+    print(PREFIX + json.dumps({"start_s": time.perf_counter() - start}), flush=True)
+    for line in sys.stdin:
+        reply = _serve(llm, hits, json.loads(line)["requests"], node_dir)
+        print(PREFIX + json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()

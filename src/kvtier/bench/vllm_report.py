@@ -1,0 +1,225 @@
+"""The pure half of `kvtier bench vllm`: per-request records -> figures, markdown and plot.
+
+A record is one request as a configuration served it: id, session, turn, arrival_s,
+prompt_tokens, engine, ttft_s, tokens (generated ids), cached (prompt tokens not computed),
+hits (tokens by tier: gpu = vLLM's own prefix cache, dram, disk, remote).
+
+- Returning turns: turns of a session whose previous prompt vLLM alone no longer held (its
+  own prefix hit fell short of that prompt's whole blocks).
+- SLO rate (modelled): Poisson arrivals at rate R (2,000 of them, seeded), the pass's
+  measured service times (each request's TTFT when it ran alone) taken in the pass's order
+  and cycled, requests sent round-robin to the pass's engines, each engine serving one at a
+  time first come first served; the highest R whose p90 TTFT (wait + service) stays within
+  the SLO, found by bisection. A rate beyond an engine's capacity grows its queue without
+  bound over 2,000 arrivals, so the answer is a sustainable rate, not a burst.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtier.bench.costmodel import TIERS
+from kvtier.bench.metrics import percentiles_ms
+
+Record = dict[str, Any]
+BASE = "vllm"  # the configuration every ratio divides by
+
+
+def returning_ids(base: Sequence[Record], block_tokens: int) -> set[str]:
+    """Ids of turns whose session's previous prompt vLLM alone had (partly) evicted."""
+    previous: dict[str, int] = {}
+    out = set()
+    for r in base:
+        before = previous.get(r["session"])
+        if before is not None and r["cached"] < before // block_tokens * block_tokens:
+            out.add(r["id"])
+        previous[r["session"]] = r["prompt_tokens"]
+    return out
+
+
+def p50_ratio(records: Mapping[str, Sequence[Record]], ids: set[str], config: str) -> float:
+    """p50 TTFT of `config` over `ids` divided by vLLM alone's (nan without such turns)."""
+    mine = [r["ttft_s"] for r in records[config] if r["id"] in ids]
+    base = [r["ttft_s"] for r in records[BASE] if r["id"] in ids]
+    if not mine or not base:
+        return math.nan
+    return float(np.median(mine) / np.median(base))
+
+
+def differing_tokens(base: Sequence[Record], other: Sequence[Record]) -> int:
+    """Generated tokens that differ from vLLM alone's, position by position (a length
+    difference counts every missing position)."""
+    by_id = {r["id"]: r["tokens"] for r in base}
+    total = 0
+    for r in other:
+        want, got = by_id[r["id"]], r["tokens"]
+        total += sum(a != b for a, b in zip(want, got, strict=False))
+        total += abs(len(want) - len(got))
+    return total
+
+
+def p90_at_rate(service_s: Sequence[float], engines: int, rate: float, arrivals: int) -> float:
+    """p90 TTFT of `arrivals` Poisson arrivals at `rate`, round-robin over FIFO engines."""
+    gaps = np.random.default_rng(0).exponential(1.0 / rate, arrivals)
+    free = [0.0] * engines
+    ttft = np.empty(arrivals)
+    for i, at in enumerate(np.cumsum(gaps)):
+        engine = i % engines
+        done = max(at, free[engine]) + service_s[i % len(service_s)]
+        free[engine] = done
+        ttft[i] = done - at
+    return float(np.percentile(ttft, 90))
+
+
+def slo_rate(service_s: Sequence[float], engines: int, slo_s: float, arrivals: int = 2000) -> float:
+    """The highest Poisson arrival rate (req/s) whose p90 TTFT stays within `slo_s`."""
+    if not service_s or float(np.percentile(service_s, 90)) > slo_s:
+        return 0.0
+    low, high = 0.0, engines / float(np.mean(service_s))  # beyond `high` queues grow forever
+    for _ in range(20):
+        mid = (low + high) / 2
+        if mid > 0 and p90_at_rate(service_s, engines, mid, arrivals) <= slo_s:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def summary(records: Sequence[Record], wall_s: float, slo_ms: float) -> dict[str, Any]:
+    """One pass's figures: TTFT, throughput over its wall time, hits by tier, SLO rate."""
+    tokens = sum(r["prompt_tokens"] for r in records)
+    engines = len({r["engine"] for r in records})
+    rate = slo_rate([r["ttft_s"] for r in records], engines, slo_ms / 1000.0)
+    turns = sorted({r["turn"] for r in records})
+    return {
+        "requests": len(records),
+        "prompt_tokens": tokens,
+        "hit_tokens_by_tier": {t: sum(r["hits"].get(t, 0) for r in records) for t in TIERS},
+        "ttft_ms": percentiles_ms([r["ttft_s"] for r in records]),
+        "ttft_ms_p50_by_turn": {
+            t: percentiles_ms([r["ttft_s"] for r in records if r["turn"] == t])["p50"]
+            for t in turns
+        },
+        "wall_s": wall_s,
+        "throughput_rps": len(records) / wall_s if wall_s else 0.0,
+        "throughput_tokens_s": tokens / wall_s if wall_s else 0.0,
+        "slo_rate_rps": rate,
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def headline(
+    passes: Mapping[str, Mapping[str, Sequence[Record]]],
+    summaries: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    block_tokens: int,
+) -> dict[str, Any]:
+    """The judged figures: kvtier / vLLM alone on returning turns (chat and agent pooled),
+    on the no-reuse workload, and at the SLO (the lower of chat and agent)."""
+    out: dict[str, Any] = {}
+    pooled: dict[str, list[Record]] = {}
+    ids: set[str] = set()
+    slo = []
+    for work in ("chat", "agent"):
+        if work not in passes:
+            continue
+        mine = returning_ids(passes[work][BASE], block_tokens)
+        out[f"returning_turns_{work}"] = len(mine)
+        for config in passes[work]:
+            if config != BASE:
+                out[f"ttft_p50_ratio_returning_{work}_{config}"] = p50_ratio(
+                    passes[work], mine, config
+                )
+            pooled.setdefault(config, []).extend(passes[work][config])
+        ids |= mine
+        s = summaries[work]
+        slo.append(_ratio(s["kvtier"]["slo_rate_rps"], s[BASE]["slo_rate_rps"]))
+        out[f"throughput_ratio_at_slo_{work}"] = slo[-1]
+    out["ttft_p50_ratio_returning"] = p50_ratio(pooled, ids, "kvtier") if ids else math.nan
+    out["throughput_ratio_at_slo"] = min(slo) if slo else math.nan
+    if "noreuse" in summaries:
+        s = summaries["noreuse"]
+        out["throughput_ratio_noreuse"] = _ratio(
+            s["kvtier"]["throughput_tokens_s"], s[BASE]["throughput_tokens_s"]
+        )
+    out["differing_tokens"] = sum(
+        differing_tokens(configs[BASE], recs)
+        for configs in passes.values()
+        for name, recs in configs.items()
+        if name != BASE
+    )
+    return out
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    h, bw = result["headline"], result["break_even"]
+    lines = [
+        "# kvtier bench vllm",
+        "",
+        f"model: {result['model']['name']} ({result['model']['kv_bytes_per_token']} KV bytes "
+        f"per token), {result['device']}; vLLM KV cache: {result['sizing']}",
+        f"break-even load bandwidth on this machine: {bw['bytes_per_s'] / 1e6:.1f} MB/s "
+        f"(KV bytes per token x measured prefill {bw['prefill_tokens_s']:.0f} tokens/s)",
+        f"SLO: TTFT p90 <= {result['slo_ms']:g} ms; rate at SLO is modelled from measured "
+        "service times (Poisson arrivals, round-robin, one request at a time per engine)",
+        "",
+        "| workload | config | requests | TTFT p50 / p90 ms | tokens/s | gpu | dram | disk "
+        "| remote | rate at SLO req/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for work, configs in result["summaries"].items():
+        for name, s in configs.items():
+            t, h_ = s["ttft_ms"], s["hit_tokens_by_tier"]
+            lines.append(
+                f"| {work} | {name} | {s['requests']} | {t['p50']:.0f} / {t['p90']:.0f} | "
+                f"{s['throughput_tokens_s']:.0f} | {h_['gpu']:,} | {h_['dram']:,} | "
+                f"{h_['disk']:,} | {h_['remote']:,} | {s['slo_rate_rps']:.3f} |"
+            )
+    lines.append("")
+    lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in h.items()]
+    lines.append(f"\nwall time: {result['wall_s']:.0f} s\n")
+    return "\n".join(lines)
+
+
+def plot(path: Path, result: Mapping[str, Any]) -> None:
+    """TTFT p50 by turn per workload and configuration; hit tokens by tier per pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = []
+    for work, configs in result["summaries"].items():
+        for name, s in configs.items():
+            names.append(f"{work}\n{name}")
+            hits = s["hit_tokens_by_tier"]
+            bottom = 0
+            for i, tier in enumerate(TIERS):
+                right.bar(len(names) - 1, hits[tier], bottom=bottom, color=f"C{i}",
+                          label=tier if len(names) == 1 else None)  # fmt: skip
+                bottom += hits[tier]
+            by_turn = s["ttft_ms_p50_by_turn"]
+            if work != "noreuse":
+                turns = sorted(by_turn, key=int)
+                style = "-" if work == "chat" else "--"
+                left.plot([int(t) for t in turns], [by_turn[t] for t in turns], marker="o",
+                          linestyle=style, label=f"{work} {name}")  # fmt: skip
+    bw = result["break_even"]["bytes_per_s"] / 1e6
+    left.set(xlabel="turn / step", ylabel="TTFT p50 ms (measured)", yscale="log",
+             title=f"{result['device']}; break-even load {bw:.0f} MB/s")  # fmt: skip
+    right.set_xticks(range(len(names)), names, fontsize=7)
+    right.set(ylabel="prompt tokens not computed, by tier")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

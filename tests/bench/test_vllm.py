@@ -1,0 +1,102 @@
+"""`kvtier bench vllm`'s pure parts: workload sizing, returning turns, token comparison, the
+SLO rate model and the judged JSON fields (no engine is started here)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from kvtier.bench import vllm as bench
+from kvtier.bench import vllm_report as rep
+
+
+def args(**changes: Any) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kvtier bench vllm")
+    bench.add_arguments(parser)
+    return parser.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in changes.items()])
+
+
+def record(i: int, session: str, prompt: int, cached: int, ttft: float, **kw: Any) -> rep.Record:
+    return {"id": str(i), "session": session, "turn": kw.get("turn", 0), "arrival_s": 0.0,
+            "prompt_tokens": prompt, "engine": kw.get("engine", 0), "ttft_s": ttft,
+            "tokens": kw.get("tokens", [1, 2]), "cached": cached,
+            "hits": kw.get("hits", {"gpu": cached})}  # fmt: skip
+
+
+def test_vllm_cache_holds_a_quarter_of_the_sessions() -> None:
+    """The default chat and agent workloads have four times the sessions vLLM's KV cache
+    holds, and the cache still fits the longest request (with vLLM's null block)."""
+    for work, reqs in bench.workloads(args(workloads="chat,agent")).items():
+        size = bench.sizing(reqs, 4)
+        longest = max(len(r.tokens) for r in reqs) + 4
+        assert size.kv_cache_tokens % bench.BLOCK_TOKENS == 0, work
+        assert size.kv_cache_tokens >= size.max_model_len + bench.BLOCK_TOKENS > longest
+        assert 3.0 <= size.sessions_held <= 5.0, (work, size)
+        assert size.sessions >= 4 * size.sessions_held * 0.9
+
+
+def test_noreuse_prompts_share_no_prefix_block() -> None:
+    """No two no-reuse prompts share their first block of tokens."""
+    reqs = bench.workloads(args(workloads="noreuse"))["noreuse"]
+    heads = {tuple(r.tokens[: bench.BLOCK_TOKENS].tolist()) for r in reqs}
+    assert len(heads) == len(reqs) == bench.NoReuseSpec().requests
+
+
+def test_returning_turns_are_those_vllm_evicted() -> None:
+    """A turn returns when vLLM alone's own hit fell short of the session's previous prompt
+    (whole blocks); a session's first turn never does."""
+    base = [
+        record(0, "a", 100, 0, 1.0),
+        record(1, "b", 100, 0, 1.0),
+        record(2, "a", 200, 96, 1.0, turn=1),  # kept a's 3 whole blocks
+        record(3, "b", 200, 32, 1.0, turn=1),  # lost part of b
+    ]
+    assert rep.returning_ids(base, 32) == {"3"}
+
+
+def test_ratios_and_differing_tokens() -> None:
+    """The judged fields: p50 ratio over returning turns, throughput ratios (no reuse, at
+    the SLO), and differing tokens counted position by position."""
+    base = [record(0, "a", 1000, 0, 2.0), record(1, "a", 1100, 0, 2.0, turn=1)]
+    mine = [record(0, "a", 1000, 0, 2.0), record(1, "a", 1100, 960, 0.5, turn=1, tokens=[1, 3])]
+    passes = {"chat": {"vllm": base, "kvtier": mine}}
+    summaries = {"chat": {n: rep.summary(r, 4.0, 3000) for n, r in passes["chat"].items()}}
+    n_base = [record(i, f"n{i}", 512, 0, 1.0) for i in range(4)]
+    n_mine = [record(i, f"n{i}", 512, 0, 1.0) for i in range(4)]
+    summaries["noreuse"] = {"vllm": rep.summary(n_base, 2.0, 3000),
+                            "kvtier": rep.summary(n_mine, 2.5, 3000)}  # fmt: skip
+    h = rep.headline(passes, summaries, 32)
+    assert h["ttft_p50_ratio_returning"] == 0.25
+    assert h["throughput_ratio_noreuse"] == 0.8
+    assert h["throughput_ratio_at_slo"] > 1.0
+    assert h["differing_tokens"] == 1
+    assert rep.differing_tokens(base, [record(0, "a", 1, 0, 1.0, tokens=[1])]) == 1
+
+
+def test_slo_rate_is_sustainable_and_monotone() -> None:
+    """The SLO rate never exceeds the engines' capacity, doubles with twice the engines or
+    half the service time (roughly), and is 0 when service alone misses the SLO."""
+    one = rep.slo_rate([0.5] * 10, 1, 2.0)
+    assert 0.0 < one < 2.0
+    assert rep.slo_rate([0.25] * 10, 1, 2.0) > 1.8 * one
+    assert rep.slo_rate([0.5] * 10, 2, 2.0) > 1.8 * one
+    assert rep.slo_rate([3.0] * 10, 1, 2.0) == 0.0
+    assert rep.p90_at_rate([0.5] * 10, 1, 2.5, 2000) > 2.0  # beyond capacity: unbounded
+
+
+def test_json_fields_and_markdown(tmp_path: Any) -> None:
+    """The result carries the judged fields as numbers and the markdown names the SLO and
+    the break-even bandwidth."""
+    base = [record(0, "a", 1000, 0, 2.0), record(1, "a", 1100, 0, 2.0, turn=1)]
+    summaries = {"chat": {"vllm": rep.summary(base, 4.0, 3000)}}
+    result = {
+        "model": {"name": "m", "kv_bytes_per_token": 8192}, "device": "CPU: 2 cores",
+        "sizing": {}, "slo_ms": 3000.0, "summaries": summaries, "wall_s": 1.0,
+        "break_even": {"bytes_per_s": 8192 * 1000.0, "prefill_tokens_s": 1000.0},
+        "headline": {"differing_tokens": 0, "ttft_p50_ratio_returning": math.nan},
+    }  # fmt: skip
+    text = rep.markdown(result)
+    assert "8.2 MB/s" in text and "3000 ms" in text
+    rep.plot(tmp_path / "p.png", result)
+    assert (tmp_path / "p.png").stat().st_size > 0
