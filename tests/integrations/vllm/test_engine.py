@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ pytest.importorskip("vllm")
 import numpy as np
 
 import kvtier
-from kvtier.bench.remote_io import RedisProcess
+from kvtier.bench.remote_io import RedisProcess, free_port
 from kvtier.integrations.vllm.node import stop_nodes
 from kvtier.server.server import ServerThread
 
@@ -156,3 +158,65 @@ def test_engines_share_through_redis(model_dir: Path, tmp_path: Path) -> None:
     assert written["cached"] == 0
     assert read["cached"] >= 512
     same_output(read, written)
+
+
+def test_openai_server_reuses_kvtier(model_dir: Path, work: Path) -> None:
+    """vLLM's OpenAI server loads the connector from --kv-transfer-config; after its own
+    prefix cache is reset, a repeated prompt's cached tokens come from kvtier (reported in
+    usage.prompt_tokens_details) and the completion is the same."""
+    transfer = {
+        "kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"chunk_tokens": CHUNK, **node(work, "openai")},
+    }
+    port = free_port()
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--skip-tokenizer-init", "--enforce-eager", "--dtype", "float32", "--block-size", "32",
+        "--max-model-len", "2048", "--kv-cache-memory-bytes", str(32 << 20),
+        "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details",
+        "--kv-transfer-config", json.dumps(transfer),
+    ]  # fmt: skip
+    log = open(work / "openai.log", "wb")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_up(base + "/health", server, timeout_s=240)
+        body = {"model": str(model_dir), "prompt": SHARED_300, "max_tokens": 4,
+                "temperature": 0, "return_token_ids": True}  # fmt: skip
+        first = post(base + "/v1/completions", body)
+        assert post(base + "/reset_prefix_cache", None) == {"success": True}
+        second = post(base + "/v1/completions", body)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (len(SHARED_300) - 1) // CHUNK * CHUNK
+    assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+
+
+def post(url: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    data = json.dumps(body).encode() if body is not None else b""
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        result: dict[str, Any] = json.loads(reply.read() or b"{}")
+    return result
+
+
+def wait_until_up(url: str, server: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "the OpenAI server exited; see openai.log"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the OpenAI server did not answer {url} within {timeout_s} s")
