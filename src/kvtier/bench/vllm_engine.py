@@ -76,17 +76,10 @@ class EngineProcess:
 
 def _build(spec: dict[str, Any]) -> Any:
     from vllm import LLM
-    from vllm.config import KVTransferConfig
 
-    transfer = None
-    if spec.get("extra") is not None:
-        transfer = KVTransferConfig(
-            kv_connector="KvtierConnector",
-            kv_connector_module_path="kvtier.integrations.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=spec["extra"],
-        )
+    from kvtier.integrations.vllm import kv_transfer_config
+
+    transfer = None if spec.get("extra") is None else kv_transfer_config(spec["extra"])
     return LLM(
         model=spec["model"],
         skip_tokenizer_init=True,

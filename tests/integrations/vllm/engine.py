@@ -16,16 +16,11 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    transfer = KVTransferConfig(
-        kv_connector="KvtierConnector",
-        kv_connector_module_path="kvtier.integrations.vllm",
-        kv_role="kv_both",
-        kv_load_failure_policy="recompute",
-        kv_connector_extra_config=spec["extra"],
-    )
+    from kvtier.integrations.vllm import kv_transfer_config
+
+    transfer = kv_transfer_config(spec["extra"])
     llm = LLM(
         model=spec["model"],
         skip_tokenizer_init=True,

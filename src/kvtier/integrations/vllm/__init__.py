@@ -1,18 +1,19 @@
-"""kvtier as a vLLM KV connector: `kvtier.integrations.vllm.KvtierConnector`.
+"""kvtier as a vLLM KV connector: `kvtier.integrations.vllm.KvtierConnector`, and
+`kv_transfer_config(extra)` that enables it.
 
-The class is imported lazily so that the pure parts (`plan`, `node`) load without vLLM.
+Both are imported lazily so that the pure parts (`plan`, `node`) load without vLLM.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KvtierConnector"]
+__all__ = ["KvtierConnector", "kv_transfer_config"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "KvtierConnector":
-        from kvtier.integrations.vllm.connector import KvtierConnector
+    if name in __all__:
+        from kvtier.integrations.vllm import connector
 
-        return KvtierConnector
+        return getattr(connector, name)
     raise AttributeError(name)

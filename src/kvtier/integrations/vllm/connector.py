@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.config import KVTransferConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -82,6 +83,18 @@ def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]
         )
     options["load_async"] = flag in ("true", "1")
     return replace(StoreConfig.from_env(), **changes), options
+
+
+def kv_transfer_config(extra: dict[str, Any]) -> KVTransferConfig:
+    """vLLM's `kv_transfer_config` that runs kvtier with these `kv_connector_extra_config`
+    keys (StoreConfig's fields and the connector's options), recomputing what fails to load."""
+    return KVTransferConfig(
+        kv_connector="KvtierConnector",
+        kv_connector_module_path="kvtier.integrations.vllm",
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config=dict(extra),
+    )
 
 
 class KvtierConnector(KVConnectorBase_V1):
