@@ -155,7 +155,7 @@ def test_dram_shm(tmp_path: Path) -> None:
     assert kvtier.StoreConfig().dram_shm is None
     with pytest.raises(kvtier.ConfigError, match="dram_shm is set but dram_bytes is not"):
         kvtier.StoreConfig(dram_bytes=None, dram_shm=tmp_path)
-    with pytest.raises(kvtier.ConfigError, match="dram_shm: .* is not a writable directory"):
+    with pytest.raises(kvtier.ConfigError, match=r"dram_shm: .* is not a writable directory"):
         kvtier.StoreConfig(dram_shm=tmp_path / "missing")
 
 

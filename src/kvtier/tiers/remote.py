@@ -12,6 +12,12 @@ GET wait at most `REPLY_TIMEOUT_S`, so a hung server never stalls a lookup for l
 moving GET/PUT bodies may take up to `TRANSFER_TIMEOUT_S` (a socket timeout bounds each
 send/recv, not the whole body). A pooled connection the server has closed (idle timeout) is
 noticed before it is used and replaced, without backoff.
+
+Same host: when a server on a loopback address keeps its DRAM tier in shared memory, each new
+connection asks MAP and, if the file it names can be mapped read-only (`shm.py`), loads go
+GET_LOCAL (the server pins the chunk and answers its offset) -> memcpy from the mapping ->
+RELEASE, instead of the chunk's bytes crossing the socket. A server that refuses MAP, or a file
+that cannot be mapped, leaves that server on plain GET.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import xxhash
 from kvtier.config import Endpoint, RemoteURL
 from kvtier.errors import AuthError, KvtierError, ProtocolError
 from kvtier.keys import Key
+from kvtier.pool import SharedFile
 from kvtier.server.protocol import (
     COUNT,
     HEADER_BYTES,
@@ -40,7 +47,8 @@ from kvtier.server.protocol import (
     pack_header,
     parse_header,
 )
-from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
+from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
+from kvtier.tiers.shm import SharedMapping, is_loopback, parse_map_reply
 
 log = logging.getLogger("kvtier.remote")
 IDLE_SOCKETS = 8
@@ -66,8 +74,12 @@ class Unavailable(KvtierError):
 
 
 class Refused(ProtocolError):
-    """The server answered one request with an error (and closes that connection): it is up,
-    so this is no reason to back off."""
+    """The server answered one request with an error (and closes that connection unless the
+    status is UNSUPPORTED): it is up, so this is no reason to back off."""
+
+    def __init__(self, message: str, status: int = Status.ERROR) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
@@ -100,6 +112,7 @@ class Connection:
         self._rid = 0
         self._head = memoryview(bytearray(HEADER_BYTES))
         self._timeout_s = sock.gettimeout()
+        self.mapping: SharedMapping | None = None  # the server's DRAM file, when mapped
 
     def waiting(self, timeout_s: float) -> Connection:
         """Let each following send/recv wait at most `timeout_s`; returns self."""
@@ -124,7 +137,7 @@ class Connection:
                 raise AuthError(f"token rejected by server {self.where}; check KVTIER_REMOTE_TOKEN")
             text = f"server {self.where} answered {_status_name(header)}: {message}"
             if header.status in (Status.ERROR, Status.UNSUPPORTED):
-                raise Refused(text)
+                raise Refused(text, header.status)
             raise ProtocolError(text)  # a status we do not know: not a server to trust
         if header.opcode != op or header.request_id != rid:
             raise ProtocolError(f"server {self.where} answered out of order")
@@ -158,7 +171,9 @@ def _status_name(header: Header) -> str:
 class ServerLink:
     """The sockets to one server: an idle pool, reconnection with exponential backoff."""
 
-    def __init__(self, endpoint: Endpoint, token: str, reply_timeout_s: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, token: str, reply_timeout_s: float, local_map: bool = True
+    ) -> None:
         self.endpoint = endpoint
         self.where = f"{endpoint.host}:{endpoint.port}"
         self._token = token
@@ -167,6 +182,8 @@ class ServerLink:
         self._idle: list[Connection] = []
         self._retry_at = 0.0
         self._backoff_s = BACKOFF_S[0]
+        self._map_wanted = local_map and is_loopback(endpoint.host)
+        self._mapping: SharedMapping | None = None
 
     def take(self) -> Connection:
         """An idle or new connection; raises Unavailable while backing off or when the
@@ -178,6 +195,10 @@ class ServerLink:
         with self._lock:
             if time.monotonic() < self._retry_at:
                 raise Unavailable(f"server {self.where} is backing off")
+        conn = self._connect()
+        return self._mapped(conn) if self._map_wanted else conn
+
+    def _connect(self) -> Connection:
         try:
             sock = socket.create_connection(self.endpoint, timeout=self._timeout_s)
         except OSError as exc:
@@ -195,6 +216,45 @@ class ServerLink:
             self.broken(conn, exc)
             raise Unavailable(f"server {self.where} failed the handshake: {exc}") from exc
         return conn
+
+    def _mapped(self, conn: Connection) -> Connection:
+        """Ask MAP on a new connection and attach the server's DRAM file, mapped; a server
+        that refuses (or whose file cannot be mapped) is not asked again."""
+        try:
+            header = conn.call(Op.MAP, [], [])
+            shared = parse_map_reply(conn.recv_bytes(header.payload_bytes))
+        except Refused as exc:
+            self._map_wanted = False
+            if exc.status == Status.UNSUPPORTED:
+                return conn
+            conn.close()  # a server without MAP closes the connection on its opcode
+            return self._connect()
+        except _FAILURES as exc:
+            self.broken(conn, exc)
+            raise Unavailable(f"server {self.where} failed MAP: {exc}") from exc
+        conn.mapping = self._mapping_of(shared)
+        return conn
+
+    def _mapping_of(self, shared: SharedFile) -> SharedMapping | None:
+        """The mapping of `shared` (one per server process: a restarted server has a new
+        file), or None when it cannot be mapped here."""
+        with self._lock:
+            current = self._mapping
+        if current is not None and current.shared == shared:
+            return current
+        try:
+            mapping = SharedMapping(shared)
+        except OSError as exc:
+            log.warning(
+                "kvtier remote tier: cannot map the DRAM file of %s (%s); loading over TCP",
+                self.where,
+                exc,
+            )
+            self._map_wanted = False
+            return None
+        with self._lock:
+            self._mapping = mapping
+        return mapping
 
     def _idle_connection(self) -> Connection | None:
         with self._lock:
@@ -243,12 +303,14 @@ class RemoteTier:
         token: str | None,
         timeout_s: float = REPLY_TIMEOUT_S,
         transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
+        local_map: bool = True,
     ) -> None:
+        """`local_map`: load from a same-host server's shared DRAM file when it offers one."""
         self.url = url
         self.max_chunk_bytes = LIMITS.max_chunk_bytes
         self._timeout_s = timeout_s
         self._transfer_s = max(timeout_s, transfer_timeout_s)
-        self._links = [ServerLink(ep, token or "", timeout_s) for ep in url.endpoints]
+        self._links = [ServerLink(ep, token or "", timeout_s, local_map) for ep in url.endpoints]
         self._lock = threading.Lock()
         self._count = Counters()
         try:
@@ -286,11 +348,10 @@ class RemoteTier:
             self._counted(misses=1)
             return False
         try:
-            conn.waiting(self._timeout_s).call(Op.GET, [key], [SIZE.pack(size)])
-            found = conn.waiting(self._transfer_s).recv_bytes(1) == b"\x01"
-            if found:
-                for view in dst:
-                    recv_exact(conn.sock, view)
+            if conn.mapping is not None:
+                found = self._get_local(conn, conn.mapping, key, dst)
+            else:
+                found = self._get(conn, key, dst)
         except _FAILURES as exc:
             link.broken(conn, exc)
             self._counted(misses=1, errors=1)
@@ -298,6 +359,34 @@ class RemoteTier:
         link.give(conn)
         self._counted(hits=int(found), misses=int(not found))
         return found
+
+    def _get(self, conn: Connection, key: Key, dst: Views) -> bool:
+        """GET: the chunk's bytes come over the socket straight into `dst`."""
+        conn.waiting(self._timeout_s).call(Op.GET, [key], [SIZE.pack(total_bytes(dst))])
+        found = conn.waiting(self._transfer_s).recv_bytes(1) == b"\x01"
+        if found:
+            for view in dst:
+                recv_exact(conn.sock, view)
+        return found
+
+    def _get_local(self, conn: Connection, mapping: SharedMapping, key: Key, dst: Views) -> bool:
+        """GET_LOCAL: copy the chunk out of the server's DRAM file while the server holds it
+        pinned for this connection, then RELEASE it (closing the connection on any error
+        releases it too)."""
+        size = total_bytes(dst)
+        header = conn.waiting(self._timeout_s).call(Op.GET_LOCAL, [key], [SIZE.pack(size)])
+        reply = conn.recv_bytes(header.payload_bytes)
+        if reply == b"\x00":
+            return False
+        if len(reply) != 1 + SIZE.size or reply[0] != 1:
+            raise ProtocolError(f"server {conn.where} sent a garbled GET_LOCAL reply")
+        (offset,) = SIZE.unpack_from(reply, 1)
+        try:
+            copy_views([mapping.chunk(offset, size)], dst)
+        finally:
+            conn.call(Op.RELEASE, [key], [])
+            conn.recv_bytes(COUNT.size)
+        return True
 
     def put(self, key: Key, src: Views) -> bool:
         size = total_bytes(src)
