@@ -177,18 +177,20 @@ class Store:
                 served[i] = tier
         return served
 
-    def acquire_chunk(self, key: Key, nbytes: int) -> Acquired | None:
-        """Pin a chunk in DRAM (promoting it from a lower tier) and return a read-only view of
-        its `nbytes` bytes; call `release_chunk(key)` when done. None without a DRAM tier or
-        when no tier can serve it."""
+    def acquire_chunk(self, key: Key, nbytes: int, promote: bool = True) -> Acquired | None:
+        """Pin a chunk in DRAM (promoting it from a lower tier, unless `promote` is False: then
+        this never waits for I/O) and return a read-only view of its `nbytes` bytes; call
+        `release_chunk(key)` when done. None without a DRAM tier or when no tier can serve it."""
         dram = self._dram
         if dram is None:
             self._check_open()
             return None
         self._enter()
         try:
-            view = dram.acquire(key)
-            return Acquired(view, dram.name) if view is not None else self._from_lower(key, nbytes)
+            view = dram.acquire(key, count_misses=promote)
+            if view is not None:
+                return Acquired(view, dram.name)
+            return self._from_lower(key, nbytes) if promote else None
         finally:
             self._leave()
 

@@ -91,7 +91,8 @@ class RawClient:
 
 def test_load_through_the_shared_mapping_is_byte_exact(shm_server: ServerThread) -> None:
     """A chunk loaded by a same-host client is copied from the server's shared DRAM file
-    (GET_LOCAL + RELEASE, no GET), byte for byte, into one view or scattered over several."""
+    (GET_LOCAL + RELEASE, no GET), byte for byte, into one view or scattered over several,
+    and leaves no pin behind."""
     tier = _tier(shm_server)
     data = _chunk(1)
     assert tier.put(_key(1), [memoryview(data)])
@@ -102,10 +103,15 @@ def test_load_through_the_shared_mapping_is_byte_exact(shm_server: ServerThread)
     rows = out.reshape(4, -1)
     assert tier.get_into(_key(1), [memoryview(row) for row in rows])
     assert np.array_equal(out, data)
+    assert tier.stats().hits == 2  # STATS follows the last RELEASE on its connection
     counters = shm_server.server.counters
     assert counters["requests_get_local"] == 2 and counters["requests_release"] == 2
     assert counters["requests_get"] == 0
-    assert tier.stats().hits == 2
+    assert counters["connections_total"] == 1  # one pooled connection, its replies settled
+    store = shm_server.server.store
+    store.flush()
+    assert store.delete_chunk(tenant_key("alice", _key(1)))
+    assert _dram_bytes(shm_server) == 0  # no pin left behind by the client
     tier.close()
     shm_server.server.store.check_integrity()
 
@@ -256,3 +262,24 @@ def test_a_chunk_on_disk_is_promoted_and_one_that_cannot_be_pinned_is_a_miss(
     finally:
         handle.stop()
         handle.server.store.close()
+
+
+def test_acquire_without_promotion_only_pins_dram_chunks(tmp_path: Path) -> None:
+    """Store.acquire_chunk(promote=False), which the server runs on its event loop, pins a
+    chunk already in DRAM, returns None (counting no miss) for one only on disk, and leaves
+    that one to the promoting call, which counts the miss once."""
+    with _store(tmp_path, dram_chunks=2) as store:
+        for i in range(4):
+            store.write_chunk(_key(i), [memoryview(_chunk(i))])
+        store.flush()
+        assert store.acquire_chunk(_key(0), CHUNK, promote=False) is None
+        assert store.stats().tier("dram").misses == 0
+        got = store.acquire_chunk(_key(0), CHUNK)
+        assert got is not None and got.tier == "disk"
+        store.release_chunk(_key(0))
+        hit = store.acquire_chunk(_key(0), CHUNK, promote=False)
+        assert hit is not None and bytes(hit.view) == _chunk(0).tobytes()
+        store.release_chunk(_key(0))
+        dram = store.stats().tier("dram")
+        assert (dram.hits, dram.misses) == (1, 1)
+        store.check_integrity()

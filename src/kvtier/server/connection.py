@@ -306,8 +306,7 @@ class Connection(asyncio.BufferedProtocol):
                 f"more than {self.server.limits.max_keys} chunks pinned by one connection: "
                 "RELEASE chunks after copying them"
             )
-        run = asyncio.get_running_loop().run_in_executor
-        views = await run(self.server.executor, self.server.acquire, keys, sizes)
+        views = await self._acquire_local(keys, sizes)
         found = [(k, v) for k, v in zip(keys, views, strict=True) if v is not None]
         if self._transport is None:  # closed meanwhile: nobody will release these
             self.server.release(keys, views)
@@ -316,6 +315,23 @@ class Connection(asyncio.BufferedProtocol):
         self.server.counters["local_hits"] += len(found)
         offsets = b"".join(SIZE.pack(store.dram_offset(v)) for _, v in found)
         return bytes(v is not None for v in views) + offsets
+
+    async def _acquire_local(self, keys: list[Key], sizes: list[int]) -> list[memoryview | None]:
+        """Pin chunks already in DRAM here on the loop (a thread hop costs more than the rest
+        of a GET_LOCAL); promote the others from the lower tiers in the executor."""
+        views = self.server.acquire(keys, sizes, promote=False)
+        rest = [i for i, v in enumerate(views) if v is None]
+        if rest:
+            run = asyncio.get_running_loop().run_in_executor
+            ex, acquire = self.server.executor, self.server.acquire
+            try:
+                more = await run(ex, acquire, [keys[i] for i in rest], [sizes[i] for i in rest])
+            except BaseException:
+                self.server.release(keys, views)
+                raise
+            for i, view in zip(rest, more, strict=True):
+                views[i] = view
+        return views
 
     def _unpin(self, keys: list[Key]) -> int:
         """Drop one pin of this connection per key; how many it held."""

@@ -136,12 +136,13 @@ class DramTier:
             self._entries[key].doomed = True
             self._unpin(key)
 
-    def acquire(self, key: Key, count: bool = True) -> memoryview | None:
-        """A pinned read-only view of a ready chunk (release it after use), or None."""
+    def acquire(self, key: Key, count: bool = True, count_misses: bool = True) -> memoryview | None:
+        """A pinned read-only view of a ready chunk (release it after use), or None. `count`
+        counts the hit or miss; `count_misses=False` leaves a miss to a later attempt."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or not entry.ready or entry.doomed:
-                self._count.misses += count
+                self._count.misses += count and count_misses
                 return None
             self._count.hits += count
             self._lru.pin(key)

@@ -113,6 +113,7 @@ class Connection:
         self._head = memoryview(bytearray(HEADER_BYTES))
         self._timeout_s = sock.gettimeout()
         self.mapping: SharedMapping | None = None  # the server's DRAM file, when mapped
+        self._unread: list[tuple[Op, int]] = []  # requests sent whose replies are not read
 
     def waiting(self, timeout_s: float) -> Connection:
         """Let each following send/recv wait at most `timeout_s`; returns self."""
@@ -153,6 +154,17 @@ class Connection:
         recv_exact(self.sock, memoryview(buf))
         return bytes(buf)
 
+    def send_unread(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes]) -> None:
+        """Send a request whose reply is read (and checked) only by `settle`, before the
+        connection is next used: a RELEASE need not wait for its round trip."""
+        self._unread.append((op, self.send(op, keys, payload)))
+
+    def settle(self) -> None:
+        """Read the replies of requests sent with `send_unread`; raises like `reply`."""
+        unread, self._unread = self._unread, []
+        for op, rid in unread:
+            self.recv_bytes(self.reply(op, rid).payload_bytes)
+
     def closed_by_peer(self) -> bool:
         """An idle connection with something to read has been closed (or garbled) by the
         server, e.g. after its idle timeout: not worth a request."""
@@ -189,7 +201,7 @@ class ServerLink:
         """An idle or new connection; raises Unavailable while backing off or when the
         server cannot be reached, AuthError when it rejects the token."""
         while (idle := self._idle_connection()) is not None:
-            if not idle.closed_by_peer():
+            if self._usable(idle):
                 return idle
             idle.close()
         with self._lock:
@@ -197,6 +209,15 @@ class ServerLink:
                 raise Unavailable(f"server {self.where} is backing off")
         conn = self._connect()
         return self._mapped(conn) if self._map_wanted else conn
+
+    def _usable(self, idle: Connection) -> bool:
+        """An idle connection whose unread replies were all good and that the server has
+        not closed since."""
+        try:
+            idle.waiting(self._timeout_s).settle()
+        except _FAILURES:
+            return False
+        return not idle.closed_by_peer()
 
     def _connect(self) -> Connection:
         try:
@@ -372,7 +393,8 @@ class RemoteTier:
     def _get_local(self, conn: Connection, mapping: SharedMapping, key: Key, dst: Views) -> bool:
         """GET_LOCAL: copy the chunk out of the server's DRAM file while the server holds it
         pinned for this connection, then RELEASE it (closing the connection on any error
-        releases it too)."""
+        releases it too). The server handles a connection's frames in order, so the next
+        request on it comes after the unpin whether or not its reply was read."""
         size = total_bytes(dst)
         header = conn.waiting(self._timeout_s).call(Op.GET_LOCAL, [key], [SIZE.pack(size)])
         reply = conn.recv_bytes(header.payload_bytes)
@@ -384,8 +406,7 @@ class RemoteTier:
         try:
             copy_views([mapping.chunk(offset, size)], dst)
         finally:
-            conn.call(Op.RELEASE, [key], [])
-            conn.recv_bytes(COUNT.size)
+            conn.send_unread(Op.RELEASE, [key], [])  # its reply is read before the next use
         return True
 
     def put(self, key: Key, src: Views) -> bool:
