@@ -19,7 +19,7 @@ from kvtier.config import parse_remote
 from kvtier.keys import Key
 from kvtier.pool import aligned
 from kvtier.server.auth import Auth, tenant_key
-from kvtier.server.protocol import COUNT, SIZE, Header, Op, Status, pack_header
+from kvtier.server.protocol import COUNT, SIZE, Header, Limits, Op, Status, pack_header
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
 
@@ -283,3 +283,30 @@ def test_acquire_without_promotion_only_pins_dram_chunks(tmp_path: Path) -> None
         dram = store.stats().tier("dram")
         assert (dram.hits, dram.misses) == (1, 1)
         store.check_integrity()
+
+
+def test_a_connection_may_hold_at_most_max_keys_pins(tmp_path: Path) -> None:
+    """A GET_LOCAL that would take a connection past `max_keys` pins is refused with an error
+    and closes that connection, whose pins are then released."""
+    store = _store(tmp_path)
+    handle = ServerThread(store, limits=Limits(max_keys=2))
+    try:
+        tier = RemoteTier(parse_remote(handle.url), None)
+        for i in range(3):
+            assert tier.put(_key(i), [memoryview(_chunk(i))])
+        store.flush()
+        raw = RawClient(handle)
+        assert raw.get_local([_key(0), _key(1)])[:2] == b"\x01\x01"
+        header, body = raw.call(Op.GET_LOCAL, [_key(2)], SIZE.pack(CHUNK))
+        assert header.status == Status.ERROR and b"pinned by one connection" in body
+        for i in range(2):
+            assert store.delete_chunk(tenant_key("", _key(i)))
+        deadline = time.monotonic() + 30
+        while _dram_bytes(handle) > aligned(CHUNK) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _dram_bytes(handle) == aligned(CHUNK)  # only chunk 2 is left
+        raw.sock.close()
+        tier.close()
+    finally:
+        handle.stop()
+        store.close()
