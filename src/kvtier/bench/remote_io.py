@@ -24,7 +24,7 @@ import numpy as np
 
 from kvtier.config import StoreConfig
 from kvtier.store import Store
-from kvtier.tiers.remote import recv_exact, send_all
+from kvtier.tiers.link import recv_exact, send_all
 
 GB = 1e9
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
