@@ -45,3 +45,11 @@ def test_bench_io_rejects_odd_chunk(tmp_path: Path) -> None:
     """A chunk size that no layout can express is refused with a clear message."""
     with pytest.raises(SystemExit, match="multiple of 4096"):
         cli.main(["bench", "io", "--chunk-bytes", "1000", "--dir", str(tmp_path)])
+
+
+def test_bench_io_shm_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--shm adds the load through a node-local server's shared-memory DRAM, beside memcpy."""
+    argv = ["bench", "io", "--shm", "--chunk-bytes", "128KiB", "--total-bytes", "1MiB"]
+    assert cli.main([*argv, "--repeat", "1", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "shm_load_gbps / memcpy_gbps" in out

@@ -143,3 +143,31 @@ def test_dram_smaller_than_a_page_is_refused() -> None:
     """dram_bytes below one page is a ConfigError naming the minimum."""
     with pytest.raises(kvtier.ConfigError, match="at least 4096"):
         kvtier.StoreConfig(dram_bytes=100)
+
+
+def test_dram_shm(tmp_path: Path) -> None:
+    """dram_shm takes a writable directory (also from KVTIER_DRAM_SHM) and becomes a Path;
+    it needs a DRAM tier, an existing directory and room there for dram_bytes."""
+    config = kvtier.StoreConfig(dram_bytes="1MiB", dram_shm=str(tmp_path))
+    assert config.dram_shm == tmp_path
+    from_env = kvtier.StoreConfig.from_env({"KVTIER_DRAM_SHM": str(tmp_path)})
+    assert from_env.dram_shm == tmp_path
+    assert kvtier.StoreConfig().dram_shm is None
+    with pytest.raises(kvtier.ConfigError, match="dram_shm is set but dram_bytes is not"):
+        kvtier.StoreConfig(dram_bytes=None, dram_shm=tmp_path)
+    with pytest.raises(kvtier.ConfigError, match=r"dram_shm: .* is not a writable directory"):
+        kvtier.StoreConfig(dram_shm=tmp_path / "missing")
+
+
+def test_dram_shm_without_room_is_a_clear_error() -> None:
+    """A DRAM tier larger than what /dev/shm (a tmpfs, at most this machine's memory) has
+    free is refused at once, not a SIGBUS later."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    st = os.statvfs(shm)
+    free = st.f_bavail * st.f_frsize
+    if free + (1 << 20) > kvtier.config._physical_memory_bytes():
+        pytest.skip("/dev/shm has as much room as this machine has memory")
+    with pytest.raises(kvtier.ConfigError, match=r"dram_shm: dram_bytes .* more than the"):
+        kvtier.StoreConfig(dram_bytes=free + (1 << 20), dram_shm=shm)

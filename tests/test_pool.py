@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvtier.errors import ConfigError
 from kvtier.pool import ALIGN, Extent, SlabPool, StagingPool, aligned
 
 PAGES = 16
@@ -97,3 +101,40 @@ def test_staging_pool_grows_and_old_extents_stay_valid() -> None:
     assert staging.alloc(3 * ALIGN) is not None and staging.alloc(3 * ALIGN) is not None
     assert staging.alloc(3 * ALIGN) is None  # two slots, both taken
     staging.close()
+
+
+def test_shared_pool_is_a_0600_file_that_another_mapping_sees(tmp_path: Path) -> None:
+    """With shm_dir the pool is an unlinked 0600 file (nothing left in the directory), reachable
+    through its advertised path, whose identity matches, and whose bytes are the pool's; the
+    offset of a slot is where its bytes are in that file."""
+    pool = SlabPool(4 * ALIGN, prefault=True, shm_dir=tmp_path)
+    shared = pool.shared
+    assert shared is not None and shared.capacity_bytes == 4 * ALIGN
+    assert list(tmp_path.iterdir()) == []
+    extent = pool.alloc(10)
+    assert extent is not None
+    extent = pool.alloc(10) or extent  # a second extent: offset 4096
+    slot = pool.slot(extent)
+    slot[:5] = b"hello"
+    assert pool.offset_of(slot) == extent.offset == ALIGN
+    st = os.stat(shared.path)
+    assert (st.st_dev, st.st_ino, st.st_mode & 0o777) == (shared.device, shared.inode, 0o600)
+    with open(shared.path, "rb") as f:
+        f.seek(extent.offset)
+        assert f.read(5) == b"hello"
+    pool.wait_prefaulted()
+    pool.close()
+    assert not os.path.exists(shared.path)
+
+
+def test_anonymous_pool_shares_nothing() -> None:
+    """Without shm_dir the pool is anonymous memory: no shared file to offer."""
+    pool = SlabPool(ALIGN, prefault=False)
+    assert pool.shared is None
+    pool.close()
+
+
+def test_shared_pool_in_a_bad_directory_is_a_clear_error(tmp_path: Path) -> None:
+    """A directory that does not exist gives a ConfigError naming dram_shm."""
+    with pytest.raises(ConfigError, match="dram_shm: cannot create a file in"):
+        SlabPool(ALIGN, prefault=False, shm_dir=tmp_path / "missing")

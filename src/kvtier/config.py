@@ -108,6 +108,10 @@ class StoreConfig:
     chunk slots, sized to the largest chunk bound (e.g. 4 x 32 MiB for Llama-3-8B bf16 at 256
     tokens with the default 2 workers), so memory stays small; a save then waits while every
     slot is still being written.
+
+    `dram_shm`: a directory on a memory file system (e.g. `/dev/shm`) to hold the DRAM tier in
+    a shared file instead of anonymous memory, so a cache server can let clients of the same
+    user on this host load chunks straight from it (see docs/server.md). Off by default.
     """
 
     chunk_tokens: int = 256
@@ -117,6 +121,7 @@ class StoreConfig:
     remote: str | None = None
     remote_token: str | None = field(default=None, repr=False)
     io_workers: int = 2
+    dram_shm: str | Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
@@ -141,6 +146,7 @@ class StoreConfig:
                 )
             object.__setattr__(self, "dram_bytes", dram)
         self._check_disk()
+        self._check_shm()
         if self.remote is not None:
             parse_remote(self.remote)
 
@@ -162,6 +168,26 @@ class StoreConfig:
             )
         object.__setattr__(self, "disk_dir", path)
         object.__setattr__(self, "disk_bytes", disk)
+
+    def _check_shm(self) -> None:
+        if self.dram_shm is None:
+            return
+        if self.dram_bytes is None:
+            raise ConfigError("dram_shm is set but dram_bytes is not; give a DRAM size or unset it")
+        path = Path(self.dram_shm).expanduser()
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"dram_shm: {path} is not a writable directory; give a memory file system "
+                "you can write, e.g. /dev/shm"
+            )
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+        if int(self.dram_bytes) > free:
+            raise ConfigError(
+                f"dram_shm: dram_bytes ({self.dram_bytes}) is more than the {free} bytes free "
+                f"in {path}; lower dram_bytes or grow that file system (docker run --shm-size)"
+            )
+        object.__setattr__(self, "dram_shm", path)
 
     @property
     def remote_url(self) -> RemoteURL | None:
@@ -193,6 +219,7 @@ _ENV_FIELDS = {
     "remote": "KVTIER_REMOTE",
     "remote_token": "KVTIER_REMOTE_TOKEN",
     "io_workers": "KVTIER_IO_WORKERS",
+    "dram_shm": "KVTIER_DRAM_SHM",
 }
 
 

@@ -4,6 +4,12 @@ The DRAM tier keeps every chunk in one anonymous mapping allocated once. Chunks 
 all have the same size, so a freed extent is reused as it is; mixed sizes coalesce with their
 free neighbours. Nothing is allocated per chunk on the hot path.
 
+With `shm_dir` the mapping is a MAP_SHARED file instead, so that other processes of the same
+user on this host can map it read-only (the node-local server's clients): the file is created
+mode 0600 in `shm_dir` (a tmpfs such as /dev/shm), its room reserved with posix_fallocate (a
+full tmpfs is an error now, not a SIGBUS later), and unlinked at once; it stays reachable as
+`/proc/<pid>/fd/<fd>` while the pool is open, and nothing is left behind even after kill -9.
+
 The mapping is faulted in by a background thread at start (first-touch page faults cost
 20-40x a warm memcpy on the development machines).
 """
@@ -12,8 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
+import tempfile
 import threading
+from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
+
+from kvtier.errors import ConfigError
 
 ALIGN = 4096
 _MADV_POPULATE_WRITE = 23  # linux/mman.h; not exported by the mmap module
@@ -28,18 +41,60 @@ def aligned(nbytes: int) -> int:
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
+class SharedFile(NamedTuple):
+    """Where another process of this user on this host can map a shared pool: `path` to open,
+    and the file's identity (`device`, `inode`) to check it opened the right one."""
+
+    path: str
+    capacity_bytes: int
+    device: int
+    inode: int
+
+
+def address_of(view: memoryview) -> int:
+    """The memory address of a (non-empty) buffer's first byte."""
+    address: int = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    return address
+
+
+def _shared_file(directory: Path, nbytes: int) -> int:
+    """A descriptor of a new, unlinked, 0600 file of `nbytes` reserved bytes in `directory`."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="kvtier-dram-", dir=directory)
+    except OSError as exc:
+        raise ConfigError(f"dram_shm: cannot create a file in {directory}: {exc.strerror}") from exc
+    os.unlink(name)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(
+            f"dram_shm: cannot reserve {nbytes} bytes in {directory} ({exc.strerror}): lower "
+            "dram_bytes or grow that file system (e.g. docker run --shm-size)"
+        ) from exc
+    return fd
+
+
 class SlabPool:
     """First-fit extent allocator over one fixed mmap. Not thread-safe: the owner locks."""
 
-    def __init__(self, capacity_bytes: int, prefault: bool = True) -> None:
+    def __init__(
+        self, capacity_bytes: int, prefault: bool = True, shm_dir: Path | None = None
+    ) -> None:
         self.capacity_bytes = capacity_bytes // ALIGN * ALIGN
         if self.capacity_bytes <= 0:
             raise ValueError(f"pool capacity must be at least {ALIGN} bytes, got {capacity_bytes}")
-        self._map = mmap.mmap(-1, self.capacity_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.shared: SharedFile | None = None
+        self._fd: int | None = None
+        if shm_dir is None:
+            self._map = mmap.mmap(-1, self.capacity_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            self._map = self._map_shared(shm_dir)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             with contextlib.suppress(OSError):  # kernels without transparent huge pages
                 self._map.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self._map)
+        self._base = address_of(self.view)
         self._free_by_start: dict[int, int] = {0: self.capacity_bytes}
         self._free_by_end: dict[int, int] = {self.capacity_bytes: 0}
         self._exact: dict[int, set[int]] = {self.capacity_bytes: {0}}
@@ -79,6 +134,22 @@ class SlabPool:
             end += after
         self._put(start, end - start)
 
+    def _map_shared(self, directory: Path) -> mmap.mmap:
+        self._fd = fd = _shared_file(directory, self.capacity_bytes)
+        try:
+            shared = mmap.mmap(fd, self.capacity_bytes, mmap.MAP_SHARED)
+        except OSError:
+            os.close(fd)
+            raise
+        st = os.fstat(fd)
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        self.shared = SharedFile(path, self.capacity_bytes, st.st_dev, st.st_ino)
+        return shared
+
+    def offset_of(self, view: memoryview) -> int:
+        """The byte offset in this pool of a (non-empty) view handed out by `slot`."""
+        return address_of(view) - self._base
+
     def slot(self, extent: Extent) -> memoryview:
         return self.view[extent.offset : extent.offset + extent.nbytes]
 
@@ -94,6 +165,9 @@ class SlabPool:
         # A caller may still hold a slot view: then the mapping goes when its last view does.
         with contextlib.suppress(BufferError):
             self._map.close()
+        if self._fd is not None:
+            os.close(self._fd)  # the mapping keeps the memory until it goes
+            self._fd = None
 
     def check_integrity(self) -> None:
         """Free extents and used bytes add up to the capacity; free runs never touch."""

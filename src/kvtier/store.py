@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from kvtier.cache import BoundCache
@@ -23,7 +24,7 @@ from kvtier.config import StoreConfig
 from kvtier.errors import KvtierError, StoreClosed
 from kvtier.keys import Key
 from kvtier.layout import KVLayout
-from kvtier.pool import StagingPool
+from kvtier.pool import SharedFile, StagingPool
 from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
@@ -78,7 +79,7 @@ class Store:
                 lower.append(DiskTier(config.disk_dir, int(config.disk_bytes or 0)))
             if config.remote is not None:
                 lower.append(_open_remote(config))
-            self._dram = DramTier(int(config.dram_bytes)) if config.dram_bytes else None
+            self._dram = _open_dram(config)
         except BaseException:
             for tier in lower:
                 tier.close()
@@ -176,18 +177,20 @@ class Store:
                 served[i] = tier
         return served
 
-    def acquire_chunk(self, key: Key, nbytes: int) -> Acquired | None:
-        """Pin a chunk in DRAM (promoting it from a lower tier) and return a read-only view of
-        its `nbytes` bytes; call `release_chunk(key)` when done. None without a DRAM tier or
-        when no tier can serve it."""
+    def acquire_chunk(self, key: Key, nbytes: int, promote: bool = True) -> Acquired | None:
+        """Pin a chunk in DRAM (promoting it from a lower tier, unless `promote` is False: then
+        this never waits for I/O) and return a read-only view of its `nbytes` bytes; call
+        `release_chunk(key)` when done. None without a DRAM tier or when no tier can serve it."""
         dram = self._dram
         if dram is None:
             self._check_open()
             return None
         self._enter()
         try:
-            view = dram.acquire(key)
-            return Acquired(view, dram.name) if view is not None else self._from_lower(key, nbytes)
+            view = dram.acquire(key, count_misses=promote)
+            if view is not None:
+                return Acquired(view, dram.name)
+            return self._from_lower(key, nbytes) if promote else None
         finally:
             self._leave()
 
@@ -195,6 +198,15 @@ class Store:
         """Unpin a chunk returned by `acquire_chunk`."""
         assert self._dram is not None
         self._dram.release(key)
+
+    def shared_dram(self) -> SharedFile | None:
+        """The file the DRAM tier lives in (`dram_shm`), for other processes on this host."""
+        return None if self._dram is None else self._dram.shared
+
+    def dram_offset(self, view: memoryview) -> int:
+        """The offset in `shared_dram()` of a view returned by `acquire_chunk`."""
+        assert self._dram is not None
+        return self._dram.offset_of(view)
 
     def write_chunk(self, key: Key, src: Views) -> None:
         """Copy a chunk out of `src` now; write it to the lower tiers in the background.
@@ -478,6 +490,13 @@ class Store:
                 ):
                     self._finished_below += 1
             self._cond.notify_all()
+
+
+def _open_dram(config: StoreConfig) -> DramTier | None:
+    if not config.dram_bytes:
+        return None
+    shm = None if config.dram_shm is None else Path(config.dram_shm)
+    return DramTier(int(config.dram_bytes), shm_dir=shm)
 
 
 def _open_remote(config: StoreConfig) -> Tier:

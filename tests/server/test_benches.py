@@ -19,7 +19,7 @@ def test_bench_load_reports_every_op_without_errors(server: ServerThread) -> Non
 
 
 def test_measure_remote_returns_every_figure(tmp_path: Path) -> None:
-    """measure_remote moves the bytes through all three paths (it checks them) and reports
+    """measure_remote moves the bytes through all four paths (it checks them) and reports
     a positive GB/s for each."""
     figures = measure_remote(64 << 10, 1 << 20, tmp_path)
     assert set(figures) == {
@@ -28,5 +28,7 @@ def test_measure_remote_returns_every_figure(tmp_path: Path) -> None:
         "remote_load_gbps",
         "redis_save_gbps",
         "redis_load_gbps",
+        "shm_save_gbps",
+        "shm_load_gbps",
     }
     assert all(value > 0 for value in figures.values())

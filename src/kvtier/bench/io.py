@@ -4,6 +4,7 @@ Pairs measured with the same chunk size and total bytes:
   memcpy into pre-allocated memory  vs  DRAM tier save / load
   raw os.pwritev / os.preadv files  vs  disk tier save / load (no DRAM tier)
   (--remote) raw loopback socket    vs  cache server save / load, Redis SET / GET
+  (--remote or --shm) memcpy        vs  load from a node-local server's shared-memory DRAM
 Disk writes are timed until the data is synced; before each read phase the files are
 dropped from the page cache (posix_fadvise DONTNEED), for raw files and tier files alike.
 """
@@ -49,6 +50,7 @@ RATIOS = (
     Ratio("remote_save_gbps", "raw_socket_gbps", 0.0),
     Ratio("remote_load_gbps", "raw_socket_gbps", 0.7),
     Ratio("remote_load_gbps", "redis_load_gbps", 3.0),
+    Ratio("shm_load_gbps", "memcpy_gbps", 0.8),
     Ratio("redis_save_gbps", "raw_socket_gbps", 0.0),
     Ratio("redis_load_gbps", "raw_socket_gbps", 0.0),
 )
@@ -74,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=int(env_default("KVTIER_BENCH_REPEAT") or 5))
     parser.add_argument("--quick", action="store_true", help="4MiB chunks, 256MiB, 1 repeat")
     parser.add_argument("--remote", action="store_true", help="add the cache server and Redis")
+    parser.add_argument(
+        "--shm",
+        action="store_true",
+        help="add only the node-local server's shared-memory load (part of --remote)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     base.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="kvtier-bench-io-", dir=base))
     try:
-        result = measure(chunk_bytes, total_bytes, workdir, repeat, args.remote)
+        result = measure(chunk_bytes, total_bytes, workdir, repeat, args.remote, args.shm)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
@@ -109,7 +116,12 @@ def bench_layout(chunk_bytes: int) -> tuple[kvtier.KVLayout, int]:
 
 
 def measure(
-    chunk_bytes: int, total_bytes: int, workdir: Path, repeat: int = 3, remote: bool = False
+    chunk_bytes: int,
+    total_bytes: int,
+    workdir: Path,
+    repeat: int = 3,
+    remote: bool = False,
+    shm: bool = False,
 ) -> dict[str, Any]:
     """Run every measurement once per repeat; report the best of each (same rule for all)."""
     layout, chunk_tokens = bench_layout(chunk_bytes)
@@ -135,6 +147,8 @@ def measure(
     ]
     if remote:
         phases.append(("remote", lambda: _remote(chunk_bytes, total_bytes, workdir)))
+    elif shm:
+        phases.append(("shm server", lambda: _shm(src, dst, chunk_bytes)))
     with tqdm(total=len(phases) * repeat + 1, desc="bench io", file=sys.stderr) as bar:
         for _ in range(repeat):
             for name, phase in phases:
@@ -261,6 +275,14 @@ def _remote(chunk_bytes: int, total_bytes: int, workdir: Path) -> dict[str, floa
     remote_io = importlib.import_module("kvtier.bench.remote_io")
     result: dict[str, float] = remote_io.measure_remote(
         chunk_bytes, total_bytes, workdir / "remote"
+    )
+    return result
+
+
+def _shm(src: Array, dst: Array, chunk_bytes: int) -> dict[str, float]:
+    remote_io = importlib.import_module("kvtier.bench.remote_io")
+    result: dict[str, float] = remote_io.measure_shm(
+        src.reshape(-1).view(np.uint8), dst.reshape(-1).view(np.uint8), chunk_bytes
     )
     return result
 

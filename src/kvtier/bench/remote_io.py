@@ -1,4 +1,5 @@
-"""Remote tiers against the raw loopback socket (`kvtier bench io --remote`).
+"""Remote tiers against the raw loopback socket (`kvtier bench io --remote`), and the
+node-local server's shared-memory load path against memcpy (`--remote` or `--shm`).
 
 Also the helpers that start a `kvtier serve` or a `redis-server` process on 127.0.0.1 for
 benchmarks and tests; both are always stopped on exit.
@@ -23,7 +24,7 @@ import numpy as np
 
 from kvtier.config import StoreConfig
 from kvtier.store import Store
-from kvtier.tiers.remote import recv_exact, send_all
+from kvtier.tiers.link import recv_exact, send_all
 
 GB = 1e9
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -191,11 +192,36 @@ def measure_remote(
     _check_equal(src_buf, dst_buf, "kvtier server")
     result |= {"remote_save_gbps": save, "remote_load_gbps": load}
     dst_buf[:] = 0
+    result |= measure_shm(src_buf, dst_buf, chunk_bytes, say)
+    dst_buf[:] = 0
     say("redis: SET and GET")
     with RedisProcess(Path(workdir) / f"redis-{os.getpid()}") as server:
         save, load = store_gbps(server.url, src, dst)
     _check_equal(src_buf, dst_buf, "redis")
     return result | {"redis_save_gbps": save, "redis_load_gbps": load}
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def measure_shm(
+    src_buf: np.ndarray,
+    dst_buf: np.ndarray,
+    chunk_bytes: int,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Save and load GB/s through a `kvtier serve --dram-shm` process on 127.0.0.1, as an
+    engine process of the node-local server sees it (a remote-only Store): loads are
+    GET_LOCAL + memcpy from the server's DRAM file + RELEASE. Empty without /dev/shm."""
+    if not SHM_DIR.is_dir():
+        return {}
+    (say or (lambda _: None))("kvtier server, shared memory: save and load")
+    src, dst = _chunks(src_buf, chunk_bytes), _chunks(dst_buf, chunk_bytes)
+    dram = str(int(src_buf.nbytes * 1.1) + (64 << 20))
+    with ServeProcess("--dram", dram, "--dram-shm", str(SHM_DIR)) as server:
+        save, load = store_gbps(server.url, src, dst)
+    _check_equal(src_buf, dst_buf, "kvtier server (shared memory)")
+    return {"shm_save_gbps": save, "shm_load_gbps": load}
 
 
 def _check_equal(src: np.ndarray, dst: np.ndarray, what: str) -> None:

@@ -5,8 +5,9 @@ into the connection's own buffer of at most SMALL_BODY_BYTES; a larger one (a PU
 into an extent of the server's shared receive budget, taken when its header arrives and given
 back once the frame is handled. With no budget free, reading pauses until there is.
 GET sends pinned DRAM views of the chunks (no copy) and keeps them pinned until the transport
-has drained. Frames of one connection are handled in order; a malformed frame closes only
-that connection.
+has drained. GET_LOCAL pins chunks for the client itself (it copies them out of the shared
+DRAM file) until its RELEASE, or until the connection closes. Frames of one connection are
+handled in order; a malformed frame closes only that connection.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, cast
 
 from kvtier.errors import ProtocolError
@@ -23,6 +25,7 @@ from kvtier.server.budget import Grant
 from kvtier.server.protocol import (
     COUNT,
     HEADER_BYTES,
+    MAP_INFO,
     SIZE,
     Header,
     Limits,
@@ -62,6 +65,7 @@ class Connection(asyncio.BufferedProtocol):
         self._peer = ""
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._pins: Counter[Key] = Counter()  # chunks GET_LOCAL pinned for this client
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -80,6 +84,7 @@ class Connection(asyncio.BufferedProtocol):
         if not self._busy:
             self._give_back()
         self._wake_drain()
+        self._unpin_all()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -198,7 +203,7 @@ class Connection(asyncio.BufferedProtocol):
         op = Op(header.opcode)
         self.server.counters[f"requests_{op.name.lower()}"] += 1
         wait_s = self._hello_wait_s() if op is Op.HELLO else 0.0
-        if op in (Op.GET, Op.PUT, Op.DELETE) or wait_s > 0:
+        if op in (Op.GET, Op.GET_LOCAL, Op.PUT, Op.DELETE) or wait_s > 0:
             self._busy = True
             self._transport.pause_reading()
             run = self._run_async(op, header, body, wait_s)
@@ -240,6 +245,10 @@ class Connection(asyncio.BufferedProtocol):
             self._reply(op, rid, [])
         elif op is Op.STATS:
             self._reply(op, rid, [self.server.stats_json()])
+        elif op is Op.MAP:
+            self._map(rid)
+        elif op is Op.RELEASE:
+            self._reply(op, rid, [COUNT.pack(self._unpin(self._keys(header, body)))])
         else:
             found = self.server.store.locate(self._keys(header, body)).chunks
             self._reply(op, rid, [COUNT.pack(found)])
@@ -266,12 +275,81 @@ class Connection(asyncio.BufferedProtocol):
                 await self._drained()
             finally:
                 self.server.release(keys, views)
+        elif op is Op.GET_LOCAL:
+            self._reply(op, rid, [await self._get_local(keys, unpack_sizes(tail, n))])
         elif op is Op.PUT:
             data = _put_views(tail, n, self.server.limits)
             self._reply(op, rid, [await run(ex, self.server.put, keys, data)])
         else:
             deleted = await run(ex, self.server.delete, keys)
             self._reply(op, rid, [COUNT.pack(deleted)])
+
+    # -- the same-host fast path (shared DRAM file) -----------------------------------------
+
+    def _map(self, rid: int) -> None:
+        shared = self.server.store.shared_dram()
+        if shared is None:
+            message = "this server's DRAM tier is not in shared memory (kvtier serve --dram-shm)"
+            self._reply(Op.MAP, rid, [message.encode()], Status.UNSUPPORTED)
+            return
+        info = MAP_INFO.pack(shared.capacity_bytes, shared.device, shared.inode)
+        self._reply(Op.MAP, rid, [info + shared.path.encode()])
+
+    async def _get_local(self, keys: list[Key], sizes: list[int]) -> bytes:
+        """Pin the chunks present for this connection; found flags, then their offsets."""
+        store = self.server.store
+        if store.shared_dram() is None:
+            raise ProtocolError("GET_LOCAL without a shared DRAM tier: ask MAP first")
+        self.server.limits.check_sizes(sizes)
+        if sum(self._pins.values()) + len(keys) > self.server.limits.max_keys:
+            raise ProtocolError(
+                f"more than {self.server.limits.max_keys} chunks pinned by one connection: "
+                "RELEASE chunks after copying them"
+            )
+        views = await self._acquire_local(keys, sizes)
+        found = [(k, v) for k, v in zip(keys, views, strict=True) if v is not None]
+        if self._transport is None:  # closed meanwhile: nobody will release these
+            self.server.release(keys, views)
+            return b""
+        self._pins.update(k for k, _ in found)
+        self.server.counters["local_hits"] += len(found)
+        offsets = b"".join(SIZE.pack(store.dram_offset(v)) for _, v in found)
+        return bytes(v is not None for v in views) + offsets
+
+    async def _acquire_local(self, keys: list[Key], sizes: list[int]) -> list[memoryview | None]:
+        """Pin chunks already in DRAM here on the loop (a thread hop costs more than the rest
+        of a GET_LOCAL); promote the others from the lower tiers in the executor."""
+        views = self.server.acquire(keys, sizes, promote=False)
+        rest = [i for i, v in enumerate(views) if v is None]
+        if rest:
+            run = asyncio.get_running_loop().run_in_executor
+            ex, acquire = self.server.executor, self.server.acquire
+            try:
+                more = await run(ex, acquire, [keys[i] for i in rest], [sizes[i] for i in rest])
+            except BaseException:
+                self.server.release(keys, views)
+                raise
+            for i, view in zip(rest, more, strict=True):
+                views[i] = view
+        return views
+
+    def _unpin(self, keys: list[Key]) -> int:
+        """Drop one pin of this connection per key; how many it held."""
+        released = 0
+        for key in keys:
+            if self._pins[key] > 0:
+                self._pins[key] -= 1
+                self.server.store.release_chunk(key)
+                released += 1
+            if self._pins[key] == 0:
+                del self._pins[key]
+        return released
+
+    def _unpin_all(self) -> None:
+        pins, self._pins = self._pins, Counter()
+        for key, count in pins.items():
+            for _ in range(count):
+                self.server.store.release_chunk(key)
 
     def _after_async(self, task: asyncio.Task[None]) -> None:
         self._busy = False

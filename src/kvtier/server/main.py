@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--host", default=env_default("KVTIER_HOST", "127.0.0.1"), help="address to listen on")
     arg("--port", type=int, default=env_default("KVTIER_PORT", "7400"), help="0: any free port")
     arg("--dram", default=env_default("KVTIER_DRAM", "1GiB"), help="DRAM tier size")
+    arg("--dram-shm", default=env_default("KVTIER_DRAM_SHM"),
+        help="memory file system directory (e.g. /dev/shm) to keep the DRAM tier in, so "
+        "clients of this user on this host load chunks from it at memcpy speed")  # fmt: skip
     arg("--disk-dir", default=env_default("KVTIER_DISK_DIR"), help="disk tier directory")
     arg("--disk", default=env_default("KVTIER_DISK"), help="disk tier size, e.g. 500GiB")
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant token'")
@@ -131,7 +134,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         auth = _auth(args)
         policy = _policy(args)
-        config = StoreConfig(dram_bytes=args.dram, disk_dir=args.disk_dir, disk_bytes=args.disk)
+        config = StoreConfig(
+            dram_bytes=args.dram,
+            disk_dir=args.disk_dir,
+            disk_bytes=args.disk,
+            dram_shm=args.dram_shm or None,
+        )
         store = Store(config)
     except ConfigError as exc:
         print(f"kvtier serve: {exc}", file=sys.stderr)

@@ -17,6 +17,16 @@ whose payload is a UTF-8 message):
     PUT            keys; u64 size per key, then the data  reply: u8 stored flag per key
     DELETE         keys                                   reply: u32 keys deleted
     STATS          nothing                                reply: JSON (UTF-8)
+    MAP            nothing                                reply: u64 capacity, u64 device,
+                                                                 u64 inode, then the path (UTF-8)
+    GET_LOCAL      keys; u64 expected size per key        reply: u8 found flag per key, then a
+                                                                 u64 offset per found chunk
+    RELEASE        keys                                   reply: u32 pins released
+
+MAP, GET_LOCAL and RELEASE are the same-host fast path: a server whose DRAM tier lives in a
+shared file (`dram_shm`) tells a client where it is (MAP; UNSUPPORTED otherwise), GET_LOCAL
+pins each found chunk in DRAM for this connection and answers its byte offset in that file,
+RELEASE drops one pin per key. A connection's pins go when it closes.
 
 Replies carry no keys (key_count 0). Requests may be pipelined; replies come back in
 request order.
@@ -38,6 +48,7 @@ HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_BYTES = HEADER.size
 SIZE = struct.Struct("<Q")
 COUNT = struct.Struct("<I")
+MAP_INFO = struct.Struct("<QQQ")  # a MAP reply: capacity_bytes, device, inode; then the path
 MAX_TOKEN_BYTES = 4096
 
 
@@ -49,6 +60,9 @@ class Op(IntEnum):
     PUT = 5
     DELETE = 6
     STATS = 7
+    MAP = 8
+    GET_LOCAL = 9
+    RELEASE = 10
 
 
 class Status(IntEnum):
@@ -143,6 +157,9 @@ def check_request(header: Header, limits: Limits) -> Op:
         Op.HELLO: (n == 0 and payload <= MAX_TOKEN_BYTES),
         Op.PING: (n == 0 and payload == 0),
         Op.STATS: (n == 0 and payload == 0),
+        Op.MAP: (n == 0 and payload == 0),
+        Op.GET_LOCAL: (n > 0 and payload == n * SIZE.size),
+        Op.RELEASE: (payload == 0),
         Op.EXISTS_PREFIX: (payload == 0),
         Op.DELETE: (payload == 0),
         Op.GET: (n > 0 and payload == n * SIZE.size),

@@ -141,12 +141,15 @@ class CacheServer:
 
     # -- store operations (run in the executor) --------------------------------------------
 
-    def acquire(self, keys: list[Key], sizes: list[int]) -> list[memoryview | None]:
-        """Pinned views of the chunks present with the expected size; None for misses."""
+    def acquire(
+        self, keys: list[Key], sizes: list[int], promote: bool = True
+    ) -> list[memoryview | None]:
+        """Pinned views of the chunks present with the expected size; None for misses. With
+        `promote=False` only chunks already in DRAM are found, and nothing waits for I/O."""
         views: list[memoryview | None] = []
         try:
             for key, size in zip(keys, sizes, strict=True):
-                got = self.store.acquire_chunk(key, size)
+                got = self.store.acquire_chunk(key, size, promote)
                 if got is not None and got.view.nbytes != size:
                     self.store.release_chunk(key)
                     got = None

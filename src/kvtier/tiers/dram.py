@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvtier.keys import Key
 from kvtier.policy import LRUPolicy
@@ -31,8 +32,11 @@ class DramTier:
 
     name = "dram"
 
-    def __init__(self, capacity_bytes: int, prefault: bool = True) -> None:
-        self._pool = SlabPool(capacity_bytes, prefault=prefault)
+    def __init__(
+        self, capacity_bytes: int, prefault: bool = True, shm_dir: Path | None = None
+    ) -> None:
+        self._pool = SlabPool(capacity_bytes, prefault=prefault, shm_dir=shm_dir)
+        self.shared = self._pool.shared  # the file same-host clients map (shm_dir), or None
         self.max_chunk_bytes = self._pool.capacity_bytes
         self._lock = threading.Lock()
         self._entries: dict[Key, _Entry] = {}
@@ -132,16 +136,21 @@ class DramTier:
             self._entries[key].doomed = True
             self._unpin(key)
 
-    def acquire(self, key: Key, count: bool = True) -> memoryview | None:
-        """A pinned read-only view of a ready chunk (release it after use), or None."""
+    def acquire(self, key: Key, count: bool = True, count_misses: bool = True) -> memoryview | None:
+        """A pinned read-only view of a ready chunk (release it after use), or None. `count`
+        counts the hit or miss; `count_misses=False` leaves a miss to a later attempt."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or not entry.ready or entry.doomed:
-                self._count.misses += count
+                self._count.misses += count and count_misses
                 return None
             self._count.hits += count
             self._lru.pin(key)
             return self._pool.slot(entry.extent)[: entry.nbytes]
+
+    def offset_of(self, view: memoryview) -> int:
+        """The offset in the pool (and in the `shared` file) of a view from `acquire`."""
+        return self._pool.offset_of(view)
 
     def release(self, key: Key) -> None:
         with self._lock:

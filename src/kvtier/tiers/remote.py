@@ -1,54 +1,46 @@
 """Remote tier: a client of one or more `kvtier serve` nodes (`remote="kvtier://h1:7400,h2:7400"`).
 
 Chunks are placed by rendezvous hashing over the listed servers, so adding a server moves about
-1/N of the keys. Each server has a small thread-safe pool of blocking sockets; requests go out
-with `sendmsg([header, payload views])` and replies are received with `recv_into` straight into
-the caller's views. A server that is down, hung or misbehaving yields misses (counted as
-errors) and is retried with exponential backoff; only a rejected token at construction time
-raises. Backoff is for a server that cannot be reached or does not answer: a chunk over the
-wire limit is refused here before any byte is sent, and an error reply (the server refused one
-request) closes that connection only. Connecting, HELLO, EXISTS_PREFIX and the first reply to a
-GET wait at most `REPLY_TIMEOUT_S`, so a hung server never stalls a lookup for long; only
-moving GET/PUT bodies may take up to `TRANSFER_TIMEOUT_S` (a socket timeout bounds each
-send/recv, not the whole body). A pooled connection the server has closed (idle timeout) is
-noticed before it is used and replaced, without backoff.
+1/N of the keys. Each server has a small thread-safe pool of blocking sockets (`link.py`);
+requests go out with `sendmsg([header, payload views])` and replies are received with
+`recv_into` straight into the caller's views. A server that is down, hung or misbehaving yields
+misses (counted as errors) and is retried with exponential backoff; only a rejected token at
+construction time raises. Backoff is for a server that cannot be reached or does not answer: a
+chunk over the wire limit is refused here before any byte is sent, and an error reply (the
+server refused one request) closes that connection only. Connecting, HELLO, EXISTS_PREFIX and
+the first reply to a GET wait at most `REPLY_TIMEOUT_S`, so a hung server never stalls a lookup
+for long; only moving GET/PUT bodies may take up to `TRANSFER_TIMEOUT_S` (a socket timeout
+bounds each send/recv, not the whole body). A pooled connection the server has closed (idle
+timeout) is noticed before it is used and replaced, without backoff.
+
+Same host: when a server on a loopback address keeps its DRAM tier in shared memory, each new
+connection asks MAP and, if the file it names can be mapped read-only (`shm.py`), loads go
+GET_LOCAL (the server pins the chunk and answers its offset) -> memcpy from the mapping ->
+RELEASE, instead of the chunk's bytes crossing the socket. A server that refuses MAP, or a file
+that cannot be mapped, leaves that server on plain GET.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import select
-import socket
 import threading
-import time
 from collections.abc import Sequence
 
 import xxhash
 
 from kvtier.config import Endpoint, RemoteURL
-from kvtier.errors import AuthError, KvtierError, ProtocolError
+from kvtier.errors import AuthError, ProtocolError
 from kvtier.keys import Key
-from kvtier.server.protocol import (
-    COUNT,
-    HEADER_BYTES,
-    LIMITS,
-    SIZE,
-    Header,
-    Op,
-    Status,
-    pack_header,
-    parse_header,
-)
-from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
+from kvtier.server.protocol import COUNT, LIMITS, SIZE, Op
+from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
+from kvtier.tiers.link import FAILURES as _FAILURES
+from kvtier.tiers.link import Connection, ServerLink, Unavailable, recv_exact
+from kvtier.tiers.shm import SharedMapping
 
 log = logging.getLogger("kvtier.remote")
-IDLE_SOCKETS = 8
-IOV_MAX = 512
 REPLY_TIMEOUT_S = 1.0
 TRANSFER_TIMEOUT_S = 10.0
-BACKOFF_S = (1.0, 30.0)  # first wait after a failure, doubling up to the second
-_FAILURES = (OSError, KvtierError)
 
 
 def owner(endpoints: Sequence[Endpoint], key: Key) -> int:
@@ -59,177 +51,6 @@ def owner(endpoints: Sequence[Endpoint], key: Key) -> int:
 
 def _seed(endpoint: Endpoint) -> int:
     return xxhash.xxh3_64_intdigest(f"{endpoint.host}:{endpoint.port}".encode())
-
-
-class Unavailable(KvtierError):
-    """The server is down or backing off; the caller treats this as a miss."""
-
-
-class Refused(ProtocolError):
-    """The server answered one request with an error (and closes that connection): it is up,
-    so this is no reason to back off."""
-
-
-def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
-    """`sendmsg` every part (gather I/O), continuing after partial sends."""
-    views = [memoryview(p).cast("B") for p in parts]
-    while views:
-        sent = sock.sendmsg(views[:IOV_MAX])
-        while views and sent >= views[0].nbytes:
-            sent -= views.pop(0).nbytes
-        if sent:
-            views[0] = views[0][sent:]
-
-
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from the socket with `recv_into`; raises ConnectionError on EOF."""
-    view = view.cast("B")
-    while view.nbytes:
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ConnectionError("the server closed the connection")
-        view = view[n:]
-
-
-class Connection:
-    """One blocking socket to one server; used by one thread at a time."""
-
-    def __init__(self, sock: socket.socket, where: str) -> None:
-        self.sock = sock
-        self.where = where
-        self._rid = 0
-        self._head = memoryview(bytearray(HEADER_BYTES))
-        self._timeout_s = sock.gettimeout()
-
-    def waiting(self, timeout_s: float) -> Connection:
-        """Let each following send/recv wait at most `timeout_s`; returns self."""
-        if timeout_s != self._timeout_s:
-            self.sock.settimeout(timeout_s)
-            self._timeout_s = timeout_s
-        return self
-
-    def send(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes | memoryview]) -> int:
-        self._rid = (self._rid + 1) & 0xFFFFFFFF
-        size = sum(memoryview(p).nbytes for p in payload)
-        send_all(self.sock, [pack_header(op, self._rid, len(keys), size), *keys, *payload])
-        return self._rid
-
-    def reply(self, op: Op, rid: int) -> Header:
-        """The next reply header; raises ProtocolError / AuthError for an error reply."""
-        recv_exact(self.sock, self._head)
-        header = parse_header(self._head)
-        if header.status != Status.OK:
-            message = self.recv_bytes(min(header.payload_bytes, 4096)).decode(errors="replace")
-            if header.status in (Status.AUTH_FAILED, Status.AUTH_REQUIRED):
-                raise AuthError(f"token rejected by server {self.where}; check KVTIER_REMOTE_TOKEN")
-            text = f"server {self.where} answered {_status_name(header)}: {message}"
-            if header.status in (Status.ERROR, Status.UNSUPPORTED):
-                raise Refused(text)
-            raise ProtocolError(text)  # a status we do not know: not a server to trust
-        if header.opcode != op or header.request_id != rid:
-            raise ProtocolError(f"server {self.where} answered out of order")
-        if header.payload_bytes > LIMITS.max_frame_bytes:
-            raise ProtocolError(f"server {self.where} sent a {header.payload_bytes}-byte reply")
-        return header
-
-    def call(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes | memoryview]) -> Header:
-        return self.reply(op, self.send(op, keys, payload))
-
-    def recv_bytes(self, n: int) -> bytes:
-        buf = bytearray(n)
-        recv_exact(self.sock, memoryview(buf))
-        return bytes(buf)
-
-    def closed_by_peer(self) -> bool:
-        """An idle connection with something to read has been closed (or garbled) by the
-        server, e.g. after its idle timeout: not worth a request."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _status_name(header: Header) -> str:
-    known = header.status in Status._value2member_map_
-    return Status(header.status).name if known else f"unknown status {header.status}"
-
-
-class ServerLink:
-    """The sockets to one server: an idle pool, reconnection with exponential backoff."""
-
-    def __init__(self, endpoint: Endpoint, token: str, reply_timeout_s: float) -> None:
-        self.endpoint = endpoint
-        self.where = f"{endpoint.host}:{endpoint.port}"
-        self._token = token
-        self._timeout_s = reply_timeout_s
-        self._lock = threading.Lock()
-        self._idle: list[Connection] = []
-        self._retry_at = 0.0
-        self._backoff_s = BACKOFF_S[0]
-
-    def take(self) -> Connection:
-        """An idle or new connection; raises Unavailable while backing off or when the
-        server cannot be reached, AuthError when it rejects the token."""
-        while (idle := self._idle_connection()) is not None:
-            if not idle.closed_by_peer():
-                return idle
-            idle.close()
-        with self._lock:
-            if time.monotonic() < self._retry_at:
-                raise Unavailable(f"server {self.where} is backing off")
-        try:
-            sock = socket.create_connection(self.endpoint, timeout=self._timeout_s)
-        except OSError as exc:
-            self._down()
-            raise Unavailable(f"cannot connect to {self.where}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(sock, self.where)
-        try:
-            header = conn.call(Op.HELLO, [], [self._token.encode()])
-            conn.recv_bytes(header.payload_bytes)
-        except AuthError:
-            self.broken(conn)
-            raise
-        except _FAILURES as exc:
-            self.broken(conn, exc)
-            raise Unavailable(f"server {self.where} failed the handshake: {exc}") from exc
-        return conn
-
-    def _idle_connection(self) -> Connection | None:
-        with self._lock:
-            return self._idle.pop() if self._idle else None
-
-    def give(self, conn: Connection) -> None:
-        """Pool a connection after a complete exchange: the server answers, so the next
-        failure backs off from the shortest wait again."""
-        with self._lock:
-            self._backoff_s = BACKOFF_S[0]
-            if len(self._idle) < IDLE_SOCKETS:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def broken(self, conn: Connection, exc: BaseException | None = None) -> None:
-        """Close a connection that failed; unless the server merely refused the request
-        (`Refused`), drop the idle ones too and back off."""
-        conn.close()
-        if not isinstance(exc, Refused):
-            self._down()
-
-    def _down(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-            self._retry_at = time.monotonic() + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])
-        for conn in idle:
-            conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
 
 
 class RemoteTier:
@@ -243,12 +64,14 @@ class RemoteTier:
         token: str | None,
         timeout_s: float = REPLY_TIMEOUT_S,
         transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
+        local_map: bool = True,
     ) -> None:
+        """`local_map`: load from a same-host server's shared DRAM file when it offers one."""
         self.url = url
         self.max_chunk_bytes = LIMITS.max_chunk_bytes
         self._timeout_s = timeout_s
         self._transfer_s = max(timeout_s, transfer_timeout_s)
-        self._links = [ServerLink(ep, token or "", timeout_s) for ep in url.endpoints]
+        self._links = [ServerLink(ep, token or "", timeout_s, local_map) for ep in url.endpoints]
         self._lock = threading.Lock()
         self._count = Counters()
         try:
@@ -286,11 +109,10 @@ class RemoteTier:
             self._counted(misses=1)
             return False
         try:
-            conn.waiting(self._timeout_s).call(Op.GET, [key], [SIZE.pack(size)])
-            found = conn.waiting(self._transfer_s).recv_bytes(1) == b"\x01"
-            if found:
-                for view in dst:
-                    recv_exact(conn.sock, view)
+            if conn.mapping is not None:
+                found = self._get_local(conn, conn.mapping, key, dst)
+            else:
+                found = self._get(conn, key, dst)
         except _FAILURES as exc:
             link.broken(conn, exc)
             self._counted(misses=1, errors=1)
@@ -298,6 +120,34 @@ class RemoteTier:
         link.give(conn)
         self._counted(hits=int(found), misses=int(not found))
         return found
+
+    def _get(self, conn: Connection, key: Key, dst: Views) -> bool:
+        """GET: the chunk's bytes come over the socket straight into `dst`."""
+        conn.waiting(self._timeout_s).call(Op.GET, [key], [SIZE.pack(total_bytes(dst))])
+        found = conn.waiting(self._transfer_s).recv_bytes(1) == b"\x01"
+        if found:
+            for view in dst:
+                recv_exact(conn.sock, view)
+        return found
+
+    def _get_local(self, conn: Connection, mapping: SharedMapping, key: Key, dst: Views) -> bool:
+        """GET_LOCAL: copy the chunk out of the server's DRAM file while the server holds it
+        pinned for this connection, then RELEASE it (closing the connection on any error
+        releases it too). The server handles a connection's frames in order, so the next
+        request on it comes after the unpin whether or not its reply was read."""
+        size = total_bytes(dst)
+        header = conn.waiting(self._timeout_s).call(Op.GET_LOCAL, [key], [SIZE.pack(size)])
+        reply = conn.recv_bytes(header.payload_bytes)
+        if reply == b"\x00":
+            return False
+        if len(reply) != 1 + SIZE.size or reply[0] != 1:
+            raise ProtocolError(f"server {conn.where} sent a garbled GET_LOCAL reply")
+        (offset,) = SIZE.unpack_from(reply, 1)
+        try:
+            copy_views([mapping.chunk(offset, size)], dst)
+        finally:
+            conn.send_unread(Op.RELEASE, [key], [])  # its reply is read before the next use
+        return True
 
     def put(self, key: Key, src: Views) -> bool:
         size = total_bytes(src)

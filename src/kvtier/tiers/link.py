@@ -1,0 +1,287 @@
+"""The sockets to one `kvtier serve` node: framing, an idle pool, reconnection with backoff.
+
+Requests go out with `sendmsg([header, payload views])`; replies are received with `recv_into`
+straight into the caller's views. A server that cannot be reached or does not answer is
+retried with exponential backoff; an error reply (the server refused one request) closes that
+connection only, without backoff. A pooled connection the server has closed (idle timeout) is
+noticed before it is used and replaced, without backoff.
+
+Same host: a link to a server on a loopback address asks MAP on each new connection and, if
+the DRAM file it names can be mapped read-only (`shm.py`), attaches that mapping to the
+connection (one mapping per server process; a restarted server has a new file). A server that
+refuses MAP, or a file that cannot be mapped, is not asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+from kvtier.config import Endpoint
+from kvtier.errors import AuthError, KvtierError, ProtocolError
+from kvtier.keys import Key
+from kvtier.pool import SharedFile
+from kvtier.server.protocol import (
+    HEADER_BYTES,
+    LIMITS,
+    Header,
+    Op,
+    Status,
+    pack_header,
+    parse_header,
+)
+from kvtier.tiers.shm import SharedMapping, is_loopback, parse_map_reply
+
+log = logging.getLogger("kvtier.remote")
+IDLE_SOCKETS = 8
+IOV_MAX = 512
+BACKOFF_S = (1.0, 30.0)  # first wait after a failure, doubling up to the second
+FAILURES = (OSError, KvtierError)
+
+
+class Unavailable(KvtierError):
+    """The server is down or backing off; the caller treats this as a miss."""
+
+
+class Refused(ProtocolError):
+    """The server answered one request with an error (and closes that connection unless the
+    status is UNSUPPORTED): it is up, so this is no reason to back off."""
+
+    def __init__(self, message: str, status: int = Status.ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """`sendmsg` every part (gather I/O), continuing after partial sends."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket with `recv_into`; raises ConnectionError on EOF."""
+    view = view.cast("B")
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("the server closed the connection")
+        view = view[n:]
+
+
+class Connection:
+    """One blocking socket to one server; used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket, where: str) -> None:
+        self.sock = sock
+        self.where = where
+        self._rid = 0
+        self._head = memoryview(bytearray(HEADER_BYTES))
+        self._timeout_s = sock.gettimeout()
+        self.mapping: SharedMapping | None = None  # the server's DRAM file, when mapped
+        self._unread: list[tuple[Op, int]] = []  # requests sent whose replies are not read
+
+    def waiting(self, timeout_s: float) -> Connection:
+        """Let each following send/recv wait at most `timeout_s`; returns self."""
+        if timeout_s != self._timeout_s:
+            self.sock.settimeout(timeout_s)
+            self._timeout_s = timeout_s
+        return self
+
+    def send(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes | memoryview]) -> int:
+        self._rid = (self._rid + 1) & 0xFFFFFFFF
+        size = sum(memoryview(p).nbytes for p in payload)
+        send_all(self.sock, [pack_header(op, self._rid, len(keys), size), *keys, *payload])
+        return self._rid
+
+    def reply(self, op: Op, rid: int) -> Header:
+        """The next reply header; raises ProtocolError / AuthError for an error reply."""
+        recv_exact(self.sock, self._head)
+        header = parse_header(self._head)
+        if header.status != Status.OK:
+            message = self.recv_bytes(min(header.payload_bytes, 4096)).decode(errors="replace")
+            if header.status in (Status.AUTH_FAILED, Status.AUTH_REQUIRED):
+                raise AuthError(f"token rejected by server {self.where}; check KVTIER_REMOTE_TOKEN")
+            text = f"server {self.where} answered {_status_name(header)}: {message}"
+            if header.status in (Status.ERROR, Status.UNSUPPORTED):
+                raise Refused(text, header.status)
+            raise ProtocolError(text)  # a status we do not know: not a server to trust
+        if header.opcode != op or header.request_id != rid:
+            raise ProtocolError(f"server {self.where} answered out of order")
+        if header.payload_bytes > LIMITS.max_frame_bytes:
+            raise ProtocolError(f"server {self.where} sent a {header.payload_bytes}-byte reply")
+        return header
+
+    def call(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes | memoryview]) -> Header:
+        return self.reply(op, self.send(op, keys, payload))
+
+    def recv_bytes(self, n: int) -> bytes:
+        buf = bytearray(n)
+        recv_exact(self.sock, memoryview(buf))
+        return bytes(buf)
+
+    def send_unread(self, op: Op, keys: Sequence[Key], payload: Sequence[bytes]) -> None:
+        """Send a request whose reply is read (and checked) only by `settle`, before the
+        connection is next used: a RELEASE need not wait for its round trip."""
+        self._unread.append((op, self.send(op, keys, payload)))
+
+    def settle(self) -> None:
+        """Read the replies of requests sent with `send_unread`; raises like `reply`."""
+        unread, self._unread = self._unread, []
+        for op, rid in unread:
+            self.recv_bytes(self.reply(op, rid).payload_bytes)
+
+    def closed_by_peer(self) -> bool:
+        """An idle connection with something to read has been closed (or garbled) by the
+        server, e.g. after its idle timeout: not worth a request."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _status_name(header: Header) -> str:
+    known = header.status in Status._value2member_map_
+    return Status(header.status).name if known else f"unknown status {header.status}"
+
+
+class ServerLink:
+    """The sockets to one server: an idle pool, reconnection with exponential backoff."""
+
+    def __init__(
+        self, endpoint: Endpoint, token: str, reply_timeout_s: float, local_map: bool = True
+    ) -> None:
+        self.endpoint = endpoint
+        self.where = f"{endpoint.host}:{endpoint.port}"
+        self._token = token
+        self._timeout_s = reply_timeout_s
+        self._lock = threading.Lock()
+        self._idle: list[Connection] = []
+        self._retry_at = 0.0
+        self._backoff_s = BACKOFF_S[0]
+        self._map_wanted = local_map and is_loopback(endpoint.host)
+        self._mapping: SharedMapping | None = None
+
+    def take(self) -> Connection:
+        """An idle or new connection; raises Unavailable while backing off or when the
+        server cannot be reached, AuthError when it rejects the token."""
+        while (idle := self._idle_connection()) is not None:
+            if self._usable(idle):
+                return idle
+            idle.close()
+        with self._lock:
+            if time.monotonic() < self._retry_at:
+                raise Unavailable(f"server {self.where} is backing off")
+        conn = self._connect()
+        return self._mapped(conn) if self._map_wanted else conn
+
+    def _usable(self, idle: Connection) -> bool:
+        """An idle connection whose unread replies were all good and that the server has
+        not closed since."""
+        try:
+            idle.waiting(self._timeout_s).settle()
+        except FAILURES:
+            return False
+        return not idle.closed_by_peer()
+
+    def _connect(self) -> Connection:
+        try:
+            sock = socket.create_connection(self.endpoint, timeout=self._timeout_s)
+        except OSError as exc:
+            self._down()
+            raise Unavailable(f"cannot connect to {self.where}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, self.where)
+        try:
+            header = conn.call(Op.HELLO, [], [self._token.encode()])
+            conn.recv_bytes(header.payload_bytes)
+        except AuthError:
+            self.broken(conn)
+            raise
+        except FAILURES as exc:
+            self.broken(conn, exc)
+            raise Unavailable(f"server {self.where} failed the handshake: {exc}") from exc
+        return conn
+
+    def _mapped(self, conn: Connection) -> Connection:
+        """Ask MAP on a new connection and attach the server's DRAM file, mapped; a server
+        that refuses (or whose file cannot be mapped) is not asked again."""
+        try:
+            header = conn.call(Op.MAP, [], [])
+            shared = parse_map_reply(conn.recv_bytes(header.payload_bytes))
+        except Refused as exc:
+            self._map_wanted = False
+            if exc.status == Status.UNSUPPORTED:
+                return conn
+            conn.close()  # a server without MAP closes the connection on its opcode
+            return self._connect()
+        except FAILURES as exc:
+            self.broken(conn, exc)
+            raise Unavailable(f"server {self.where} failed MAP: {exc}") from exc
+        conn.mapping = self._mapping_of(shared)
+        return conn
+
+    def _mapping_of(self, shared: SharedFile) -> SharedMapping | None:
+        """The mapping of `shared` (one per server process: a restarted server has a new
+        file), or None when it cannot be mapped here."""
+        with self._lock:
+            current = self._mapping
+        if current is not None and current.shared == shared:
+            return current
+        try:
+            mapping = SharedMapping(shared)
+        except OSError as exc:
+            log.warning(
+                "kvtier remote tier: cannot map the DRAM file of %s (%s); loading over TCP",
+                self.where,
+                exc,
+            )
+            self._map_wanted = False
+            return None
+        with self._lock:
+            self._mapping = mapping
+        return mapping
+
+    def _idle_connection(self) -> Connection | None:
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def give(self, conn: Connection) -> None:
+        """Pool a connection after a complete exchange: the server answers, so the next
+        failure backs off from the shortest wait again."""
+        with self._lock:
+            self._backoff_s = BACKOFF_S[0]
+            if len(self._idle) < IDLE_SOCKETS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def broken(self, conn: Connection, exc: BaseException | None = None) -> None:
+        """Close a connection that failed; unless the server merely refused the request
+        (`Refused`), drop the idle ones too and back off."""
+        conn.close()
+        if not isinstance(exc, Refused):
+            self._down()
+
+    def _down(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._retry_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])
+        for conn in idle:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
