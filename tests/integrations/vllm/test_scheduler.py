@@ -340,6 +340,7 @@ def assert_no_leaks(engine: Engine) -> None:
     assert all(block.ref_cnt == 0 for block in pool.blocks[1:])
     assert engine.connector._planner is not None
     assert not engine.connector._planner._requests
+    assert not engine.connector._planner._loading
 
 
 def test_miss_saves_each_full_chunk_once_when_computed(make_engine: Callable[..., Engine]) -> None:

@@ -123,7 +123,7 @@ class ChunkPlanner:
                 if jobs.chunks:
                     step.saves.append(jobs)
         for req_id in finished:
-            self._requests.pop(req_id, None)
+            self.finished(req_id)
         return step
 
     def loads_reported(self, failed_blocks: set[int], received: set[str]) -> None:
@@ -140,6 +140,7 @@ class ChunkPlanner:
 
     def finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
+        self._loading.pop(req_id, None)
 
     # -- internals ------------------------------------------------------------------------
 
