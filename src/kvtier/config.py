@@ -5,6 +5,7 @@ This is the only module that reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -58,6 +59,16 @@ def parse_size(value: int | str, name: str = "size") -> int:
     if number <= 0:
         raise ConfigError(f"{name}: must be positive, got {value!r}")
     return number
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Endpoint(NamedTuple):

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from kvtier.config import is_loopback
 from kvtier.errors import ProtocolError
 from kvtier.pool import ALIGN, SharedFile, SlabPool
 from kvtier.server.protocol import MAP_INFO
-from kvtier.tiers.shm import SharedMapping, is_loopback, parse_map_reply
+from kvtier.tiers.shm import SharedMapping, parse_map_reply
 
 
 def test_mapping_reads_the_pool_and_checks_bounds(tmp_path: Path) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import resource
 import signal
 import sys
 
-from kvtier.config import StoreConfig, env_default, parse_size
+from kvtier.config import StoreConfig, env_default, is_loopback, parse_size
 from kvtier.errors import ConfigError
 from kvtier.server.admission import ServerPolicy
 from kvtier.server.auth import Auth
@@ -110,19 +109,10 @@ def _connection_cap(wanted: int) -> int:
     return max(1, min(wanted, soft - FD_RESERVE))
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _auth(args: argparse.Namespace) -> Auth:
     if args.auth_file:
         return Auth.from_file(args.auth_file)
-    if not _is_loopback(args.host) and not args.insecure:
+    if not is_loopback(args.host) and not args.insecure:
         raise ConfigError(
             f"refusing to listen on {args.host} without --auth-file: any host could read and "
             "write the cache. Give --auth-file (lines 'tenant token') or --insecure"

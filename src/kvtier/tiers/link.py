@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from kvtier.config import Endpoint
+from kvtier.config import Endpoint, is_loopback
 from kvtier.errors import AuthError, KvtierError, ProtocolError
 from kvtier.keys import Key
 from kvtier.pool import SharedFile
@@ -34,7 +34,7 @@ from kvtier.server.protocol import (
     pack_header,
     parse_header,
 )
-from kvtier.tiers.shm import SharedMapping, is_loopback, parse_map_reply
+from kvtier.tiers.shm import SharedMapping, parse_map_reply
 
 log = logging.getLogger("kvtier.remote")
 IDLE_SOCKETS = 8

@@ -9,7 +9,6 @@ tables are filled in by a background thread (first-touch faults cost as much as 
 
 from __future__ import annotations
 
-import ipaddress
 import mmap
 import os
 import threading
@@ -19,16 +18,6 @@ from kvtier.pool import SharedFile
 from kvtier.server.protocol import MAP_INFO
 
 _MADV_POPULATE_READ = 22  # linux/mman.h; not exported by the mmap module
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` names this machine (only then can a server's file be mapped)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_map_reply(payload: bytes) -> SharedFile:
