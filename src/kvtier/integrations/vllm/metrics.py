@@ -45,10 +45,9 @@ class KvtierStats(KVConnectorStats):
         d = self.data
         hits = {k: v for k, v in d.items() if k.startswith(HIT_PREFIX)}
         out: dict[str, int | float] = {"hit_tokens": sum(hits.values()), **hits}
-        for kind in ("load", "save"):
+        for kind, moved in (("load", "loaded_bytes"), ("save", "saved_bytes")):
             seconds = d.get(f"{kind}_seconds", 0.0)
-            moved = d.get(f"{kind}ed_bytes" if kind == "load" else "saved_bytes", 0)
-            out[f"{kind}_GBps"] = round(moved / seconds / 1e9, 3) if seconds else 0.0
+            out[f"{kind}_GBps"] = round(d.get(moved, 0) / seconds / 1e9, 3) if seconds else 0.0
         for name in ("lookups", "failed_chunks", "loaded_bytes", "saved_bytes"):
             out[name] = d.get(name, 0)
         return out

@@ -56,7 +56,7 @@ def engine_config(config: StoreConfig, node_dir: Path | None = None) -> StoreCon
 
 
 def _run_dir(config: StoreConfig, node_dir: Path) -> Path:
-    tiers = {k: str(v) for k, v in asdict(config).items() if k != "remote_token"}
+    tiers = {k: v for k, v in _serialise(config).items() if k != "remote_token"}
     digest = hashlib.blake2b(json.dumps(tiers, sort_keys=True).encode(), digest_size=8).hexdigest()
     node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = node_dir / digest

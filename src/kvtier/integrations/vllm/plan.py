@@ -1,7 +1,8 @@
 """What the connector moves, in chunks and blocks: pure bookkeeping, no vLLM import.
 
 A kvtier chunk is `chunk_tokens / block_size` whole vLLM blocks. The scheduler turns requests
-into `LoadJob`s and `SaveJob`s (keys plus block ids); the workers copy pages. Token `t` of a
+into a `StepPlan` of loads and saves (`ChunkCopy`: a key plus block ids); the workers copy
+pages. Token `t` of a
 request lives in block `block_ids[t // block_size]`, so chunk `i` is blocks
 `[i * blocks_per_chunk, (i + 1) * blocks_per_chunk)` of the request's block table.
 """
@@ -77,9 +78,6 @@ class StepPlan:
 
     loads: list[RequestJobs] = field(default_factory=list)
     saves: list[RequestJobs] = field(default_factory=list)
-
-    def load_block_ids(self) -> set[int]:
-        return {b for job in self.loads for c in job.chunks for b in c.block_ids}
 
 
 class KeyChain:

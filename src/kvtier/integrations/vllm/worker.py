@@ -31,7 +31,6 @@ class ChunkMover:
     def __init__(self, store: Store, pages: PagedKV, blocks_per_chunk: int, tp: tuple[int, int]):
         self.store = store
         self.pages = pages
-        self.blocks_per_chunk = blocks_per_chunk
         self.tp_rank, self.tp_size = tp
         self.chunk_bytes = pages.block_bytes * blocks_per_chunk
         shape = (pages.num_layers, blocks_per_chunk, pages.page_bytes)  # (L, k, P)
@@ -65,8 +64,7 @@ class ChunkMover:
             if self._stream is not None:
                 self._stream.synchronize()  # the pages are written before vLLM hears of it
         except Exception:
-            with self._lock:
-                self._failed |= {b for c in job.chunks for b in c.block_ids}
+            self._fail(job.chunks)
             raise
         finally:
             with self._lock:
@@ -80,15 +78,17 @@ class ChunkMover:
             if tier is None:
                 # vLLM recomputes from the first failed block; later chunks of this
                 # request are not loaded (they would be recomputed anyway).
-                failed = {b for c in job.chunks[i:] for b in c.block_ids}
-                with self._lock:
-                    self._failed |= failed
+                self._fail(job.chunks[i:])
                 self.tally.add("failed_chunks", len(job.chunks) - i)
                 return
             src = staging.tensor[:, chunk.skip_blocks : chunk.skip_blocks + len(chunk.block_ids)]
             self.pages.scatter(self.pages.index(chunk.block_ids), src)
             self.tally.add("loaded_bytes", self.chunk_bytes)
             self.tally.add("load_seconds", _now() - t0)
+
+    def _fail(self, chunks: Sequence[ChunkCopy]) -> None:
+        with self._lock:
+            self._failed |= {b for c in chunks for b in c.block_ids}
 
     def save(self, plan: StepPlan) -> None:
         """Copy the pages of every planned chunk into kvtier (lower tiers written later)."""
