@@ -40,6 +40,7 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
+from kvtier.integrations.vllm import scheduler as scheduler_module
 from kvtier.integrations.vllm.connector import KvtierConnector, KvtierMetadata
 from kvtier.integrations.vllm.metrics import KvtierStats
 from kvtier.integrations.vllm.node import stop_nodes
@@ -548,4 +549,34 @@ def test_aborted_requests_leave_nothing_tracked(make_engine: Callable[..., Engin
     assert set(engine.connector._planner._requests) == {"a", "b"}
     assert [r.request_id for r in engine.scheduler.running] == ["a"]
     engine.scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("reuse_s", [60.0, 0.0])
+def test_a_waiting_request_is_looked_up_once_while_its_lookup_is_fresh(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch, reuse_s: float
+) -> None:
+    """vLLM asks about a request waiting for blocks at every step; while the last answer is
+    fresh no round trip goes to the store (with no reuse, every step asks), and once
+    admitted it loads what that answer claimed."""
+    monkeypatch.setattr(scheduler_module, "LOOKUP_REUSE_S", reuse_s)
+    engine = make_engine(num_blocks=9, max_batched_tokens=512)  # 8 usable blocks
+    tokens = prompt(200, seed=5)
+    store_in_kvtier_only(engine, tokens)
+    engine.add("c", prompt(100, seed=6), max_tokens=100)  # holds the blocks for a while
+    engine.step()
+    store = engine.connector.store
+    asked = []
+    real = store.locate
+    monkeypatch.setattr(store, "locate", lambda keys: asked.append(len(keys)) or real(keys))
+    b = engine.add("b", tokens, max_tokens=1)
+    waited = 0
+    while not any("b" in step.output.num_scheduled_tokens for step in engine.steps[-1:]):
+        engine.step()
+        waited += 1
+    assert waited > 3  # b waited several steps for blocks
+    assert len(asked) == (1 if reuse_s else waited)
+    assert len(loaded(engine.steps[-1], "b")) == 3  # the whole chunks kvtier holds
+    engine.run(max_steps=1000)
+    assert b.is_finished() and engine.worker.failed_loads == 0
     assert_no_leaks(engine)

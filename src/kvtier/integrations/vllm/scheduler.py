@@ -11,6 +11,7 @@ determine their KV.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,6 +42,19 @@ class Request(Protocol):
     def num_tokens(self) -> int: ...
 
 
+LOOKUP_REUSE_S = 1.0  # vLLM asks again every step while a request waits for blocks
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One lookup's answer: of the first `chunks` chunks, the leading `hit` are held."""
+
+    chunks: int
+    hit: int
+    tiers: tuple[str, ...]
+    at: float  # time.monotonic()
+
+
 @dataclass(slots=True)
 class Tracked:
     request: Any
@@ -49,6 +63,7 @@ class Tracked:
     claimed: int = 0  # leading chunks the last lookup offered vLLM
     load_from: int | None = None  # first token of a pending load
     tiers: tuple[str, ...] = ()  # the tier of each claimed chunk, at lookup
+    lookup: Lookup | None = None  # the last one, reused while the request waits
 
 
 class ChunkPlanner:
@@ -84,8 +99,7 @@ class ChunkPlanner:
         if tracked is None:
             return 0
         c = self.geometry.chunk_tokens
-        keys = tracked.chain.upto(request.all_token_ids, request.num_tokens // c)
-        hit, tiers = self._locate(keys)
+        hit, tiers = self._lookup(tracked, request.num_tokens // c)
         tracked.stored = max(tracked.stored, hit)  # a full chunk kvtier holds is not saved again
         tracked.claimed = min(hit, self.geometry.loadable_chunks(request.num_tokens))
         tracked.tiers = tiers[: tracked.claimed]
@@ -96,6 +110,7 @@ class ChunkPlanner:
         tracked = self._requests.get(request.request_id)
         if tracked is None:
             return
+        tracked.lookup = None  # admitted: a later lookup (after preemption) asks afresh
         self.tally.add("lookups")
         if num_external_tokens <= 0:
             return
@@ -135,6 +150,7 @@ class ChunkPlanner:
             bad = [i for i, c in enumerate(jobs.chunks) if failed_blocks.intersection(c.block_ids)]
             if tracked is not None and bad:
                 tracked.stored = min(tracked.stored, first_chunk + bad[0])
+                tracked.lookup = None
             if not jobs.async_load or req_id in received:
                 del self._loading[req_id]
 
@@ -158,6 +174,18 @@ class ChunkPlanner:
         tracked = Tracked(request, KeyChain(root, self.geometry.chunk_tokens))
         self._requests[request.request_id] = tracked
         return tracked
+
+    def _lookup(self, tracked: Tracked, chunks: int) -> tuple[int, tuple[str, ...]]:
+        """The leading chunks of the request's first `chunks` kvtier holds, and their tiers:
+        the last answer while it is fresh (a waiting request is asked about every step; a
+        stale answer costs at worst a failed load, which vLLM recomputes)."""
+        last = tracked.lookup
+        now = time.monotonic()
+        if last is None or last.chunks != chunks or now - last.at > LOOKUP_REUSE_S:
+            keys = tracked.chain.upto(tracked.request.all_token_ids, chunks)
+            hit, tiers = self._locate(keys)
+            last = tracked.lookup = Lookup(chunks, hit, tiers, now)
+        return last.hit, last.tiers
 
     def _locate(self, keys: list[Key]) -> tuple[int, tuple[str, ...]]:
         """Leading chunks every rank holds, and the tier of each (as rank 0 sees it)."""
