@@ -7,6 +7,8 @@ import argparse
 import math
 from typing import Any
 
+import numpy as np
+
 from kvtier.bench import vllm as bench
 from kvtier.bench import vllm_report as rep
 
@@ -100,3 +102,24 @@ def test_json_fields_and_markdown(tmp_path: Any) -> None:
     assert "8.2 MB/s" in text and "3000 ms" in text
     rep.plot(tmp_path / "p.png", result)
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_engine_answers_replace_the_workload_answers() -> None:
+    """Every later prompt that holds a request's answer gets the engine's generated tokens
+    there instead (as many as it generated), sub-agents included; nothing else changes."""
+    reqs = bench.workloads(args(workloads="chat,agent", users=3, sessions=2))
+    for work, requests in reqs.items():
+        answers = bench.Answers(requests)
+        for i, r in enumerate(requests):
+            before = answers.prompt(i)
+            assert len(before) == len(r.tokens)
+            answers.answered(i, [7] * min(r.output_tokens, 5))
+        replaced = 0
+        for i, r in enumerate(requests):
+            now = answers.prompt(i)
+            changed = np.flatnonzero(now != r.tokens)
+            assert (now[changed] == 7).all(), work
+            replaced += len(changed)
+        # every request but the last of each session has its answer in a later prompt
+        continued = len(requests) - len({r.session for r in requests})
+        assert replaced >= 5 * continued, (work, replaced, continued)

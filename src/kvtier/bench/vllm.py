@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 from tqdm import tqdm
 
 from kvtier.bench import vllm_report as rep
@@ -70,7 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--chunk-tokens", type=int, default=env_default("KVTIER_CHUNK_TOKENS", "64"))
     add("--users", type=int, default=env_default("KVTIER_BENCH_USERS"), help="chat users")
     add("--sessions", type=int, default=env_default("KVTIER_BENCH_SESSIONS"), help="agents")
-    add("--gen-tokens", type=int, default=env_default("KVTIER_BENCH_GEN_TOKENS", "4"))
+    add(
+        "--gen-tokens",
+        type=int,
+        default=env_default("KVTIER_BENCH_GEN_TOKENS"),
+        help="cap on generated tokens per request (default: the workload's answer lengths)",
+    )
     add("--slo-ms", type=float, default=env_default("KVTIER_BENCH_SLO_MS", "1500"))
     add("--workloads", default=env_default("KVTIER_BENCH_WORKLOADS", "chat,agent,noreuse"))
     add("--seed", type=int, default=env_default("KVTIER_BENCH_SEED", "0"))
@@ -117,12 +123,13 @@ class Sizing(NamedTuple):
     max_model_len: int
 
 
-def sizing(requests: list[wl.Request], gen_tokens: int) -> Sizing:
+def sizing(requests: list[wl.Request], gen_tokens: int | None) -> Sizing:
     """vLLM's KV cache holds ~1/4 of the sessions' contexts (never less than the longest
     request, which vLLM refuses to start without)."""
     context: dict[str, int] = {}
     for r in requests:
-        context[r.session] = max(context.get(r.session, 0), len(r.tokens) + gen_tokens)
+        longest = len(r.tokens) + _gen_tokens(r, gen_tokens)
+        context[r.session] = max(context.get(r.session, 0), longest)
     total = sum(context.values())
     longest = -(-(max(context.values()) + 1) // BLOCK_TOKENS) * BLOCK_TOKENS
     # vLLM keeps one block back (its null block)
@@ -142,7 +149,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         sizes: dict[str, Any] = {}
         with tqdm(total=total, desc="bench vllm", unit="req", file=sys.stderr) as bar:
             for work, reqs in works.items():
-                size = sizing(reqs, int(args.gen_tokens))
+                size = sizing(reqs, args.gen_tokens)
                 sizes[work] = size._asdict()
                 spec = model.spec(size.kv_cache_tokens, size.max_model_len)
                 kv_bytes = size.context_tokens * model.kv_bytes_per_token
@@ -172,19 +179,71 @@ def _pass(
         return _batch(fleet.engines[0], requests, vocab, bar)
     records = []
     wall = 0.0
+    answers = Answers(requests)
     for i, r in enumerate(requests):
         engine = i % len(fleet.engines)
-        reply = fleet.engines[engine].run([_job(f"{i}", r, vocab, int(args.gen_tokens))])
+        prompt = (answers.prompt(i) % vocab).tolist()
+        job = {"id": f"{i}", "prompt": prompt, "max_tokens": _gen_tokens(r, args.gen_tokens)}
+        reply = fleet.engines[engine].run([job])
+        answers.answered(i, reply["results"][0]["tokens"])
         wall += reply["wall_s"]
         records.append(_record(f"{i}", r, engine, reply, 0, True))
         bar.update()
     return records, wall
 
 
-def _job(rid: str, r: wl.Request, vocab: int, gen_tokens: int) -> dict[str, Any]:
-    """Token ids folded into the model's vocabulary; greedy, at most `gen_tokens` tokens."""
-    prompt = (r.tokens % vocab).tolist()
-    return {"id": rid, "prompt": prompt, "max_tokens": min(r.output_tokens, gen_tokens)}
+def _gen_tokens(r: wl.Request, cap: int | None) -> int:
+    return r.output_tokens if cap is None else min(r.output_tokens, int(cap))
+
+
+class Answers:
+    """Puts the engine's own answers into later prompts, as a chat client does.
+
+    A workload gives each request's answer only as tokens inside the requests that continue
+    it. Here the tokens the engine generated replace those answer tokens (as many as it
+    generated) in every later prompt that contains them, at the same positions: a returning
+    turn's history is then KV the engine computed while decoding (and kvtier saved then), and
+    only the new user turn or tool observation is new. Prompt lengths do not change. Answer
+    segments are unique random tokens, so finding one at its position identifies it."""
+
+    def __init__(self, requests: list[wl.Request]) -> None:
+        self._requests = requests
+        self._continued = _continuations(requests)
+        self._subs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (at, workload's, engine's)
+
+    def prompt(self, i: int) -> np.ndarray:
+        tokens = self._requests[i].tokens
+        out = tokens.copy()
+        for at, theirs, ours in self._subs:
+            end = at + len(theirs)
+            if end <= len(tokens) and np.array_equal(tokens[at:end], theirs):
+                out[at:end] = ours
+        return out
+
+    def answered(self, i: int, generated: list[int]) -> None:
+        later = self._continued.get(i)
+        if later is None or not generated:
+            return
+        at = len(self._requests[i].tokens)
+        theirs = self._requests[later].tokens[at : at + len(generated)]
+        self._subs.append((at, theirs, np.asarray(generated[: len(theirs)], dtype=theirs.dtype)))
+
+
+def _continuations(requests: list[wl.Request]) -> dict[int, int]:
+    """Each request -> the next request of its session whose prompt extends it by at least
+    its answer (that prompt holds the answer right after the request's own tokens)."""
+    out: dict[int, int] = {}
+    last: dict[str, int] = {}
+    for j, r in enumerate(requests):
+        i = last.get(r.session)
+        if i is not None:
+            prev = requests[i].tokens
+            if len(r.tokens) >= len(prev) + requests[i].output_tokens and np.array_equal(
+                r.tokens[: len(prev)], prev
+            ):
+                out[i] = j
+        last[r.session] = j
+    return out
 
 
 def _batch(
@@ -233,7 +292,7 @@ def _result(
         "model": {"name": model.name, "kv_bytes_per_token": model.kv_bytes_per_token},
         "device": model.device,
         "chunk_tokens": int(args.chunk_tokens),
-        "gen_tokens": int(args.gen_tokens),
+        "gen_tokens": "answer lengths" if args.gen_tokens is None else int(args.gen_tokens),
         "slo_ms": float(args.slo_ms),
         "slo_method": "modelled from measured service times: 2,000 Poisson arrivals, the "
         "pass's service times cycled in order, round-robin over its engines, one request at a "

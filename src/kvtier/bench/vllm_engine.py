@@ -161,7 +161,9 @@ def _serve(
     done: dict[str, dict[str, Any]] = {}
     ours: dict[str, str] = {}  # vLLM may append a suffix to an id
     for r in requests:
-        params = SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, detokenize=False)
+        params = SamplingParams(
+            max_tokens=r["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True
+        )
         prompt = TokensPrompt(prompt_token_ids=r["prompt"])
         ours[engine.add_request(r["id"], prompt, params)] = ours[r["id"]] = r["id"]
     while engine.has_unfinished_requests():
