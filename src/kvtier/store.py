@@ -5,15 +5,17 @@ DRAM is written through to disk and remote, so a chunk evicted from DRAM is alre
 (it stays pinned in DRAM until its write has landed): evictions never drop a chunk the disk
 could hold. Without a DRAM tier, saves go through a small staging pool instead: room for
 io_workers + 2 chunks of the largest chunk size bound (mapped and faulted in by `bind`); a save
-waits while every slot is still being written.
+waits while every slot is still being written. A store whose one tier is a same-host server
+that takes writes into its shared DRAM file saves straight there, in the caller's thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,17 +224,86 @@ class Store:
         """Whether the chunk was taken (False: already held, or no room for it)."""
         if self._holds(key):
             return False
+        if self._dram is None and (tier := self._in_place_tier()) is not None:
+            return bool(tier.put(key, src))  # a memcpy into the server's shared DRAM
         slot, release = self._claim(key, total_bytes(src))
         if slot is None or release is None:
             with self._cond:
                 self._dropped += 1
             return False
         copy_views(src, [slot])
+        self._publish(key, slot, release)
+        return True
+
+    def _publish(self, key: Key, slot: memoryview, release: Callable[[], None]) -> None:
+        """A filled slot becomes the chunk; its lower-tier writes start in the background."""
         if self._dram is not None:
             self._dram.commit(key, keep_pin=bool(self._lower))
         if self._lower:
             self._write_behind(key, slot, release, self._lower)
-        return True
+
+    @contextlib.contextmanager
+    def writing(self, keys: Sequence[Key], nbytes: int) -> Iterator[list[memoryview | None] | None]:
+        """Writable slots of `nbytes` for new chunks, for the caller to fill in place (no
+        staging copy); on a clean exit the filled slots become chunks, on an exception they
+        are given back. A slot is None for a chunk held already or with no room. Served by
+        the DRAM tier, or by a same-host server's shared DRAM when that is the one tier;
+        yields None (not a list) when neither can lend: then use `write_chunk`."""
+        self._enter()
+        saved = 0
+        try:
+            if self._dram is not None:
+                slots = [None if self._holds(k) else self._dram.reserve(k, nbytes) for k in keys]
+                mine = [(k, s) for k, s in zip(keys, slots, strict=True) if s is not None]
+                try:
+                    yield slots
+                except BaseException:
+                    for key, _ in mine:
+                        self._dram.abort(key)
+                    raise
+                for key, slot in mine:
+                    self._publish(key, slot, functools.partial(self._dram.release, key))
+                saved = len(mine)
+                return
+            tier = self._in_place_tier()
+            lent = None if tier is None else tier.lend(keys, nbytes)
+            if lent is None:
+                yield None
+                return
+            try:
+                yield lent.slots
+            except BaseException:
+                lent.abort()
+                raise
+            saved = lent.commit()
+        finally:
+            self._leave(saved)
+
+    def reserve_chunk(self, key: Key, nbytes: int) -> memoryview | None:
+        """A writable DRAM slot for a new chunk, for someone else to fill (a same-host client
+        writing into `shared_dram()`): then `commit_chunk` or `abort_chunk`. None without a
+        DRAM tier, when the chunk is held already, or when every DRAM chunk is pinned."""
+        self._enter()
+        try:
+            if self._dram is None or self._holds(key):
+                return None
+            return self._dram.reserve(key, nbytes)
+        finally:
+            self._leave()
+
+    def commit_chunk(self, key: Key, slot: memoryview) -> None:
+        """Publish a slot from `reserve_chunk`, filled; written to the lower tiers later."""
+        assert self._dram is not None
+        self._enter()
+        try:
+            self._publish(key, slot, functools.partial(self._dram.release, key))
+        finally:
+            self._leave(saved=True)
+
+    def abort_chunk(self, key: Key) -> None:
+        """Give back a slot from `reserve_chunk` unfilled."""
+        assert self._dram is not None
+        self._dram.abort(key)
 
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
@@ -318,12 +389,19 @@ class Store:
             self._check_open()
             self._calls += 1
 
-    def _leave(self, saved: bool = False) -> None:
+    def _leave(self, saved: int = 0) -> None:
         with self._cond:
             self._calls -= 1
             self._saved += saved
             if self._closed and not self._calls:
                 self._cond.notify_all()
+
+    def _in_place_tier(self) -> Any | None:
+        """The one lower tier, when its puts are copies into a same-host server's memory
+        (`RemoteTier.writes_in_place`): staging them for a background write would only add
+        a copy."""
+        tier = self._lower[0] if len(self._lower) == 1 else None
+        return tier if getattr(tier, "writes_in_place", False) else None
 
     def _holds(self, key: Key) -> bool:
         if self._dram is not None and key in self._dram:

@@ -239,3 +239,71 @@ def test_failed_open_releases_the_lock(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, 1 << 20)
     assert put(tier, 1) and get(tier, 1) == payload(1)
     tier.close()
+
+
+def aligned_payload(i: int, nbytes: int = 64 << 10) -> memoryview:
+    """A page-aligned buffer (what the DRAM tier's slots are), filled with chunk i."""
+    import mmap
+
+    buf = mmap.mmap(-1, nbytes)
+    buf.write(np.random.default_rng(i).integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+    return memoryview(buf)
+
+
+def test_page_aligned_chunks_bypass_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk whose views are page-aligned whole pages is written with O_DIRECT (others
+    are not); either way it reads back byte-exact, and a byte flipped in its file is still
+    caught by the checksum."""
+    from kvtier.tiers import disk
+
+    flags: list[int] = []
+    real = disk._write_views
+    monkeypatch.setattr(
+        disk, "_write_views", lambda path, views, f: flags.append(f) or real(path, views, f)
+    )
+    tier = DiskTier(tmp_path, 1 << 20)
+    data = aligned_payload(1)
+    assert tier.put(key(1), [data])
+    assert flags[0] == os.O_DIRECT
+    assert put(tier, 2)  # 1000 bytes: not whole pages
+    assert flags[-1] == 0
+    out = bytearray(data.nbytes)
+    assert tier.get_into(key(1), [memoryview(out)]) and out == data
+    assert get(tier, 2) == payload(2)
+    path = tier.path(key(1))
+    raw = bytearray(path.read_bytes())
+    assert len(raw) == HEADER_BYTES + data.nbytes
+    raw[HEADER_BYTES + 1234] ^= 0xFF
+    path.write_bytes(raw)
+    assert not tier.get_into(key(1), [memoryview(out)])
+    assert tier.stats().checksum_failures == 1
+
+
+def test_a_file_system_without_o_direct_gets_plain_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where opening with O_DIRECT fails with EINVAL (tmpfs, some overlays), the chunk is
+    written plainly and O_DIRECT is not tried again."""
+    import errno
+
+    real_open = os.open
+    tried = []
+
+    def no_direct(path: object, flags: int, *args: object) -> int:
+        if flags & os.O_DIRECT:
+            tried.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    tier = DiskTier(tmp_path, 1 << 20)
+    monkeypatch.setattr(os, "open", no_direct)
+    for i in (1, 2):
+        assert tier.put(key(i), [aligned_payload(i)])
+    monkeypatch.undo()
+    assert len(tried) == 1
+    for i in (1, 2):
+        out = bytearray(64 << 10)
+        assert tier.get_into(key(i), [memoryview(out)]) and out == aligned_payload(i)
+    assert tier.stats().errors == 0

@@ -6,8 +6,10 @@ into an extent of the server's shared receive budget, taken when its header arri
 back once the frame is handled. With no budget free, reading pauses until there is.
 GET sends pinned DRAM views of the chunks (no copy) and keeps them pinned until the transport
 has drained. GET_LOCAL pins chunks for the client itself (it copies them out of the shared
-DRAM file) until its RELEASE, or until the connection closes. Frames of one connection are
-handled in order; a malformed frame closes only that connection.
+DRAM file) until its RELEASE, or until the connection closes; PUT_LOCAL reserves DRAM slots
+the client fills in that file, published by its COMMIT, or given back when the connection
+closes. Frames of one connection are handled in order; a malformed frame closes only that
+connection.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._pins: Counter[Key] = Counter()  # chunks GET_LOCAL pinned for this client
+        self._reserved: dict[Key, memoryview] = {}  # DRAM slots PUT_LOCAL lent, not committed
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class Connection(asyncio.BufferedProtocol):
             self._give_back()
         self._wake_drain()
         self._unpin_all()
+        self._abort_reserved()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -249,6 +253,10 @@ class Connection(asyncio.BufferedProtocol):
             self._map(rid)
         elif op is Op.RELEASE:
             self._reply(op, rid, [COUNT.pack(self._unpin(self._keys(header, body)))])
+        elif op is Op.PUT_LOCAL:
+            self._put_local(rid, header, body)
+        elif op is Op.COMMIT:
+            self._reply(op, rid, [COUNT.pack(self._commit(self._keys(header, body)))])
         else:
             found = self.server.store.locate(self._keys(header, body)).chunks
             self._reply(op, rid, [COUNT.pack(found)])
@@ -350,6 +358,43 @@ class Connection(asyncio.BufferedProtocol):
         for key, count in pins.items():
             for _ in range(count):
                 self.server.store.release_chunk(key)
+
+    def _put_local(self, rid: int, header: Header, body: memoryview) -> None:
+        """Reserve a DRAM slot per new chunk (on the loop: no I/O); flags, then offsets."""
+        store = self.server.store
+        if not self.server.local_writes or store.shared_dram() is None:
+            message = "this server does not take same-host writes into its DRAM file"
+            self._reply(Op.PUT_LOCAL, rid, [message.encode()], Status.UNSUPPORTED)
+            return
+        keys = self._keys(header, body)
+        sizes = unpack_sizes(body[header.key_count * KEY_BYTES :], header.key_count)
+        self.server.limits.check_sizes(sizes)
+        if len(self._reserved) + len(keys) > self.server.limits.max_keys:
+            raise ProtocolError(f"more than {self.server.limits.max_keys} slots reserved: COMMIT")
+        flags, offsets = bytearray(), bytearray()
+        for key, size in zip(keys, sizes, strict=True):
+            slot = None if key in self._reserved else store.reserve_chunk(key, size)
+            flags.append(slot is not None)
+            if slot is not None:
+                self._reserved[key] = slot
+                offsets += SIZE.pack(store.dram_offset(slot))
+        self._reply(Op.PUT_LOCAL, rid, [bytes(flags + offsets)])  # one write: no Nagle wait
+
+    def _commit(self, keys: list[Key]) -> int:
+        """Publish the reserved slots named; how many were reserved."""
+        committed = 0
+        for key in keys:
+            slot = self._reserved.pop(key, None)
+            if slot is not None:
+                self.server.store.commit_chunk(key, slot)
+                committed += 1
+        self.server.counters["local_puts"] += committed
+        return committed
+
+    def _abort_reserved(self) -> None:
+        reserved, self._reserved = self._reserved, {}
+        for key in reserved:
+            self.server.store.abort_chunk(key)
 
     def _after_async(self, task: asyncio.Task[None]) -> None:
         self._busy = False

@@ -22,11 +22,21 @@ whose payload is a UTF-8 message):
     GET_LOCAL      keys; u64 expected size per key        reply: u8 found flag per key, then a
                                                                  u64 offset per found chunk
     RELEASE        keys                                   reply: u32 pins released
+    PUT_LOCAL      keys; u64 size per key                 reply: u8 reserved flag per key,
+                                                                 then a u64 offset per reserved
+    COMMIT         keys                                   reply: u32 chunks published
 
 MAP, GET_LOCAL and RELEASE are the same-host fast path: a server whose DRAM tier lives in a
 shared file (`dram_shm`) tells a client where it is (MAP; UNSUPPORTED otherwise), GET_LOCAL
 pins each found chunk in DRAM for this connection and answers its byte offset in that file,
 RELEASE drops one pin per key. A connection's pins go when it closes.
+
+PUT_LOCAL and COMMIT are its write half, answered only by a server that lets its same-host
+clients write into that file (the node-local process of the vLLM connector; UNSUPPORTED
+otherwise): PUT_LOCAL reserves a DRAM slot per new chunk (flag 0: held already, or no room)
+and answers its offset; the client writes the chunk's bytes there and sends COMMIT, which
+publishes them (and starts their lower-tier writes). Reserved slots not committed when the
+connection closes are given back.
 
 Replies carry no keys (key_count 0). Requests may be pipelined; replies come back in
 request order.
@@ -63,6 +73,8 @@ class Op(IntEnum):
     MAP = 8
     GET_LOCAL = 9
     RELEASE = 10
+    PUT_LOCAL = 11
+    COMMIT = 12
 
 
 class Status(IntEnum):
@@ -160,6 +172,8 @@ def check_request(header: Header, limits: Limits) -> Op:
         Op.MAP: (n == 0 and payload == 0),
         Op.GET_LOCAL: (n > 0 and payload == n * SIZE.size),
         Op.RELEASE: (payload == 0),
+        Op.PUT_LOCAL: (n > 0 and payload == n * SIZE.size),
+        Op.COMMIT: (n > 0 and payload == 0),
         Op.EXISTS_PREFIX: (payload == 0),
         Op.DELETE: (payload == 0),
         Op.GET: (n > 0 and payload == n * SIZE.size),

@@ -40,8 +40,12 @@ class CacheServer:
         auth: Auth | None = None,
         limits: Limits | None = None,
         policy: ServerPolicy | None = None,
+        local_writes: bool = False,
     ) -> None:
+        """`local_writes`: same-host clients may write new chunks straight into the shared
+        DRAM file (PUT_LOCAL); for a server whose clients are the owner's own processes."""
         self.store = store
+        self.local_writes = local_writes
         self.auth = auth or Auth()
         self.limits = limits or Limits()
         self.policy = policy or ServerPolicy()
@@ -101,6 +105,7 @@ class CacheServer:
             sock.close()
             return
         self._opening += 1
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small writes
         loop = asyncio.get_running_loop()
         task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self), sock))
         task.add_done_callback(lambda t: self._connected(t, sock))
@@ -201,8 +206,9 @@ class ServerThread:
         host: str = "127.0.0.1",
         port: int = 0,
         policy: ServerPolicy | None = None,
+        local_writes: bool = False,
     ) -> None:
-        self.server = CacheServer(store, auth, limits, policy)
+        self.server = CacheServer(store, auth, limits, policy, local_writes)
         self.host = host
         self.port = 0
         self._ready = threading.Event()

@@ -9,7 +9,8 @@ noticed before it is used and replaced, without backoff.
 Same host: a link to a server on a loopback address asks MAP on each new connection and, if
 the DRAM file it names can be mapped read-only (`shm.py`), attaches that mapping to the
 connection (one mapping per server process; a restarted server has a new file). A server that
-refuses MAP, or a file that cannot be mapped, is not asked again.
+refuses MAP, or a file that cannot be mapped, is not asked again; nor is one that refuses
+PUT_LOCAL asked that again.
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ class ServerLink:
         self._backoff_s = BACKOFF_S[0]
         self._map_wanted = local_map and is_loopback(endpoint.host)
         self._mapping: SharedMapping | None = None
+        self.local_writes = True  # until the server refuses PUT_LOCAL (or its slot can't map)
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether puts go PUT_LOCAL: copied into the server's mapped DRAM file."""
+        return self.local_writes and self._mapping is not None
 
     def take(self) -> Connection:
         """An idle or new connection; raises Unavailable while backing off or when the

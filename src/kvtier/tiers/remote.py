@@ -17,7 +17,9 @@ Same host: when a server on a loopback address keeps its DRAM tier in shared mem
 connection asks MAP and, if the file it names can be mapped read-only (`shm.py`), loads go
 GET_LOCAL (the server pins the chunk and answers its offset) -> memcpy from the mapping ->
 RELEASE, instead of the chunk's bytes crossing the socket. A server that refuses MAP, or a file
-that cannot be mapped, leaves that server on plain GET.
+that cannot be mapped, leaves that server on plain GET. A server that takes same-host writes
+gets puts the same way: PUT_LOCAL (it reserves a DRAM slot and answers its offset) -> memcpy
+into the mapping -> COMMIT; one that refuses PUT_LOCAL is sent plain PUTs from then on.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ import xxhash
 from kvtier.config import Endpoint, RemoteURL
 from kvtier.errors import AuthError, ProtocolError
 from kvtier.keys import Key
-from kvtier.server.protocol import COUNT, LIMITS, SIZE, Op
+from kvtier.server.protocol import COUNT, LIMITS, SIZE, Op, Status
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
 from kvtier.tiers.link import FAILURES as _FAILURES
-from kvtier.tiers.link import Connection, ServerLink, Unavailable, recv_exact
+from kvtier.tiers.link import Connection, Refused, ServerLink, Unavailable, recv_exact
 from kvtier.tiers.shm import SharedMapping
 
 log = logging.getLogger("kvtier.remote")
@@ -156,14 +158,84 @@ class RemoteTier:
         if conn is None:
             return False
         try:
-            conn.waiting(self._transfer_s).call(Op.PUT, [key], [SIZE.pack(size), *src])
-            stored = conn.recv_bytes(1) == b"\x01"
+            if conn.mapping is not None and link.local_writes:
+                stored = self._put_local(link, conn, conn.mapping, key, src)
+            else:
+                stored = self._put(conn, key, src)
         except _FAILURES as exc:
             link.broken(conn, exc)
             self._counted(errors=1)
             return False
         link.give(conn)
         return stored
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether every put is a memcpy into a same-host server's DRAM file (no transfer
+        over a socket): the store then writes synchronously instead of staging."""
+        return all(link.writes_in_place for link in self._links)
+
+    def lend(self, keys: Sequence[Key], nbytes: int) -> Lent | None:
+        """PUT_LOCAL for many chunks at once: writable slots of `nbytes` in a same-host
+        server's DRAM file (None for a chunk it holds already or has no room for), to fill
+        and then `commit` or `abort`. None when this tier cannot write in place (several
+        servers, none on this host, or one that refuses)."""
+        if len(self._links) != 1 or not self._links[0].writes_in_place or not self._fits(nbytes):
+            return None
+        link = self._links[0]
+        conn = self._take(link)
+        if conn is None or conn.mapping is None:
+            if conn is not None:
+                link.give(conn)
+            return None
+        try:
+            return Lent(self, link, conn, conn.mapping, list(keys), nbytes)
+        except Refused as exc:
+            if exc.status == Status.UNSUPPORTED:
+                link.local_writes = False
+                link.give(conn)
+            else:
+                link.broken(conn, exc)
+        except _FAILURES as exc:
+            link.broken(conn, exc)
+            self._counted(errors=1)
+        return None
+
+    def _put(self, conn: Connection, key: Key, src: Views) -> bool:
+        """PUT: the chunk's bytes go over the socket."""
+        conn.waiting(self._transfer_s).call(Op.PUT, [key], [SIZE.pack(total_bytes(src)), *src])
+        return conn.recv_bytes(1) == b"\x01"
+
+    def _put_local(
+        self, link: ServerLink, conn: Connection, mapping: SharedMapping, key: Key, src: Views
+    ) -> bool:
+        """PUT_LOCAL: copy the chunk into the DRAM slot the server reserved, then COMMIT. A
+        server that refuses gets a plain PUT (and no PUT_LOCAL again); a slot that cannot be
+        mapped writable is given back by closing the connection."""
+        size = total_bytes(src)
+        try:
+            header = conn.waiting(self._timeout_s).call(Op.PUT_LOCAL, [key], [SIZE.pack(size)])
+        except Refused as exc:
+            if exc.status != Status.UNSUPPORTED:
+                raise
+            link.local_writes = False
+            return self._put(conn, key, src)
+        reply = conn.recv_bytes(header.payload_bytes)
+        if reply == b"\x00":
+            return False  # held already, or no room
+        if len(reply) != 1 + SIZE.size or reply[0] != 1:
+            raise ProtocolError(f"server {conn.where} sent a garbled PUT_LOCAL reply")
+        (offset,) = SIZE.unpack_from(reply, 1)
+        try:
+            slot = mapping.slot(offset, size)
+        except OSError as exc:
+            link.local_writes = False
+            # closing this connection gives the slot back; the server is not to blame
+            raise Refused(f"cannot map the DRAM file of {conn.where} writable: {exc}") from exc
+        copy_views(src, [slot])
+        conn.call(Op.COMMIT, [key], [])
+        committed: int = COUNT.unpack(conn.recv_bytes(COUNT.size))[0]
+        return committed == 1
 
     def touch(self, keys: Sequence[Key]) -> None:
         """Servers keep their own LRU, refreshed by every GET; nothing to send."""
@@ -256,3 +328,55 @@ class RemoteTier:
             self._count.hits += hits
             self._count.misses += misses
             self._count.errors += errors
+
+
+class Lent:
+    """DRAM slots a same-host server reserved for new chunks (PUT_LOCAL), held on one
+    connection until `commit` (COMMIT: the filled slots become chunks) or `abort` (closing
+    the connection gives them back)."""
+
+    def __init__(
+        self,
+        tier: RemoteTier,
+        link: ServerLink,
+        conn: Connection,
+        mapping: SharedMapping,
+        keys: list[Key],
+        nbytes: int,
+    ) -> None:
+        self._tier, self._link, self._conn = tier, link, conn
+        header = conn.waiting(tier._timeout_s).call(
+            Op.PUT_LOCAL, keys, [SIZE.pack(nbytes)] * len(keys)
+        )
+        reply = conn.recv_bytes(header.payload_bytes)
+        flags = reply[: len(keys)]
+        lent = sum(flags)
+        if len(flags) != len(keys) or len(reply) != len(keys) + lent * SIZE.size:
+            raise ProtocolError(f"server {conn.where} sent a garbled PUT_LOCAL reply")
+        offsets = iter(SIZE.unpack_from(reply, len(keys) + i * SIZE.size)[0] for i in range(lent))
+        self.keys = [k for k, f in zip(keys, flags, strict=True) if f]
+        self.slots: list[memoryview | None] = []
+        try:
+            self.slots = [mapping.slot(next(offsets), nbytes) if f else None for f in flags]
+        except OSError as exc:
+            link.local_writes = False
+            raise Refused(f"cannot map the DRAM file of {conn.where} writable: {exc}") from exc
+
+    def commit(self) -> int:
+        """Publish every lent slot (filled by now); how many the server published."""
+        conn, link = self._conn, self._link
+        if not self.keys:
+            link.give(conn)
+            return 0
+        try:
+            conn.call(Op.COMMIT, self.keys, [])
+            committed: int = COUNT.unpack(conn.recv_bytes(COUNT.size))[0]
+        except _FAILURES as exc:
+            link.broken(conn, exc)
+            self._tier._counted(errors=1)
+            return 0
+        link.give(conn)
+        return committed
+
+    def abort(self) -> None:
+        self._conn.close()

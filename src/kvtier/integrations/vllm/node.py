@@ -145,7 +145,8 @@ async def _serve(run_dir: Path, idle_exit_s: float) -> None:
         config = replace(config, dram_shm=config.dram_shm or "/dev/shm")  # memcpy-speed loads
     token = secrets.token_hex(16)
     with Store(config) as store:
-        server = CacheServer(store, Auth({hashlib.sha256(token.encode()).digest(): "node"}))
+        auth = Auth({hashlib.sha256(token.encode()).digest(): "node"})
+        server = CacheServer(store, auth, local_writes=True)  # its clients: this user's engines
         port = await server.start("127.0.0.1", 0)
         tmp = run_dir / f"node.json.{os.getpid()}"
         tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "token": token}))
