@@ -279,6 +279,39 @@ class Store:
         finally:
             self._leave(saved)
 
+    @contextlib.contextmanager
+    def reading(self, keys: Sequence[Key], nbytes: int) -> Iterator[list[memoryview | None] | None]:
+        """Views of stored chunks of `nbytes`, pinned for the block, for the caller to copy
+        from in place (no staging copy); None for a chunk no tier serves. Served by the DRAM
+        tier (DRAM hits only), or by a same-host server's shared DRAM when that is the one
+        tier; yields None (not a list) when neither can lend: then use `read_chunk`."""
+        self._enter()
+        try:
+            if self._dram is not None:
+                views = [self._dram.acquire(k) for k in keys]
+                for i, view in enumerate(views):
+                    if view is not None and view.nbytes != nbytes:  # stored at another size
+                        self._dram.release(keys[i])
+                        views[i] = None
+                try:
+                    yield views
+                finally:
+                    for key, view in zip(keys, views, strict=True):
+                        if view is not None:
+                            self._dram.release(key)
+                return
+            tier = self._lower[0] if len(self._lower) == 1 else None
+            borrowed = getattr(tier, "borrow", lambda *_: None)(keys, nbytes)
+            if borrowed is None:
+                yield None
+                return
+            try:
+                yield borrowed.views
+            finally:
+                borrowed.release()
+        finally:
+            self._leave()
+
     def reserve_chunk(self, key: Key, nbytes: int) -> memoryview | None:
         """A writable DRAM slot for a new chunk, for someone else to fill (a same-host client
         writing into `shared_dram()`): then `commit_chunk` or `abort_chunk`. None without a

@@ -25,7 +25,7 @@ from tests.server.test_shm import (
 import kvtier
 from kvtier.config import parse_remote
 from kvtier.pool import aligned
-from kvtier.server.auth import Auth
+from kvtier.server.auth import Auth, tenant_key
 from kvtier.server.protocol import COUNT, SIZE, Op, Status
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
@@ -241,3 +241,46 @@ def _wait_for(condition: object, timeout_s: float = 30.0) -> None:
     while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
         time.sleep(0.02)
     assert condition(), "condition not met in time"  # type: ignore[operator]
+
+
+def test_client_store_lends_pinned_views_for_reads(server: ServerThread) -> None:
+    """`reading` lends views of the chunks in the server's DRAM file (None for misses, on
+    from any chunk the server lacks), pinned until the block ends: a chunk deleted
+    meanwhile keeps its bytes for the reader; after the block nothing stays pinned."""
+    store = kvtier.Store(kvtier.StoreConfig(dram_bytes=None, remote=server.url,
+                                            remote_token=TOKENS["alice"]))  # fmt: skip
+    keys = [_key(30 + i) for i in range(3)]
+    for i, key in enumerate(keys[:2]):
+        store.write_chunk(key, [memoryview(_chunk(30 + i))])
+    backing = server.server.store
+    with store.reading(keys, CHUNK) as views:
+        assert views is not None and views[2] is None
+        assert backing.delete_chunk(tenant_key("alice", keys[0]))
+        for i in (0, 1):
+            view = views[i]
+            assert view is not None and not view.readonly  # this client may write there
+            assert np.array_equal(np.frombuffer(view, np.uint8), _chunk(30 + i))
+        assert _dram_bytes(server) == 2 * aligned(CHUNK)  # the deleted one is still pinned
+    _wait_for(lambda: _dram_bytes(server) == aligned(CHUNK))
+    backing.check_integrity()
+    assert store.stats().tier("remote").hits == 2
+    store.close()
+
+
+def test_a_dram_store_lends_its_own_views(tmp_path: Path) -> None:
+    """With a DRAM tier, `reading` lends DRAM hits only (a chunk of another size is a miss),
+    released after the block; a store without DRAM or a same-host server yields None."""
+    store = kvtier.Store(kvtier.StoreConfig(dram_bytes=8 * CHUNK))
+    store.write_chunk(_key(1), [memoryview(_chunk(1))])
+    with store.reading([_key(1), _key(2)], CHUNK) as views:
+        assert views is not None and views[1] is None and views[0] is not None
+        assert np.array_equal(np.frombuffer(views[0], np.uint8), _chunk(1))
+    with store.reading([_key(1)], CHUNK // 2) as views:
+        assert views == [None]
+    store.check_integrity()
+    store.close()
+    plain = kvtier.Store(kvtier.StoreConfig(dram_bytes=None, disk_dir=tmp_path / "d",
+                                            disk_bytes=8 << 20))  # fmt: skip
+    with plain.reading([_key(1)], CHUNK) as views:
+        assert views is None
+    plain.close()

@@ -201,6 +201,40 @@ class RemoteTier:
             self._counted(errors=1)
         return None
 
+    def borrow(self, keys: Sequence[Key], nbytes: int) -> Borrowed | None:
+        """GET_LOCAL for many chunks at once: views of `nbytes` in a same-host server's DRAM
+        file (None for a chunk it cannot serve), pinned until `Borrowed.release`; writable
+        views where this client may write there (no read-only buffer for tensors). None
+        when this tier has no such server."""
+        if len(self._links) != 1 or not self._fits(nbytes):
+            return None
+        link = self._links[0]
+        conn = self._take(link)
+        if conn is None:
+            return None
+        if conn.mapping is None:
+            link.give(conn)
+            return None
+        try:
+            header = conn.waiting(self._timeout_s).call(
+                Op.GET_LOCAL, keys, [SIZE.pack(nbytes)] * len(keys)
+            )
+            reply = conn.recv_bytes(header.payload_bytes)
+            found = reply[: len(keys)]
+            hits = sum(found)
+            if len(found) != len(keys) or len(reply) != len(keys) + hits * SIZE.size:
+                raise ProtocolError(f"server {conn.where} sent a garbled GET_LOCAL reply")
+            offsets = [SIZE.unpack_from(reply, len(keys) + i * SIZE.size)[0] for i in range(hits)]
+            view = conn.mapping.slot if link.writes_in_place else conn.mapping.chunk
+            at = iter(offsets)
+            views = [view(next(at), nbytes) if f else None for f in found]
+        except _FAILURES as exc:
+            link.broken(conn, exc)  # closing the connection drops its pins
+            self._counted(misses=len(keys), errors=1)
+            return None
+        self._counted(hits=hits, misses=len(keys) - hits)
+        return Borrowed(views, link, conn, [k for k, f in zip(keys, found, strict=True) if f])
+
     def _put(self, conn: Connection, key: Key, src: Views) -> bool:
         """PUT: the chunk's bytes go over the socket."""
         conn.waiting(self._transfer_s).call(Op.PUT, [key], [SIZE.pack(total_bytes(src)), *src])
@@ -380,3 +414,23 @@ class Lent:
 
     def abort(self) -> None:
         self._conn.close()
+
+
+class Borrowed:
+    """Chunks a same-host server pinned in its DRAM file for one connection (GET_LOCAL),
+    until `release` (RELEASE, its reply read before the connection's next use)."""
+
+    def __init__(
+        self, views: list[memoryview | None], link: ServerLink, conn: Connection, keys: list[Key]
+    ) -> None:
+        self.views = views
+        self._link, self._conn, self._keys = link, conn, keys
+
+    def release(self) -> None:
+        try:
+            if self._keys:
+                self._conn.send_unread(Op.RELEASE, self._keys, [])
+        except _FAILURES as exc:
+            self._link.broken(self._conn, exc)
+            return
+        self._link.give(self._conn)

@@ -103,9 +103,19 @@ class PagedKV:
 
     def scatter(self, idx: torch.Tensor, src: torch.Tensor) -> None:
         """Copy `src`, shape (L, len(idx), P), into the pages of blocks `idx`."""
-        src = src.to(self.device)
+        src = _wide(src.to(self.device))
         if self._all is not None:
-            self._all.index_copy_(1, idx, src)
+            _wide(self._all).index_copy_(1, idx, src)
             return
         for layer, pages in enumerate(self._layers):
-            pages.index_copy_(0, idx, src[layer])
+            _wide(pages).index_copy_(0, idx, src[layer])
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes as int64 where they allow it: torch's index_copy_ moves 8-byte
+    elements about 5x faster than single bytes."""
+    if t.shape[-1] % 8 or t.stride(-1) != 1 or t.data_ptr() % 8:
+        return t
+    if any(stride % 8 for stride in t.stride()[:-1]):
+        return t
+    return t.view(torch.int64)

@@ -25,6 +25,7 @@ from kvtier.integrations.vllm.pages import PagedKV
 from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan, Tally, rank_keys
 from kvtier.keys import Key
 from kvtier.store import Store
+from kvtier.tiers.base import copy_views
 
 
 class ChunkMover:
@@ -74,6 +75,11 @@ class ChunkMover:
 
     def _load_request(self, job: RequestJobs, staging: Staging) -> None:
         keys = self.keys(job.chunks)
+        if self.pages.device.type == "cpu":  # GPU pages are loaded through pinned staging
+            with self.store.reading(keys, self.chunk_bytes) as views:
+                if views is not None:
+                    self._scatter(job, views, staging)
+                    return
         for i, (chunk, key) in enumerate(zip(job.chunks, keys, strict=True)):
             t0 = _now()
             tier = self.store.read_chunk(key, [staging.view])
@@ -87,6 +93,23 @@ class ChunkMover:
             self.pages.scatter(self.pages.index(chunk.block_ids), src)
             self.tally.add("loaded_bytes", self.chunk_bytes)
             self.tally.add("load_seconds", _now() - t0)
+
+    def _scatter(
+        self, job: RequestJobs, views: Sequence[memoryview | None], staging: Staging
+    ) -> None:
+        """Copy chunks kvtier lent in place into their blocks; from the first it could not
+        serve on, the request's blocks are failed."""
+        t0 = _now()
+        for i, (chunk, view) in enumerate(zip(job.chunks, views, strict=True)):
+            if view is None:
+                self._fail(job.chunks[i:])
+                self.tally.add("failed_chunks", len(job.chunks) - i)
+                break
+            src = staging.over(view) if not view.readonly else staging.filled_from(view)
+            end = chunk.skip_blocks + len(chunk.block_ids)
+            self.pages.scatter(self.pages.index(chunk.block_ids), src[:, chunk.skip_blocks : end])
+            self.tally.add("loaded_bytes", self.chunk_bytes)
+        self.tally.add("load_seconds", _now() - t0)
 
     def _fail(self, chunks: Sequence[ChunkCopy]) -> None:
         with self._lock:
@@ -139,5 +162,10 @@ class Staging:
         self.view = memoryview(self.tensor.numpy()).cast("B")  # type: ignore[arg-type]
 
     def over(self, slot: memoryview) -> torch.Tensor:
-        """A chunk-shaped tensor over a writable slot kvtier lent (no copy)."""
+        """A chunk-shaped tensor over a writable view kvtier lent (no copy)."""
         return torch.frombuffer(slot, dtype=torch.uint8).view(self.shape)
+
+    def filled_from(self, view: memoryview) -> torch.Tensor:
+        """This buffer, holding a copy of a read-only view (torch wants writable memory)."""
+        copy_views([view], [self.view])
+        return self.tensor
