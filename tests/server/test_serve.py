@@ -94,3 +94,25 @@ def test_metrics_port_answers_bad_requests_without_tracebacks() -> None:
         server.stop()
         output = server.output()
     assert "Traceback" not in output and "Error" not in output, output
+
+
+def test_shm_writes_let_same_host_clients_save_into_the_dram_file(tmp_path: Path) -> None:
+    """`--dram-shm --shm-writes`: a same-host client saves through PUT_LOCAL (no PUT), and
+    another client loads what it saved; without --dram-shm the option is refused."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    kv = make_kv(len(TOKENS))
+    args = ["--dram", "4MiB", "--dram-shm", str(shm), "--shm-writes", "--metrics-port", "0"]
+    with ServeProcess(*args) as server:
+        remote_only = {"chunk_tokens": 4, "dram_bytes": None, "remote": server.url}
+        with kvtier.Store(kvtier.StoreConfig(**remote_only)) as a:  # type: ignore[arg-type]
+            a.bind("m", LAYOUT).save(TOKENS, kv)
+        with kvtier.Store(client_config(tmp_path, server.url, "b")) as b:
+            np.testing.assert_array_equal(b.bind("m", LAYOUT).load(TOKENS), kv)
+        metrics = re.search(r"(http://\S+)/metrics", server.banner)
+        assert metrics is not None
+        text = _get(metrics.group(1) + "/metrics")
+        assert "kvtier_server_local_puts_total 8" in text
+        assert "kvtier_server_requests_put_total" not in text
+    result = _serve("--shm-writes")
+    assert result.returncode == 2 and "--dram-shm" in result.stderr

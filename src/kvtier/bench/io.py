@@ -50,6 +50,7 @@ RATIOS = (
     Ratio("remote_save_gbps", "raw_socket_gbps", 0.0),
     Ratio("remote_load_gbps", "raw_socket_gbps", 0.7),
     Ratio("remote_load_gbps", "redis_load_gbps", 3.0),
+    Ratio("shm_save_gbps", "memcpy_gbps", 0.8),
     Ratio("shm_load_gbps", "memcpy_gbps", 0.8),
     Ratio("redis_save_gbps", "raw_socket_gbps", 0.0),
     Ratio("redis_load_gbps", "raw_socket_gbps", 0.0),

@@ -210,15 +210,16 @@ def measure_shm(
     chunk_bytes: int,
     say: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Save and load GB/s through a `kvtier serve --dram-shm` process on 127.0.0.1, as an
-    engine process of the node-local server sees it (a remote-only Store): loads are
-    GET_LOCAL + memcpy from the server's DRAM file + RELEASE. Empty without /dev/shm."""
+    """Save and load GB/s through a `kvtier serve --dram-shm --shm-writes` process on
+    127.0.0.1, as an engine process of the node-local server sees it (a remote-only Store):
+    saves are PUT_LOCAL + memcpy into the server's DRAM file + COMMIT, loads GET_LOCAL +
+    memcpy out of it + RELEASE. Empty without /dev/shm."""
     if not SHM_DIR.is_dir():
         return {}
     (say or (lambda _: None))("kvtier server, shared memory: save and load")
     src, dst = _chunks(src_buf, chunk_bytes), _chunks(dst_buf, chunk_bytes)
     dram = str(int(src_buf.nbytes * 1.1) + (64 << 20))
-    with ServeProcess("--dram", dram, "--dram-shm", str(SHM_DIR)) as server:
+    with ServeProcess("--dram", dram, "--dram-shm", str(SHM_DIR), "--shm-writes") as server:
         save, load = store_gbps(server.url, src, dst)
     _check_equal(src_buf, dst_buf, "kvtier server (shared memory)")
     return {"shm_save_gbps": save, "shm_load_gbps": load}

@@ -36,8 +36,9 @@ from kvtier.config import env_default
 
 BLOCK_TOKENS = 32
 CONFIGS = ("vllm", "kvtier", "shared")
+# Turn lengths as LMSYS-Chat-1M measured them (mean user prompt 69.5 tokens, response 214.5).
 CHAT = wl.ChatSpec(
-    users=16, rounds=5, system_tokens=256, user_tokens=(128, 384), answer_tokens=(64, 192),
+    users=16, rounds=5, system_tokens=256, user_tokens=(32, 128), answer_tokens=(128, 320),
     think_s=30.0, start_window_s=60.0,
 )  # fmt: skip
 AGENT = wl.AgentSpec(

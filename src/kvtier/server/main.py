@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--dram-shm", default=env_default("KVTIER_DRAM_SHM"),
         help="memory file system directory (e.g. /dev/shm) to keep the DRAM tier in, so "
         "clients of this user on this host load chunks from it at memcpy speed")  # fmt: skip
+    arg("--shm-writes", action="store_true",
+        default=env_default("KVTIER_SHM_WRITES", "") in ("1", "true", "yes"),
+        help="with --dram-shm: let those clients also save chunks by writing into that file "
+        "(PUT_LOCAL) instead of sending them; they can then write anywhere in it, so use it "
+        "only when every such client is your own engine (a node-local server)")  # fmt: skip
     arg("--disk-dir", default=env_default("KVTIER_DISK_DIR"), help="disk tier directory")
     arg("--disk", default=env_default("KVTIER_DISK"), help="disk tier size, e.g. 500GiB")
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant token'")
@@ -124,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         auth = _auth(args)
         policy = _policy(args)
+        if args.shm_writes and not args.dram_shm:
+            raise ConfigError("--shm-writes needs --dram-shm (the file clients write into)")
         config = StoreConfig(
             dram_bytes=args.dram,
             disk_dir=args.disk_dir,
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvtier serve: {exc}", file=sys.stderr)
         return 2
     try:
-        server = CacheServer(store, auth, policy=policy)
+        server = CacheServer(store, auth, policy=policy, local_writes=bool(args.shm_writes))
         run_loop(_serve(server, args.host, args.port, args.metrics_port))
     except OSError as exc:
         print(f"kvtier serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
