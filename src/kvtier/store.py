@@ -122,21 +122,26 @@ class Store:
     # -- key-level API (BoundCache and the server build on it) -----------------------------
 
     def locate(self, keys: Sequence[Key]) -> Located:
-        """Longest run of leading keys present in some tier, and the tier of each."""
+        """Longest run of leading keys present in some tier, and the tier of each (a same-host
+        server's chunks by the server's tier: "dram", "disk")."""
         self._enter()
         try:
-            return self._locate(keys)
+            return self._locate(keys, served_from=True)
         finally:
             self._leave()
 
-    def _locate(self, keys: Sequence[Key]) -> Located:
+    def _locate(self, keys: Sequence[Key], served_from: bool = False) -> Located:
+        """Leading keys present and which of this store's tiers holds each; `served_from`:
+        a chunk of a same-host server is named by the server's own tier (its DRAM is as near
+        as ours), for callers choosing how to load it."""
         names: list[str] = []
         while len(names) < len(keys):
             rest = keys[len(names) :]
-            for tier in self._tiers:
-                found = tier.contains_prefix(rest)
+            for i, tier in enumerate(self._tiers):
+                where = getattr(tier, "locate", None) if served_from else None
+                found = where(rest) if where else (tier.name,) * tier.contains_prefix(rest)
                 if found:
-                    names += [tier.name] * found
+                    names += found[: _until_nearer(self._tiers[:i], rest[: len(found)])]
                     break
             else:
                 break
@@ -601,6 +606,16 @@ class Store:
                 ):
                     self._finished_below += 1
             self._cond.notify_all()
+
+
+def _until_nearer(nearer: Sequence[Tier], run: Sequence[Key]) -> int:
+    """How much of a run of keys a farther tier holds comes before a key that a nearer tier
+    holds too (which is then named by the nearer one). Nearer tiers are local (DRAM, disk):
+    asking them key by key is a dictionary look-up."""
+    for j, key in enumerate(run):
+        if any(t.contains_prefix([key]) for t in nearer):
+            return max(j, 1)
+    return len(run)
 
 
 def _open_dram(config: StoreConfig) -> DramTier | None:

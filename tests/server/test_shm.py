@@ -310,3 +310,35 @@ def test_a_connection_may_hold_at_most_max_keys_pins(tmp_path: Path) -> None:
     finally:
         handle.stop()
         store.close()
+
+
+def test_a_same_host_server_names_the_tier_of_each_chunk(tmp_path: Path) -> None:
+    """LOCATE answers the server's own tier per leading chunk present (DRAM, or disk once
+    evicted there), in the caller's key space; a client that has not mapped the server (so
+    may be on another host) calls all of them remote, and a client store passes the names
+    on through `locate`."""
+    store = _store(tmp_path, dram_chunks=4)
+    handle = _serve(tmp_path, store)
+    try:
+        tier = _tier(handle)
+        keys = [_key(i) for i in range(7)]
+        for i, key in enumerate(keys[:6]):
+            assert tier.put(key, [memoryview(_chunk(i))])
+        store.flush()
+        assert tier.locate(keys) == ("disk", "disk") + ("dram",) * 4
+        far = RemoteTier(parse_remote(handle.url), TOKENS["alice"], local_map=False)
+        assert far.locate(keys) == ("remote",) * 6
+        raw = RawClient(handle, "bob")
+        header, body = raw.call(Op.LOCATE, keys)
+        assert header.status == Status.OK and body == b""
+        raw.sock.close()
+        client = kvtier.Store(
+            kvtier.StoreConfig(dram_bytes=None, remote=handle.url, remote_token=TOKENS["alice"])
+        )
+        assert client.locate(keys).tiers == ("disk", "disk") + ("dram",) * 4
+        client.close()
+        for t in (tier, far):
+            t.close()
+    finally:
+        handle.stop()
+        store.close()

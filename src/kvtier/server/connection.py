@@ -29,6 +29,7 @@ from kvtier.server.protocol import (
     HEADER_BYTES,
     MAP_INFO,
     SIZE,
+    TIER_CODES,
     Header,
     Limits,
     Op,
@@ -257,6 +258,9 @@ class Connection(asyncio.BufferedProtocol):
             self._put_local(rid, header, body)
         elif op is Op.COMMIT:
             self._reply(op, rid, [COUNT.pack(self._commit(self._keys(header, body)))])
+        elif op is Op.LOCATE:
+            tiers = self.server.store.locate(self._keys(header, body)).tiers
+            self._reply(op, rid, [bytes(TIER_CODES[t] for t in tiers)])
         else:
             found = self.server.store.locate(self._keys(header, body)).chunks
             self._reply(op, rid, [COUNT.pack(found)])

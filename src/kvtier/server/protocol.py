@@ -25,6 +25,9 @@ whose payload is a UTF-8 message):
     PUT_LOCAL      keys; u64 size per key                 reply: u8 reserved flag per key,
                                                                  then a u64 offset per reserved
     COMMIT         keys                                   reply: u32 chunks published
+    LOCATE         keys                                   reply: u8 tier per leading key
+                                                                 present (1 dram, 2 disk,
+                                                                 3 remote): as many as found
 
 MAP, GET_LOCAL and RELEASE are the same-host fast path: a server whose DRAM tier lives in a
 shared file (`dram_shm`) tells a client where it is (MAP; UNSUPPORTED otherwise), GET_LOCAL
@@ -60,6 +63,7 @@ SIZE = struct.Struct("<Q")
 COUNT = struct.Struct("<I")
 MAP_INFO = struct.Struct("<QQQ")  # a MAP reply: capacity_bytes, device, inode; then the path
 MAX_TOKEN_BYTES = 4096
+TIER_CODES = {"dram": 1, "disk": 2, "remote": 3}  # a LOCATE reply's byte per chunk
 
 
 class Op(IntEnum):
@@ -75,6 +79,7 @@ class Op(IntEnum):
     RELEASE = 10
     PUT_LOCAL = 11
     COMMIT = 12
+    LOCATE = 13
 
 
 class Status(IntEnum):
@@ -174,6 +179,7 @@ def check_request(header: Header, limits: Limits) -> Op:
         Op.RELEASE: (payload == 0),
         Op.PUT_LOCAL: (n > 0 and payload == n * SIZE.size),
         Op.COMMIT: (n > 0 and payload == 0),
+        Op.LOCATE: (payload == 0),
         Op.EXISTS_PREFIX: (payload == 0),
         Op.DELETE: (payload == 0),
         Op.GET: (n > 0 and payload == n * SIZE.size),

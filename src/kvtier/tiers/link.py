@@ -172,11 +172,17 @@ class ServerLink:
         self._map_wanted = local_map and is_loopback(endpoint.host)
         self._mapping: SharedMapping | None = None
         self.local_writes = True  # until the server refuses PUT_LOCAL (or its slot can't map)
+        self.locates = True  # until the server refuses LOCATE
+
+    @property
+    def mapped(self) -> bool:
+        """Whether this server's DRAM file is mapped here (it is on this host)."""
+        return self._mapping is not None
 
     @property
     def writes_in_place(self) -> bool:
         """Whether puts go PUT_LOCAL: copied into the server's mapped DRAM file."""
-        return self.local_writes and self._mapping is not None
+        return self.local_writes and self.mapped
 
     def take(self) -> Connection:
         """An idle or new connection; raises Unavailable while backing off or when the

@@ -34,13 +34,14 @@ import xxhash
 from kvtier.config import Endpoint, RemoteURL
 from kvtier.errors import AuthError, ProtocolError
 from kvtier.keys import Key
-from kvtier.server.protocol import COUNT, LIMITS, SIZE, Op, Status
+from kvtier.server.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
 from kvtier.tiers.link import FAILURES as _FAILURES
 from kvtier.tiers.link import Connection, Refused, ServerLink, Unavailable, recv_exact
 from kvtier.tiers.shm import SharedMapping
 
 log = logging.getLogger("kvtier.remote")
+_TIER_NAMES = {code: name for name, code in TIER_CODES.items()}
 REPLY_TIMEOUT_S = 1.0
 TRANSFER_TIMEOUT_S = 10.0
 
@@ -102,6 +103,41 @@ class RemoteTier:
             if found < len(batch):
                 break
         return done
+
+    def locate(self, keys: Sequence[Key]) -> tuple[str, ...]:
+        """The tier of each leading key present: a same-host server's own tier names (its
+        DRAM is as near as ours), "remote" for any other server."""
+        link = self._links[0] if len(self._links) == 1 else None
+        if link is None or not link.mapped or not link.locates:
+            return (self.name,) * self.contains_prefix(keys)
+        names: list[str] = []
+        while len(names) < len(keys):
+            batch = keys[len(names) : len(names) + LIMITS.max_keys]
+            found = self._locate(link, batch)
+            names += found
+            if len(found) < len(batch):
+                break
+        return tuple(names)
+
+    def _locate(self, link: ServerLink, keys: Sequence[Key]) -> list[str]:
+        conn = self._take(link)
+        if conn is None:
+            return []
+        try:
+            header = conn.waiting(self._timeout_s).call(Op.LOCATE, keys, [])
+            codes = conn.recv_bytes(header.payload_bytes)
+            if len(codes) > len(keys) or not set(codes) <= set(_TIER_NAMES):
+                raise ProtocolError(f"server {conn.where} sent a garbled LOCATE reply")
+        except Refused as exc:
+            link.broken(conn, exc)
+            link.locates = False  # a server from before LOCATE: ask EXISTS_PREFIX instead
+            return [self.name] * self.contains_prefix(keys)
+        except _FAILURES as exc:
+            link.broken(conn, exc)
+            self._counted(errors=1)
+            return []
+        link.give(conn)
+        return [_TIER_NAMES[c] for c in codes]
 
     def get_into(self, key: Key, dst: Views) -> bool:
         size = total_bytes(dst)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,7 +77,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def vllm_config(
-    model_dir: Path, node_dir: Path, model_id: str, max_batched_tokens: int, load_async: bool
+    model_dir: Path,
+    node_dir: Path,
+    model_id: str,
+    max_batched_tokens: int,
+    load_async: bool | None,
 ) -> VllmConfig:
     model = ModelConfig(
         model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=1024
@@ -100,7 +105,7 @@ def vllm_config(
             "dram_bytes": "64MiB",
             "node_dir": str(node_dir),
             "model_id": model_id,
-            "load_async": load_async,
+            "load_async": "auto" if load_async is None else load_async,
         },
     )
     return VllmConfig(
@@ -247,9 +252,14 @@ def make_engine(
     engines: list[Engine] = []
 
     def make(
-        num_blocks: int = 64, max_batched_tokens: int = 96, load_async: bool = False
+        num_blocks: int = 64,
+        max_batched_tokens: int = 96,
+        load_async: bool | None = False,
+        **node: Any,
     ) -> Engine:
         config = vllm_config(model_dir, node_dir, request.node.name, max_batched_tokens, load_async)
+        assert config.kv_transfer_config is not None
+        config.kv_transfer_config.kv_connector_extra_config.update(node)
         config.cache_config.num_gpu_blocks = num_blocks
         kv_cache = KVCacheConfig(
             num_blocks=num_blocks,
@@ -396,7 +406,7 @@ def test_hit_loads_whole_chunks_but_never_the_last_token(
 
 def test_stats_count_lookups_and_hit_tokens_by_tier(make_engine: Callable[..., Engine]) -> None:
     """The scheduler side reports each admitted request once, and the tokens kvtier supplied
-    beyond vLLM's own hit under the tier that holds them (the node process: `remote`)."""
+    beyond vLLM's own hit under the tier that holds them (the node process's DRAM)."""
     engine = make_engine()
     tokens = prompt(200)
     store_in_kvtier_only(engine, tokens)
@@ -408,7 +418,7 @@ def test_stats_count_lookups_and_hit_tokens_by_tier(make_engine: Callable[..., E
     stats = KvtierStats()
     for data in engine.connector_stats[first:]:
         stats.aggregate(KvtierConnector.build_kv_connector_stats(data))
-    assert stats.data == {"lookups": 2, "hit_tokens/remote": 64 + 2 * CHUNK}
+    assert stats.data == {"lookups": 2, "hit_tokens/dram": 64 + 2 * CHUNK}
     assert stats.reduce()["hit_tokens"] == 64 + 2 * CHUNK
 
 
@@ -579,4 +589,40 @@ def test_a_waiting_request_is_looked_up_once_while_its_lookup_is_fresh(
     assert len(loaded(engine.steps[-1], "b")) == 3  # the whole chunks kvtier holds
     engine.run(max_steps=1000)
     assert b.is_finished() and engine.worker.failed_loads == 0
+    assert_no_leaks(engine)
+
+
+def test_auto_loads_dram_hits_now_and_disk_hits_in_the_background(
+    make_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
+    """With `load_async: auto` a hit whose chunks are all in the node's DRAM loads before the
+    forward pass of the step that admits it; one with a chunk only on the node's disk parks
+    the request while the workers load it; hit tokens are counted by the tier that holds them."""
+    engine = make_engine(
+        load_async=None, dram_bytes=f"{8 * CHUNK_BYTES}", disk_dir=str(tmp_path), disk_bytes="64MiB"
+    )
+    tokens = prompt(200, seed=7)
+    keys = store_in_kvtier_only(engine, tokens)
+    engine.add("near", tokens, max_tokens=1)
+    step = engine.step()
+    (job,) = step.plan.loads
+    assert not job.async_load and "near" in step.output.num_scheduled_tokens
+    engine.run()
+    engine.scheduler.reset_prefix_cache()
+    for seed in range(8, 12):  # 4 x 3 new chunks push the first three out of 8 chunks of DRAM
+        engine.add(f"other{seed}", prompt(200, seed=seed), max_tokens=1)
+        engine.run()
+        engine.scheduler.reset_prefix_cache()
+    assert engine.connector.store.locate(keys).tiers[:3] == ("disk",) * 3
+    first = len(engine.connector_stats)
+    engine.add("far", tokens, max_tokens=1)
+    step = engine.step()
+    (job,) = step.plan.loads
+    assert job.async_load and "far" not in step.output.num_scheduled_tokens
+    engine.run()
+    stats = KvtierStats()
+    for data in engine.connector_stats[first:]:
+        stats.aggregate(KvtierConnector.build_kv_connector_stats(data))
+    assert stats.data["hit_tokens/disk"] == 3 * CHUNK
+    assert engine.worker.failed_loads == 0
     assert_no_leaks(engine)

@@ -76,12 +76,12 @@ def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]
             value = int(value)
         changes[key] = value
     options = {k: extra[k] for k in _OPTIONS if k in extra}
-    flag = str(options.get("load_async", False)).lower()
-    if flag not in ("true", "false", "1", "0"):
+    flag = str(options.get("load_async", "auto")).lower()
+    if flag not in ("auto", "true", "false", "1", "0"):
         raise ConfigError(
-            f"kv_connector_extra_config: load_async must be true or false, got {flag}"
+            f"kv_connector_extra_config: load_async must be auto, true or false, got {flag}"
         )
-    options["load_async"] = flag in ("true", "1")
+    options["load_async"] = None if flag == "auto" else flag in ("true", "1")
     return replace(StoreConfig.from_env(), **changes), options
 
 
@@ -153,8 +153,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         assert self._planner is not None
-        tokens = self._planner.matched(request, num_computed_tokens)
-        return tokens, self._planner.load_async and tokens > 0
+        return self._planner.matched(request, num_computed_tokens)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int

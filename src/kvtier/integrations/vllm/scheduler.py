@@ -64,6 +64,7 @@ class Tracked:
     load_from: int | None = None  # first token of a pending load
     tiers: tuple[str, ...] = ()  # the tier of each claimed chunk, at lookup
     lookup: Lookup | None = None  # the last one, reused while the request waits
+    async_load: bool = False  # the pending load runs in the background
 
 
 class ChunkPlanner:
@@ -78,7 +79,7 @@ class ChunkPlanner:
         fingerprint: str,
         tp_size: int,
         block_table: Callable[[str], Sequence[int]],
-        load_async: bool = False,
+        load_async: bool | None = None,
     ) -> None:
         self.store = store
         self.geometry = geometry
@@ -93,17 +94,24 @@ class ChunkPlanner:
 
     # -- vLLM hooks ---------------------------------------------------------------------
 
-    def matched(self, request: Any, num_computed_tokens: int) -> int:
-        """Tokens beyond `num_computed_tokens` that kvtier can supply (whole chunks)."""
+    def matched(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond `num_computed_tokens` that kvtier can supply (whole chunks), and
+        whether to load them in the background: with `load_async` None (auto) when any of
+        them is not in DRAM (the node's disk, a remote server), so the request waits while
+        others run instead of the whole batch waiting for its I/O."""
         tracked = self._track(request)
         if tracked is None:
-            return 0
+            return 0, False
         c = self.geometry.chunk_tokens
         hit, tiers = self._lookup(tracked, request.num_tokens // c)
         tracked.stored = max(tracked.stored, hit)  # a full chunk kvtier holds is not saved again
         tracked.claimed = min(hit, self.geometry.loadable_chunks(request.num_tokens))
         tracked.tiers = tiers[: tracked.claimed]
-        return max(tracked.claimed * c - num_computed_tokens, 0)
+        tokens = max(tracked.claimed * c - num_computed_tokens, 0)
+        loading = tracked.tiers[num_computed_tokens // c :]
+        slow = any(tier != "dram" for tier in loading)
+        tracked.async_load = tokens > 0 and (slow if self.load_async is None else self.load_async)
+        return tokens, tracked.async_load
 
     def allocated(self, request: Any, num_external_tokens: int) -> None:
         """vLLM allocated blocks for `num_external_tokens` loaded tokens."""
@@ -210,7 +218,7 @@ class ChunkPlanner:
         g = self.geometry
         table = self._block_table(tracked.request.request_id)
         keys = tracked.chain.keys
-        jobs = RequestJobs(tracked.request.request_id, async_load=self.load_async)
+        jobs = RequestJobs(tracked.request.request_id, async_load=tracked.async_load)
         for chunk in range(tracked.load_from // g.chunk_tokens, tracked.claimed):
             blocks = g.chunk_blocks(table, chunk, tracked.load_from)
             jobs.chunks.append(
