@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvtier.vllm")
 _OPTIONS = ("model_id", "node_dir", "load_async")
+IDLE_WAIT_S = 0.05  # an empty step waits at most this long for a background load
 
 
 @dataclass
@@ -173,7 +174,9 @@ class KvtierConnector(KVConnectorBase_V1):
             (req_id, computed + tokens[req_id])
             for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True)
         ]
-        return KvtierMetadata(self._planner.plan(scheduled, scheduler_output.finished_req_ids))
+        plan = self._planner.plan(scheduled, scheduler_output.finished_req_ids)
+        plan.idle = scheduler_output.total_num_scheduled_tokens == 0
+        return KvtierMetadata(plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if self._planner is not None:
@@ -224,7 +227,14 @@ class KvtierConnector(KVConnectorBase_V1):
             self._mover.save(meta.plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, (self._mover.take_received() or None) if self._mover is not None else None
+        if self._mover is None:
+            return None, None
+        meta = self._get_connector_metadata()
+        if isinstance(meta, KvtierMetadata) and meta.plan.idle:
+            # The engine would only spin through empty steps (holding the GIL the loader
+            # thread needs): wait for a background load to end instead.
+            self._mover.wait_for_loads(IDLE_WAIT_S)
+        return None, self._mover.take_received() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._mover.take_failed() if self._mover is not None else set()

@@ -78,6 +78,7 @@ class StepPlan:
 
     loads: list[RequestJobs] = field(default_factory=list)
     saves: list[RequestJobs] = field(default_factory=list)
+    idle: bool = False  # nothing computes this step: the workers may wait for their loads
 
 
 class KeyChain:

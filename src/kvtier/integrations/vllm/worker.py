@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from time import perf_counter as _now
 
@@ -45,6 +45,7 @@ class ChunkMover:
         self.tally = Tally()
         self._failed: set[int] = set()
         self._received: set[str] = set()
+        self._loading: set[Future[None]] = set()  # background loads not yet ended
         self._lock = threading.Lock()
 
     def keys(self, chunks: Sequence[ChunkCopy]) -> list[Key]:
@@ -55,9 +56,23 @@ class ChunkMover:
         failures are remembered by block."""
         for job in plan.loads:
             if job.async_load:
-                self._loader.submit(self._load_in_background, job)
+                future = self._loader.submit(self._load_in_background, job)
+                with self._lock:
+                    self._loading.add(future)
+                future.add_done_callback(self._loaded)
             else:
                 self._load_request(job, self._staging)
+
+    def _loaded(self, future: Future[None]) -> None:
+        with self._lock:
+            self._loading.discard(future)
+
+    def wait_for_loads(self, timeout_s: float) -> None:
+        """Block until a background load ends (or `timeout_s`); at once if none runs."""
+        with self._lock:
+            loading = set(self._loading)
+        if loading:
+            wait(loading, timeout_s, FIRST_COMPLETED)
 
     def _load_in_background(self, job: RequestJobs) -> None:
         try:

@@ -1,0 +1,110 @@
+"""ChunkMover, the worker side, on CPU pages vLLM's allocator builds, against a real node
+process: saves gathered into the node's DRAM in place, loads scattered from it (in the step,
+or in the background), a missing chunk failing its blocks and every later one."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch
+from tests.integrations.vllm.test_pages import LAYERS, NUM_BLOCKS, _caches, _paged
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from kvtier.config import StoreConfig
+from kvtier.integrations.vllm.node import engine_config, stop_nodes
+from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan
+from kvtier.integrations.vllm.worker import ChunkMover
+from kvtier.store import Store
+
+BLOCK = 16
+BLOCKS_PER_CHUNK = 2
+
+
+@pytest.fixture(scope="module")
+def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("node")
+    yield path
+    stop_nodes(path)
+
+
+@pytest.fixture
+def mover(node_dir: Path, tmp_path: Path) -> Iterator[tuple[ChunkMover, dict[str, torch.Tensor]]]:
+    caches, page_bytes = _caches(KVCacheLayout["LBHNC"], BLOCK)
+    torch.manual_seed(0)
+    for t in caches.values():
+        t.copy_(torch.randn(t.shape, dtype=torch.float32).to(t.dtype))
+    config = StoreConfig(chunk_tokens=BLOCK * BLOCKS_PER_CHUNK, dram_bytes=16 << 20)
+    store = Store(engine_config(config, node_dir))
+    assert store.stats().tiers[0].name == "remote"  # a client of the node process
+    chunk_mover = ChunkMover(store, _paged(caches, page_bytes), BLOCKS_PER_CHUNK, (0, 1))
+    yield chunk_mover, caches
+    chunk_mover.close()
+    store.close()
+
+
+def _key(name: str) -> bytes:
+    return hashlib.blake2b(name.encode(), digest_size=16).digest()
+
+
+def _blocks(caches: dict[str, torch.Tensor], ids: list[int]) -> list[torch.Tensor]:
+    return [caches[name][ids].clone() for name in LAYERS]
+
+
+def test_saved_chunks_load_back_into_other_blocks(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
+) -> None:
+    """Chunks saved from blocks (0,1) and (2,3) load byte-exact into blocks (6,7) and,
+    skipping the first block, (9,); no other block changes; both go through the node's
+    shared DRAM in place (no PUT, no GET over the socket)."""
+    m, caches = mover
+    keys = [_key(f"{request.node.name}-{i}") for i in range(2)]
+    save = StepPlan(
+        saves=[RequestJobs("a", [ChunkCopy(keys[0], (0, 1)), ChunkCopy(keys[1], (2, 3))])]
+    )
+    m.save(save)
+    want = _blocks(caches, [0, 1, 2, 3])
+    untouched = [i for i in range(NUM_BLOCKS) if i not in (6, 7, 9)]
+    before = _blocks(caches, untouched)
+    load = StepPlan(
+        loads=[RequestJobs("b", [ChunkCopy(keys[0], (6, 7)), ChunkCopy(keys[1], (9,), 1)])]
+    )
+    m.load(load)
+    assert not m.take_failed()
+    got = _blocks(caches, [6, 7, 9])
+    for layer in range(len(LAYERS)):
+        assert torch.equal(got[layer][:2], want[layer][:2])
+        assert torch.equal(got[layer][2], want[layer][3])
+    for a, b in zip(_blocks(caches, untouched), before, strict=True):
+        assert torch.equal(a, b)
+    assert m.tally.drain()["saved_bytes"] == 2 * m.chunk_bytes
+
+
+def test_a_background_load_is_waited_for_and_reported(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
+) -> None:
+    """An asynchronous load runs on the loader thread; `wait_for_loads` returns once it has
+    ended, the request is then reported received and its blocks hold the chunk; with no
+    load running it returns at once. A chunk kvtier lacks fails its blocks and the later
+    chunk's, which is reported received all the same."""
+    m, caches = mover
+    key = _key(request.node.name)
+    m.save(StepPlan(saves=[RequestJobs("a", [ChunkCopy(key, (0, 1))])]))
+    want = _blocks(caches, [0, 1])
+    m.load(StepPlan(loads=[RequestJobs("b", [ChunkCopy(key, (4, 5))], async_load=True)]))
+    m.wait_for_loads(60.0)
+    assert m.take_received() == {"b"}
+    assert all(torch.equal(a, b) for a, b in zip(_blocks(caches, [4, 5]), want, strict=True))
+    m.wait_for_loads(60.0)  # nothing running: returns at once
+    lost = _key("never saved")
+    job = RequestJobs("c", [ChunkCopy(key, (8, 9)), ChunkCopy(lost, (10, 11))], async_load=True)
+    job.chunks.reverse()  # the missing chunk first: both fail
+    m.load(StepPlan(loads=[job]))
+    m.wait_for_loads(60.0)
+    assert m.take_received() == {"c"}
+    assert m.take_failed() == {8, 9, 10, 11}
