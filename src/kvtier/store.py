@@ -11,11 +11,10 @@ that takes writes into its shared DRAM file saves straight there, in the caller'
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any, NamedTuple
 from kvtier.cache import BoundCache
 from kvtier.config import StoreConfig
 from kvtier.errors import KvtierError, StoreClosed
+from kvtier.inplace import InPlace
+from kvtier.jobs import Jobs
 from kvtier.keys import Key
 from kvtier.layout import KVLayout
 from kvtier.pool import SharedFile, StagingPool
@@ -69,8 +70,9 @@ class Acquired(NamedTuple):
     tier: str
 
 
-class Store:
-    """Tiered chunk store; thread-safe. Use `bind()` to get a per-model cache."""
+class Store(InPlace):
+    """Tiered chunk store; thread-safe. Use `bind()` to get a per-model cache. Lending its
+    memory in place (`writing`, `reading`, `reserve_chunk`...) is in `inplace.py`."""
 
     def __init__(self, config: StoreConfig | None = None) -> None:
         self.config = config = config or StoreConfig()
@@ -90,17 +92,10 @@ class Store:
         self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
         staged = config.io_workers + STAGING_SPARE
         self._staging = StagingPool(staged) if lower and not self._dram else None
-        self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-io")
-        # Loads from lower tiers run here, not behind the background writes queued on _io.
-        self._readers = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-read")
         self._cond = threading.Condition()
-        self._pending = 0  # background jobs not yet finished
-        # flush() waits by ticket: each job gets the next number (a job started by a job shares
-        # its parent's); every ticket below _finished_below has finished all its jobs.
-        self._issued = 0
-        self._finished_below = 1
-        self._open: dict[int, int] = {}  # ticket -> its jobs not yet finished
-        self._job = threading.local()  # .ticket: the ticket of the job this worker runs
+        self._jobs = Jobs(config.io_workers, self._cond)
+        # Loads from lower tiers run here, not behind the background writes queued in _jobs.
+        self._readers = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-read")
         self._writing: dict[Key, int] = {}  # key -> background writes in flight
         self._saved = 0
         self._dropped = 0
@@ -247,102 +242,6 @@ class Store:
         if self._lower:
             self._write_behind(key, slot, release, self._lower)
 
-    @contextlib.contextmanager
-    def writing(self, keys: Sequence[Key], nbytes: int) -> Iterator[list[memoryview | None] | None]:
-        """Writable slots of `nbytes` for new chunks, for the caller to fill in place (no
-        staging copy); on a clean exit the filled slots become chunks, on an exception they
-        are given back. A slot is None for a chunk held already or with no room. Served by
-        the DRAM tier, or by a same-host server's shared DRAM when that is the one tier;
-        yields None (not a list) when neither can lend: then use `write_chunk`."""
-        self._enter()
-        saved = 0
-        try:
-            if self._dram is not None:
-                slots = [None if self._holds(k) else self._dram.reserve(k, nbytes) for k in keys]
-                mine = [(k, s) for k, s in zip(keys, slots, strict=True) if s is not None]
-                try:
-                    yield slots
-                except BaseException:
-                    for key, _ in mine:
-                        self._dram.abort(key)
-                    raise
-                for key, slot in mine:
-                    self._publish(key, slot, functools.partial(self._dram.release, key))
-                saved = len(mine)
-                return
-            tier = self._in_place_tier()
-            lent = None if tier is None else tier.lend(keys, nbytes)
-            if lent is None:
-                yield None
-                return
-            try:
-                yield lent.slots
-            except BaseException:
-                lent.abort()
-                raise
-            saved = lent.commit()
-        finally:
-            self._leave(saved)
-
-    @contextlib.contextmanager
-    def reading(self, keys: Sequence[Key], nbytes: int) -> Iterator[list[memoryview | None] | None]:
-        """Views of stored chunks of `nbytes`, pinned for the block, for the caller to copy
-        from in place (no staging copy); None for a chunk no tier serves. Served by the DRAM
-        tier (DRAM hits only), or by a same-host server's shared DRAM when that is the one
-        tier; yields None (not a list) when neither can lend: then use `read_chunk`."""
-        self._enter()
-        try:
-            if self._dram is not None:
-                views = [self._dram.acquire(k) for k in keys]
-                for i, view in enumerate(views):
-                    if view is not None and view.nbytes != nbytes:  # stored at another size
-                        self._dram.release(keys[i])
-                        views[i] = None
-                try:
-                    yield views
-                finally:
-                    for key, view in zip(keys, views, strict=True):
-                        if view is not None:
-                            self._dram.release(key)
-                return
-            tier = self._lower[0] if len(self._lower) == 1 else None
-            borrowed = getattr(tier, "borrow", lambda *_: None)(keys, nbytes)
-            if borrowed is None:
-                yield None
-                return
-            try:
-                yield borrowed.views
-            finally:
-                borrowed.release()
-        finally:
-            self._leave()
-
-    def reserve_chunk(self, key: Key, nbytes: int) -> memoryview | None:
-        """A writable DRAM slot for a new chunk, for someone else to fill (a same-host client
-        writing into `shared_dram()`): then `commit_chunk` or `abort_chunk`. None without a
-        DRAM tier, when the chunk is held already, or when every DRAM chunk is pinned."""
-        self._enter()
-        try:
-            if self._dram is None or self._holds(key):
-                return None
-            return self._dram.reserve(key, nbytes)
-        finally:
-            self._leave()
-
-    def commit_chunk(self, key: Key, slot: memoryview) -> None:
-        """Publish a slot from `reserve_chunk`, filled; written to the lower tiers later."""
-        assert self._dram is not None
-        self._enter()
-        try:
-            self._publish(key, slot, functools.partial(self._dram.release, key))
-        finally:
-            self._leave(saved=True)
-
-    def abort_chunk(self, key: Key) -> None:
-        """Give back a slot from `reserve_chunk` unfilled."""
-        assert self._dram is not None
-        self._dram.abort(key)
-
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
         self._enter()
@@ -359,7 +258,7 @@ class Store:
         background; stops at the first chunk no tier holds."""
         self._check_open()
         if self._dram is not None and self._lower:
-            self._submit(self._prefetch, list(keys), nbytes)
+            self._jobs.submit(self._prefetch, list(keys), nbytes)
 
     def touch(self, keys: Sequence[Key]) -> None:
         """Mark a request's keys used so its tail is evicted before its head."""
@@ -372,13 +271,11 @@ class Store:
     def flush(self) -> None:
         """Wait until every save issued before this call has reached every tier (and every
         prefetch issued before it has ended). Saves issued meanwhile are not waited for."""
-        with self._cond:
-            target = self._issued
-            self._cond.wait_for(lambda: self._finished_below > target)
+        self._jobs.flush()
 
     def stats(self) -> StoreStats:
         with self._cond:
-            saved, dropped, pending = self._saved, self._dropped, self._pending
+            saved, dropped, pending = self._saved, self._dropped, self._jobs.pending
         return StoreStats(tuple(t.stats() for t in self._tiers), saved, dropped, pending)
 
     def close(self) -> None:
@@ -389,7 +286,7 @@ class Store:
             self._closed = True  # new calls now fail with StoreClosed
             self._cond.wait_for(lambda: self._calls == 0)  # calls under way complete
         self.flush()
-        self._io.shutdown(wait=True)
+        self._jobs.shutdown()
         self._readers.shutdown(wait=True)
         for tier in self._tiers:
             tier.close()
@@ -434,13 +331,6 @@ class Store:
             if self._closed and not self._calls:
                 self._cond.notify_all()
 
-    def _in_place_tier(self) -> Any | None:
-        """The one lower tier, when its puts are copies into a same-host server's memory
-        (`RemoteTier.writes_in_place`): staging them for a background write would only add
-        a copy."""
-        tier = self._lower[0] if len(self._lower) == 1 else None
-        return tier if getattr(tier, "writes_in_place", False) else None
-
     def _holds(self, key: Key) -> bool:
         if self._dram is not None and key in self._dram:
             return True
@@ -464,7 +354,7 @@ class Store:
             else:
                 return None, None
             with self._cond:
-                if self._pending == 0:
+                if self._jobs.pending == 0:
                     return None, None
                 self._cond.wait(pool_wait)
 
@@ -562,50 +452,7 @@ class Store:
             finally:
                 done()
 
-        self._submit(write, cleanup=done)
-
-    def _submit(
-        self, fn: Callable[..., None], *args: Any, cleanup: Callable[[], None] | None = None
-    ) -> None:
-        """Run `fn(*args)` on an I/O worker, counted as pending until it ends; if the store
-        is closing and the job is refused, `cleanup` undoes what the job would have."""
-        with self._cond:
-            self._pending += 1
-            ticket: int | None = getattr(self._job, "ticket", None)
-            if ticket is None:
-                self._issued += 1
-                ticket = self._issued
-            self._open[ticket] = self._open.get(ticket, 0) + 1
-
-        def run() -> None:
-            self._job.ticket = ticket
-            try:
-                fn(*args)
-            finally:
-                self._job.ticket = None
-                self._done(ticket)
-
-        try:
-            self._io.submit(run)
-        except RuntimeError as exc:  # the executor shut down: close() won the race
-            self._done(ticket)
-            if cleanup is not None:
-                cleanup()
-            raise StoreClosed("this Store was closed during the call") from exc
-
-    def _done(self, ticket: int) -> None:
-        with self._cond:
-            self._pending -= 1
-            left = self._open[ticket] - 1
-            if left:
-                self._open[ticket] = left
-            else:
-                del self._open[ticket]
-                while (
-                    self._finished_below <= self._issued and self._finished_below not in self._open
-                ):
-                    self._finished_below += 1
-            self._cond.notify_all()
+        self._jobs.submit(write, cleanup=done)
 
 
 def _until_nearer(nearer: Sequence[Tier], run: Sequence[Key]) -> int:
