@@ -597,7 +597,8 @@ def test_auto_loads_dram_hits_now_and_disk_hits_in_the_background(
 ) -> None:
     """With `load_async: auto` a hit whose chunks are all in the node's DRAM loads before the
     forward pass of the step that admits it; one with a chunk only on the node's disk parks
-    the request while the workers load it; hit tokens are counted by the tier that holds them."""
+    the request while the workers load it if other requests are running (and loads at once
+    if none is); hit tokens are counted by the tier that holds them."""
     engine = make_engine(
         load_async=None, dram_bytes=f"{8 * CHUNK_BYTES}", disk_dir=str(tmp_path), disk_bytes="64MiB"
     )
@@ -608,17 +609,30 @@ def test_auto_loads_dram_hits_now_and_disk_hits_in_the_background(
     (job,) = step.plan.loads
     assert not job.async_load and "near" in step.output.num_scheduled_tokens
     engine.run()
-    engine.scheduler.reset_prefix_cache()
-    for seed in range(8, 12):  # 4 x 3 new chunks push the first three out of 8 chunks of DRAM
-        engine.add(f"other{seed}", prompt(200, seed=seed), max_tokens=1)
-        engine.run()
+
+    def push_out(seeds: range) -> None:  # 4 x 3 new chunks push the first three out of DRAM
         engine.scheduler.reset_prefix_cache()
-    assert engine.connector.store.locate(keys).tiers[:3] == ("disk",) * 3
+        for seed in seeds:
+            engine.add(f"other{seed}", prompt(200, seed=seed), max_tokens=1)
+            engine.run()
+            engine.scheduler.reset_prefix_cache()
+        assert engine.connector.store.locate(keys).tiers[:3] == ("disk",) * 3
+
+    push_out(range(100, 104))
+    engine.add("alone", tokens, max_tokens=1)
+    step = engine.step()
+    (job,) = step.plan.loads
+    assert not job.async_load and "alone" in step.output.num_scheduled_tokens
+    engine.run()
+    push_out(range(200, 204))
     first = len(engine.connector_stats)
+    engine.add("busy", prompt(40, seed=13), max_tokens=20)
+    engine.step()
     engine.add("far", tokens, max_tokens=1)
     step = engine.step()
     (job,) = step.plan.loads
     assert job.async_load and "far" not in step.output.num_scheduled_tokens
+    assert "busy" in step.output.num_scheduled_tokens
     engine.run()
     stats = KvtierStats()
     for data in engine.connector_stats[first:]:

@@ -90,6 +90,7 @@ class ChunkPlanner:
         self.load_async = load_async
         self._requests: dict[str, Tracked] = {}
         self._loading: dict[str, tuple[int, RequestJobs]] = {}  # the last plan's loads
+        self._running: set[str] = set()  # the last plan's batch, less requests finished since
         self.tally = Tally()
 
     # -- vLLM hooks ---------------------------------------------------------------------
@@ -97,8 +98,9 @@ class ChunkPlanner:
     def matched(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond `num_computed_tokens` that kvtier can supply (whole chunks), and
         whether to load them in the background: with `load_async` None (auto) when any of
-        them is not in DRAM (the node's disk, a remote server), so the request waits while
-        others run instead of the whole batch waiting for its I/O."""
+        them is not in DRAM (the node's disk, a remote server) and other requests are
+        running, so the request waits while they run instead of the whole batch waiting for
+        its I/O (with nothing else to run, a background load only adds an engine step)."""
         tracked = self._track(request)
         if tracked is None:
             return 0, False
@@ -109,7 +111,8 @@ class ChunkPlanner:
         tracked.tiers = tiers[: tracked.claimed]
         tokens = max(tracked.claimed * c - num_computed_tokens, 0)
         loading = tracked.tiers[num_computed_tokens // c :]
-        slow = any(tier != "dram" for tier in loading)
+        others = bool(self._running - {request.request_id})
+        slow = others and any(tier != "dram" for tier in loading)
         tracked.async_load = tokens > 0 and (slow if self.load_async is None else self.load_async)
         return tokens, tracked.async_load
 
@@ -139,7 +142,9 @@ class ChunkPlanner:
                 self._loading[jobs.req_id] = (loading.load_from // self.geometry.chunk_tokens, jobs)
                 step.loads.append(jobs)
                 loading.load_from = None
+        self._running = set()
         for req_id, computed in scheduled:
+            self._running.add(req_id)
             tracked = self._requests.get(req_id)
             if tracked is not None:
                 jobs = self._save_jobs(tracked, computed)
@@ -165,6 +170,7 @@ class ChunkPlanner:
     def finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
         self._loading.pop(req_id, None)
+        self._running.discard(req_id)
 
     # -- internals ------------------------------------------------------------------------
 
