@@ -125,7 +125,7 @@ class InPlace:
         try:
             self._publish(key, slot, functools.partial(self._dram.release, key))
         finally:
-            self._leave(saved=True)
+            self._leave(saved=1)
 
     def abort_chunk(self, key: Key) -> None:
         """Give back a slot from `reserve_chunk` unfilled."""

@@ -198,7 +198,11 @@ def test_client_store_writes_in_place_and_gives_back_on_error(server: ServerThre
     store.write_chunk(_key(21), [memoryview(_chunk(21))])
     got = _read(server, _key(21))
     assert got is not None and np.array_equal(got, _chunk(21))
+    for lending in (store.writing, store.reading):
+        with lending([], CHUNK):  # nothing to lend: no request goes out
+            pass
     assert server.server.counters["requests_put"] == 0
+    assert server.server.counters["protocol_errors"] == 0
     store.close()
 
 

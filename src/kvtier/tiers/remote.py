@@ -189,15 +189,18 @@ class RemoteTier:
 
     def put(self, key: Key, src: Views) -> bool:
         size = total_bytes(src)
+        if self.writes_in_place and (lent := self.lend([key], size)) is not None:
+            slot = lent.slots[0]  # None: held already, or no room
+            if slot is not None:
+                copy_views(src, [slot])
+            return lent.commit() == 1
         link = self._link(key)
         conn = self._take(link) if self._fits(size) else None
         if conn is None:
             return False
         try:
-            if conn.mapping is not None and link.local_writes:
-                stored = self._put_local(link, conn, conn.mapping, key, src)
-            else:
-                stored = self._put(conn, key, src)
+            conn.waiting(self._transfer_s).call(Op.PUT, [key], [SIZE.pack(size), *src])
+            stored = conn.recv_bytes(1) == b"\x01"
         except _FAILURES as exc:
             link.broken(conn, exc)
             self._counted(errors=1)
@@ -207,16 +210,16 @@ class RemoteTier:
 
     @property
     def writes_in_place(self) -> bool:
-        """Whether every put is a memcpy into a same-host server's DRAM file (no transfer
-        over a socket): the store then writes synchronously instead of staging."""
-        return all(link.writes_in_place for link in self._links)
+        """Whether a put is a memcpy into a same-host server's DRAM file (one server, mapped,
+        taking writes): the store then writes synchronously instead of staging."""
+        return len(self._links) == 1 and self._links[0].writes_in_place
 
     def lend(self, keys: Sequence[Key], nbytes: int) -> Lent | None:
         """PUT_LOCAL for many chunks at once: writable slots of `nbytes` in a same-host
         server's DRAM file (None for a chunk it holds already or has no room for), to fill
         and then `commit` or `abort`. None when this tier cannot write in place (several
         servers, none on this host, or one that refuses)."""
-        if len(self._links) != 1 or not self._links[0].writes_in_place or not self._fits(nbytes):
+        if not keys or not self.writes_in_place or not self._fits(nbytes):
             return None
         link = self._links[0]
         conn = self._take(link)
@@ -242,7 +245,7 @@ class RemoteTier:
         file (None for a chunk it cannot serve), pinned until `Borrowed.release`; writable
         views where this client may write there (no read-only buffer for tensors). None
         when this tier has no such server."""
-        if len(self._links) != 1 or not self._fits(nbytes):
+        if not keys or len(self._links) != 1 or not self._fits(nbytes):
             return None
         link = self._links[0]
         conn = self._take(link)
@@ -270,42 +273,6 @@ class RemoteTier:
             return None
         self._counted(hits=hits, misses=len(keys) - hits)
         return Borrowed(views, link, conn, [k for k, f in zip(keys, found, strict=True) if f])
-
-    def _put(self, conn: Connection, key: Key, src: Views) -> bool:
-        """PUT: the chunk's bytes go over the socket."""
-        conn.waiting(self._transfer_s).call(Op.PUT, [key], [SIZE.pack(total_bytes(src)), *src])
-        return conn.recv_bytes(1) == b"\x01"
-
-    def _put_local(
-        self, link: ServerLink, conn: Connection, mapping: SharedMapping, key: Key, src: Views
-    ) -> bool:
-        """PUT_LOCAL: copy the chunk into the DRAM slot the server reserved, then COMMIT. A
-        server that refuses gets a plain PUT (and no PUT_LOCAL again); a slot that cannot be
-        mapped writable is given back by closing the connection."""
-        size = total_bytes(src)
-        try:
-            header = conn.waiting(self._timeout_s).call(Op.PUT_LOCAL, [key], [SIZE.pack(size)])
-        except Refused as exc:
-            if exc.status != Status.UNSUPPORTED:
-                raise
-            link.local_writes = False
-            return self._put(conn, key, src)
-        reply = conn.recv_bytes(header.payload_bytes)
-        if reply == b"\x00":
-            return False  # held already, or no room
-        if len(reply) != 1 + SIZE.size or reply[0] != 1:
-            raise ProtocolError(f"server {conn.where} sent a garbled PUT_LOCAL reply")
-        (offset,) = SIZE.unpack_from(reply, 1)
-        try:
-            slot = mapping.slot(offset, size)
-        except OSError as exc:
-            link.local_writes = False
-            # closing this connection gives the slot back; the server is not to blame
-            raise Refused(f"cannot map the DRAM file of {conn.where} writable: {exc}") from exc
-        copy_views(src, [slot])
-        conn.call(Op.COMMIT, [key], [])
-        committed: int = COUNT.unpack(conn.recv_bytes(COUNT.size))[0]
-        return committed == 1
 
     def touch(self, keys: Sequence[Key]) -> None:
         """Servers keep their own LRU, refreshed by every GET; nothing to send."""

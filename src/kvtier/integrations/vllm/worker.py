@@ -138,18 +138,23 @@ class ChunkMover:
             torch.cuda.current_stream().synchronize()
         for job in plan.saves:
             t0 = _now()
-            keys = self.keys(job.chunks)
-            in_place = self.pages.device.type == "cpu"  # GPU pages go through pinned staging
-            with self.store.writing(keys if in_place else [], self.chunk_bytes) as slots:
-                for i, (chunk, key) in enumerate(zip(job.chunks, keys, strict=True)):
-                    index = self.pages.index(chunk.block_ids)
-                    if slots is None or not in_place:
-                        self.pages.gather(index, self._staging.tensor)
-                        self.store.write_chunk(key, [self._staging.view])
-                    elif (slot := slots[i]) is not None:  # None: kvtier holds it already
-                        self.pages.gather(index, self._staging.over(slot))
+            self._save_request(job)
             self.tally.add("saved_bytes", self.chunk_bytes * len(job.chunks))
             self.tally.add("save_seconds", _now() - t0)
+
+    def _save_request(self, job: RequestJobs) -> None:
+        keys = self.keys(job.chunks)
+        if self.pages.device.type == "cpu":  # GPU pages go through pinned staging
+            with self.store.writing(keys, self.chunk_bytes) as slots:
+                if slots is not None:
+                    for chunk, slot in zip(job.chunks, slots, strict=True):
+                        if slot is not None:  # None: kvtier holds it already
+                            index = self.pages.index(chunk.block_ids)
+                            self.pages.gather(index, self._staging.over(slot))
+                    return
+        for chunk, key in zip(job.chunks, keys, strict=True):
+            self.pages.gather(self.pages.index(chunk.block_ids), self._staging.tensor)
+            self.store.write_chunk(key, [self._staging.view])
 
     def take_failed(self) -> set[int]:
         """Block ids whose load failed since the last call."""
