@@ -488,8 +488,10 @@ def test_async_load_parks_the_request_until_the_workers_report_it(
     assert "b" not in first.output.num_scheduled_tokens
     (job,) = first.plan.loads
     assert job.async_load and [c.key for c in job.chunks] == keys[:3]
+    assert first.plan.idle  # nothing computes: the workers may wait for the load
     second = engine.step()
     assert second.output.num_scheduled_tokens["b"] == 200 - 3 * CHUNK
+    assert not second.plan.idle
     assert loaded(second, "b") == []
     engine.run()
     assert request.is_finished() and request.num_output_tokens == 2

@@ -14,7 +14,17 @@ pytest.importorskip("vllm")
 
 import torch
 from tests.integrations.vllm.test_pages import LAYERS, NUM_BLOCKS, _caches, _paged
+from tests.integrations.vllm.test_scheduler import model_dir, vllm_config
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+    compute_layout_strides,
+)
 from vllm.v1.kv_cache_layout import KVCacheLayout
+from vllm.v1.worker.utils import allocate_kv_cache
 
 from kvtier.config import StoreConfig
 from kvtier.integrations.vllm.node import engine_config, stop_nodes
@@ -24,6 +34,7 @@ from kvtier.store import Store
 
 BLOCK = 16
 BLOCKS_PER_CHUNK = 2
+__all__ = ["model_dir"]  # a fixture of test_scheduler's, used here too
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +119,45 @@ def test_a_background_load_is_waited_for_and_reported(
     m.wait_for_loads(60.0)
     assert m.take_received() == {"c"}
     assert m.take_failed() == {8, 9, 10, 11}
+
+
+def test_an_empty_step_waits_for_its_background_load(
+    model_dir: Path, node_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker-side connector, in a step where nothing computes (only a background load
+    pending), returns from `get_finished` once that load has ended and reports the request
+    received in that same step: the engine does not spin through empty steps meanwhile."""
+    from kvtier.integrations.vllm import connector as connector_module
+    from kvtier.integrations.vllm.connector import KvtierConnector, KvtierMetadata
+
+    monkeypatch.setattr(connector_module, "IDLE_WAIT_S", 60.0)
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    layers = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+    layout = KVCacheLayout["LBHNC"]
+    layer_stride, block_stride, *_ = compute_layout_strides(spec, NUM_BLOCKS, len(layers), layout)
+    tensor = KVCacheTensor(
+        spec.page_size_bytes * NUM_BLOCKS * 2, layers, layer_stride, block_stride
+    )
+    kv_cache = KVCacheConfig(NUM_BLOCKS, [tensor], [KVCacheGroupSpec(layers, spec)])
+    caches = allocate_kv_cache(kv_cache, torch.device("cpu"), layout)
+    for t in caches.values():
+        t.copy_(torch.randn(t.shape))
+    config = vllm_config(model_dir, node_dir, "idle-step", 96, None)
+    worker = KvtierConnector(config, KVConnectorRole.WORKER, kv_cache)
+    worker.register_kv_caches(caches)
+    key = _key("idle step")
+
+    def step(plan: StepPlan) -> set[str] | None:
+        worker.bind_connector_metadata(KvtierMetadata(plan))
+        worker.start_load_kv(None)  # type: ignore[arg-type]
+        worker.wait_for_save()
+        _, received = worker.get_finished(set())
+        worker.clear_connector_metadata()
+        return received
+
+    assert step(StepPlan(saves=[RequestJobs("a", [ChunkCopy(key, (0, 1))])])) is None
+    job = RequestJobs("b", [ChunkCopy(key, (4, 5))], async_load=True)
+    assert step(StepPlan(loads=[job], idle=True)) == {"b"}
+    for name in layers:
+        assert torch.equal(caches[name][4:6], caches[name][0:2])
+    worker.shutdown()
