@@ -35,6 +35,9 @@ class InPlace:
         def _leave(self, saved: int = 0) -> None: ...
         def _holds(self, key: Key) -> bool: ...
         def _publish(self, key: Key, slot: memoryview, release: Callable[[], None]) -> None: ...
+        def _claim(
+            self, key: Key, nbytes: int
+        ) -> tuple[memoryview | None, Callable[[], None] | None]: ...
 
     @contextlib.contextmanager
     def writing(self, keys: Sequence[Key], nbytes: int) -> Iterator[list[memoryview | None] | None]:
@@ -47,7 +50,7 @@ class InPlace:
         saved = 0
         try:
             if self._dram is not None:
-                slots = [None if self._holds(k) else self._dram.reserve(k, nbytes) for k in keys]
+                slots = [None if self._holds(k) else self._claim(k, nbytes)[0] for k in keys]
                 mine = [(k, s) for k, s in zip(keys, slots, strict=True) if s is not None]
                 try:
                     yield slots
@@ -108,13 +111,15 @@ class InPlace:
 
     def reserve_chunk(self, key: Key, nbytes: int) -> memoryview | None:
         """A writable DRAM slot for a new chunk, for someone else to fill (a same-host client
-        writing into `shared_dram()`): then `commit_chunk` or `abort_chunk`. None without a
-        DRAM tier, when the chunk is held already, or when every DRAM chunk is pinned."""
+        writing into `shared_dram()`): then `commit_chunk` or `abort_chunk`. Waits while
+        in-flight lower-tier writes pin every DRAM chunk (as `write_chunk` does: not on an
+        event loop). None without a DRAM tier, when the chunk is held already, or when it
+        cannot be held."""
         self._enter()
         try:
             if self._dram is None or self._holds(key):
                 return None
-            return self._dram.reserve(key, nbytes)
+            return self._claim(key, nbytes)[0]
         finally:
             self._leave()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -288,3 +289,33 @@ def test_a_dram_store_lends_its_own_views(tmp_path: Path) -> None:
     with plain.reading([_key(1)], CHUNK) as views:
         assert views is None
     plain.close()
+
+
+def test_a_reservation_waits_for_the_writes_that_pin_dram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every DRAM chunk pinned by its disk write still under way, PUT_LOCAL waits for
+    one to land (as a PUT does) instead of answering "no slot" and dropping the chunk."""
+    handle = _writable_server(tmp_path, dram_chunks=4)
+    store = handle.server.store
+    disk = store._lower[0]
+    gate = threading.Event()
+    real = disk.put
+    monkeypatch.setattr(disk, "put", lambda key, src: gate.wait(30) and real(key, src))
+    tier = _tier(handle)
+    for i in range(4):
+        assert tier.put(_key(i), [memoryview(_chunk(i))])
+    stored: list[bool] = []
+    writer = threading.Thread(
+        target=lambda: stored.append(tier.put(_key(4), [memoryview(_chunk(4))]))
+    )
+    writer.start()
+    time.sleep(0.3)  # the PUT_LOCAL reaches the server, which finds every DRAM chunk pinned
+    gate.set()
+    writer.join(30)
+    assert stored == [True]
+    got = _read(handle, _key(4))
+    assert got is not None and np.array_equal(got, _chunk(4))
+    tier.close()
+    handle.stop()
+    store.close()

@@ -208,7 +208,7 @@ class Connection(asyncio.BufferedProtocol):
         op = Op(header.opcode)
         self.server.counters[f"requests_{op.name.lower()}"] += 1
         wait_s = self._hello_wait_s() if op is Op.HELLO else 0.0
-        if op in (Op.GET, Op.GET_LOCAL, Op.PUT, Op.DELETE) or wait_s > 0:
+        if op in (Op.GET, Op.GET_LOCAL, Op.PUT, Op.PUT_LOCAL, Op.DELETE) or wait_s > 0:
             self._busy = True
             self._transport.pause_reading()
             run = self._run_async(op, header, body, wait_s)
@@ -254,8 +254,6 @@ class Connection(asyncio.BufferedProtocol):
             self._map(rid)
         elif op is Op.RELEASE:
             self._reply(op, rid, [COUNT.pack(self._unpin(self._keys(header, body)))])
-        elif op is Op.PUT_LOCAL:
-            self._put_local(rid, header, body)
         elif op is Op.COMMIT:
             self._reply(op, rid, [COUNT.pack(self._commit(self._keys(header, body)))])
         elif op is Op.LOCATE:
@@ -289,6 +287,8 @@ class Connection(asyncio.BufferedProtocol):
                 self.server.release(keys, views)
         elif op is Op.GET_LOCAL:
             self._reply(op, rid, [await self._get_local(keys, unpack_sizes(tail, n))])
+        elif op is Op.PUT_LOCAL:
+            await self._put_local(rid, keys, unpack_sizes(tail, n))
         elif op is Op.PUT:
             data = _put_views(tail, n, self.server.limits)
             self._reply(op, rid, [await run(ex, self.server.put, keys, data)])
@@ -363,26 +363,44 @@ class Connection(asyncio.BufferedProtocol):
             for _ in range(count):
                 self.server.store.release_chunk(key)
 
-    def _put_local(self, rid: int, header: Header, body: memoryview) -> None:
-        """Reserve a DRAM slot per new chunk (on the loop: no I/O); flags, then offsets."""
+    async def _put_local(self, rid: int, keys: list[Key], sizes: list[int]) -> None:
+        """Reserve a DRAM slot per new chunk and answer flags, then offsets. Reserving waits
+        (in the executor) while in-flight lower-tier writes pin every DRAM chunk, as a PUT
+        does."""
         store = self.server.store
         if not self.server.local_writes or store.shared_dram() is None:
             message = "this server does not take same-host writes into its DRAM file"
             self._reply(Op.PUT_LOCAL, rid, [message.encode()], Status.UNSUPPORTED)
             return
-        keys = self._keys(header, body)
-        sizes = unpack_sizes(body[header.key_count * KEY_BYTES :], header.key_count)
         self.server.limits.check_sizes(sizes)
         if len(self._reserved) + len(keys) > self.server.limits.max_keys:
             raise ProtocolError(f"more than {self.server.limits.max_keys} slots reserved: COMMIT")
-        flags, offsets = bytearray(), bytearray()
-        for key, size in zip(keys, sizes, strict=True):
-            slot = None if key in self._reserved else store.reserve_chunk(key, size)
-            flags.append(slot is not None)
-            if slot is not None:
-                self._reserved[key] = slot
-                offsets += SIZE.pack(store.dram_offset(slot))
-        self._reply(Op.PUT_LOCAL, rid, [bytes(flags + offsets)])  # one write: no Nagle wait
+        run = asyncio.get_running_loop().run_in_executor
+        slots = await run(self.server.executor, self._reserve, keys, sizes)
+        mine = [(k, slot) for k, slot in zip(keys, slots, strict=True) if slot is not None]
+        if self._transport is None:  # closed meanwhile: nobody will commit these
+            for key, _ in mine:
+                store.abort_chunk(key)
+            return
+        self._reserved.update(mine)
+        offsets = b"".join(SIZE.pack(store.dram_offset(slot)) for _, slot in mine)
+        flags = bytes(slot is not None for slot in slots)
+        self._reply(Op.PUT_LOCAL, rid, [flags + offsets])  # one write: no Nagle wait
+
+    def _reserve(self, keys: list[Key], sizes: list[int]) -> list[memoryview | None]:
+        """A slot per key not reserved by this connection already (the executor's side)."""
+        store = self.server.store
+        slots: list[memoryview | None] = []
+        try:
+            for key, size in zip(keys, sizes, strict=True):
+                # a key twice in one request: the second finds the first's slot held
+                slots.append(None if key in self._reserved else store.reserve_chunk(key, size))
+        except BaseException:
+            for key, slot in zip(keys, slots, strict=False):
+                if slot is not None:
+                    store.abort_chunk(key)
+            raise
+        return slots
 
     def _commit(self, keys: list[Key]) -> int:
         """Publish the reserved slots named; how many were reserved."""

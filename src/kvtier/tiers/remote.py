@@ -34,7 +34,7 @@ import xxhash
 from kvtier.config import Endpoint, RemoteURL
 from kvtier.errors import AuthError, ProtocolError
 from kvtier.keys import Key
-from kvtier.server.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status
+from kvtier.server.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status, unpack_sizes
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
 from kvtier.tiers.link import FAILURES as _FAILURES
 from kvtier.tiers.link import Connection, Refused, ServerLink, Unavailable, recv_exact
@@ -255,24 +255,16 @@ class RemoteTier:
             link.give(conn)
             return None
         try:
-            header = conn.waiting(self._timeout_s).call(
-                Op.GET_LOCAL, keys, [SIZE.pack(nbytes)] * len(keys)
-            )
-            reply = conn.recv_bytes(header.payload_bytes)
-            found = reply[: len(keys)]
-            hits = sum(found)
-            if len(found) != len(keys) or len(reply) != len(keys) + hits * SIZE.size:
-                raise ProtocolError(f"server {conn.where} sent a garbled GET_LOCAL reply")
-            offsets = [SIZE.unpack_from(reply, len(keys) + i * SIZE.size)[0] for i in range(hits)]
+            offsets = _offsets(conn.waiting(self._timeout_s), Op.GET_LOCAL, keys, nbytes)
             view = conn.mapping.slot if link.writes_in_place else conn.mapping.chunk
-            at = iter(offsets)
-            views = [view(next(at), nbytes) if f else None for f in found]
+            views = [None if at is None else view(at, nbytes) for at in offsets]
         except _FAILURES as exc:
             link.broken(conn, exc)  # closing the connection drops its pins
             self._counted(misses=len(keys), errors=1)
             return None
-        self._counted(hits=hits, misses=len(keys) - hits)
-        return Borrowed(views, link, conn, [k for k, f in zip(keys, found, strict=True) if f])
+        found = [k for k, at in zip(keys, offsets, strict=True) if at is not None]
+        self._counted(hits=len(found), misses=len(keys) - len(found))
+        return Borrowed(views, link, conn, found)
 
     def touch(self, keys: Sequence[Key]) -> None:
         """Servers keep their own LRU, refreshed by every GET; nothing to send."""
@@ -367,6 +359,18 @@ class RemoteTier:
             self._count.errors += errors
 
 
+def _offsets(conn: Connection, op: Op, keys: Sequence[Key], nbytes: int) -> list[int | None]:
+    """GET_LOCAL or PUT_LOCAL for `keys` of `nbytes` each: the offset in the server's DRAM
+    file it answers per key (None: not found, or no slot)."""
+    header = conn.call(op, keys, [SIZE.pack(nbytes)] * len(keys))
+    reply = conn.recv_bytes(header.payload_bytes)
+    flags = reply[: len(keys)]
+    if len(flags) != len(keys) or len(reply) != len(keys) + sum(flags) * SIZE.size:
+        raise ProtocolError(f"server {conn.where} sent a garbled {op.name} reply")
+    offsets = iter(unpack_sizes(memoryview(reply)[len(keys) :], sum(flags)))
+    return [next(offsets) if flag else None for flag in flags]
+
+
 class Lent:
     """DRAM slots a same-host server reserved for new chunks (PUT_LOCAL), held on one
     connection until `commit` (COMMIT: the filled slots become chunks) or `abort` (closing
@@ -382,19 +386,12 @@ class Lent:
         nbytes: int,
     ) -> None:
         self._tier, self._link, self._conn = tier, link, conn
-        header = conn.waiting(tier._timeout_s).call(
-            Op.PUT_LOCAL, keys, [SIZE.pack(nbytes)] * len(keys)
-        )
-        reply = conn.recv_bytes(header.payload_bytes)
-        flags = reply[: len(keys)]
-        lent = sum(flags)
-        if len(flags) != len(keys) or len(reply) != len(keys) + lent * SIZE.size:
-            raise ProtocolError(f"server {conn.where} sent a garbled PUT_LOCAL reply")
-        offsets = iter(SIZE.unpack_from(reply, len(keys) + i * SIZE.size)[0] for i in range(lent))
-        self.keys = [k for k, f in zip(keys, flags, strict=True) if f]
+        # the server may wait for DRAM that in-flight disk writes pin, as for a PUT
+        offsets = _offsets(conn.waiting(tier._transfer_s), Op.PUT_LOCAL, keys, nbytes)
+        self.keys = [k for k, at in zip(keys, offsets, strict=True) if at is not None]
         self.slots: list[memoryview | None] = []
         try:
-            self.slots = [mapping.slot(next(offsets), nbytes) if f else None for f in flags]
+            self.slots = [None if at is None else mapping.slot(at, nbytes) for at in offsets]
         except OSError as exc:
             link.local_writes = False
             raise Refused(f"cannot map the DRAM file of {conn.where} writable: {exc}") from exc

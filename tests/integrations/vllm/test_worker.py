@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 
 import torch
 from tests.integrations.vllm.test_pages import LAYERS, NUM_BLOCKS, _caches, _paged
-from tests.integrations.vllm.test_scheduler import model_dir, vllm_config
+from tests.integrations.vllm.test_scheduler import model_dir, node_dir, vllm_config
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
@@ -27,21 +27,14 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from vllm.v1.worker.utils import allocate_kv_cache
 
 from kvtier.config import StoreConfig
-from kvtier.integrations.vllm.node import engine_config, stop_nodes
+from kvtier.integrations.vllm.node import engine_config
 from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan
 from kvtier.integrations.vllm.worker import ChunkMover
 from kvtier.store import Store
 
 BLOCK = 16
 BLOCKS_PER_CHUNK = 2
-__all__ = ["model_dir"]  # a fixture of test_scheduler's, used here too
-
-
-@pytest.fixture(scope="module")
-def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("node")
-    yield path
-    stop_nodes(path)
+__all__ = ["model_dir", "node_dir"]  # fixtures of test_scheduler's, used here too
 
 
 @pytest.fixture
