@@ -50,17 +50,16 @@ class InPlace:
         saved = 0
         try:
             if self._dram is not None:
-                slots = [None if self._holds(k) else self._claim(k, nbytes)[0] for k in keys]
+                slots = [self.reserve_chunk(k, nbytes) for k in keys]
                 mine = [(k, s) for k, s in zip(keys, slots, strict=True) if s is not None]
                 try:
                     yield slots
                 except BaseException:
                     for key, _ in mine:
-                        self._dram.abort(key)
+                        self.abort_chunk(key)
                     raise
                 for key, slot in mine:
-                    self._publish(key, slot, functools.partial(self._dram.release, key))
-                saved = len(mine)
+                    self.commit_chunk(key, slot)  # counted saved there
                 return
             tier = self._in_place_tier()
             lent = None if tier is None else tier.lend(keys, nbytes)
