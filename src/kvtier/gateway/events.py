@@ -82,11 +82,11 @@ class Publisher:
     """A PUB socket bound on 127.0.0.1 (port 0: any free port), sending vLLM's frames."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:0", topic: str = "") -> None:
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(endpoint)
-        self.endpoint: str = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._topic = topic.encode()
         self._seq = itertools.count()
 

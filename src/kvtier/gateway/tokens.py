@@ -79,7 +79,7 @@ def root_key(salt: str = "", lora: str | None = None) -> int:
 def chain_keys(parent: int, tokens: Sequence[int] | np.ndarray, block_tokens: int) -> list[int]:
     """Keys of the full blocks of `tokens`, chained from `parent`."""
     arr = np.ascontiguousarray(tokens, dtype=np.int64)  # (T,)
-    view = memoryview(arr).cast("B")
+    view = memoryview(arr.data).cast("B")
     step = block_tokens * 8
     keys = []
     for start in range(0, (len(arr) // block_tokens) * step, step):
