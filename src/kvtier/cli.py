@@ -15,6 +15,7 @@ COMMANDS = {
     "serve": ("kvtier.server.main", "run a shared cache server"),
     "inspect": ("kvtier.inspect", "list what a disk tier holds; --verify checks every checksum"),
     "plan": ("kvtier.bench.plan", "how much DRAM and SSD a trace needs"),
+    "gateway": ("kvtier.gateway.main", "OpenAI-compatible gateway with KV-aware routing"),
 }
 BENCHMARKS = {
     "io": ("kvtier.bench.io", "each tier against the raw hardware path"),

@@ -1,0 +1,86 @@
+"""Affinities: the worker a conversation went to last, shared by every gateway replica.
+
+A request names its conversation by `prompt_cache_key`, by `user`, or (Responses API) by the
+response it continues. The gateway remembers, per tenant and name, the worker it chose and how
+many prompt blocks it sent there, so the next turn is credited with that prefix even on a
+replica whose own index never saw it. In Redis (one GET before routing, one SET after, each
+key with a TTL refreshed on use) affinities survive a replica's death; without Redis they live
+in the one gateway's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import NamedTuple, Protocol
+
+from redis import asyncio as aioredis
+
+MEMORY_ENTRIES = 100_000
+
+
+class Binding(NamedTuple):
+    worker_url: str
+    blocks: int
+
+
+def affinity_key(tenant: str, name: str) -> str:
+    """A tenant-scoped key for an affinity name (hashed: names are client text)."""
+    digest = hashlib.blake2b(f"{tenant}\0{name}".encode(), digest_size=16).hexdigest()
+    return f"aff:{digest}"
+
+
+class AffinityStore(Protocol):
+    """Bindings with a TTL. `get` of an unknown or expired key is None; failures of the
+    backing store are raised as OSError-derived errors for the caller to count and skip."""
+
+    async def get(self, key: str) -> Binding | None: ...
+
+    async def put(self, key: str, binding: Binding, ttl_s: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryAffinities:
+    """One gateway's bindings, the oldest dropped beyond `max_entries`."""
+
+    def __init__(self, max_entries: int = MEMORY_ENTRIES) -> None:
+        self._entries: dict[str, tuple[Binding, float]] = {}
+        self._max = max_entries
+
+    async def get(self, key: str) -> Binding | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    async def put(self, key: str, binding: Binding, ttl_s: int) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = (binding, time.monotonic() + ttl_s)
+        while len(self._entries) > self._max:
+            del self._entries[next(iter(self._entries))]
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+
+class RedisAffinities:
+    """Bindings in Redis as `{prefix}aff:<digest>` -> "blocks url" with EX."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "kvtier:") -> None:
+        self._redis = client
+        self._prefix = prefix
+
+    async def get(self, key: str) -> Binding | None:
+        raw = await self._redis.get(self._prefix + key)
+        if raw is None:
+            return None
+        blocks, _, url = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")
+        return Binding(url, int(blocks)) if blocks.isdigit() and url else None
+
+    async def put(self, key: str, binding: Binding, ttl_s: int) -> None:
+        value = f"{binding.blocks} {binding.worker_url}"
+        await self._redis.set(self._prefix + key, value, ex=max(int(ttl_s), 1))
+
+    async def close(self) -> None:
+        return None

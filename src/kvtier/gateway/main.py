@@ -1,0 +1,112 @@
+"""`kvtier gateway`: the OpenAI-compatible gateway in front of inference workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+
+import uvicorn
+
+from kvtier.config import env_default, is_loopback
+from kvtier.errors import ConfigError
+from kvtier.gateway.affinity import AffinityStore, MemoryAffinities, RedisAffinities
+from kvtier.gateway.app import create_app
+from kvtier.gateway.costs import Priors
+from kvtier.gateway.gateway import Gateway, Settings
+from kvtier.gateway.metrics import GatewayMetrics
+from kvtier.gateway.pool import Pool
+from kvtier.gateway.routing import POLICIES, make_policy
+from kvtier.gateway.sessions import MemoryResponseStore, RedisResponseStore, ResponseStore
+from kvtier.server.auth import Auth
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    arg = parser.add_argument
+    arg("--host", default=env_default("KVTIER_GATEWAY_HOST", "127.0.0.1"))
+    arg("--port", type=int, default=env_default("KVTIER_GATEWAY_PORT", "8000"),
+        help="0: any free port")  # fmt: skip
+    arg("--workers", default=env_default("KVTIER_WORKERS"),
+        help="comma-separated base URLs of OpenAI-compatible workers (vLLM servers)")  # fmt: skip
+    arg("--kv-events", default=env_default("KVTIER_KV_EVENTS"),
+        help="comma-separated ZeroMQ endpoints of the workers' KV events, one per worker in "
+        "the order of --workers (empty for a worker without); without them the gateway "
+        "indexes its own routing decisions")  # fmt: skip
+    arg("--redis", default=env_default("KVTIER_REDIS"),
+        help="redis://… for sessions and affinities shared by gateway replicas")  # fmt: skip
+    arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant key'")
+    arg("--policy", choices=sorted(POLICIES), default=env_default("KVTIER_POLICY", "kvtier"))
+    arg("--block-tokens", type=int, default=env_default("KVTIER_BLOCK_TOKENS", "16"),
+        help="the workers' KV block size in tokens")  # fmt: skip
+    arg("--worker-cache-tokens", type=int,
+        default=env_default("KVTIER_WORKER_CACHE_TOKENS", "1048576"),
+        help="tokens the index remembers per worker and tier (about its KV cache size)")  # fmt: skip
+    arg("--prefill-ms-per-token", type=float,
+        default=env_default("KVTIER_PREFILL_MS_PER_TOKEN", "0.1"),
+        help="prior for a worker's compute time per prompt token, until its /metrics tell")  # fmt: skip
+    arg("--session-ttl", type=int, default=env_default("KVTIER_SESSION_TTL", str(30 * 86400)),
+        help="seconds a stored response lives")  # fmt: skip
+    arg("--salt-secret", default=env_default("KVTIER_SALT_SECRET", ""),
+        help="key of the hash that turns a tenant into its cache_salt")  # fmt: skip
+    arg("--max-body", type=int, default=env_default("KVTIER_MAX_BODY", str(16 << 20)),
+        help="largest request body in bytes")  # fmt: skip
+    arg("--insecure", action="store_true",
+        default=env_default("KVTIER_INSECURE", "") in ("1", "true", "yes"),
+        help="allow a non-loopback address without an auth file")  # fmt: skip
+
+
+def build(args: argparse.Namespace) -> Gateway:
+    """A gateway from parsed options; raises ConfigError on a bad combination."""
+    urls = [u.strip() for u in (args.workers or "").split(",") if u.strip()]
+    if not urls:
+        raise ConfigError("give the workers: --workers http://host:port,… (or KVTIER_WORKERS)")
+    endpoints: list[str | None] | None = None
+    if args.kv_events:
+        endpoints = [e.strip() or None for e in args.kv_events.split(",")]
+        if len(endpoints) != len(urls):
+            raise ConfigError("--kv-events needs one endpoint per worker (empty for none)")
+    if args.block_tokens < 1 or args.worker_cache_tokens < args.block_tokens:
+        raise ConfigError("--block-tokens must be >= 1 and --worker-cache-tokens >= it")
+    if not args.auth_file and not is_loopback(args.host) and not args.insecure:
+        raise ConfigError("a non-loopback gateway needs --auth-file (or --insecure)")
+    auth = Auth.from_file(args.auth_file) if args.auth_file else Auth()
+    priors = Priors(compute_s_per_token=args.prefill_ms_per_token / 1000)
+    capacity = args.worker_cache_tokens // args.block_tokens
+    pool = Pool(urls, make_policy(args.policy), args.block_tokens, capacity, endpoints, priors)
+    affinities: AffinityStore
+    responses: ResponseStore
+    if args.redis:
+        from redis import asyncio as aioredis
+
+        client = aioredis.from_url(args.redis)
+        affinities, responses = RedisAffinities(client), RedisResponseStore(client)
+    else:
+        affinities, responses = MemoryAffinities(), MemoryResponseStore()
+    settings = Settings(
+        block_tokens=args.block_tokens,
+        session_ttl_s=args.session_ttl,
+        max_body_bytes=args.max_body,
+        salt_secret=args.salt_secret,
+    )
+    return Gateway(pool, auth, affinities, responses, GatewayMetrics(), settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        gateway = build(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"kvtier gateway: {exc}", file=sys.stderr)
+        return 2
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(2048)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        create_app(gateway), loop="uvloop", http="httptools", log_level="warning",
+        access_log=False, timeout_graceful_shutdown=5, backlog=2048,
+    )  # fmt: skip
+    print(f"kvtier gateway: http://{host}:{port} policy {args.policy}", flush=True)
+    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    return 0

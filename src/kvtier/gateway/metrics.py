@@ -1,0 +1,101 @@
+"""The gateway's Prometheus metrics (prometheus-client, one registry per gateway)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from kvtier.gateway.pool import Booking, Pool
+
+FAST_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _PoolCollector(Collector):
+    def __init__(self) -> None:
+        self.pool: Pool | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pool = self.pool
+        if pool is None:
+            return
+        gauges = {
+            "requests": GaugeMetricFamily(
+                "kvtier_gateway_worker_requests", "requests in flight", labels=["worker"]
+            ),
+            "tokens": GaugeMetricFamily(
+                "kvtier_gateway_worker_tokens", "tokens booked in flight", labels=["worker"]
+            ),
+            "healthy": GaugeMetricFamily(
+                "kvtier_gateway_worker_healthy", "1 if the last scrape answered", labels=["worker"]
+            ),
+        }
+        for w in pool.workers:
+            gauges["requests"].add_metric([w.url], w.load.requests)
+            gauges["tokens"].add_metric([w.url], w.load.tokens)
+            gauges["healthy"].add_metric([w.url], 1.0 if w.healthy else 0.0)
+        yield from gauges.values()
+        yield GaugeMetricFamily(
+            "kvtier_gateway_index_blocks", "block keys in the routing index", value=len(pool.index)
+        )
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kvtier_gateway_requests", "requests answered", ["route", "status"], registry=r
+        )
+        self.routed_to = Counter("kvtier_gateway_routed", "requests routed", ["worker"], registry=r)
+        self.route_seconds = Histogram(
+            "kvtier_gateway_route_seconds", "routing decision time", buckets=FAST_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "kvtier_gateway_ttft_seconds", "time to the first streamed event",
+            buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "kvtier_gateway_upstream_errors", "workers not reached", ["worker"], registry=r
+        )
+        self.unauthorized = Counter(
+            "kvtier_gateway_unauthorized", "requests with a missing or wrong key", registry=r
+        )
+        self.state_errors = Counter(
+            "kvtier_gateway_state_errors", "Redis calls that failed", ["error"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "kvtier_gateway_prompt_tokens", "prompt tokens in answered usage", registry=r
+        )
+        self.cached_tokens = Counter(
+            "kvtier_gateway_cached_tokens", "cached prompt tokens in answered usage", registry=r
+        )
+        self._pool = _PoolCollector()
+        r.register(self._pool)
+
+    def attach(self, pool: Pool) -> None:
+        self._pool.pool = pool
+
+    def routed(self, pool: Pool, booking: Booking, seconds: float) -> None:
+        self.route_seconds.observe(seconds)
+        self.routed_to.labels(pool.workers[booking.worker].url).inc()
+
+    def usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(prompt, int):
+            self.prompt_tokens.inc(prompt)
+        if isinstance(cached, int):
+            self.cached_tokens.inc(cached)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

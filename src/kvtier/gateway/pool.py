@@ -1,0 +1,203 @@
+"""The workers behind a gateway: what each holds, how loaded it is, what it costs.
+
+`Pool.route` runs the policy over the healthy workers and books the request on the chosen
+one (its load, and the prompt's blocks into the index as a prediction, so a burst of siblings
+lands together before any event arrives). `Pool.first_token` and `Pool.finished` unbook it.
+Two background loops per worker keep the rest current: one reads the worker's vLLM-format KV
+events into the index (`events.py`; the worker's block hashes are rehashed from the token ids
+into the gateway's own keys, salt and all), one scrapes its `/metrics` every
+`scrape_interval_s` into its measured costs and marks it healthy or not. With no events a
+worker's index entries are the gateway's own predictions only, bounded like its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from kvtier.gateway import events
+from kvtier.gateway.costs import Costs, Priors
+from kvtier.gateway.index import DISK, DRAM, GPU, SHARED, Hits, PrefixIndex
+from kvtier.gateway.routing import Candidate, Load, Policy, Request, expected_ttft_s
+from kvtier.gateway.tokens import chain_keys, root_key
+
+log = logging.getLogger(__name__)
+
+ENGINE_KEYS_PER_BLOCK = 4  # engine hashes remembered per indexed block a holder may keep
+MEDIUM_TIERS = {None: GPU, "GPU": GPU, "CPU": DRAM, "DISK": DISK, "STORAGE": DISK}
+
+
+@dataclass
+class Worker:
+    url: str
+    events_endpoint: str | None = None
+    load: Load = field(default_factory=Load)
+    costs: Costs = field(default_factory=Costs)
+    healthy: bool = True
+    # engine block hash -> the gateway's key, to chain and remove by engine hash (a hash
+    # names the same tokens in every medium); bounded, the oldest forgotten first
+    engine_keys: dict[int | bytes, int] = field(default_factory=dict)
+
+
+class Booking:
+    """One routed request's share of a worker's load, given back exactly once each."""
+
+    def __init__(self, worker: int, tokens: int, prefill_s: float, hits: Hits) -> None:
+        self.worker, self.tokens, self.prefill_s, self.hits = worker, tokens, prefill_s, hits
+        self.waiting_first_token = True
+        self.open = True
+
+
+@dataclass
+class Stats:
+    decisions: int = 0
+    events: int = 0
+    events_unchained: int = 0  # stored blocks whose parent the gateway never saw
+    events_wrong_block_size: int = 0
+    scrape_failures: int = 0
+
+
+class Pool:
+    def __init__(
+        self,
+        urls: list[str],
+        policy: Policy,
+        block_tokens: int,
+        capacity_blocks: int,
+        events_endpoints: list[str | None] | None = None,
+        priors: Priors | None = None,
+    ) -> None:
+        endpoints = events_endpoints or [None] * len(urls)
+        if len(endpoints) != len(urls):
+            raise ValueError("give one KV events endpoint per worker (or none)")
+        self.workers = [
+            Worker(url.rstrip("/"), ep, costs=Costs(priors or Priors()))
+            for url, ep in zip(urls, endpoints, strict=True)
+        ]
+        self.policy = policy
+        self.block_tokens = block_tokens
+        self.index = PrefixIndex(len(urls), capacity_blocks)
+        self.stats = Stats()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def route(
+        self, keys: list[int], prompt_tokens: int, output_tokens: int, bound: tuple[int, int] | None
+    ) -> Booking:
+        """Chooses a worker for a prompt (its block keys) and books the request on it.
+
+        `bound` is an affinity (worker, blocks it was sent before) from the caller's session,
+        `prompt_cache_key` or `user`: counted as a GPU prefix the index may not know of."""
+        request = Request(prompt_tokens, self.block_tokens)
+        hits = self.index.match(keys)
+        if bound is not None and bound[0] < len(hits):
+            w, blocks = bound
+            held = min(blocks, len(keys))
+            if held > hits[w].blocks:
+                hits[w] = Hits(held, 0, 0, 0)
+        candidates = [
+            Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers) if w.healthy
+        ] or [Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers)]
+        chosen = self.policy.pick(request, candidates)
+        prefill_s = expected_ttft_s(request, chosen._replace(load=Load()))
+        booking = Booking(chosen.index, prompt_tokens + output_tokens, prefill_s, chosen.hits)
+        load = chosen.load
+        load.requests += 1
+        load.tokens += booking.tokens
+        load.prefill_s += prefill_s
+        self.index.add(chosen.index, GPU, keys)
+        self.stats.decisions += 1
+        return booking
+
+    def first_token(self, booking: Booking) -> None:
+        if booking.waiting_first_token:
+            booking.waiting_first_token = False
+            load = self.workers[booking.worker].load
+            load.prefill_s = max(load.prefill_s - booking.prefill_s, 0.0)
+
+    def finished(self, booking: Booking) -> None:
+        if booking.open:
+            self.first_token(booking)
+            booking.open = False
+            load = self.workers[booking.worker].load
+            load.requests -= 1
+            load.tokens -= booking.tokens
+
+    def failed(self, booking: Booking) -> None:
+        """The worker could not be reached: unbook and mark it unhealthy until a scrape."""
+        self.finished(booking)
+        self.workers[booking.worker].healthy = False
+
+    # -- background: KV events and metrics --------------------------------------------
+
+    def start(self, session: aiohttp.ClientSession, scrape_interval_s: float) -> None:
+        for i, w in enumerate(self.workers):
+            if w.events_endpoint:
+                self._tasks.append(asyncio.create_task(self._follow_events(i)))
+            self._tasks.append(asyncio.create_task(self._scrape(i, session, scrape_interval_s)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def _follow_events(self, i: int) -> None:
+        endpoint = self.workers[i].events_endpoint
+        assert endpoint is not None
+        async for event in events.subscribe(endpoint):
+            self.stats.events += 1
+            self.apply_event(i, event)
+
+    def apply_event(self, i: int, event: events.Event) -> None:
+        """Folds one vLLM KV event from worker `i` into the index."""
+        w = self.workers[i]
+        if isinstance(event, events.AllBlocksCleared):
+            for tier in (GPU, DRAM, DISK):
+                self.index.clear(i, tier)
+            w.engine_keys.clear()
+            return
+        medium = event.medium
+        holder, tier = (SHARED, 0) if medium == events.MEDIUM_SHARED else (i, MEDIUM_TIERS.get(medium, GPU))
+        if isinstance(event, events.BlockRemoved):
+            keys = [w.engine_keys.get(h) for h in event.block_hashes]
+            self.index.remove(holder, tier, [k for k in keys if k is not None])
+            return
+        if event.block_size != self.block_tokens:
+            self.stats.events_wrong_block_size += 1
+            return
+        if event.parent_block_hash is None:
+            parent = root_key(events.salt_of(event), event.lora_name)
+        elif event.parent_block_hash in w.engine_keys:
+            parent = w.engine_keys[event.parent_block_hash]
+        else:
+            self.stats.events_unchained += 1
+            return
+        keys = chain_keys(parent, event.token_ids, self.block_tokens)
+        known = w.engine_keys
+        for engine_hash, key in zip(event.block_hashes, keys, strict=False):
+            known.pop(engine_hash, None)
+            known[engine_hash] = key
+        while len(known) > ENGINE_KEYS_PER_BLOCK * self.index.capacity_blocks:
+            del known[next(iter(known))]
+        self.index.add(holder, tier, keys)
+
+    async def _scrape(self, i: int, session: aiohttp.ClientSession, interval_s: float) -> None:
+        w = self.workers[i]
+        timeout = aiohttp.ClientTimeout(total=max(interval_s, 1.0))
+        while True:
+            try:
+                async with session.get(f"{w.url}/metrics", timeout=timeout) as resp:
+                    text = await resp.text()
+                    w.healthy = resp.status == 200
+                    if w.healthy:
+                        w.costs.observe(text)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                self.stats.scrape_failures += 1
+                w.healthy = False
+            await asyncio.sleep(interval_s)

@@ -1,0 +1,206 @@
+"""The routing index, the measured costs and the four policies, without a network."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvtier.gateway import events
+from kvtier.gateway.costs import SHARED_TIER, Costs, Priors
+from kvtier.gateway.index import DISK, DRAM, GPU, SHARED, Hits, PrefixIndex
+from kvtier.gateway.pool import Pool
+from kvtier.gateway.routing import Candidate, Load, Request, expected_ttft_s, make_policy
+from kvtier.gateway.tokens import block_keys, chain_keys, root_key, tokenize
+
+
+def test_match_splits_each_workers_prefix_by_tier() -> None:
+    """GPU run first, then kvtier's tiers (nearest counted), up to the first block in none."""
+    ix = PrefixIndex(3, 1000)
+    ix.add(0, GPU, range(10))
+    ix.add(0, DRAM, range(10, 20))
+    ix.add(0, DISK, range(15, 25))
+    ix.add(SHARED, 0, range(25, 30))
+    ix.add(1, GPU, range(5))
+    ix.add(1, GPU, range(6, 30))  # a gap at block 5: nothing after it is usable as GPU
+    hits = ix.match(list(range(40)))
+    assert hits[0] == Hits(10, 10, 5, 5)
+    assert hits[1] == Hits(5, 0, 0, 0)
+    assert hits[2] == Hits(0, 0, 0, 0)
+
+
+def test_match_agrees_with_a_per_block_model() -> None:
+    """Random holders: the run-length walk equals a block-by-block reference."""
+    rng = random.Random(7)
+    for _ in range(200):
+        ix = PrefixIndex(3, 10_000)
+        held: dict[tuple[int, int], set[int]] = {}
+        for holder in [(w, t) for w in range(3) for t in range(3)] + [(SHARED, 0)]:
+            keys = {k for k in range(30) if rng.random() < 0.6}
+            ix.add(holder[0], holder[1], keys)
+            held[holder] = keys
+        keys = list(range(30))
+        for w, got in enumerate(ix.match(keys)):
+            counts, in_gpu = [0, 0, 0, 0], True
+            for k in keys:
+                if in_gpu and k in held[(w, GPU)]:
+                    counts[0] += 1
+                    continue
+                in_gpu = False
+                tier = next((t for t in (DRAM, DISK) if k in held[(w, t)]), None)
+                if tier is not None:
+                    counts[tier] += 1
+                elif k in held[(SHARED, 0)]:
+                    counts[3] += 1
+                else:
+                    break
+            assert got == Hits(*counts)
+
+
+def test_holders_are_bounded_lrus_and_remove_clear_work() -> None:
+    """A holder past capacity forgets its least recently added key; remove and clear forget."""
+    ix = PrefixIndex(2, 3)
+    ix.add(0, GPU, [1, 2, 3])
+    ix.add(0, GPU, [1])  # touch 1
+    ix.add(0, GPU, [4])  # evicts 2
+    assert ix.match([1])[0].gpu == 1 and ix.match([2])[0].gpu == 0
+    ix.remove(0, GPU, [1])
+    assert ix.match([1])[0].gpu == 0
+    ix.add(1, GPU, [3])
+    ix.clear(0, GPU)
+    assert ix.match([3]) == [Hits(0, 0, 0, 0), Hits(1, 0, 0, 0)]
+    assert len(ix) == 1
+
+
+def _metrics(prompt: int, cached: int, prefill_s: float, hits: dict[str, int], load: dict[str, float]) -> str:
+    lines = [
+        f'vllm:prompt_tokens_total{{model_name="m"}} {prompt}',
+        f'vllm:prompt_tokens_cached_total{{model_name="m"}} {cached}',
+        f'vllm:request_prefill_time_seconds_sum{{model_name="m"}} {prefill_s}',
+        "# HELP something ignored",
+        "garbage line",
+    ]
+    lines += [f'kvtier_vllm_hit_tokens_total{{tier="{t}"}} {n}' for t, n in hits.items()]
+    lines += [f'kvtier_vllm_load_seconds_total{{tier="{t}"}} {s}' for t, s in load.items()]
+    return "\n".join(lines)
+
+
+def test_costs_come_from_counter_deltas() -> None:
+    """compute = (prefill - load) s / computed tokens; load = load s / hit tokens, per tier."""
+    c = Costs(Priors(compute_s_per_token=1.0, load_s_per_token=(1.0, 2.0, 3.0)))
+    c.observe(_metrics(0, 0, 0.0, {"dram": 0}, {"dram": 0.0}))
+    assert c.compute_s(10) == 10.0  # the prior until two scrapes
+    c.observe(_metrics(1000, 400, 1.4, {"dram": 400}, {"dram": 0.2}))
+    assert c.compute_s(600) == pytest.approx(1.2)  # (1.4 - 0.2) s over 600 computed tokens
+    assert c.load_s(DRAM, 400) == pytest.approx(0.2)
+    assert c.load_s(DISK, 10) == 20.0  # a tier never measured keeps its prior...
+    c2 = Costs(Priors(load_s_per_token=(1.0, 1e-9, 1e-9)))
+    c2.observe(_metrics(0, 0, 0, {"dram": 0}, {"dram": 0}))
+    c2.observe(_metrics(100, 100, 1.0, {"dram": 100}, {"dram": 1.0}))
+    assert c2.load_s(SHARED_TIER, 1) >= c2.load_s(DRAM, 1)  # ...never cheaper than a nearer one
+    assert c.load_s(GPU, 100) == 0.0
+
+
+def test_unlabelled_load_seconds_are_averaged_over_all_hits() -> None:
+    """vLLM's connector does not label load seconds by tier: one average for every tier."""
+    c = Costs()
+    base = "kvtier_vllm_hit_tokens_total{tier=\"dram\"} %d\nkvtier_vllm_hit_tokens_total{tier=\"disk\"} %d\nkvtier_vllm_load_seconds_total %f"
+    c.observe(base % (0, 0, 0.0))
+    c.observe(base % (300, 100, 0.4))
+    assert c.load_s(DRAM, 1) == pytest.approx(1e-3) and c.load_s(DISK, 1) == pytest.approx(1e-3)
+
+
+def _candidates(hits: list[Hits], loads: list[Load] | None = None) -> list[Candidate]:
+    loads = loads or [Load() for _ in hits]
+    priors = Priors(compute_s_per_token=1e-3, load_s_per_token=(1e-4, 3e-4, 5e-4))
+    return [Candidate(i, h, load, Costs(priors)) for i, (h, load) in enumerate(zip(hits, loads))]
+
+
+def test_kvtier_policy_credits_tiers_by_cost_and_yields_to_load() -> None:
+    """A DRAM hit beats a miss; a far cheaper idle worker beats a loaded cache-rich one."""
+    policy = make_policy("kvtier")
+    req = Request(prompt_tokens=1600, block_tokens=16)
+    cands = _candidates([Hits(0, 0, 0, 0), Hits(0, 90, 0, 0), Hits(0, 0, 0, 90)])
+    assert policy.pick(req, cands).index == 1  # DRAM cheaper than shared, both beat compute
+    busy = Load(requests=3, tokens=5000, prefill_s=10.0)
+    cands = _candidates([Hits(0, 0, 0, 0), Hits(100, 0, 0, 0)], [Load(), busy])
+    assert policy.pick(req, cands).index == 0  # 10 s of queue outweighs 1.6 s of compute
+    assert expected_ttft_s(req, cands[1]) == pytest.approx(10.0)
+
+
+def test_kvtier_guard_keeps_a_worker_under_one_and_a_half_times_the_mean() -> None:
+    """A cache-rich worker holding most in-flight tokens is skipped, even if it is fastest."""
+    policy = make_policy("kvtier")
+    req = Request(1600, 16)
+    loads = [Load(), Load(), Load(requests=4, tokens=9000)]
+    cands = _candidates([Hits(0, 0, 0, 0), Hits(0, 0, 0, 0), Hits(100, 0, 0, 0)], loads)
+    assert policy.pick(req, cands).index != 2
+
+
+def test_ties_rotate_so_misses_spread() -> None:
+    """With nothing cached anywhere, no worker gets more than its share of misses."""
+    for name in ("kvtier", "least-load", "prefix", "round-robin"):
+        policy = make_policy(name)
+        picks = [policy.pick(Request(100, 16), _candidates([Hits(0, 0, 0, 0)] * 4)).index for _ in range(400)]
+        assert max(picks.count(i) for i in range(4)) <= 0.4 * len(picks), name
+
+
+def test_prefix_policy_sticks_to_a_gpu_match_unless_imbalanced() -> None:
+    """Best GPU match over half the prompt wins; a large load gap routes by load."""
+    policy = make_policy("prefix")
+    req = Request(1600, 16)
+    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(60, 0, 0, 0)])).index == 1
+    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(0, 90, 0, 0)])).index in (0, 1)
+    loads = [Load(requests=1), Load(requests=20)]
+    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(60, 0, 0, 0)], loads)).index == 0
+
+
+def test_unknown_policy_is_refused() -> None:
+    """A typo in --policy names the choices."""
+    with pytest.raises(ValueError, match="round-robin"):
+        make_policy("fastest")
+
+
+def test_events_are_rehashed_into_the_gateways_own_keys() -> None:
+    """BlockStored chains (parent by engine hash, salt in extra_keys) land on block_keys()."""
+    pool = Pool(["http://a", "http://b"], make_policy("kvtier"), 4, 1000)
+    tokens = tokenize("x" * 4 * 12)  # 12 tokens: three blocks of 4
+    keys = block_keys(tokens, 4, "salty")
+    first = events.BlockStored(
+        block_hashes=[b"e1", b"e2"], parent_block_hash=None, token_ids=[int(t) for t in tokens[:8]],
+        block_size=4, medium="GPU", extra_keys=[("salty",), None],
+    )  # fmt: skip
+    second = events.BlockStored(
+        block_hashes=[b"e3"], parent_block_hash=b"e2", token_ids=[int(t) for t in tokens[8:12]],
+        block_size=4, medium="CPU",
+    )  # fmt: skip
+    pool.apply_event(1, first)
+    pool.apply_event(1, second)
+    assert pool.index.match(keys)[1] == Hits(2, 1, 0, 0)
+    assert pool.index.match(block_keys(tokens, 4, "other"))[1] == Hits(0, 0, 0, 0)
+    pool.apply_event(1, events.BlockRemoved(block_hashes=[b"e2"], medium="GPU"))
+    assert pool.index.match(keys)[1].gpu == 1
+    orphan = events.BlockStored(
+        block_hashes=[b"e9"], parent_block_hash=b"never-seen", token_ids=[1, 2, 3, 4],
+        block_size=4, medium="GPU",
+    )  # fmt: skip
+    pool.apply_event(1, orphan)
+    assert pool.stats.events_unchained == 1
+    pool.apply_event(1, events.AllBlocksCleared())
+    assert pool.index.match(keys)[1] == Hits(0, 0, 0, 0)
+    assert chain_keys(root_key("salty"), tokens, 4) == keys
+
+
+def test_route_books_and_unbooks_load_and_predicts_the_prompt() -> None:
+    """A routed request counts on its worker until finished; its blocks are predicted there."""
+    pool = Pool(["http://a", "http://b"], make_policy("kvtier"), 16, 1000)
+    keys = list(range(100, 110))
+    booking = pool.route(keys, 170, 30, None)
+    w = pool.workers[booking.worker]
+    assert (w.load.requests, w.load.tokens) == (1, 200) and w.load.prefill_s > 0
+    again = pool.route(keys, 170, 30, None)
+    assert again.worker == booking.worker and again.hits.gpu == 10
+    for b in (booking, again):
+        pool.finished(b)
+        pool.finished(b)  # twice is harmless
+    assert (w.load.requests, w.load.tokens) == (0, 0) and w.load.prefill_s == pytest.approx(0)
