@@ -1,0 +1,191 @@
+"""Stored responses: what `previous_response_id` points at, kept in memory or in Redis.
+
+A stored response is immutable and carries the whole conversation it ends (every input message
+and every assistant answer up to and including its own, `instructions` excluded). Continuing
+it reads one entry and writes a new one under a new id; nothing is ever read, modified and
+written back. So no turn is lost under concurrent continuations: two requests continuing the
+same `previous_response_id` become two responses, two branches of the conversation, each
+holding its full history. A put is one atomic write (`SET key value PX ttl` in Redis), and
+every entry expires `ttl_s` after its put.
+
+Ids are tenant-scoped: the tenant is part of the key (hashed, so no tenant name can collide
+with another's key), and an id stored by tenant A reads as `None` for tenant B.
+
+Layout in Redis: `{prefix}resp:{blake2b-128(tenant) hex}:{resp_id}` -> the response as JSON.
+Redis 7.0 commands only (SET with PX, GET, DEL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+
+
+def new_response_id() -> str:
+    """A fresh response id: `resp_` and 32 random hex digits."""
+    return f"resp_{uuid.uuid4().hex}"
+
+
+def is_response_id(text: str) -> bool:
+    """Whether `text` has the shape of an id minted by `new_response_id`."""
+    return RESPONSE_ID.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """One finished response. `history` is the conversation it ends, as chat messages
+    `{"role", "content"}` with string contents, its own assistant answer last; `usage` is the
+    Responses API usage object; `instructions` are this response's own (never inherited)."""
+
+    id: str
+    tenant: str
+    model: str
+    created_at: int
+    history: tuple[dict[str, str], ...]
+    output_text: str
+    usage: dict[str, Any]
+    previous_response_id: str | None = None
+    instructions: str | None = None
+
+    def to_json(self) -> str:
+        """The response as one JSON object (`from_json` reads it back equal)."""
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> StoredResponse:
+        """The response `to_json` wrote; raises `ValueError` on anything else."""
+        try:
+            fields = json.loads(text)
+            history = tuple(
+                {"role": str(m["role"]), "content": str(m["content"])} for m in fields["history"]
+            )
+            return cls(**{**fields, "history": history})
+        except (TypeError, KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a stored response: {exc}") from exc
+
+
+class ResponseStore(Protocol):
+    """Where responses live between turns.
+
+    Contract: entries are tenant-scoped (`get(B, id)` is None for an id put by tenant A); a
+    `put` is atomic (a reader sees the whole response or nothing) and never changes another
+    entry; an entry reads as None once `ttl_s` seconds have passed since its put. Ids that are
+    not `resp_` + 32 hex digits are simply not found. Methods may raise on a store outage.
+    """
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        """The response stored under (`tenant`, `response_id`), or None."""
+        ...
+
+    async def put(self, response: StoredResponse, ttl_s: float) -> None:
+        """Stores `response` under (`response.tenant`, `response.id`) for `ttl_s` seconds."""
+        ...
+
+    async def delete(self, tenant: str, response_id: str) -> bool:
+        """Removes the entry; True if there was one."""
+        ...
+
+    async def close(self) -> None:
+        """Releases connections; the store is unusable afterwards."""
+        ...
+
+
+class MemoryResponseStore:
+    """A `ResponseStore` inside one gateway process (gone when it exits). Bounded: each put
+    drops expired entries from the oldest end and the oldest entries beyond `max_entries`."""
+
+    def __init__(
+        self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[float, StoredResponse]] = OrderedDict()
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        entry = self._entries.get((tenant, response_id))
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[(tenant, response_id)]
+            return None
+        return entry[1]
+
+    async def put(self, response: StoredResponse, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        if not is_response_id(response.id):
+            raise ValueError(f"not a response id: {response.id!r}")
+        now = self._clock()
+        key = (response.tenant, response.id)
+        self._entries.pop(key, None)
+        self._entries[key] = (now + ttl_s, response)
+        while self._entries:
+            oldest_key, (expires_at, _) = next(iter(self._entries.items()))
+            if expires_at > now and len(self._entries) <= self.max_entries:
+                break
+            del self._entries[oldest_key]
+
+    async def delete(self, tenant: str, response_id: str) -> bool:
+        return self._entries.pop((tenant, response_id), None) is not None
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def tenant_tag(tenant: str) -> str:
+    """The tenant as it appears in a key: 32 hex digits of its BLAKE2b hash."""
+    return hashlib.blake2b(tenant.encode("utf-8"), digest_size=16).hexdigest()
+
+
+class RedisResponseStore:
+    """A `ResponseStore` in Redis, shared by every gateway replica and surviving their
+    restarts: a new store object on the same Redis sees what the old one put."""
+
+    def __init__(self, url: str, prefix: str = "kvtier:") -> None:
+        self.prefix = prefix
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
+
+    def key(self, tenant: str, response_id: str) -> str:
+        """The Redis key of (`tenant`, `response_id`)."""
+        return f"{self.prefix}resp:{tenant_tag(tenant)}:{response_id}"
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        if not is_response_id(response_id):
+            return None
+        raw = await self._redis.get(self.key(tenant, response_id))
+        if raw is None:
+            return None
+        response = StoredResponse.from_json(raw)
+        return response if response.tenant == tenant and response.id == response_id else None
+
+    async def put(self, response: StoredResponse, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        if not is_response_id(response.id):
+            raise ValueError(f"not a response id: {response.id!r}")
+        ttl_ms = max(1, round(ttl_s * 1000))
+        await self._redis.set(self.key(response.tenant, response.id), response.to_json(), px=ttl_ms)
+
+    async def delete(self, tenant: str, response_id: str) -> bool:
+        if not is_response_id(response_id):
+            return False
+        return bool(await self._redis.delete(self.key(tenant, response_id)))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
