@@ -72,7 +72,9 @@ def test_holders_are_bounded_lrus_and_remove_clear_work() -> None:
     assert len(ix) == 1
 
 
-def _metrics(prompt: int, cached: int, prefill_s: float, hits: dict[str, int], load: dict[str, float]) -> str:
+def _metrics(
+    prompt: int, cached: int, prefill_s: float, hits: dict[str, int], load: dict[str, float]
+) -> str:
     lines = [
         f'vllm:prompt_tokens_total{{model_name="m"}} {prompt}',
         f'vllm:prompt_tokens_cached_total{{model_name="m"}} {cached}',
@@ -104,16 +106,23 @@ def test_costs_come_from_counter_deltas() -> None:
 def test_unlabelled_load_seconds_are_averaged_over_all_hits() -> None:
     """vLLM's connector does not label load seconds by tier: one average for every tier."""
     c = Costs()
-    base = "kvtier_vllm_hit_tokens_total{tier=\"dram\"} %d\nkvtier_vllm_hit_tokens_total{tier=\"disk\"} %d\nkvtier_vllm_load_seconds_total %f"
-    c.observe(base % (0, 0, 0.0))
-    c.observe(base % (300, 100, 0.4))
+    def text(dram: int, disk: int, seconds: float) -> str:
+        hits = "kvtier_vllm_hit_tokens_total"
+        return "\n".join(
+            [f'{hits}{{tier="dram"}} {dram}', f'{hits}{{tier="disk"}} {disk}',
+             f"kvtier_vllm_load_seconds_total {seconds}"]
+        )  # fmt: skip
+
+    c.observe(text(0, 0, 0.0))
+    c.observe(text(300, 100, 0.4))
     assert c.load_s(DRAM, 1) == pytest.approx(1e-3) and c.load_s(DISK, 1) == pytest.approx(1e-3)
 
 
 def _candidates(hits: list[Hits], loads: list[Load] | None = None) -> list[Candidate]:
     loads = loads or [Load() for _ in hits]
     priors = Priors(compute_s_per_token=1e-3, load_s_per_token=(1e-4, 3e-4, 5e-4))
-    return [Candidate(i, h, load, Costs(priors)) for i, (h, load) in enumerate(zip(hits, loads))]
+    pairs = enumerate(zip(hits, loads, strict=True))
+    return [Candidate(i, h, load, Costs(priors)) for i, (h, load) in pairs]
 
 
 def test_kvtier_policy_credits_tiers_by_cost_and_yields_to_load() -> None:
@@ -121,10 +130,10 @@ def test_kvtier_policy_credits_tiers_by_cost_and_yields_to_load() -> None:
     policy = make_policy("kvtier")
     req = Request(prompt_tokens=1600, block_tokens=16)
     cands = _candidates([Hits(0, 0, 0, 0), Hits(0, 90, 0, 0), Hits(0, 0, 0, 90)])
-    assert policy.pick(req, cands).index == 1  # DRAM cheaper than shared, both beat compute
+    assert policy.pick(req, cands).worker == 1  # DRAM cheaper than shared, both beat compute
     busy = Load(requests=3, tokens=5000, prefill_s=10.0)
     cands = _candidates([Hits(0, 0, 0, 0), Hits(100, 0, 0, 0)], [Load(), busy])
-    assert policy.pick(req, cands).index == 0  # 10 s of queue outweighs 1.6 s of compute
+    assert policy.pick(req, cands).worker == 0  # 10 s of queue outweighs 1.6 s of compute
     assert expected_ttft_s(req, cands[1]) == pytest.approx(10.0)
 
 
@@ -134,14 +143,17 @@ def test_kvtier_guard_keeps_a_worker_under_one_and_a_half_times_the_mean() -> No
     req = Request(1600, 16)
     loads = [Load(), Load(), Load(requests=4, tokens=9000)]
     cands = _candidates([Hits(0, 0, 0, 0), Hits(0, 0, 0, 0), Hits(100, 0, 0, 0)], loads)
-    assert policy.pick(req, cands).index != 2
+    assert policy.pick(req, cands).worker != 2
 
 
 def test_ties_rotate_so_misses_spread() -> None:
     """With nothing cached anywhere, no worker gets more than its share of misses."""
     for name in ("kvtier", "least-load", "prefix", "round-robin"):
         policy = make_policy(name)
-        picks = [policy.pick(Request(100, 16), _candidates([Hits(0, 0, 0, 0)] * 4)).index for _ in range(400)]
+        picks = [
+            policy.pick(Request(100, 16), _candidates([Hits(0, 0, 0, 0)] * 4)).worker
+            for _ in range(400)
+        ]
         assert max(picks.count(i) for i in range(4)) <= 0.4 * len(picks), name
 
 
@@ -149,10 +161,10 @@ def test_prefix_policy_sticks_to_a_gpu_match_unless_imbalanced() -> None:
     """Best GPU match over half the prompt wins; a large load gap routes by load."""
     policy = make_policy("prefix")
     req = Request(1600, 16)
-    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(60, 0, 0, 0)])).index == 1
-    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(0, 90, 0, 0)])).index in (0, 1)
+    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(60, 0, 0, 0)])).worker == 1
+    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(0, 90, 0, 0)])).worker in (0, 1)
     loads = [Load(requests=1), Load(requests=20)]
-    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(60, 0, 0, 0)], loads)).index == 0
+    assert policy.pick(req, _candidates([Hits(0, 0, 0, 0), Hits(60, 0, 0, 0)], loads)).worker == 0
 
 
 def test_unknown_policy_is_refused() -> None:

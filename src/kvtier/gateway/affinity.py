@@ -67,8 +67,8 @@ class MemoryAffinities:
 class RedisAffinities:
     """Bindings in Redis as `{prefix}aff:<digest>` -> "blocks url" with EX."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "kvtier:") -> None:
-        self._redis = client
+    def __init__(self, url: str, prefix: str = "kvtier:") -> None:
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
         self._prefix = prefix
 
     async def get(self, key: str) -> Binding | None:
@@ -83,4 +83,4 @@ class RedisAffinities:
         await self._redis.set(self._prefix + key, value, ex=max(int(ttl_s), 1))
 
     async def close(self) -> None:
-        return None
+        await self._redis.aclose()

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvtier.gateway import upstream
 from kvtier.gateway.errors import ApiError
-from kvtier.gateway.gateway import Gateway
+from kvtier.gateway.gateway import Gateway, affinity_name
 from kvtier.gateway.sessions_api import responses_endpoint
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -45,14 +45,6 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
-
-
-def affinity_name(body: dict[str, Any]) -> str | None:
-    for field in ("prompt_cache_key", "user"):
-        value = body.get(field)
-        if isinstance(value, str) and value:
-            return f"{field}:{value}"
-    return None
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -98,7 +90,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def models(request: Request) -> Response:
         gateway.tenant(request.headers.get("authorization"))
         await gateway.refresh_models()
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "kvtier"} for m in sorted(gateway.models)]
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "kvtier"}
+            for m in sorted(gateway.models)
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/healthz")

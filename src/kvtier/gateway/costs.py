@@ -131,4 +131,3 @@ class Costs:
 
 def _average(old: float | None, sample: float) -> float:
     return sample if old is None else (1 - SMOOTHING) * old + SMOOTHING * sample
-

@@ -27,7 +27,9 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, TYPES.get(self.status, "server_error"), self.param, self.code)
+        return error_body(
+            self.message, TYPES.get(self.status, "server_error"), self.param, self.code
+        )
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)

@@ -31,6 +31,15 @@ DEFAULT_OUTPUT_TOKENS = 256  # booked for a request that does not say max_tokens
 MODELS_REFRESH_S = 5.0
 
 
+def affinity_name(body: dict[str, Any]) -> str | None:
+    """The conversation a request names: its `prompt_cache_key`, else its `user`."""
+    for field_name in ("prompt_cache_key", "user"):
+        value = body.get(field_name)
+        if isinstance(value, str) and value:
+            return f"{field_name}:{value}"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     block_tokens: int = 16
@@ -48,7 +57,7 @@ class Route:
     booking: Booking
     url: str
     cached_estimate: int
-    affinity: str | None
+    bind: list[str]  # tenant-scoped affinity keys to bind to this worker
     blocks: int
 
 
@@ -102,13 +111,18 @@ class Gateway:
         if found:
             self.models = found
 
-    async def route(self, tenant: str, body: dict[str, Any], affinity: str | None) -> Route:
-        """Salts the body, picks a worker and books the request on it."""
+    async def route(
+        self, tenant: str, body: dict[str, Any], affinity: str | None, bind_as: str | None = None
+    ) -> Route:
+        """Salts the body, picks a worker and books the request on it. `affinity` names the
+        conversation to route with; the worker is then bound to it and to `bind_as`."""
         body["cache_salt"] = self.salt(tenant)
         try:
             tokens = prompt_tokens(body)
         except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages" if "messages" in body else "prompt") from exc
+            raise ApiError(
+                400, str(exc), param="messages" if "messages" in body else "prompt"
+            ) from exc
         started = time.perf_counter()
         keys = block_keys(tokens, self.settings.block_tokens, body["cache_salt"])
         key = affinity_key(tenant, affinity) if affinity else None
@@ -120,7 +134,8 @@ class Gateway:
         self.metrics.routed(self.pool, booking, time.perf_counter() - started)
         url = self.pool.workers[booking.worker].url
         estimate = booking.hits.blocks * self.settings.block_tokens
-        return Route(booking, url, estimate, key, len(keys))
+        bind = [affinity_key(tenant, n) for n in (affinity, bind_as) if n]
+        return Route(booking, url, estimate, bind, len(keys))
 
     async def _bound(self, key: str | None) -> tuple[int, int] | None:
         if key is None:
@@ -138,22 +153,26 @@ class Gateway:
         return None
 
     async def remember(self, route: Route) -> None:
-        """Binds the request's affinity name to the worker it went to."""
-        if route.affinity is None:
-            return
-        try:
-            binding = Binding(route.url, route.blocks)
-            await self.affinities.put(route.affinity, binding, self.settings.affinity_ttl_s)
-        except (OSError, ConnectionError) as exc:
-            self.metrics.state_errors.labels(type(exc).__name__).inc()
+        """Binds the request's affinity names to the worker it went to."""
+        binding = Binding(route.url, route.blocks)
+        for key in route.bind:
+            try:
+                await self.affinities.put(key, binding, self.settings.affinity_ttl_s)
+            except (OSError, ConnectionError) as exc:
+                self.metrics.state_errors.labels(type(exc).__name__).inc()
 
     async def complete(
-        self, tenant: str, path: str, body: dict[str, Any], affinity: str | None
+        self,
+        tenant: str,
+        path: str,
+        body: dict[str, Any],
+        affinity: str | None,
+        bind_as: str | None = None,
     ) -> dict[str, Any]:
         """A non-streamed completion from the best worker that answers."""
         assert self.session is not None
         for _ in self.pool.workers:
-            route = await self.route(tenant, body, affinity)
+            route = await self.route(tenant, body, affinity, bind_as)
             try:
                 result = await upstream.complete(
                     self.session, route.url + path, body, route.cached_estimate
@@ -172,14 +191,19 @@ class Gateway:
         raise ApiError(503, "no worker could be reached; try again")
 
     async def stream(
-        self, tenant: str, path: str, body: dict[str, Any], affinity: str | None
+        self,
+        tenant: str,
+        path: str,
+        body: dict[str, Any],
+        affinity: str | None,
+        bind_as: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Opens a stream on the best worker that answers; the iterator relays it."""
         assert self.session is not None
         keep_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         for _ in self.pool.workers:
-            route = await self.route(tenant, body, affinity)
+            route = await self.route(tenant, body, affinity, bind_as)
             try:
                 resp = await upstream.open_stream(self.session, route.url + path, body)
             except upstream.Unreachable:

@@ -41,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the workers' KV block size in tokens")  # fmt: skip
     arg("--worker-cache-tokens", type=int,
         default=env_default("KVTIER_WORKER_CACHE_TOKENS", "1048576"),
-        help="tokens the index remembers per worker and tier (about its KV cache size)")  # fmt: skip
+        help="tokens the index keeps per worker and tier (about its KV cache)")  # fmt: skip
     arg("--prefill-ms-per-token", type=float,
         default=env_default("KVTIER_PREFILL_MS_PER_TOKEN", "0.1"),
-        help="prior for a worker's compute time per prompt token, until its /metrics tell")  # fmt: skip
+        help="a worker's compute time per prompt token until its /metrics tell")  # fmt: skip
     arg("--session-ttl", type=int, default=env_default("KVTIER_SESSION_TTL", str(30 * 86400)),
         help="seconds a stored response lives")  # fmt: skip
     arg("--salt-secret", default=env_default("KVTIER_SALT_SECRET", ""),
@@ -77,10 +77,7 @@ def build(args: argparse.Namespace) -> Gateway:
     affinities: AffinityStore
     responses: ResponseStore
     if args.redis:
-        from redis import asyncio as aioredis
-
-        client = aioredis.from_url(args.redis)
-        affinities, responses = RedisAffinities(client), RedisResponseStore(client)
+        affinities, responses = RedisAffinities(args.redis), RedisResponseStore(args.redis)
     else:
         affinities, responses = MemoryAffinities(), MemoryResponseStore()
     settings = Settings(

@@ -103,12 +103,12 @@ class Pool:
         ] or [Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers)]
         chosen = self.policy.pick(request, candidates)
         prefill_s = expected_ttft_s(request, chosen._replace(load=Load()))
-        booking = Booking(chosen.index, prompt_tokens + output_tokens, prefill_s, chosen.hits)
+        booking = Booking(chosen.worker, prompt_tokens + output_tokens, prefill_s, chosen.hits)
         load = chosen.load
         load.requests += 1
         load.tokens += booking.tokens
         load.prefill_s += prefill_s
-        self.index.add(chosen.index, GPU, keys)
+        self.index.add(chosen.worker, GPU, keys)
         self.stats.decisions += 1
         return booking
 
@@ -163,10 +163,12 @@ class Pool:
             w.engine_keys.clear()
             return
         medium = event.medium
-        holder, tier = (SHARED, 0) if medium == events.MEDIUM_SHARED else (i, MEDIUM_TIERS.get(medium, GPU))
+        holder, tier = (
+            (SHARED, 0) if medium == events.MEDIUM_SHARED else (i, MEDIUM_TIERS.get(medium, GPU))
+        )
         if isinstance(event, events.BlockRemoved):
-            keys = [w.engine_keys.get(h) for h in event.block_hashes]
-            self.index.remove(holder, tier, [k for k in keys if k is not None])
+            found = [w.engine_keys.get(h) for h in event.block_hashes]
+            self.index.remove(holder, tier, [k for k in found if k is not None])
             return
         if event.block_size != self.block_tokens:
             self.stats.events_wrong_block_size += 1

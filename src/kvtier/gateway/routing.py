@@ -48,7 +48,7 @@ class Load:
 class Candidate(NamedTuple):
     """One worker as a policy sees it."""
 
-    index: int
+    worker: int
     hits: Hits
     load: Load
     costs: Costs

@@ -121,9 +121,10 @@ async def relay(
             payload = line[5:].lstrip()
             done = payload == b"[DONE]"
             if b'"prompt_tokens"' in payload:
-                payload = _usage_chunk(payload, cached_estimate, keep_usage_chunk, on_usage)
-                if payload is None:
+                rewritten = _usage_chunk(payload, cached_estimate, keep_usage_chunk, on_usage)
+                if rewritten is None:
                     continue
+                payload = rewritten
             yield b"data: " + payload + b"\n\n"
         if not done:
             yield _error_event("the worker ended its stream without [DONE]")

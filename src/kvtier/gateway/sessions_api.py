@@ -1,0 +1,96 @@
+"""`POST /v1/responses`: a conversation continued by `previous_response_id`.
+
+The call sequence of `responses.py`: parse, fetch the previous response (404 when this
+tenant has none of that id), rebuild the whole conversation as a chat completion, send it
+through the gateway's one request path, answer as the Responses API, and store the new
+response. The continued conversation is routed with an affinity to the worker the previous
+turn went to, and the new response is bound to its own worker for the turn after it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from kvtier.gateway.errors import ApiError
+from kvtier.gateway.gateway import affinity_name
+from kvtier.gateway.responses import (
+    BadRequest,
+    chat_body,
+    new_response_id,
+    output_text,
+    parse_request,
+    previous_not_found,
+    response_object,
+    stored,
+)
+from kvtier.gateway.responses_stream import stream_events
+
+if TYPE_CHECKING:
+    from kvtier.gateway.gateway import Gateway
+
+CHAT = "/v1/chat/completions"
+ReadJson = Callable[[Request, int], Awaitable[dict[str, Any]]]
+
+
+def response_affinity(response_id: str) -> str:
+    return f"response:{response_id}"
+
+
+async def responses_endpoint(gateway: Gateway, request: Request, read_json: ReadJson) -> Response:
+    tenant = gateway.tenant(request.headers.get("authorization"))
+    body = await read_json(request, gateway.settings.max_body_bytes)
+    try:
+        req = parse_request(body)
+    except BadRequest as exc:
+        return JSONResponse(exc.body(), status_code=400)
+    await gateway.check_model(req.model)
+    previous = None
+    if req.previous_response_id:
+        previous = await gateway.responses.get(tenant, req.previous_response_id)
+        if previous is None:
+            return JSONResponse(previous_not_found(req.previous_response_id), status_code=404)
+    chat = chat_body(req, previous)
+    resp_id, created_at = new_response_id(), int(time.time())
+    name = affinity_name({"prompt_cache_key": req.prompt_cache_key, "user": req.user})
+    if name is None and req.previous_response_id:
+        name = response_affinity(req.previous_response_id)
+    bind_as = response_affinity(resp_id)
+
+    async def keep(obj: dict[str, Any], text: str) -> None:
+        if req.store:
+            record = stored(resp_id, tenant, req, previous, text, obj["usage"], created_at)
+            await gateway.responses.put(record, gateway.settings.session_ttl_s)
+
+    if req.stream:
+        events = await gateway.stream(tenant, CHAT, chat, name, bind_as)
+        chunks = _chunks(events)
+        sse = stream_events(resp_id, req, chunks, created_at, keep)
+        return StreamingResponse(sse, media_type="text/event-stream")
+    completion = await gateway.complete(tenant, CHAT, chat, name, bind_as)
+    obj = response_object(resp_id, req, completion, created_at)
+    try:
+        await keep(obj, output_text(obj))
+    except (OSError, ConnectionError) as exc:
+        raise ApiError(503, f"the response could not be stored: {exc}") from exc
+    return JSONResponse(obj)
+
+
+async def _chunks(events: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The chat.completion.chunk objects of a relayed SSE stream (an error event included)."""
+    async for event in events:
+        payload = event[5:].strip() if event.startswith(b"data:") else b""
+        for line in payload.split(b"\n\ndata: "):
+            if not line or line == b"[DONE]":
+                continue
+            try:
+                chunk = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(chunk, dict):
+                yield chunk
