@@ -106,6 +106,7 @@ def test_costs_come_from_counter_deltas() -> None:
 def test_unlabelled_load_seconds_are_averaged_over_all_hits() -> None:
     """vLLM's connector does not label load seconds by tier: one average for every tier."""
     c = Costs()
+
     def text(dram: int, disk: int, seconds: float) -> str:
         hits = "kvtier_vllm_hit_tokens_total"
         return "\n".join(

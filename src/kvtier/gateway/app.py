@@ -10,10 +10,8 @@ every field would cost time on the hot path and reject fields a newer worker acc
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
@@ -22,29 +20,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kvtier.gateway import upstream
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import Gateway, affinity_name
+from kvtier.gateway.httpio import read_json, until_disconnected
 from kvtier.gateway.sessions_api import responses_endpoint
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The request's JSON object; 413 past `limit` bytes, 400 when it is not a JSON object."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"the request body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -76,12 +55,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         if body.get("stream"):
             events = await gateway.stream(tenant, path, body, affinity)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        return JSONResponse(await gateway.complete(tenant, path, body, affinity))
+        work = gateway.complete(tenant, path, body, affinity)
+        return JSONResponse(await until_disconnected(request, work))
 
     handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
         "/v1/chat/completions": lambda r: completion(r, "/v1/chat/completions"),
         "/v1/completions": lambda r: completion(r, "/v1/completions"),
-        "/v1/responses": lambda r: responses_endpoint(gateway, r, read_json),
+        "/v1/responses": lambda r: responses_endpoint(gateway, r),
     }
     for path, handler in handlers.items():
         app.add_api_route(path, _answering(gateway, path, handler), methods=["POST"])

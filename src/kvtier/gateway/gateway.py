@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,7 +215,10 @@ class Gateway:
                 self.pool.finished(route.booking)
                 raise
             await self.remember(route)
-            return self._relay(route, resp, keep_usage)
+            relay = self._relay(route, resp, keep_usage)
+            # A client gone before the stream starts leaves `relay` never run: unbook on GC.
+            weakref.finalize(relay, _abandon, self.pool, route.booking, resp)
+            return relay
         raise ApiError(503, "no worker could be reached; try again")
 
     async def _relay(
@@ -233,3 +237,8 @@ class Gateway:
                 yield event
         finally:
             self.pool.finished(route.booking)
+
+
+def _abandon(pool: Pool, booking: Booking, resp: aiohttp.ClientResponse) -> None:
+    pool.finished(booking)
+    resp.close()

@@ -31,7 +31,7 @@ from kvtier.gateway.costs import SHARED_TIER, Costs
 from kvtier.gateway.index import DISK, DRAM, Hits
 
 GUARD = 1.5  # no worker above this many times the mean in-flight tokens...
-GUARD_MIN_REQUESTS = 2  # ...once it has at least this many requests in flight
+GUARD_MIN_REQUESTS = 4  # ...once it has at least this many requests in flight
 PREFIX_MATCH = 0.5  # `prefix`: a match covering more than this share of the prompt is sticky
 IMBALANCE_ABS, IMBALANCE_REL = 8, 1.5  # `prefix`: in-flight requests max - min, max / min
 

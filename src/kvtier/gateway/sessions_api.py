@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import affinity_name
+from kvtier.gateway.httpio import read_json, until_disconnected
 from kvtier.gateway.responses import (
     BadRequest,
     chat_body,
@@ -35,14 +36,13 @@ if TYPE_CHECKING:
     from kvtier.gateway.gateway import Gateway
 
 CHAT = "/v1/chat/completions"
-ReadJson = Callable[[Request, int], Awaitable[dict[str, Any]]]
 
 
 def response_affinity(response_id: str) -> str:
     return f"response:{response_id}"
 
 
-async def responses_endpoint(gateway: Gateway, request: Request, read_json: ReadJson) -> Response:
+async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
     tenant = gateway.tenant(request.headers.get("authorization"))
     body = await read_json(request, gateway.settings.max_body_bytes)
     try:
@@ -72,7 +72,8 @@ async def responses_endpoint(gateway: Gateway, request: Request, read_json: Read
         chunks = _chunks(events)
         sse = stream_events(resp_id, req, chunks, created_at, keep)
         return StreamingResponse(sse, media_type="text/event-stream")
-    completion = await gateway.complete(tenant, CHAT, chat, name, bind_as)
+    work = gateway.complete(tenant, CHAT, chat, name, bind_as)
+    completion = await until_disconnected(request, work)
     obj = response_object(resp_id, req, completion, created_at)
     try:
         await keep(obj, output_text(obj))
