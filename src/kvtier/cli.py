@@ -15,6 +15,10 @@ COMMANDS = {
     "serve": ("kvtier.server.main", "run a shared cache server"),
     "inspect": ("kvtier.inspect", "list what a disk tier holds; --verify checks every checksum"),
     "plan": ("kvtier.bench.plan", "how much DRAM and SSD a trace needs"),
+    "worker-sim": (
+        "kvtier.gateway.sim",
+        "a fake OpenAI-compatible worker for tests and benchmarks",
+    ),
 }
 BENCHMARKS = {
     "io": ("kvtier.bench.io", "each tier against the raw hardware path"),
