@@ -128,47 +128,42 @@ async def _start(
     return RunningSim(f"http://{url_host}:{bound}", endpoint, engine, server, task)
 
 
+def _env(name: str, default: object) -> str | None:
+    return env_default(f"KVTIER_SIM_{name}", None if default is None else str(default))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SimConfig()
     arg = parser.add_argument
-
-    def env(name: str, default: object) -> str | None:
-        return env_default(f"KVTIER_SIM_{name}", None if default is None else str(default))
-
-    arg("--host", default=env("HOST", "127.0.0.1"), help="address to listen on")
-    arg("--port", type=int, default=env("PORT", 8000), help="first worker's port (0: any free)")
-    arg("--count", type=int, default=env("COUNT", 1), help="workers in this process")
-    arg("--model", default=env("MODEL", d.model), help="the one model name served")
-    arg("--cache-tokens", type=int, default=env("CACHE_TOKENS", d.cache_tokens),
+    arg("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on")
+    arg("--port", type=int, default=_env("PORT", 8000), help="first worker's port (0: any free)")
+    arg("--count", type=int, default=_env("COUNT", 1), help="workers in this process")
+    arg("--model", default=_env("MODEL", d.model), help="the one model name served")
+    arg("--cache-tokens", type=int, default=_env("CACHE_TOKENS", d.cache_tokens),
         help="GPU prefix cache size in tokens")  # fmt: skip
-    arg("--block-tokens", type=int, default=env("BLOCK_TOKENS", d.block_tokens),
+    arg("--block-tokens", type=int, default=_env("BLOCK_TOKENS", d.block_tokens),
         help="tokens per KV block")  # fmt: skip
-    arg(
-        "--prefill-ms-per-token",
-        type=float,
-        default=env("PREFILL_MS_PER_TOKEN", d.prefill_ms_per_token),
-    )
-    arg(
-        "--decode-ms-per-token",
-        type=float,
-        default=env("DECODE_MS_PER_TOKEN", d.decode_ms_per_token),
-    )
-    arg("--kvtier-tokens", type=int, default=env("KVTIER_TOKENS", 0),
+    arg("--kvtier-tokens", type=int, default=_env("KVTIER_TOKENS", 0),
         help="kvtier DRAM tier behind each worker, in tokens (0: off)")  # fmt: skip
-    arg(
-        "--dram-load-ms-per-token",
-        type=float,
-        default=env("DRAM_LOAD_MS_PER_TOKEN", d.dram_load_ms_per_token),
-    )
-    arg("--shared-tokens", type=int, default=env("SHARED_TOKENS", 0),
+    arg("--shared-tokens", type=int, default=_env("SHARED_TOKENS", 0),
         help="shared kvtier tier behind all workers here, in tokens (0: off)")  # fmt: skip
-    arg(
-        "--shared-load-ms-per-token",
-        type=float,
-        default=env("SHARED_LOAD_MS_PER_TOKEN", d.shared_load_ms_per_token),
-    )
-    arg("--kv-events-port", type=int, default=env("KV_EVENTS_PORT", None),
+    arg("--kv-events-port", type=int, default=_env("KV_EVENTS_PORT", None),
         help="publish vLLM KV events on 127.0.0.1 from this port (0: any free)")  # fmt: skip
+    _add_timing(parser, d)
+
+
+def _add_timing(parser: argparse.ArgumentParser, d: SimConfig) -> None:
+    times = {
+        "prefill": (d.prefill_ms_per_token, "computing an uncached prompt token"),
+        "decode": (d.decode_ms_per_token, "between output tokens of one request"),
+        "dram-load": (d.dram_load_ms_per_token, "loading a prompt token from kvtier DRAM"),
+        "shared-load": (d.shared_load_ms_per_token, "loading a prompt token from the shared tier"),
+    }
+    for name, (default, text) in times.items():
+        env = name.upper().replace("-", "_") + "_MS_PER_TOKEN"
+        parser.add_argument(
+            f"--{name}-ms-per-token", type=float, default=_env(env, default), help=f"ms {text}"
+        )
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
@@ -198,10 +193,18 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"kvtier worker-sim: cannot listen: {exc}", file=sys.stderr)
         return 1
+    except WorkerStopped as exc:
+        print(f"kvtier worker-sim: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
+class WorkerStopped(Exception):
+    """A worker's server ended without being asked to."""
+
+
 async def _serve(config: SimConfig, args: argparse.Namespace) -> None:
+    """Serve until SIGTERM or SIGINT; raises WorkerStopped if a worker's server ends first."""
     sims = await start_sims(config, args.count, args.host, args.port, args.kv_events_port)
     for sim in sims:
         print(sim.banner, flush=True)
@@ -209,8 +212,14 @@ async def _serve(config: SimConfig, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await asyncio.gather(*(sim.stop() for sim in sims))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopping, *(sim.task for sim in sims)], return_when=asyncio.FIRST_COMPLETED)
+    ended = [sim for sim in sims if sim.task.done()]
+    stopping.cancel()
+    await asyncio.gather(*(sim.stop() for sim in sims), return_exceptions=True)
+    if ended and not stop.is_set():
+        cause = ended[0].task.exception() if not ended[0].task.cancelled() else None
+        raise WorkerStopped(f"{ended[0].url} stopped serving: {cause!r}") from cause
 
 
 def _run_loop(main: Awaitable[None]) -> None:

@@ -56,6 +56,10 @@ class BlockLRU:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def keys(self) -> list[int]:
+        """The keys held, least recently used first."""
+        return list(self._keys)
+
     def contains(self, key: int) -> bool:
         """Whether `key` is held (does not touch the LRU order)."""
         return key in self._keys
