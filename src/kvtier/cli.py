@@ -16,7 +16,7 @@ COMMANDS = {
     "inspect": ("kvtier.inspect", "list what a disk tier holds; --verify checks every checksum"),
     "plan": ("kvtier.bench.plan", "how much DRAM and SSD a trace needs"),
     "gateway": ("kvtier.gateway.main", "OpenAI-compatible gateway with KV-aware routing"),
-    "worker-sim": ("kvtier.gateway.sim", "a fake OpenAI-compatible worker for tests and benchmarks"),
+    "worker-sim": ("kvtier.gateway.sim", "a fake OpenAI-compatible worker for tests and benches"),
 }
 BENCHMARKS = {
     "io": ("kvtier.bench.io", "each tier against the raw hardware path"),

@@ -34,7 +34,6 @@ class BannerProcess:
         )
         self.matches: list[re.Match[str]] = []
         self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
         try:
             self._read_banners(count)
@@ -46,19 +45,20 @@ class BannerProcess:
         """Every output line into `lines`, so the pipe never fills."""
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.output.append(line)
             self.lines.put(line)
         self.lines.put("")
 
     def _read_banners(self, count: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
+        seen: list[str] = []
         while len(self.matches) < count:
             try:
                 line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"did not start: {''.join(self.output)}") from None
+                raise RuntimeError(f"did not start: {''.join(seen)}") from None
             if not line:
-                raise RuntimeError(f"exited: {''.join(self.output)}")
+                raise RuntimeError(f"exited: {''.join(seen)}")
+            seen.append(line)
             match = self.banner.match(line.strip())
             if match:
                 self.matches.append(match)
@@ -70,7 +70,8 @@ class BannerProcess:
             self.proc.wait()
 
     def stop(self) -> int:
-        """SIGTERM, then SIGKILL after 10 s; the exit status."""
+        """SIGTERM, then SIGKILL after 10 s; the exit status. Prints what the process
+        wrote, so pytest shows it with a failure."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -78,6 +79,8 @@ class BannerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        while not self.lines.empty():
+            print(self.lines.get_nowait(), end="")
         return self.proc.returncode
 
     def __enter__(self) -> BannerProcess:
