@@ -19,9 +19,14 @@ import pytest
 pytest.importorskip("vllm")
 
 import numpy as np
+import zmq
 
 import kvtier
 from kvtier.bench.remote_io import RedisProcess, free_port
+from kvtier.gateway import events
+from kvtier.gateway.pool import Pool
+from kvtier.gateway.routing import make_policy
+from kvtier.gateway.tokens import block_keys
 from kvtier.integrations.vllm.node import stop_nodes
 from kvtier.server.server import ServerThread
 
@@ -163,7 +168,8 @@ def test_engines_share_through_redis(model_dir: Path, tmp_path: Path) -> None:
 def test_openai_server_reuses_kvtier(model_dir: Path, work: Path) -> None:
     """vLLM's OpenAI server loads the connector from --kv-transfer-config; after its own
     prefix cache is reset, a repeated prompt's cached tokens come from kvtier (reported in
-    usage.prompt_tokens_details) and the completion is the same."""
+    usage.prompt_tokens_details) and the completion is the same. Its KV events, read as the
+    gateway reads them, put the prompt's blocks under the gateway's own salted keys."""
     transfer = {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.integrations.vllm",
@@ -172,6 +178,7 @@ def test_openai_server_reuses_kvtier(model_dir: Path, work: Path) -> None:
         "kv_connector_extra_config": {"chunk_tokens": CHUNK, **node(work, "openai")},
     }
     port = free_port()
+    events_endpoint = f"ipc://{work}/events-{port}"
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -179,25 +186,58 @@ def test_openai_server_reuses_kvtier(model_dir: Path, work: Path) -> None:
         "--max-model-len", "2048", "--kv-cache-memory-bytes", str(32 << 20),
         "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details",
         "--kv-transfer-config", json.dumps(transfer),
+        "--kv-events-config", json.dumps(
+            {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": events_endpoint}
+        ),
     ]  # fmt: skip
     log = open(work / "openai.log", "wb")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    subscriber = EventsReader(events_endpoint)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until_up(base + "/health", server, timeout_s=240)
         body = {"model": str(model_dir), "prompt": SHARED_300, "max_tokens": 4,
-                "temperature": 0, "return_token_ids": True}  # fmt: skip
+                "temperature": 0, "return_token_ids": True, "cache_salt": "t-salt"}  # fmt: skip
         first = post(base + "/v1/completions", body)
+        stored = subscriber.read_until(lambda evs: len(evs) >= 1)
         assert post(base + "/reset_prefix_cache", None) == {"success": True}
         second = post(base + "/v1/completions", body)
     finally:
+        subscriber.close()
         server.terminate()
         server.wait(timeout=60)
         log.close()
+    pool = Pool(["http://engine"], make_policy("kvtier"), 32, 10_000)
+    for event in stored:
+        pool.apply_event(0, event)
+    keys = block_keys(SHARED_300, 32, "t-salt")
+    assert pool.index.match(keys)[0].gpu == len(SHARED_300) // 32
+    assert pool.stats.events_unchained == pool.stats.events_wrong_block_size == 0
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached == (len(SHARED_300) - 1) // CHUNK * CHUNK
     assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+
+
+class EventsReader:
+    """A ZeroMQ SUB socket on vLLM's KV events, decoded as the gateway decodes them."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(endpoint)
+        self.events: list[events.Event] = []
+
+    def read_until(self, done: Any, timeout_s: float = 10.0) -> list[events.Event]:
+        deadline = time.monotonic() + timeout_s
+        while not done(self.events) and time.monotonic() < deadline:
+            if self.sock.poll(100):
+                _topic, _seq, payload = self.sock.recv_multipart()
+                self.events += events.decode(payload).events
+        return [e for e in self.events if isinstance(e, events.BlockStored)]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
 
 
 def post(url: str, body: dict[str, Any] | None) -> dict[str, Any]:
