@@ -151,6 +151,7 @@ def test_bad_requests_get_openai_shaped_4xx(
 
 def test_models_health_and_metrics(gateway: GatewayProcess) -> None:
     """/v1/models lists the workers' models; /healthz and /metrics answer."""
+    chat(client(gateway, "key-alice-123"), "count me")
     models = client(gateway, "key-alice-123").models.list()
     assert [m.id for m in models.data] == ["sim"]
     health = httpx.get(gateway.url + "/healthz").json()
@@ -158,6 +159,7 @@ def test_models_health_and_metrics(gateway: GatewayProcess) -> None:
     text = httpx.get(gateway.url + "/metrics").text
     assert 'kvtier_gateway_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert "kvtier_gateway_route_seconds_bucket" in text and "kvtier_gateway_index_blocks" in text
+    assert "kvtier_gateway_kv_events_total" in text
 
 
 def test_many_concurrent_streams_all_complete(gateway: GatewayProcess) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ class _PoolCollector(Collector):
     def __init__(self) -> None:
         self.pool: Pool | None = None
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         pool = self.pool
         if pool is None:
             return
@@ -43,6 +43,16 @@ class _PoolCollector(Collector):
         yield GaugeMetricFamily(
             "kvtier_gateway_index_blocks", "block keys in the routing index", value=len(pool.index)
         )
+        stats = pool.stats
+        yield CounterMetricFamily(
+            "kvtier_gateway_kv_events", "KV events read from the workers", value=stats.events
+        )
+        dropped = CounterMetricFamily(
+            "kvtier_gateway_kv_events_dropped", "KV events not indexed", labels=["reason"]
+        )
+        dropped.add_metric(["unknown_parent"], stats.events_unchained)
+        dropped.add_metric(["block_size"], stats.events_wrong_block_size)
+        yield dropped
 
 
 class GatewayMetrics:
