@@ -67,11 +67,21 @@ class Engines:
     """Two vLLM OpenAI servers with kvtier, and the `kvtier serve` they share."""
 
     def __init__(self, model: Model, work: Path, chat: Chat) -> None:
-        self.work, self.procs = work, []
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.urls: list[str] = []
+        self.events: list[str] = []
+        try:
+            self._start(model, chat)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model: Model, chat: Chat) -> None:
+        work = self.work
         self.server_port = free_port()
         serve = [sys.executable, "-m", "kvtier.cli", "serve", "--port", str(self.server_port)]
         self.procs.append(_spawn([*serve, "--dram", "256MiB"], work / "serve.log"))
-        self.urls, self.events = [], []
         for i in range(2):
             port, events = free_port(), f"ipc://{work}/events-{i}"
             self.procs.append(
