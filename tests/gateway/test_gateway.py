@@ -135,6 +135,13 @@ def test_a_missing_or_wrong_key_gets_401(gateway: GatewayProcess, key: str | Non
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}), 400, "model"),
         (json.dumps({"model": "sim", "messages": "not a list"}), 400, "messages"),
         (json.dumps({"model": "sim", "prompt": "x" * 70000}), 413, None),
+        (json.dumps({"model": "sim", "messages": ["hi"]}), 400, "messages"),
+        (json.dumps({"model": "sim", "prompt": [2**70]}), 400, "prompt"),
+        (
+            json.dumps({"model": "sim", "prompt": "x", "stream": True, "stream_options": "x"}),
+            400,
+            "stream_options",
+        ),
     ],
 )
 def test_bad_requests_get_openai_shaped_4xx(
@@ -297,3 +304,30 @@ def _turn(
     history.append({"role": "assistant", "content": done.choices[0].message.content or ""})
     assert done.usage is not None
     out.append((turn, cached(done) / done.usage.prompt_tokens))
+
+
+def test_redis_down_means_no_affinity_and_503_for_sessions_never_a_stuck_request(
+    unused_port: int,
+) -> None:
+    """Completions still work (affinity skipped, counted); a continuation gets an OpenAI 503;
+    no request stays booked on a worker."""
+    with SimProcess() as sim:
+        redis_url = f"redis://127.0.0.1:{unused_port}/0"
+        with GatewayProcess(sim.urls, "--redis", redis_url) as gw:
+            c = client(gw)
+            assert chat(c, "hello", user="u1").choices[0].message.content
+            stream = c.chat.completions.create(
+                model="sim", messages=MESSAGES, max_tokens=3, stream=True, user="u1"
+            )
+            assert len(list(stream)) >= 3
+            with pytest.raises(openai.APIStatusError) as caught:
+                c.responses.create(model="sim", input="x", previous_response_id="resp_" + "0" * 32)
+            assert caught.value.status_code == 503
+            text = httpx.get(gw.url + "/metrics").text
+            assert "kvtier_gateway_state_errors_total" in text
+            booked = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("kvtier_gateway_worker_requests{")
+            ]
+            assert booked == [0.0]

@@ -9,7 +9,7 @@ import pytest
 from kvtier.gateway import events
 from kvtier.gateway.costs import SHARED_TIER, Costs, Priors
 from kvtier.gateway.index import DISK, DRAM, GPU, SHARED, Hits, PrefixIndex
-from kvtier.gateway.pool import Pool
+from kvtier.gateway.pool import Bound, Pool
 from kvtier.gateway.routing import Candidate, Load, Request, expected_ttft_s, make_policy
 from kvtier.gateway.tokens import block_keys, chain_keys, root_key, tokenize
 
@@ -217,3 +217,63 @@ def test_route_books_and_unbooks_load_and_predicts_the_prompt() -> None:
         pool.finished(b)
         pool.finished(b)  # twice is harmless
     assert (w.load.requests, w.load.tokens) == (0, 0) and w.load.prefill_s == pytest.approx(0)
+
+
+def test_a_prefix_cache_reset_forgets_the_gpu_tier_only() -> None:
+    """AllBlocksCleared (vLLM's reset) leaves kvtier's DRAM entries and the chain map."""
+    pool = Pool(["http://a"], make_policy("kvtier"), 4, 1000)
+    tokens = [int(t) for t in tokenize("y" * 4 * 8)]
+    stored = events.BlockStored(
+        block_hashes=[1, 2], parent_block_hash=None, token_ids=tokens, block_size=4, medium="CPU"
+    )
+    pool.apply_event(0, stored)
+    pool.apply_event(0, events.BlockStored([1, 2], None, tokens, 4, medium="GPU"))
+    pool.apply_event(0, events.AllBlocksCleared())
+    assert pool.index.match(block_keys(tokens, 4))[0] == Hits(0, 2, 0, 0)
+    pool.apply_event(0, events.BlockStored([3], 2, tokens[:4], 4, medium="GPU"))
+    assert pool.stats.events_unchained == 0
+
+
+def test_predictions_and_events_are_kept_apart() -> None:
+    """A worker's BlockRemoved does not erase what the gateway predicted, and a refused
+    request's prediction is withdrawn."""
+    pool = Pool(["http://a", "http://b"], make_policy("kvtier"), 16, 1000)
+    keys = list(range(1, 11))
+    booking = pool.route(keys, 170, 10, None)
+    w = booking.worker
+    pool.index.add(w, 0, keys)
+    pool.index.remove(w, 0, keys)
+    assert pool.index.match(keys)[w].gpu == 10
+    pool.rejected(booking)
+    assert pool.index.match(keys)[w].gpu == 0 and pool.workers[w].load.requests == 0
+
+
+def test_an_affinity_is_credited_only_to_a_prompt_that_has_its_blocks() -> None:
+    """The bound worker's prefix counts only when the prompt's block there is the same."""
+    pool = Pool(["http://a", "http://b"], make_policy("kvtier"), 16, 1000)
+    keys = list(range(100, 120))
+    fits = pool.route(keys, 330, 10, Bound(1, 12, keys[11]))
+    assert fits.worker == 1 and fits.hits.gpu == 12
+    other = Pool(["http://a", "http://b"], make_policy("kvtier"), 16, 1000)
+    stale = other.route(keys, 330, 10, Bound(1, 12, 999))
+    assert stale.hits.gpu == 0
+
+
+def test_a_restarted_worker_resets_the_baseline_instead_of_a_negative_rate() -> None:
+    """Counters that went backwards give no sample; the next scrape measures from there."""
+    c = Costs()
+    c.observe(_metrics(1000, 0, 1.0, {"dram": 500}, {"dram": 0.5}))
+    c.observe(_metrics(2000, 0, 2.0, {"dram": 1000}, {"dram": 1.0}))
+    before = (c.compute_s(1), c.load_s(DRAM, 1))
+    c.observe(_metrics(10, 0, 0.5, {"dram": 700}, {"dram": 0.1}))  # restarted, mixed deltas
+    assert (c.compute_s(1), c.load_s(DRAM, 1)) == before
+    c.observe(_metrics(110, 0, 0.6, {"dram": 800}, {"dram": 0.2}))
+    assert c.compute_s(1) > 0 and c.load_s(DRAM, 1) > 0
+
+
+def test_shared_and_remote_labels_are_one_tier_counted_once() -> None:
+    """A scrape naming the shared tier both ways gives one sample over both."""
+    c = Costs()
+    c.observe(_metrics(0, 0, 0.0, {"shared": 0, "remote": 0}, {"shared": 0.0, "remote": 0.0}))
+    c.observe(_metrics(0, 0, 0.0, {"shared": 100, "remote": 300}, {"shared": 0.1, "remote": 0.3}))
+    assert c.load_s(SHARED_TIER, 1) == pytest.approx(1e-3)

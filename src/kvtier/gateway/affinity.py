@@ -15,13 +15,30 @@ import time
 from typing import NamedTuple, Protocol
 
 from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 MEMORY_ENTRIES = 100_000
+REDIS_TIMEOUT_S = 1.0  # a Redis that stalls costs a request this much, then is skipped
+
+
+class StateUnavailable(OSError):
+    """Redis could not be reached or failed: the caller counts it and goes on without."""
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A client that gives up within REDIS_TIMEOUT_S instead of stalling a request."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+    )
 
 
 class Binding(NamedTuple):
+    """A conversation's last worker, and the prompt blocks it was sent: `blocks` of them,
+    the last with key `last_key` (credited only to a prompt that has that block there)."""
+
     worker_url: str
     blocks: int
+    last_key: int
 
 
 def affinity_key(tenant: str, name: str) -> str:
@@ -65,22 +82,31 @@ class MemoryAffinities:
 
 
 class RedisAffinities:
-    """Bindings in Redis as `{prefix}aff:<digest>` -> "blocks url" with EX."""
+    """Bindings in Redis as `{prefix}aff:<digest>` -> "blocks last_key url" with EX."""
 
     def __init__(self, url: str, prefix: str = "kvtier:") -> None:
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._redis = redis_client(url)
         self._prefix = prefix
 
     async def get(self, key: str) -> Binding | None:
-        raw = await self._redis.get(self._prefix + key)
+        try:
+            raw = await self._redis.get(self._prefix + key)
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis: {exc}") from exc
         if raw is None:
             return None
-        blocks, _, url = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")
-        return Binding(url, int(blocks)) if blocks.isdigit() and url else None
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        blocks, last_key, url = [*text.split(" ", 2), "", ""][:3]
+        if not (blocks.isdigit() and last_key.isdigit() and url):
+            return None
+        return Binding(url, int(blocks), int(last_key))
 
     async def put(self, key: str, binding: Binding, ttl_s: int) -> None:
-        value = f"{binding.blocks} {binding.worker_url}"
-        await self._redis.set(self._prefix + key, value, ex=max(int(ttl_s), 1))
+        value = f"{binding.blocks} {binding.last_key} {binding.worker_url}"
+        try:
+            await self._redis.set(self._prefix + key, value, ex=max(int(ttl_s), 1))
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis: {exc}") from exc
 
     async def close(self) -> None:
         await self._redis.aclose()

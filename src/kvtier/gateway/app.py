@@ -10,6 +10,7 @@ every field would cost time on the hot path and reject fields a newer worker acc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -20,10 +21,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kvtier.gateway import upstream
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import Gateway, affinity_name
-from kvtier.gateway.httpio import read_json, until_disconnected
+from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected
 from kvtier.gateway.sessions_api import responses_endpoint
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+log = logging.getLogger(__name__)
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -47,29 +49,35 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return ApiError(exc.status_code, str(exc.detail)).response()
 
-    async def completion(request: Request, path: str) -> Response:
-        tenant = gateway.tenant(request.headers.get("authorization"))
-        body = await read_json(request, gateway.settings.max_body_bytes)
-        await gateway.check_model(body.get("model"))
-        affinity = affinity_name(body)
-        if body.get("stream"):
-            events = await gateway.stream(tenant, path, body, affinity)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        work = gateway.complete(tenant, path, body, affinity)
-        return JSONResponse(await until_disconnected(request, work))
-
-    handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
-        "/v1/chat/completions": lambda r: completion(r, "/v1/chat/completions"),
-        "/v1/completions": lambda r: completion(r, "/v1/completions"),
+    handlers: dict[str, Handler] = {
+        "/v1/chat/completions": lambda r: completion(gateway, r, "/v1/chat/completions"),
+        "/v1/completions": lambda r: completion(gateway, r, "/v1/completions"),
         "/v1/responses": lambda r: responses_endpoint(gateway, r),
     }
     for path, handler in handlers.items():
         app.add_api_route(path, _answering(gateway, path, handler), methods=["POST"])
+    _add_info_routes(app, gateway)
+    return app
 
+
+async def completion(gateway: Gateway, request: Request, path: str) -> Response:
+    """A chat or legacy completion, streamed or not."""
+    tenant = gateway.tenant(request.headers.get("authorization"))
+    body = await read_json(request, gateway.settings.max_body_bytes)
+    await gateway.check_model(body.get("model"))
+    affinity = affinity_name(body)
+    if body.get("stream"):
+        events = await gateway.stream(tenant, path, body, affinity)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    work = gateway.complete(tenant, path, body, affinity)
+    return JSONResponse(await until_disconnected(request, work))
+
+
+def _add_info_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         gateway.tenant(request.headers.get("authorization"))
-        await gateway.refresh_models()
+        await gateway.known_models()
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "kvtier"}
             for m in sorted(gateway.models)
@@ -86,19 +94,19 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    return app
 
-
-def _answering(
-    gateway: Gateway, path: str, handler: Callable[[Request], Awaitable[Response]]
-) -> Callable[[Request], Awaitable[Response]]:
-    """Turns ApiError into OpenAI's error object and counts every answer by status."""
+def _answering(gateway: Gateway, path: str, handler: Handler) -> Handler:
+    """Turns ApiError, and any unexpected failure, into OpenAI's error object and counts
+    every answer by status."""
 
     async def endpoint(request: Request) -> Response:
         try:
             response = await handler(request)
         except ApiError as exc:
             response = exc.response()
+        except Exception:
+            log.exception("%s failed", path)
+            response = ApiError(500, "the gateway failed on this request").response()
         gateway.metrics.requests.labels(path, str(response.status_code)).inc()
         return response
 

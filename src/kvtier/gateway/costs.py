@@ -17,6 +17,7 @@ look cheaper than a near one.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from kvtier.gateway.index import DISK, DRAM, GPU
@@ -52,15 +53,30 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
-def _sum(samples: dict[str, float], name: str, tier: str | None = None) -> float:
-    total = 0.0
+WATCHED = (
+    "vllm:prompt_tokens_total",
+    "vllm:prompt_tokens_cached_total",
+    "vllm:request_prefill_time_seconds_sum",
+    "kvtier_vllm_hit_tokens_total",
+    "kvtier_vllm_load_seconds_total",
+)
+_TIER_LABEL = re.compile(r'tier="([^"]*)"')
+
+
+def counters(samples: dict[str, float]) -> dict[str, float]:
+    """The watched counters summed over their labels: `name` for all and, for kvtier's,
+    `name/<tier>` per tier (both `shared` and `remote` count as SHARED_TIER), in one pass."""
+    out = dict.fromkeys(WATCHED, 0.0)
     for key, value in samples.items():
         base, _, labels = key.partition("{")
-        if base != name:
+        if base not in out:
             continue
-        if tier is None or f'tier="{tier}"' in labels:
-            total += value
-    return total
+        out[base] += value
+        found = _TIER_LABEL.search(labels)
+        if found and found.group(1) in TIER_LABELS:
+            per_tier = f"{base}/{TIER_LABELS[found.group(1)]}"
+            out[per_tier] = out.get(per_tier, 0.0) + value
+    return out
 
 
 @dataclass
@@ -91,42 +107,38 @@ class Costs:
         return max([prior, *nearer]) if nearer else prior
 
     def observe(self, metrics_text: str) -> None:
-        """Updates the averages from one scrape of the worker's `/metrics`."""
-        now = parse_prometheus(metrics_text)
-        counters = {
-            "prompt": _sum(now, "vllm:prompt_tokens_total"),
-            "cached": _sum(now, "vllm:prompt_tokens_cached_total"),
-            "prefill_s": _sum(now, "vllm:request_prefill_time_seconds_sum"),
-            "load_s": _sum(now, "kvtier_vllm_load_seconds_total"),
-        }
-        for label in TIER_LABELS:
-            counters[f"hits/{label}"] = _sum(now, "kvtier_vllm_hit_tokens_total", label)
-            counters[f"load_s/{label}"] = _sum(now, "kvtier_vllm_load_seconds_total", label)
-        last, self._last = self._last, counters
+        """Updates the averages from one scrape of the worker's `/metrics`. A counter that
+        went backwards (the worker restarted) starts a new baseline instead of a sample."""
+        now = counters(parse_prometheus(metrics_text))
+        last, self._last = self._last, now
         if not last:
             return
-        delta = {k: counters[k] - last.get(k, 0.0) for k in counters}
+        delta = {k: v - last.get(k, 0.0) for k, v in now.items()}
+        if any(d < 0 for d in delta.values()):
+            return
         self._observe_compute(delta)
         self._observe_loads(delta)
 
     def _observe_compute(self, delta: dict[str, float]) -> None:
-        computed = delta["prompt"] - delta["cached"]
-        seconds = delta["prefill_s"] - delta["load_s"]
+        computed = delta["vllm:prompt_tokens_total"] - delta["vllm:prompt_tokens_cached_total"]
+        seconds = (
+            delta["vllm:request_prefill_time_seconds_sum"] - delta["kvtier_vllm_load_seconds_total"]
+        )
         if computed > 0 and seconds > 0:
             self.compute_s_per_token = _average(self.compute_s_per_token, seconds / computed)
 
     def _observe_loads(self, delta: dict[str, float]) -> None:
-        hits = {label: delta[f"hits/{label}"] for label in TIER_LABELS}
-        labelled = any(delta[f"load_s/{label}"] > 0 for label in TIER_LABELS)
-        for label, tier in TIER_LABELS.items():
-            if hits[label] <= 0:
-                continue
+        hits, seconds = "kvtier_vllm_hit_tokens_total", "kvtier_vllm_load_seconds_total"
+        tiers = sorted(set(TIER_LABELS.values()))
+        labelled = any(delta.get(f"{seconds}/{t}", 0.0) > 0 for t in tiers)
+        for tier in tiers:
+            tokens = delta.get(f"{hits}/{tier}", 0.0)
             # A worker that does not label load seconds by tier: its average over all hits.
-            seconds = delta[f"load_s/{label}"] if labelled else delta["load_s"]
-            tokens = hits[label] if labelled else sum(hits.values())
-            if seconds > 0:
+            spent = delta.get(f"{seconds}/{tier}", 0.0) if labelled else delta[seconds]
+            over = tokens if labelled else delta[hits]
+            if tokens > 0 and over > 0 and spent > 0:
                 old = self.load_s_per_token.get(tier)
-                self.load_s_per_token[tier] = _average(old, seconds / tokens)
+                self.load_s_per_token[tier] = _average(old, spent / over)
 
 
 def _average(old: float | None, sample: float) -> float:

@@ -29,6 +29,8 @@ MEDIUM_SHARED = "SHARED"  # kvtier's shared cache server: loadable by every work
 
 
 class BlockStored(msgspec.Struct, tag=True):
+    """Blocks a worker stored, with their tokens; the first chains from `parent_block_hash`."""
+
     block_hashes: list[int | bytes]
     parent_block_hash: int | bytes | None
     token_ids: list[int]
@@ -40,18 +42,22 @@ class BlockStored(msgspec.Struct, tag=True):
 
 
 class BlockRemoved(msgspec.Struct, tag=True):
+    """Blocks a worker evicted from `medium`."""
+
     block_hashes: list[int | bytes]
     medium: str | None = None
 
 
 class AllBlocksCleared(msgspec.Struct, tag=True):
-    pass
+    """The worker's prefix cache was reset."""
 
 
 Event = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One published message: `[ts, [event, ...], dp_rank]`."""
+
     ts: float
     events: list[Event]
     data_parallel_rank: int | None = None

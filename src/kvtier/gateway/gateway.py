@@ -10,12 +10,13 @@ and the request goes to the next choice.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -23,13 +24,15 @@ from kvtier.gateway import upstream
 from kvtier.gateway.affinity import AffinityStore, Binding, affinity_key
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.metrics import GatewayMetrics
-from kvtier.gateway.pool import Booking, Pool
+from kvtier.gateway.pool import Booking, Bound, Pool
 from kvtier.gateway.sessions import ResponseStore
 from kvtier.gateway.tokens import block_keys, prompt_tokens
 from kvtier.server.auth import Auth
 
+T = TypeVar("T")
 DEFAULT_OUTPUT_TOKENS = 256  # booked for a request that does not say max_tokens
 MODELS_REFRESH_S = 5.0
+MODELS_TIMEOUT_S = 2.0
 
 
 def affinity_name(body: dict[str, Any]) -> str | None:
@@ -43,6 +46,8 @@ def affinity_name(body: dict[str, Any]) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """The gateway's tunables (each a `kvtier gateway` option)."""
+
     block_tokens: int = 16
     affinity_ttl_s: int = 3600
     session_ttl_s: int = 30 * 86400
@@ -60,10 +65,14 @@ class Route:
     cached_estimate: int
     bind: list[str]  # tenant-scoped affinity keys to bind to this worker
     blocks: int
+    last_key: int
 
 
 @dataclass
 class Gateway:
+    """Everything a request needs: the worker pool, auth, the Redis or in-memory state,
+    metrics, and the aiohttp session to the workers (opened by the app's lifespan)."""
+
     pool: Pool
     auth: Auth
     affinities: AffinityStore
@@ -93,24 +102,34 @@ class Gateway:
     async def check_model(self, model: Any) -> None:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' is required", param="model")
-        if model not in self.models and time.monotonic() - self._models_at > MODELS_REFRESH_S:
-            await self.refresh_models()
-        if model not in self.models:
+        if model not in await self.known_models():
             raise ApiError(404, f"the model {model!r} does not exist", "model", "model_not_found")
 
+    async def known_models(self) -> set[str]:
+        """The workers' models, asked again when the last answer is MODELS_REFRESH_S old."""
+        if time.monotonic() - self._models_at > MODELS_REFRESH_S:
+            await self.refresh_models()
+        return self.models
+
     async def refresh_models(self) -> None:
-        assert self.session is not None
+        """The union of the workers' models, asked in parallel (a hung worker costs
+        MODELS_TIMEOUT_S, once); kept as it was when no worker answers."""
         self._models_at = time.monotonic()
-        found: set[str] = set()
-        for w in self.pool.workers:
-            try:
-                async with self.session.get(f"{w.url}/v1/models") as resp:
-                    listing = await resp.json(content_type=None)
-                found |= {m["id"] for m in listing.get("data", []) if isinstance(m, dict)}
-            except (aiohttp.ClientError, OSError, ValueError, KeyError, TypeError):
-                continue
+        listings = await asyncio.gather(*(self._models_of(w.url) for w in self.pool.workers))
+        found = set().union(*listings)
         if found:
             self.models = found
+
+    async def _models_of(self, url: str) -> set[str]:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT_S)
+        try:
+            async with self.session.get(f"{url}/v1/models", timeout=timeout) as resp:
+                listing = await resp.json(content_type=None)
+            return {m["id"] for m in listing.get("data", []) if isinstance(m, dict)}
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError,
+                TypeError, AttributeError):  # fmt: skip
+            return set()
 
     async def route(
         self, tenant: str, body: dict[str, Any], affinity: str | None, bind_as: str | None = None
@@ -124,43 +143,66 @@ class Gateway:
             raise ApiError(
                 400, str(exc), param="messages" if "messages" in body else "prompt"
             ) from exc
-        started = time.perf_counter()
-        keys = block_keys(tokens, self.settings.block_tokens, body["cache_salt"])
         key = affinity_key(tenant, affinity) if affinity else None
         bound = await self._bound(key)
         output = body.get("max_tokens") or body.get("max_completion_tokens")
-        booking = self.pool.route(
-            keys, len(tokens), output if isinstance(output, int) else DEFAULT_OUTPUT_TOKENS, bound
-        )
+        output = output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT_TOKENS
+        started = time.perf_counter()
+        keys = block_keys(tokens, self.settings.block_tokens, body["cache_salt"])
+        booking = self.pool.route(keys, len(tokens), output, bound)
         self.metrics.routed(self.pool, booking, time.perf_counter() - started)
         url = self.pool.workers[booking.worker].url
         estimate = booking.hits.blocks * self.settings.block_tokens
         bind = [affinity_key(tenant, n) for n in (affinity, bind_as) if n]
-        return Route(booking, url, estimate, bind, len(keys))
+        return Route(booking, url, estimate, bind, len(keys), keys[-1] if keys else 0)
 
-    async def _bound(self, key: str | None) -> tuple[int, int] | None:
+    async def _bound(self, key: str | None) -> Bound | None:
         if key is None:
             return None
         try:
             binding = await self.affinities.get(key)
-        except (OSError, ConnectionError) as exc:
+        except OSError as exc:
             self.metrics.state_errors.labels(type(exc).__name__).inc()
             return None
         if binding is None:
             return None
         for i, w in enumerate(self.pool.workers):
             if w.url == binding.worker_url:
-                return i, binding.blocks
+                return Bound(i, binding.blocks, binding.last_key)
         return None
 
     async def remember(self, route: Route) -> None:
         """Binds the request's affinity names to the worker it went to."""
-        binding = Binding(route.url, route.blocks)
+        binding = Binding(route.url, route.blocks, route.last_key)
         for key in route.bind:
             try:
                 await self.affinities.put(key, binding, self.settings.affinity_ttl_s)
-            except (OSError, ConnectionError) as exc:
+            except OSError as exc:
                 self.metrics.state_errors.labels(type(exc).__name__).inc()
+
+    async def _on_a_worker(
+        self,
+        tenant: str,
+        body: dict[str, Any],
+        names: tuple[str | None, str | None],
+        call: Callable[[Route], Awaitable[T]],
+    ) -> tuple[Route, T]:
+        """`call` on the best worker that can be reached: an unreachable one is marked and
+        the next choice tried; a refusal or any other failure unbooks and propagates."""
+        for _ in self.pool.workers:
+            route = await self.route(tenant, body, *names)
+            try:
+                return route, await call(route)
+            except upstream.Unreachable:
+                self.pool.failed(route.booking)
+                self.metrics.upstream_errors.labels(route.url).inc()
+            except ApiError:
+                self.pool.rejected(route.booking)
+                raise
+            except BaseException:
+                self.pool.finished(route.booking)
+                raise
+        raise ApiError(503, "no worker could be reached; try again")
 
     async def complete(
         self,
@@ -171,25 +213,17 @@ class Gateway:
         bind_as: str | None = None,
     ) -> dict[str, Any]:
         """A non-streamed completion from the best worker that answers."""
-        assert self.session is not None
-        for _ in self.pool.workers:
-            route = await self.route(tenant, body, affinity, bind_as)
-            try:
-                result = await upstream.complete(
-                    self.session, route.url + path, body, route.cached_estimate
-                )
-            except upstream.Unreachable:
-                self.pool.failed(route.booking)
-                self.metrics.upstream_errors.labels(route.url).inc()
-                continue
-            except BaseException:
-                self.pool.finished(route.booking)
-                raise
-            self.pool.finished(route.booking)
-            self.metrics.usage(result.get("usage"))
-            await self.remember(route)
-            return result
-        raise ApiError(503, "no worker could be reached; try again")
+        session = self.session
+        assert session is not None
+
+        def call(r: Route) -> Awaitable[dict[str, Any]]:
+            return upstream.complete(session, r.url + path, body, r.cached_estimate)
+
+        route, result = await self._on_a_worker(tenant, body, (affinity, bind_as), call)
+        self.pool.finished(route.booking)
+        self.metrics.usage(result.get("usage"))
+        await self.remember(route)
+        return result
 
     async def stream(
         self,
@@ -200,32 +234,28 @@ class Gateway:
         bind_as: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Opens a stream on the best worker that answers; the iterator relays it."""
-        assert self.session is not None
-        keep_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        for _ in self.pool.workers:
-            route = await self.route(tenant, body, affinity, bind_as)
-            try:
-                resp = await upstream.open_stream(self.session, route.url + path, body)
-            except upstream.Unreachable:
-                self.pool.failed(route.booking)
-                self.metrics.upstream_errors.labels(route.url).inc()
-                continue
-            except BaseException:
-                self.pool.finished(route.booking)
-                raise
-            await self.remember(route)
-            relay = self._relay(route, resp, keep_usage)
-            # A client gone before the stream starts leaves `relay` never run: unbook on GC.
-            weakref.finalize(relay, _abandon, self.pool, route.booking, resp)
-            return relay
-        raise ApiError(503, "no worker could be reached; try again")
+        session = self.session
+        assert session is not None
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+        keep_usage = bool(options.get("include_usage"))
+        body["stream_options"] = {**options, "include_usage": True}
+
+        def call(r: Route) -> Awaitable[aiohttp.ClientResponse]:
+            return upstream.open_stream(session, r.url + path, body)
+
+        started = time.perf_counter()
+        route, resp = await self._on_a_worker(tenant, body, (affinity, bind_as), call)
+        relay = self._relay(route, resp, keep_usage, started)
+        # A client gone before the stream starts leaves `relay` never run: unbook on GC.
+        weakref.finalize(relay, _abandon, self.pool, route.booking, resp)
+        await self.remember(route)
+        return relay
 
     async def _relay(
-        self, route: Route, resp: aiohttp.ClientResponse, keep_usage: bool
+        self, route: Route, resp: aiohttp.ClientResponse, keep_usage: bool, started: float
     ) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
-
         def first() -> None:
             self.pool.first_token(route.booking)
             self.metrics.ttft.observe(time.perf_counter() - started)

@@ -11,6 +11,8 @@ from starlette.requests import Request
 
 from kvtier.gateway.errors import ApiError
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The request's JSON object; 413 past `limit` bytes, 400 when it is not a JSON object."""

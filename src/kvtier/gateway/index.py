@@ -1,8 +1,10 @@
 """Which worker holds which prefix blocks, and in which tier.
 
 One dict maps a block key to a bit mask of its holders: bit 0 is kvtier's shared tier (every
-worker can load from it), and worker w has three bits, `1 + 3w + tier` for its GPU cache, its
-kvtier DRAM and its kvtier disk. A holder keeps at most `capacity_blocks` keys in LRU order
+worker can load from it), and worker w has four bits, `1 + 4w + tier` for its GPU cache, its
+kvtier DRAM, its kvtier disk, and the gateway's own prediction of its GPU cache (the prompts
+it sent there; kept apart so that a worker's events never evict the predictions, nor the
+reverse). A holder keeps at most `capacity_blocks` keys in LRU order
 (the dict's insertion order), so a shadow index fed only by the gateway's own decisions stays
 bounded and forgets the way a worker's cache does.
 
@@ -18,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-GPU, DRAM, DISK = 0, 1, 2
-TIERS = 3
+GPU, DRAM, DISK, PREDICTED = 0, 1, 2, 3  # PREDICTED counts as GPU
+TIERS = 4
 SHARED = -1  # the holder number of kvtier's shared tier
 
 
@@ -127,7 +129,7 @@ class PrefixIndex:
             if phase[w] == 2:
                 continue
             bits = mask >> (1 + TIERS * w)
-            if phase[w] == 0 and bits & 1:
+            if phase[w] == 0 and bits & 9:  # GPU or PREDICTED
                 counts[w][0] += length
                 continue
             phase[w] = 1

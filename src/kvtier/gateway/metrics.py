@@ -56,6 +56,8 @@ class _PoolCollector(Collector):
 
 
 class GatewayMetrics:
+    """Counters and histograms of the request path, plus the pool's gauges at scrape time."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry

@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import aiohttp
 
 from kvtier.gateway import events
 from kvtier.gateway.costs import Costs, Priors
-from kvtier.gateway.index import DISK, DRAM, GPU, SHARED, Hits, PrefixIndex
+from kvtier.gateway.index import DISK, DRAM, GPU, PREDICTED, SHARED, Hits, PrefixIndex
 from kvtier.gateway.routing import Candidate, Load, Policy, Request, expected_ttft_s
 from kvtier.gateway.tokens import chain_keys, root_key
 
@@ -33,6 +34,8 @@ MEDIUM_TIERS = {None: GPU, "GPU": GPU, "CPU": DRAM, "DISK": DISK, "STORAGE": DIS
 
 @dataclass
 class Worker:
+    """One worker: its base URL, KV events endpoint, load, measured costs and health."""
+
     url: str
     events_endpoint: str | None = None
     load: Load = field(default_factory=Load)
@@ -43,25 +46,49 @@ class Worker:
     engine_keys: dict[int | bytes, int] = field(default_factory=dict)
 
 
+class Bound(NamedTuple):
+    """An affinity: the worker a conversation went to, with `blocks` prompt blocks, the last
+    of them `last_key`. Credited as a GPU prefix to a prompt with that block there."""
+
+    worker: int
+    blocks: int
+    last_key: int
+
+
+def _holds(bound: Bound, keys: list[int], hits: list[Hits]) -> bool:
+    """Whether an affinity says more of this prompt is on its worker than the index does."""
+    if bound.worker >= len(hits) or not 0 < bound.blocks <= len(keys):
+        return False
+    return keys[bound.blocks - 1] == bound.last_key and bound.blocks > hits[bound.worker].blocks
+
+
 class Booking:
     """One routed request's share of a worker's load, given back exactly once each."""
 
-    def __init__(self, worker: int, tokens: int, prefill_s: float, hits: Hits) -> None:
+    def __init__(
+        self, worker: int, tokens: int, prefill_s: float, hits: Hits, keys: list[int]
+    ) -> None:
         self.worker, self.tokens, self.prefill_s, self.hits = worker, tokens, prefill_s, hits
+        self.keys = keys  # predicted into the worker's cache
         self.waiting_first_token = True
         self.open = True
 
 
 @dataclass
 class Stats:
+    """Counters of the pool's background work, exported on /metrics."""
+
     decisions: int = 0
     events: int = 0
     events_unchained: int = 0  # stored blocks whose parent the gateway never saw
     events_wrong_block_size: int = 0
+    event_failures: int = 0  # subscriptions that failed and were renewed
     scrape_failures: int = 0
 
 
 class Pool:
+    """The workers, the routing index over them, and the policy that picks one."""
+
     def __init__(
         self,
         urls: list[str],
@@ -85,30 +112,29 @@ class Pool:
         self._tasks: list[asyncio.Task[None]] = []
 
     def route(
-        self, keys: list[int], prompt_tokens: int, output_tokens: int, bound: tuple[int, int] | None
+        self, keys: list[int], prompt_tokens: int, output_tokens: int, bound: Bound | None
     ) -> Booking:
         """Chooses a worker for a prompt (its block keys) and books the request on it.
 
-        `bound` is an affinity (worker, blocks it was sent before) from the caller's session,
-        `prompt_cache_key` or `user`: counted as a GPU prefix the index may not know of."""
+        `bound` is an affinity from the caller's session, `prompt_cache_key` or `user`: its
+        blocks count as a GPU prefix the index may not know of, if this prompt has them."""
         request = Request(prompt_tokens, self.block_tokens)
         hits = self.index.match(keys)
-        if bound is not None and bound[0] < len(hits):
-            w, blocks = bound
-            held = min(blocks, len(keys))
-            if held > hits[w].blocks:
-                hits[w] = Hits(held, 0, 0, 0)
+        if bound is not None and _holds(bound, keys, hits):
+            hits[bound.worker] = Hits(bound.blocks, 0, 0, 0)
         candidates = [
             Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers) if w.healthy
         ] or [Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers)]
         chosen = self.policy.pick(request, candidates)
         prefill_s = expected_ttft_s(request, chosen._replace(load=Load()))
-        booking = Booking(chosen.worker, prompt_tokens + output_tokens, prefill_s, chosen.hits)
+        booking = Booking(
+            chosen.worker, prompt_tokens + output_tokens, prefill_s, chosen.hits, keys
+        )
         load = chosen.load
         load.requests += 1
         load.tokens += booking.tokens
         load.prefill_s += prefill_s
-        self.index.add(chosen.worker, GPU, keys)
+        self.index.add(chosen.worker, PREDICTED, keys)
         self.stats.decisions += 1
         return booking
 
@@ -126,9 +152,14 @@ class Pool:
             load.requests -= 1
             load.tokens -= booking.tokens
 
+    def rejected(self, booking: Booking) -> None:
+        """The worker refused the request: unbook it and forget its predicted blocks."""
+        self.finished(booking)
+        self.index.remove(booking.worker, PREDICTED, booking.keys)
+
     def failed(self, booking: Booking) -> None:
         """The worker could not be reached: unbook and mark it unhealthy until a scrape."""
-        self.finished(booking)
+        self.rejected(booking)
         self.workers[booking.worker].healthy = False
 
     # -- background: KV events and metrics --------------------------------------------
@@ -148,19 +179,27 @@ class Pool:
         self._tasks.clear()
 
     async def _follow_events(self, i: int) -> None:
+        """Reads worker i's events for ever, resubscribing after any failure."""
         endpoint = self.workers[i].events_endpoint
         assert endpoint is not None
-        async for event in events.subscribe(endpoint):
-            self.stats.events += 1
-            self.apply_event(i, event)
+        while True:
+            try:
+                async for event in events.subscribe(endpoint):
+                    self.stats.events += 1
+                    self.apply_event(i, event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.event_failures += 1
+                log.exception("KV events of %s failed; resubscribing", self.workers[i].url)
+                await asyncio.sleep(1.0)
 
     def apply_event(self, i: int, event: events.Event) -> None:
         """Folds one vLLM KV event from worker `i` into the index."""
         w = self.workers[i]
-        if isinstance(event, events.AllBlocksCleared):
-            for tier in (GPU, DRAM, DISK):
-                self.index.clear(i, tier)
-            w.engine_keys.clear()
+        if isinstance(event, events.AllBlocksCleared):  # vLLM's prefix cache reset: GPU only
+            self.index.clear(i, GPU)
+            self.index.clear(i, PREDICTED)
             return
         medium = event.medium
         holder, tier = (
@@ -199,7 +238,9 @@ class Pool:
                     w.healthy = resp.status == 200
                     if w.healthy:
                         w.costs.observe(text)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # unreachable, or answers no scraper should die of
                 self.stats.scrape_failures += 1
                 w.healthy = False
             await asyncio.sleep(interval_s)

@@ -55,6 +55,8 @@ class Candidate(NamedTuple):
 
 
 class Request(NamedTuple):
+    """What a policy knows of a request: its prompt length and the workers' block size."""
+
     prompt_tokens: int
     block_tokens: int
 
@@ -67,8 +69,13 @@ class Policy(Protocol):
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate: ...
 
 
-def prefill_s(request: Request, c: Candidate) -> tuple[float, float]:
-    """(compute seconds of the uncached tokens, kvtier load seconds) on worker `c`."""
+class Prefill(NamedTuple):
+    compute_s: float  # the tokens the worker would compute
+    load_s: float  # the blocks kvtier would load for it
+
+
+def prefill_s(request: Request, c: Candidate) -> Prefill:
+    """Where a request's prefill time on worker `c` would go."""
     b = request.block_tokens
     hits = c.hits
     compute_tokens = max(request.prompt_tokens - hits.blocks * b, 0)
@@ -77,7 +84,7 @@ def prefill_s(request: Request, c: Candidate) -> tuple[float, float]:
         + c.costs.load_s(DISK, hits.disk * b)
         + c.costs.load_s(SHARED_TIER, hits.shared * b)
     )
-    return c.costs.compute_s(compute_tokens), loads
+    return Prefill(c.costs.compute_s(compute_tokens), loads)
 
 
 def expected_ttft_s(request: Request, c: Candidate) -> float:
@@ -105,6 +112,8 @@ class _Turns:
 
 
 class RoundRobin(_Turns):
+    """Each worker in turn."""
+
     name = "round-robin"
 
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate:
@@ -112,6 +121,8 @@ class RoundRobin(_Turns):
 
 
 class LeastLoad(_Turns):
+    """The fewest in-flight tokens, then requests."""
+
     name = "least-load"
 
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate:
@@ -119,6 +130,8 @@ class LeastLoad(_Turns):
 
 
 class Prefix(_Turns):
+    """The longest GPU prefix, unless it is short or the pool is imbalanced."""
+
     name = "prefix"
 
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate:
@@ -135,6 +148,8 @@ class Prefix(_Turns):
 
 
 class Kvtier(_Turns):
+    """The lowest `cost_s`, among workers within the in-flight guard."""
+
     name = "kvtier"
 
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate:

@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from kvtier.gateway.affinity import StateUnavailable, redis_client
 
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 
@@ -81,7 +84,7 @@ class ResponseStore(Protocol):
     Contract: entries are tenant-scoped (`get(B, id)` is None for an id put by tenant A); a
     `put` is atomic (a reader sees the whole response or nothing) and never changes another
     entry; an entry reads as None once `ttl_s` seconds have passed since its put. Ids that are
-    not `resp_` + 32 hex digits are simply not found. Methods may raise on a store outage.
+    not `resp_` + 32 hex digits are simply not found. A store outage raises StateUnavailable.
     """
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
@@ -159,7 +162,7 @@ class RedisResponseStore:
 
     def __init__(self, url: str, prefix: str = "kvtier:") -> None:
         self.prefix = prefix
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self._redis: aioredis.Redis = redis_client(url)
 
     def key(self, tenant: str, response_id: str) -> str:
         """The Redis key of (`tenant`, `response_id`)."""
@@ -168,7 +171,10 @@ class RedisResponseStore:
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         if not is_response_id(response_id):
             return None
-        raw = await self._redis.get(self.key(tenant, response_id))
+        try:
+            raw = await self._redis.get(self.key(tenant, response_id))
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis: {exc}") from exc
         if raw is None:
             return None
         response = StoredResponse.from_json(raw)
@@ -180,12 +186,19 @@ class RedisResponseStore:
         if not is_response_id(response.id):
             raise ValueError(f"not a response id: {response.id!r}")
         ttl_ms = max(1, round(ttl_s * 1000))
-        await self._redis.set(self.key(response.tenant, response.id), response.to_json(), px=ttl_ms)
+        key = self.key(response.tenant, response.id)
+        try:
+            await self._redis.set(key, response.to_json(), px=ttl_ms)
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis: {exc}") from exc
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         if not is_response_id(response_id):
             return False
-        return bool(await self._redis.delete(self.key(tenant, response_id)))
+        try:
+            return bool(await self._redis.delete(self.key(tenant, response_id)))
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis: {exc}") from exc
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import affinity_name
-from kvtier.gateway.httpio import read_json, until_disconnected
+from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected
 from kvtier.gateway.responses import (
     BadRequest,
     chat_body,
@@ -52,7 +52,10 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
     await gateway.check_model(req.model)
     previous = None
     if req.previous_response_id:
-        previous = await gateway.responses.get(tenant, req.previous_response_id)
+        try:
+            previous = await gateway.responses.get(tenant, req.previous_response_id)
+        except OSError as exc:
+            raise ApiError(503, f"stored responses are unavailable: {exc}") from exc
         if previous is None:
             return JSONResponse(previous_not_found(req.previous_response_id), status_code=404)
     chat = chat_body(req, previous)
@@ -71,13 +74,13 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
         events = await gateway.stream(tenant, CHAT, chat, name, bind_as)
         chunks = _chunks(events)
         sse = stream_events(resp_id, req, chunks, created_at, keep)
-        return StreamingResponse(sse, media_type="text/event-stream")
+        return StreamingResponse(sse, media_type="text/event-stream", headers=SSE_HEADERS)
     work = gateway.complete(tenant, CHAT, chat, name, bind_as)
     completion = await until_disconnected(request, work)
     obj = response_object(resp_id, req, completion, created_at)
     try:
         await keep(obj, output_text(obj))
-    except (OSError, ConnectionError) as exc:
+    except OSError as exc:
         raise ApiError(503, f"the response could not be stored: {exc}") from exc
     return JSONResponse(obj)
 

@@ -20,6 +20,7 @@ import xxhash
 
 BLOCK_TOKENS = 16  # vLLM's default block size
 TOKEN_BYTES = 4
+TOKEN_ID_LIMIT = 1 << 31
 
 
 def message_text(content: Any) -> str:
@@ -42,7 +43,10 @@ def render_messages(messages: Iterable[Mapping[str, Any]]) -> str:
     assistant's turn. Prefixes of a conversation render to prefixes of its text."""
     out = []
     for message in messages:
-        out.append(f"<|{message.get('role', 'user')}|>\n{message_text(message.get('content'))}\n")
+        if not isinstance(message, Mapping):
+            raise ValueError("each message must be an object with 'role' and 'content'")
+        role = message.get("role", "user")
+        out.append(f"<|{role}|>\n{message_text(message.get('content'))}\n")
     out.append("<|assistant|>\n")
     return "".join(out)
 
@@ -65,6 +69,8 @@ def prompt_tokens(body: Mapping[str, Any]) -> np.ndarray:
     if isinstance(prompt, str):
         return tokenize(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if not all(0 <= t < TOKEN_ID_LIMIT for t in prompt):
+            raise ValueError(f"token ids must be in [0, {TOKEN_ID_LIMIT})")
         return np.asarray(prompt, dtype=np.int64)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         return tokenize(prompt[0])

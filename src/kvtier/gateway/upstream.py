@@ -4,10 +4,14 @@ aiohttp rather than httpx on this side: it is the faster client under many concu
 (vLLM's production-stack router uses it the same way) and reads a stream line by line without
 buffering. A stream is passed through one SSE line at a time; only the usage chunk is parsed,
 to fill `prompt_tokens_details.cached_tokens` when the worker leaves it out and to read the
-usage the gateway accounts. A worker that fails before its first byte raises `Unreachable` (the
-caller may route the request elsewhere); one that dies mid-stream ends the client's stream
-with an in-band error event and `[DONE]`, never a hang. Closing the iterator (a client that
-went away) closes the upstream connection, which makes vLLM abort the request.
+usage the gateway accounts.
+
+A worker that cannot be reached, drops the connection or answers 502/503/504 before its first
+byte raises `Unreachable` (the caller may route the request elsewhere). Any other error status
+is the request's own and is passed back with the worker's message, `param` and `code`. A worker
+that dies mid-stream ends the client's stream with an in-band error event and `[DONE]`, never
+a hang. Closing the iterator (a client that went away) closes the upstream connection, which
+makes vLLM abort the request.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ READ_TIMEOUT_S = 600.0  # between two bytes of a worker's answer
 LINE_LIMIT = 1 << 24  # longest SSE line accepted from a worker
 
 
+UNAVAILABLE = (502, 503, 504)  # a worker answering these is down or overloaded, not the request
+
+
 class Unreachable(Exception):
     """The worker could not be reached or failed before answering."""
 
@@ -35,9 +42,7 @@ def new_session() -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
     )
-    return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, read_bufsize=1 << 16, max_line_size=LINE_LIMIT
-    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 16)
 
 
 def fill_usage(usage: dict[str, Any] | None, cached_estimate: int) -> dict[str, Any] | None:
@@ -59,9 +64,15 @@ async def _post(
 ) -> aiohttp.ClientResponse:
     try:
         resp = await session.post(url, json=body)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except aiohttp.ConnectionTimeoutError as exc:
         raise Unreachable(f"{url}: {exc}") from exc
-    if resp.status >= 500:
+    except asyncio.TimeoutError as exc:  # connected, but no answer in READ_TIMEOUT_S
+        raise ApiError(504, "the worker did not answer in time") from exc
+    except (aiohttp.ClientConnectionError, OSError) as exc:
+        raise Unreachable(f"{url}: {exc}") from exc
+    except aiohttp.ClientError as exc:
+        raise ApiError(502, f"the worker's answer was not HTTP: {exc}") from exc
+    if resp.status in UNAVAILABLE:
         resp.release()
         raise Unreachable(f"{url}: HTTP {resp.status}")
     if resp.status != 200:
@@ -72,8 +83,11 @@ async def _post(
         finally:
             resp.release()
         error = payload.get("error") if isinstance(payload, dict) else None
-        message = error.get("message") if isinstance(error, dict) else None
-        raise ApiError(resp.status, str(message or f"worker answered HTTP {resp.status}"))
+        error = error if isinstance(error, dict) else {}
+        message = str(error.get("message") or f"the worker answered HTTP {resp.status}")
+        status = resp.status if resp.status < 500 else 502
+        code = error.get("code")
+        raise ApiError(status, message, error.get("param"), code if isinstance(code, str) else None)
     return resp
 
 
@@ -111,14 +125,13 @@ async def relay(
     """The worker's SSE events, one `data:` line each, ending in `[DONE]`."""
     first, done = True, False
     try:
-        async for raw in resp.content:
-            line = raw.rstrip(b"\r\n")
+        async for line in _lines(resp):
             if not line.startswith(b"data:"):
                 continue
             if first:
                 first = False
                 on_first()
-            payload = line[5:].lstrip()
+            payload = line[5:].strip()
             done = payload == b"[DONE]"
             if b'"prompt_tokens"' in payload:
                 rewritten = _usage_chunk(payload, cached_estimate, keep_usage_chunk, on_usage)
@@ -126,13 +139,36 @@ async def relay(
                     continue
                 payload = rewritten
             yield b"data: " + payload + b"\n\n"
+            if done:
+                return
+        yield _error_event("the worker ended its stream without [DONE]")
+    except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError,
+            asyncio.TimeoutError, LineTooLong) as exc:  # fmt: skip
         if not done:
-            yield _error_event("the worker ended its stream without [DONE]")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        yield _error_event(f"the worker failed mid-stream: {type(exc).__name__}")
+            yield _error_event(f"the worker failed mid-stream: {type(exc).__name__}")
     finally:
         resp.release()
         resp.close()
+
+
+class LineTooLong(Exception):
+    """A worker sent an SSE line longer than LINE_LIMIT."""
+
+
+async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body's lines without their endings, each up to LINE_LIMIT bytes long."""
+    pending = bytearray()
+    async for chunk in resp.content.iter_any():
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            yield bytes(pending[start:end]).rstrip(b"\r")
+            start = end + 1
+        del pending[:start]
+        if len(pending) > LINE_LIMIT:
+            raise LineTooLong(f"an SSE line longer than {LINE_LIMIT} bytes")
+    if pending:
+        yield bytes(pending).rstrip(b"\r")
 
 
 def _error_event(message: str) -> bytes:
@@ -153,7 +189,8 @@ def _usage_chunk(
     usage = chunk.get("usage") if isinstance(chunk, dict) else None
     if not isinstance(usage, dict):
         return payload
-    on_usage(fill_usage(usage, cached_estimate) or usage)
-    if not keep and not chunk.get("choices"):
-        return None
-    return json.dumps(chunk, separators=(",", ":")).encode()
+    fill_usage(usage, cached_estimate)
+    if chunk.get("choices"):  # a worker sending usage with every chunk: count the last only
+        return json.dumps(chunk, separators=(",", ":")).encode()
+    on_usage(usage)
+    return json.dumps(chunk, separators=(",", ":")).encode() if keep else None
