@@ -50,7 +50,9 @@ async def stream(
 ) -> Result:
     """POST a streaming chat completion to `url` and time it."""
     sent = time.perf_counter()
-    first, texts, usage, status = float("nan"), [], {}, 0
+    first, status = float("nan"), 0
+    texts: list[str] = []
+    usage: dict[str, Any] = {}
     try:
         async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
             status = resp.status

@@ -22,6 +22,7 @@ class Process:
     """`python -m kvtier.cli ARGS`, started once `count` lines matched `banner`."""
 
     def __init__(self, args: list[str], banner: re.Pattern[str], count: int) -> None:
+        self.name = args[0]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvtier.cli", *args],
             stdout=subprocess.PIPE,
@@ -50,9 +51,9 @@ class Process:
             try:
                 line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"kvtier {self.proc.args[3]} did not start: {seen}") from None
+                raise RuntimeError(f"kvtier {self.name} did not start: {seen}") from None
             if not line:
-                raise RuntimeError(f"kvtier {self.proc.args[3]} exited: {''.join(seen)}")
+                raise RuntimeError(f"kvtier {self.name} exited: {''.join(seen)}")
             seen.append(line)
             if match := banner.match(line.strip()):
                 self.matches.append(match)

@@ -114,15 +114,15 @@ def trace(records: Sequence[TraceRecord], max_tokens: int, seed: int = 0) -> Wor
     return Workload("trace", sessions, len(blocks) * TRACE_BLOCK_TOKENS, len(records))
 
 
-def noreuse(requests: int, prompt_tokens_: int, per_s: float, max_tokens: int, seed: int) -> Workload:
+def noreuse(
+    requests: int, prompt_tokens_: int, per_s: float, max_tokens: int, seed: int
+) -> Workload:
     """Unique prompts, Poisson arrivals at `per_s` (load 1)."""
     rng = np.random.default_rng([seed, 2])
     starts = np.cumsum(rng.exponential(1.0 / per_s, requests))
-    sessions = [
-        Session(f"n{i}", float(at), None, (Turn(text_block(seed, 1 << 50 | i, prompt_tokens_),
-                                               max_tokens, 0.0),))  # fmt: skip
-        for i, at in enumerate(starts)
-    ]
+    turns = [Turn(text_block(seed, 1 << 50 | i, prompt_tokens_), max_tokens, 0.0)
+             for i in range(requests)]  # fmt: skip
+    sessions = [Session(f"n{i}", float(at), None, (turns[i],)) for i, at in enumerate(starts)]
     return Workload("noreuse", sessions, requests * prompt_tokens_, requests)
 
 
