@@ -26,6 +26,7 @@ BENCHMARKS = {
     "rag": ("kvtier.bench.workload", "RAG documents with Zipf popularity"),
     "trace": ("kvtier.bench.workload", "replay a Mooncake-format JSONL trace"),
     "vllm": ("kvtier.bench.vllm", "chat, agent and no-reuse workloads on a real vLLM engine"),
+    "gateway": ("kvtier.bench.gateway", "routing policies via kvtier gateway to simulated workers"),
 }
 
 
