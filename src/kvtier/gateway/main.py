@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit it: without it a small answer waits for the client's delayed
+    # ACK (about 40 ms a request, measured), as the event loop does not set it on them here.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((args.host, args.port))
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
