@@ -32,7 +32,7 @@ def test_quick_run_completes_every_configuration(tmp_path: Path) -> None:
             assert 0.0 <= row["hit_rate_vs_oracle"] <= 1.0
     head = result["headline"]
     keys = {"hit_rate_vs_oracle", "knee_throughput_ratio_vs_round_robin",
-            "noreuse_throughput_ratio_vs_round_robin", "max_inflight_tokens_ratio",
+            "noreuse_throughput_ratio_vs_round_robin", "steady_inflight_tokens_ratio",
             "tier_credit_ttft_p50_gain_vs_prefix", "overhead_ttft_p50_ms",
             "overhead_ttft_p99_ms", "streams_1000_errors", "route_p99_ms_1m_blocks"}  # fmt: skip
     assert keys <= set(head)

@@ -4,8 +4,9 @@ pressure, with and without kvtier's tiers behind the workers.
 
 Each configuration starts fresh sims and a fresh gateway, then runs one workload open loop
 (`gateway_client`): W1 `chat`, W2 `trace` (the Mooncake-format sample), and `noreuse`. Each
-worker's cache is the live context / `--pressure`. "Tiers on": a kvtier DRAM tier of
-2 x the cache per worker and a shared tier holding the whole context behind all of them.
+worker's cache is the live context / `--pressure`. Tiers `dram`: a kvtier DRAM tier of
+2 x the cache per worker (where crediting a worker's own DRAM can pay: a miss elsewhere is a
+recompute); tiers `all`: that plus a shared tier holding the whole context behind all of them.
 The sweep (kvtier and round-robin, 8 workers, tiers off) raises the load on the trace to
 find each policy's knee (`gateway_report`). Then: gateway overhead against calling workers
 directly (64 concurrent streams, sims with no prefill time), 1,000 concurrent streams
@@ -44,6 +45,7 @@ class Plan:
     workers: tuple[int, ...]
     load: float  # the load of every unswept run
     sweep_loads: tuple[float, ...]
+    noreuse_load: float  # past saturation: the no-reuse pair compares capacity
     chat: gw.ChatSpec
     trace_requests: int
     noreuse_requests: int
@@ -53,10 +55,10 @@ class Plan:
     route_blocks: int
 
 
-FULL = Plan((4, 8), 4.0, (4.0, 6.0, 9.0, 13.0, 18.0), gw.ChatSpec(), 300, 160, 64, 8, 1000,
-            1 << 20)  # fmt: skip
-QUICK = Plan((4,), 8.0, (8.0, 16.0), gw.ChatSpec(users=6, rounds=2, think_s=0.2), 30, 16, 16, 4,
-             100, 1 << 16)  # fmt: skip
+FULL = Plan((4, 8), 4.0, (4.0, 6.0, 9.0, 13.0, 18.0, 27.0, 40.0), 24.0, gw.ChatSpec(), 300,
+            320, 64, 8, 1000, 1 << 20)  # fmt: skip
+QUICK = Plan((4,), 8.0, (8.0, 16.0), 16.0, gw.ChatSpec(users=6, rounds=2, think_s=0.2), 30, 16,
+             16, 4, 100, 1 << 16)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,18 +117,21 @@ def configurations(plan: Plan) -> list[dict[str, Any]]:
     top = max(plan.workers)
     for workers in plan.workers:
         for work in ("chat", "trace"):
-            for tiers in (False, True) if workers == top else (False,):
+            for tiers in ("off", "all") if workers == top else ("off",):
                 for policy in POLICIES:
-                    swept = work == "trace" and workers == top and not tiers and policy in SWEPT
-                    swept = swept and plan.load in plan.sweep_loads
+                    swept = work == "trace" and workers == top and tiers == "off"
+                    swept = swept and policy in SWEPT and plan.load in plan.sweep_loads
                     out.append(dict(workload=work, workers=workers, policy=policy, tiers=tiers,
                                     load=plan.load, sweep=swept))  # fmt: skip
+    for policy in ("prefix", "kvtier"):
+        out.append(dict(workload="trace", workers=top, policy=policy, tiers="dram",
+                        load=plan.load, sweep=False))  # fmt: skip
     for policy in SWEPT:
         for load in (x for x in plan.sweep_loads if x != plan.load):
-            out.append(dict(workload="trace", workers=top, policy=policy, tiers=False,
+            out.append(dict(workload="trace", workers=top, policy=policy, tiers="off",
                             load=load, sweep=True))  # fmt: skip
-        out.append(dict(workload="noreuse", workers=top, policy=policy, tiers=False,
-                        load=plan.load, sweep=False))  # fmt: skip
+        out.append(dict(workload="noreuse", workers=top, policy=policy, tiers="off",
+                        load=plan.noreuse_load, sweep=False))  # fmt: skip
     return out
 
 
@@ -165,11 +170,13 @@ def bench(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     }
 
 
-def _sim_options(args: argparse.Namespace, cache: int, tiers: bool, context: int) -> list[str]:
+def _sim_options(args: argparse.Namespace, cache: int, tiers: str, context: int) -> list[str]:
     opts = ["--cache-tokens", str(cache), "--prefill-ms-per-token", str(args.prefill_ms_per_token),
             "--decode-ms-per-token", str(args.decode_ms_per_token)]  # fmt: skip
-    if tiers:
-        opts += ["--kvtier-tokens", str(2 * cache), "--shared-tokens", str(2 * context)]
+    if tiers in ("dram", "all"):
+        opts += ["--kvtier-tokens", str(2 * cache)]
+    if tiers == "all":
+        opts += ["--shared-tokens", str(2 * context)]
     return opts
 
 
@@ -177,7 +184,7 @@ def _run_config(
     args: argparse.Namespace, key: dict[str, Any], work: gw.Workload, cache: int
 ) -> rep.Row:
     sim_opts = _sim_options(args, cache, key["tiers"], work.context_tokens)
-    index_tokens = 2 * work.context_tokens if key["tiers"] else cache
+    index_tokens = 2 * work.context_tokens if key["tiers"] != "off" else cache
     gw_opts = ["--policy", key["policy"], "--worker-cache-tokens", str(index_tokens),
                "--prefill-ms-per-token", str(args.prefill_ms_per_token)]  # fmt: skip
     with procs.sims(key["workers"], sim_opts) as sims, procs.gateway(sims, gw_opts) as gate:

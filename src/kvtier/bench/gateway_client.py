@@ -117,6 +117,7 @@ async def run_workload(
 class InflightSample(NamedTuple):
     requests: int
     max_over_mean_tokens: float  # the busiest worker's booked tokens / the mean
+    tokens: tuple[float, ...]  # each worker's booked tokens
 
 
 def parse_gauges(text: str, name: str) -> list[float]:
@@ -136,7 +137,8 @@ async def sample_inflight(url: str, interval_s: float, out: list[InflightSample]
                 requests = parse_gauges(text, "kvtier_gateway_worker_requests")
                 mean = sum(tokens) / len(tokens) if tokens else 0.0
                 if mean > 0:
-                    out.append(InflightSample(int(sum(requests)), max(tokens) / mean))
+                    ratio = max(tokens) / mean
+                    out.append(InflightSample(int(sum(requests)), ratio, tuple(tokens)))
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, IndexError):
                 pass
             await asyncio.sleep(interval_s)

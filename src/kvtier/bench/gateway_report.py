@@ -26,13 +26,24 @@ TARGETS = {
     "hit_rate_vs_oracle": ">= 0.95",
     "knee_throughput_ratio_vs_round_robin": ">= 2.5",
     "noreuse_throughput_ratio_vs_round_robin": "0.95 .. 1.05",
-    "max_inflight_tokens_ratio": "<= 1.5",
+    "steady_inflight_tokens_ratio": "<= 1.5",
     "tier_credit_ttft_p50_gain_vs_prefix": ">= 0.10",
     "overhead_ttft_p50_ms": "<= 2",
     "overhead_ttft_p99_ms": "<= 10",
     "streams_1000_errors": "== 0",
     "route_p99_ms_1m_blocks": "<= 1",
 }
+
+
+def _steady_ratio(inflight: Sequence[InflightSample], workers: int) -> float:
+    """The busiest worker's time-averaged booked tokens over the mean of all workers', over
+    the samples with at least one request per worker in flight (steady state)."""
+    busy = [s.tokens for s in inflight if s.requests >= workers and len(s.tokens) == workers]
+    if not busy:
+        return math.nan
+    per_worker = np.mean(np.asarray(busy), axis=0)
+    mean = float(per_worker.mean())
+    return float(per_worker.max()) / mean if mean > 0 else math.nan
 
 
 def row(
@@ -69,6 +80,7 @@ def row(
         "throughput_prompt_tokens_s": prompt / span if span > 0 else 0.0,
         "throughput_rps": len(ok) / span if span > 0 else 0.0,
         "max_inflight_tokens_ratio": max(busy, default=math.nan),
+        "steady_inflight_tokens_ratio": _steady_ratio(inflight, key["workers"]),
         "wall_s": span,
     }
 
@@ -77,6 +89,10 @@ def knee(rows: Sequence[Row]) -> Row | None:
     """The highest-load row whose TTFT p90 meets SLO_FACTOR x its idle p90 (None: none)."""
     good = [r for r in rows if r["ttft_ms"]["p90"] <= SLO_FACTOR * r["idle_ttft_p90_ms"]]
     return max(good, key=lambda r: r["load"], default=None)
+
+
+def _tiers_tag(r: Row) -> str:
+    return "" if r["tiers"] == "off" else f" +{r['tiers']}"
 
 
 def _find(rows: Sequence[Row], **want: Any) -> Row | None:
@@ -90,7 +106,8 @@ def _ratio(a: float | None, b: float | None) -> float:
 def headline(rows: Sequence[Row], sweep: str, workers: int, load: float) -> dict[str, Any]:
     """The judged figures from the rows (sweep rows carry `sweep: True`)."""
     out: dict[str, Any] = {}
-    main = [r for r in rows if r["workers"] == workers and not r["tiers"] and r["load"] == load]
+    main = [r for r in rows
+            if r["workers"] == workers and r["tiers"] == "off" and r["load"] == load]  # fmt: skip
     rates = [r["hit_rate_vs_oracle"] for r in main
              if r["policy"] == "kvtier" and r["workload"] != "noreuse"]  # fmt: skip
     out["hit_rate_vs_oracle"] = min(rates, default=math.nan)
@@ -109,14 +126,15 @@ def headline(rows: Sequence[Row], sweep: str, workers: int, load: float) -> dict
         if nk and nr
         else math.nan
     )
-    kv = [r["max_inflight_tokens_ratio"] for r in rows if r["policy"] == "kvtier"]
-    out["max_inflight_tokens_ratio"] = max((v for v in kv if not math.isnan(v)), default=math.nan)
-    tk = _find(main_tiers := [r for r in rows if r["tiers"]], workload="trace", policy="kvtier",
-               workers=workers)  # fmt: skip
-    tp = _find(main_tiers, workload="trace", policy="prefix", workers=workers)
-    out["tier_credit_ttft_p50_gain_vs_prefix"] = (
-        1 - tk["ttft_ms"]["p50"] / tp["ttft_ms"]["p50"] if tk and tp else math.nan
-    )
+    for name in ("max_inflight_tokens_ratio", "steady_inflight_tokens_ratio"):
+        kv = [r[name] for r in rows if r["policy"] == "kvtier"]
+        out[name] = max((v for v in kv if not math.isnan(v)), default=math.nan)
+    for tiers, name in (("dram", ""), ("all", "_with_shared_tier")):
+        tk, tp = (_find(rows, workload="trace", policy=p, workers=workers, tiers=tiers)
+                  for p in ("kvtier", "prefix"))  # fmt: skip
+        out[f"tier_credit_ttft_p50_gain_vs_prefix{name}"] = (
+            1 - tk["ttft_ms"]["p50"] / tp["ttft_ms"]["p50"] if tk and tp else math.nan
+        )
     out["sweep_workload"], out["matrix_load"] = sweep, load
     return out
 
@@ -137,7 +155,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         t, c = r["ttft_ms"], r["cached_tokens_by_tier"]
         lines.append(
             f"| {r['workload']}{' (sweep)' if r['sweep'] else ''} | {r['workers']} | "
-            f"{r['policy']} | {'on' if r['tiers'] else 'off'} | {r['load']:g} | "
+            f"{r['policy']} | {r['tiers']} | {r['load']:g} | "
             f"{r['completed']}/{r['requests']} | {r['errors_5xx']} | {t['p50']:.0f} / "
             f"{t['p90']:.0f} / {t['p99']:.0f} | {r['hit_rate_vs_oracle']:.3f} | "
             f"{c['gpu']:,} / {c['dram']:,} / {c['shared']:,} | "
@@ -170,8 +188,7 @@ def plot(path: Path, result: Mapping[str, Any]) -> None:
              yscale="log", title="sweep (dotted: SLO)")  # fmt: skip
     load = result["headline"]["matrix_load"]
     main = [r for r in rows if r["load"] == load and r["workload"] != "noreuse"]
-    names = [f"{r['workload']} {r['workers']}w\n{r['policy']}{' +t' if r['tiers'] else ''}"
-             for r in main]  # fmt: skip
+    names = [f"{r['workload']} {r['workers']}w\n{r['policy']}" + _tiers_tag(r) for r in main]
     right.bar(
         range(len(main)),
         [r["hit_rate_vs_oracle"] for r in main],

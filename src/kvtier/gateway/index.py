@@ -4,9 +4,10 @@ One dict maps a block key to a bit mask of its holders: bit 0 is kvtier's shared
 worker can load from it), and worker w has four bits, `1 + 4w + tier` for its GPU cache, its
 kvtier DRAM, its kvtier disk, and the gateway's own prediction of its GPU cache (the prompts
 it sent there; kept apart so that a worker's events never evict the predictions, nor the
-reverse). A holder keeps at most `capacity_blocks` keys in LRU order
-(the dict's insertion order), so a shadow index fed only by the gateway's own decisions stays
-bounded and forgets the way a worker's cache does.
+reverse). A holder keeps at most `capacity_blocks` keys, evicted in second-chance (CLOCK)
+order over the dict's insertion order, which approximates LRU with one C-level dict update
+per prompt instead of a move per key, so a shadow index fed only by the gateway's own
+decisions stays bounded and forgets the way a worker's cache does.
 
 `match(keys)` walks a prompt's keys once, comparing each mask with the last (a prompt's blocks
 come in long runs of the same holders), and splits each worker's usable prefix the way vLLM
@@ -55,25 +56,34 @@ class PrefixIndex:
         self.workers = workers
         self.capacity_blocks = capacity_blocks
         self._masks: dict[int, int] = {}
-        self._lrus: dict[int, dict[int, None]] = {}
+        self._lrus: dict[int, dict[int, bool]] = {}  # holder bit -> key -> used again
 
     def __len__(self) -> int:
         return len(self._masks)
 
     def add(self, worker: int, tier: int, keys: Iterable[int]) -> None:
-        """The holder now has these blocks (most recently used last)."""
+        """The holder now has these blocks (in prompt order)."""
         bit = holder_bit(worker, tier)
-        lru = self._lrus.setdefault(bit, {})
-        masks = self._masks
         flag = 1 << bit
-        for key in keys:
-            lru.pop(key, None)
-            lru[key] = None
+        lru = self._lrus.setdefault(bit, {})
+        keys = list(keys)
+        new = [k for k in keys if k not in lru]
+        masks = self._masks
+        for key in new:
             masks[key] = masks.get(key, 0) | flag
+        lru.update(dict.fromkeys(keys, True))  # held ones referenced, new ones appended...
+        lru.update(dict.fromkeys(new, False))  # ...unreferenced
+        self._evict(lru, flag)
+
+    def _evict(self, lru: dict[int, bool], flag: int) -> None:
+        """Second-chance (CLOCK) eviction down to capacity: the oldest key goes unless it was
+        used again since it was last passed over, in which case it moves to the end."""
         while len(lru) > self.capacity_blocks:
             oldest = next(iter(lru))
-            del lru[oldest]
-            self._drop(flag, oldest)
+            if lru.pop(oldest):
+                lru[oldest] = False
+            else:
+                self._drop(flag, oldest)
 
     def remove(self, worker: int, tier: int, keys: Iterable[int]) -> None:
         """The holder no longer has these blocks."""

@@ -120,6 +120,7 @@ class Pool:
         blocks count as a GPU prefix the index may not know of, if this prompt has them."""
         request = Request(prompt_tokens, self.block_tokens)
         hits = self.index.match(keys)
+        indexed = [h.gpu for h in hits]
         if bound is not None and _holds(bound, keys, hits):
             hits[bound.worker] = Hits(bound.blocks, 0, 0, 0)
         candidates = [
@@ -127,14 +128,16 @@ class Pool:
         ] or [Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers)]
         chosen = self.policy.pick(request, candidates)
         prefill_s = expected_ttft_s(request, chosen._replace(load=Load()))
+        # Predict only what the index does not already hold there: the blocks past its match.
+        predicted = keys[indexed[chosen.worker] :]
         booking = Booking(
-            chosen.worker, prompt_tokens + output_tokens, prefill_s, chosen.hits, keys
+            chosen.worker, prompt_tokens + output_tokens, prefill_s, chosen.hits, predicted
         )
         load = chosen.load
         load.requests += 1
         load.tokens += booking.tokens
         load.prefill_s += prefill_s
-        self.index.add(chosen.worker, PREDICTED, keys)
+        self.index.add(chosen.worker, PREDICTED, predicted)
         self.stats.decisions += 1
         return booking
 
