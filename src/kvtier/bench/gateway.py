@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--prefill-ms-per-token", type=float, default=0.05)
     add("--decode-ms-per-token", type=float, default=2.0)
     add("--trace", type=Path, default=SAMPLE, help="Mooncake-format JSONL trace")
+    add("--vllm", action="store_true",
+        help="instead: two real vLLM CPU engines with kvtier behind it, per policy")  # fmt: skip
     add("--json", action="store_true", help="print one JSON object")
     add("--out", type=Path, default=env_default("KVTIER_BENCH_OUT", "results"))
 
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pressure < 2:
         print("kvtier bench gateway: --pressure must be at least 2", file=sys.stderr)
         return 2
+    if args.vllm:
+        return _run_vllm(args)
     try:
         result = bench(args, QUICK if args.quick else FULL)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -89,6 +93,22 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(_clean(result))
     (args.out / "gateway.json").write_text(text)
     print(text if args.json else rep.markdown(result))
+    return 0
+
+
+def _run_vllm(args: argparse.Namespace) -> int:
+    from kvtier.bench import gateway_vllm
+
+    chat = gateway_vllm.Chat(sessions=4, turns=3) if args.quick else gateway_vllm.Chat()
+    try:
+        result = gateway_vllm.bench(chat)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"kvtier bench gateway --vllm: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_clean(result))
+    (args.out / "gateway_vllm.json").write_text(text)
+    print(text if args.json else gateway_vllm.markdown(result))
     return 0
 
 

@@ -258,3 +258,23 @@ def bench(chat: Chat | None = None, policies: tuple[str, ...] = POLICIES) -> dic
         "rows": rows,
         "differing_tokens": differing,
     }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A table of the policies' figures."""
+    lines = [
+        f"# kvtier bench gateway --vllm ({result['engines']} engines, {result['model']})",
+        "",
+        f"live context / one engine's KV cache: {result['live_context_over_one_engine_cache']:.2f}",
+        f"differing tokens between policies: {result['differing_tokens']}",
+        "",
+        "| policy | returning TTFT p50 / p90 ms | hit rate (returning turns) | KV events read |",
+        "|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        ttft = row["ttft_ms_returning"]
+        lines.append(
+            f"| {row['policy']} | {ttft['p50']:.0f} / {ttft['p90']:.0f} | "
+            f"{row['hit_rate_returning']:.3f} | {row['kv_events']} |"
+        )
+    return "\n".join(lines)
