@@ -122,23 +122,30 @@ async def relay(
     on_first: Callable[[], None],
     on_usage: Callable[[dict[str, Any]], None],
 ) -> AsyncIterator[bytes]:
-    """The worker's SSE events, one `data:` line each, ending in `[DONE]`."""
+    """The worker's SSE events (`data:` lines), ending in `[DONE]`. The events of one read
+    from the worker go out as one write: under load that is many, and each write costs."""
     first, done = True, False
     try:
-        async for line in _lines(resp):
-            if not line.startswith(b"data:"):
-                continue
-            if first:
-                first = False
-                on_first()
-            payload = line[5:].strip()
-            done = payload == b"[DONE]"
-            if b'"prompt_tokens"' in payload:
-                rewritten = _usage_chunk(payload, cached_estimate, keep_usage_chunk, on_usage)
-                if rewritten is None:
+        async for lines in _reads(resp):
+            out = bytearray()
+            for line in lines:
+                if not line.startswith(b"data:"):
                     continue
-                payload = rewritten
-            yield b"data: " + payload + b"\n\n"
+                if first:
+                    first = False
+                    on_first()
+                payload = line[5:].strip()
+                done = payload == b"[DONE]"
+                if b'"prompt_tokens"' in payload:
+                    rewritten = _usage_chunk(payload, cached_estimate, keep_usage_chunk, on_usage)
+                    if rewritten is None:
+                        continue
+                    payload = rewritten
+                out += b"data: " + payload + b"\n\n"
+                if done:
+                    break
+            if out:
+                yield bytes(out)
             if done:
                 return
         yield _error_event("the worker ended its stream without [DONE]")
@@ -155,20 +162,21 @@ class LineTooLong(Exception):
     """A worker sent an SSE line longer than LINE_LIMIT."""
 
 
-async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The body's lines without their endings, each up to LINE_LIMIT bytes long."""
+async def _reads(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The complete lines (without their endings) of each read of the body; a line may be
+    up to LINE_LIMIT bytes long and span reads."""
     pending = bytearray()
     async for chunk in resp.content.iter_any():
         pending += chunk
-        start = 0
-        while (end := pending.find(b"\n", start)) >= 0:
-            yield bytes(pending[start:end]).rstrip(b"\r")
-            start = end + 1
-        del pending[:start]
-        if len(pending) > LINE_LIMIT:
-            raise LineTooLong(f"an SSE line longer than {LINE_LIMIT} bytes")
+        if b"\n" not in chunk:
+            if len(pending) > LINE_LIMIT:
+                raise LineTooLong(f"an SSE line longer than {LINE_LIMIT} bytes")
+            continue
+        *lines, rest = bytes(pending).split(b"\n")
+        pending = bytearray(rest)
+        yield [line.rstrip(b"\r") for line in lines]
     if pending:
-        yield bytes(pending).rstrip(b"\r")
+        yield [bytes(pending).rstrip(b"\r")]
 
 
 def _error_event(message: str) -> bytes:
