@@ -4,9 +4,11 @@ pressure, with and without kvtier's tiers behind the workers.
 
 Each configuration starts fresh sims and a fresh gateway, then runs one workload open loop
 (`gateway_client`): W1 `chat`, W2 `trace` (the Mooncake-format sample), and `noreuse`. Each
-worker's cache is the live context / `--pressure`. Tiers `dram`: a kvtier DRAM tier of
-2 x the cache per worker (where crediting a worker's own DRAM can pay: a miss elsewhere is a
-recompute); tiers `all`: that plus a shared tier holding the whole context behind all of them.
+worker's cache is the live context / `--pressure`. Tiers `all`: a kvtier DRAM tier of 2 x the
+cache per worker plus a shared tier holding the whole context behind all of them. Tiers
+`dram` (the tier-credit runs): the workers' GPU caches together hold half the live context and
+each has a kvtier DRAM tier of 2 x its cache, so a prefix often survives only in one worker's
+DRAM, where crediting it pays (elsewhere it is a recompute).
 The sweep (kvtier and round-robin, 8 workers, tiers off) raises the load on the trace to
 find each policy's knee (`gateway_report`). Then: gateway overhead against calling workers
 directly (64 concurrent streams, sims with no prefill time), 1,000 concurrent streams
@@ -164,7 +166,10 @@ def bench(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     with tqdm(total=len(configs), desc="gateway configurations", file=sys.stderr) as bar:
         for key in configs:
             work = works[key["workload"]]
-            rows.append(_run_config(args, key, work, caches[key["workload"]]))
+            cache = caches[key["workload"]]
+            if key["tiers"] == "dram":  # all GPU caches together: half the context
+                cache = max(work.context_tokens // (2 * key["workers"]), 16)
+            rows.append(_run_config(args, key, work, cache))
             bar.update()
     overhead = asyncio.run(_overhead(args, plan))
     route = time_routing(8, plan.route_blocks)

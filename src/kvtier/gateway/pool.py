@@ -130,9 +130,9 @@ class Pool:
         prefill_s = expected_ttft_s(request, chosen._replace(load=Load()))
         # Predict only what the index does not already hold there: the blocks past its match.
         predicted = keys[indexed[chosen.worker] :]
-        booking = Booking(
-            chosen.worker, prompt_tokens + output_tokens, prefill_s, chosen.hits, predicted
-        )
+        # The work it adds there: the prompt tokens the worker must compute, and the output.
+        work = max(prompt_tokens - chosen.hits.blocks * self.block_tokens, 0) + output_tokens
+        booking = Booking(chosen.worker, work, prefill_s, chosen.hits, predicted)
         load = chosen.load
         load.requests += 1
         load.tokens += booking.tokens

@@ -41,7 +41,7 @@ class Load:
     """A worker's unfinished work as the gateway sent it."""
 
     requests: int = 0
-    tokens: int = 0  # prompt + expected output tokens of unfinished requests
+    tokens: int = 0  # tokens to compute (uncached prompt + expected output) of unfinished ones
     prefill_s: float = 0.0  # expected prefill seconds of requests still without a first token
 
 
