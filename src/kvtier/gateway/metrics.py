@@ -29,7 +29,9 @@ class _PoolCollector(Collector):
                 "kvtier_gateway_worker_requests", "requests in flight", labels=["worker"]
             ),
             "tokens": GaugeMetricFamily(
-                "kvtier_gateway_worker_tokens", "tokens to compute in flight (uncached prompt + output)", labels=["worker"]
+                "kvtier_gateway_worker_tokens",
+                "tokens to compute in flight (uncached prompt + output)",
+                labels=["worker"],
             ),
             "healthy": GaugeMetricFamily(
                 "kvtier_gateway_worker_healthy", "1 if the last scrape answered", labels=["worker"]
