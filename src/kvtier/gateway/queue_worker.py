@@ -106,6 +106,7 @@ class QueueWorker:
         self.scripts = QueueScripts(self.client, self.keys, config.name, config.result_ttl_s)
         self.running: dict[str, asyncio.Task[None]] = {}
         self.held: dict[str, Entry] = {}
+        self.calling: set[str] = set()  # entries waiting on the engine (safe to cancel)
         self.stop = asyncio.Event()
         self.engine: Engine | None = None
 
@@ -170,6 +171,7 @@ class QueueWorker:
         if not began.run:
             return
         assert self.engine is not None
+        self.calling.add(entry.id)
         try:
             completion = await self.engine.complete(json.loads(entry.body))
         except EngineError as exc:
@@ -178,27 +180,33 @@ class QueueWorker:
             else:
                 await self.scripts.failed(entry, str(exc))
             return
+        finally:
+            self.calling.discard(entry.id)
         if self.config.audit:
             await self.client.hincrby(self.keys.audit("executed"), entry.task, 1)
         if await self.scripts.done(entry, completion) and self.config.audit:
             await self.client.hincrby(self.keys.audit("applied"), entry.task, 1)
 
     async def _beat(self) -> None:
+        """Keep running entries ours; one another consumer took (this one stalled past the
+        idle timeout) is cancelled if still on the engine (its finish would be a no-op)."""
         for lost in await self.scripts.heartbeat(list(self.running)):
             task = self.running.get(lost)
-            if task is not None:
+            if task is not None and lost in self.calling:
                 task.cancel()
 
     async def _janitor(self) -> None:
-        free = self._free()
-        if free > 0 and not self.stop.is_set():
-            c = self.config
+        """Take over idle entries (one pass over the whole PEL, as free slots allow), then tidy."""
+        c, cursor = self.config, "0-0"
+        while self._free() > 0 and not self.stop.is_set():
             reply: Any = await self.client.xautoclaim(
-                self.keys.stream, c.group, c.name, c.idle_ms, "0-0", count=free
+                self.keys.stream, c.group, c.name, c.idle_ms, cursor, count=self._free()
             )
-            entries, _ = _entries(reply[1])
-            for entry in entries:
+            for entry in _entries(reply[1])[0]:
                 self._start(entry)
+            cursor = reply[0].decode()
+            if cursor == "0-0":
+                break
         prune_ms = self.config.idle_ms * PRUNE_IDLE_FACTOR
         await self.scripts.tidy(self.config.max_len, prune_ms)
 
