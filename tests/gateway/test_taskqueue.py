@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from kvtier.bench.remote_io import RedisProcess
+from kvtier.gateway.queue_scripts import Entry, QueueScripts
 from kvtier.gateway.taskqueue import QueueKeys, TaskQueue, TaskState, TaskStatus, tenant_digest
 
 from .procs import BannerProcess, SimProcess
@@ -147,9 +149,14 @@ def test_live_long_task_is_never_stolen(redis_server: RedisProcess, r: redis.Red
         task_id = submit(redis_server.url, chat(500))  # ~5 s
         wait_for(redis_server.url, task_id, is_(TaskState.RUNNING), 20)
         with QueueWorkerProcess(redis_server.url, sim.url, "b"):
-            done = wait_for(redis_server.url, task_id, is_(TaskState.DONE), 30)
-    assert done.attempts == 1 and record(r, task_id, "worker") == "a"
-    assert audit(r, "executed", task_id) == 1
+            owners = set()
+            while (now := status(redis_server.url, task_id)) and now.state is TaskState.RUNNING:
+                pel = r.xpending_range(KEYS.stream, KEYS.group, "-", "+", 10)
+                owners |= {(p["consumer"], p["times_delivered"]) for p in pel}
+                time.sleep(0.1)
+    assert owners == {(b"a", 1)}  # never claimed, not even back by its own janitor
+    assert now is not None and now.state is TaskState.DONE and now.attempts == 1
+    assert record(r, task_id, "worker") == "a" and audit(r, "executed", task_id) == 1
 
 
 def test_permanent_failure_dead_lettered_after_one_delivery(
@@ -181,6 +188,56 @@ def test_poison_dead_lettered_after_exactly_n_deliveries(
     dead = r.xrange(KEYS.dlq)
     assert len(dead) == 1 and dead[0][1][b"attempts"] == b"3"
     assert audit(r, "executed", task_id) == 0
+
+
+def test_stalled_worker_finishing_late_has_no_second_effect(
+    redis_server: RedisProcess, r: redis.Redis
+) -> None:
+    """A worker stalled (SIGSTOP) past the idle timeout loses its task; when it resumes, the
+    task's record keeps the one completion written by the worker that took over."""
+    with (
+        SimProcess("--decode-ms-per-token", "10") as sim,
+        QueueWorkerProcess(redis_server.url, sim.url, "a") as a,
+    ):
+        task_id = submit(redis_server.url, chat(200))  # ~2 s
+        wait_for(redis_server.url, task_id, is_(TaskState.RUNNING), 20)
+        with QueueWorkerProcess(redis_server.url, sim.url, "b"):
+            a.proc.send_signal(signal.SIGSTOP)
+            done = wait_for(redis_server.url, task_id, is_(TaskState.DONE), 20)
+            a.proc.send_signal(signal.SIGCONT)
+            time.sleep(1.0)  # a wakes up, its engine answer arrives or is cancelled
+    assert status(redis_server.url, task_id) == done and done.attempts == 2
+    assert record(r, task_id, "worker") == "b" and audit(r, "applied", task_id) == 1
+
+
+def test_finish_is_once_only(redis_server: RedisProcess, r: redis.Redis) -> None:
+    """The terminal write takes effect once: a second finish, a late failure or a new delivery
+    of an ended task only acks."""
+
+    async def go() -> tuple[bool, bool, bool, bool]:
+        client = aioredis.Redis.from_url(redis_server.url)
+        scripts = QueueScripts(client, KEYS, "w", 60)
+        queue = TaskQueue(redis_server.url)
+        try:
+            task_id = await queue.submit("acme", chat(1))
+            [[_, [(entry_id, _)]]] = await client.xreadgroup(
+                KEYS.group, "w", {KEYS.stream: ">"}, 1
+            )
+            entry = Entry(entry_id.decode(), task_id, tenant_digest("acme"), "{}")
+            began = await scripts.begin(entry, 3)
+            first = await scripts.done(entry, {"n": 1})
+            second = await scripts.done(entry, {"n": 2})
+            late = await scripts.failed(entry, "late")
+            again = await scripts.begin(entry, 3)
+            return began.run and first, second, late, again.run
+        finally:
+            await queue.close()
+            await client.aclose()
+
+    assert asyncio.run(go()) == (True, False, False, False)
+    [key] = r.keys(f"{KEYS.stream}:task:*")
+    assert r.hget(key, "completion") == b'{"n": 1}' and r.hget(key, "state") == b"done"
+    assert r.xlen(KEYS.dlq) == 0 and r.xpending(KEYS.stream, KEYS.group)["pending"] == 0
 
 
 def assert_trim_kept_pending(r: redis.Redis) -> None:
