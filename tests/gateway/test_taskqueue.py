@@ -180,7 +180,7 @@ def test_poison_dead_lettered_after_exactly_n_deliveries(
     args = ("--task-timeout-s", "0.5", "--max-deliveries", "3")
     with SimProcess() as sim, QueueWorkerProcess(redis_server.url, sim.url, "a", *args), \
             QueueWorkerProcess(redis_server.url, sim.url, "b", *args):  # fmt: skip
-        task_id = submit(redis_server.url, chat(100_000))
+        task_id = submit(redis_server.url, chat(2_000))  # 10 s: always times out
         failed = wait_for(redis_server.url, task_id, is_(TaskState.FAILED), 30)
         time.sleep(2 * CLAIM_S)  # no fourth delivery follows
         assert status(redis_server.url, task_id) == failed
@@ -220,9 +220,7 @@ def test_finish_is_once_only(redis_server: RedisProcess, r: redis.Redis) -> None
         queue = TaskQueue(redis_server.url)
         try:
             task_id = await queue.submit("acme", chat(1))
-            [[_, [(entry_id, _)]]] = await client.xreadgroup(
-                KEYS.group, "w", {KEYS.stream: ">"}, 1
-            )
+            [[_, [(entry_id, _)]]] = await client.xreadgroup(KEYS.group, "w", {KEYS.stream: ">"}, 1)
             entry = Entry(entry_id.decode(), task_id, tenant_digest("acme"), "{}")
             began = await scripts.begin(entry, 3)
             first = await scripts.done(entry, {"n": 1})

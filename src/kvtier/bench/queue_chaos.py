@@ -28,6 +28,7 @@ from kvtier.gateway.taskqueue import QueueKeys, TaskQueue, tenant_digest
 TENANT = "bench"
 SIM_BANNER = re.compile(r"^worker-sim (http://\S+)$")
 TICK_S = 0.05
+REPORT_EVERY_S = 10.0
 MISSING = """
 local missing = 0
 for _, e in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 100000)) do
@@ -63,6 +64,11 @@ class ChaosPlan:
     @property
     def task_timeout_s(self) -> float:
         return 1.6 * self.long_tokens * self.decode_ms_per_token / 1000
+
+    @property
+    def poison_tokens(self) -> int:
+        """A retryable poison task would run 3 task timeouts (so it always times out)."""
+        return int(3 * self.task_timeout_s * 1000 / self.decode_ms_per_token)
 
 
 @dataclass(slots=True)
@@ -135,7 +141,9 @@ class Chaos:
     async def _seed_specials(self, queue: TaskQueue) -> None:
         p, log = self.plan, self.log
         log.long = [await queue.submit(TENANT, _body(p.long_tokens)) for _ in range(p.long_tasks)]
-        log.retry_poison = [await queue.submit(TENANT, _body(10**7)) for _ in range(p.poison)]
+        log.retry_poison = [
+            await queue.submit(TENANT, _body(p.poison_tokens)) for _ in range(p.poison)
+        ]
         log.fatal_poison = [
             await queue.submit(TENANT, _body(4, "no-such-model")) for _ in range(p.poison)
         ]
@@ -146,7 +154,7 @@ class Chaos:
     async def _loop(self, client: aioredis.Redis, queue: TaskQueue) -> None:
         p, log = self.plan, self.log
         total = p.tasks + self._special()
-        start = time.monotonic()
+        start = next_report = time.monotonic()
         while True:
             ended = await client.hlen(self.keys.audit("applied")) + await client.xlen(self.keys.dlq)
             if ended >= total:
@@ -162,6 +170,10 @@ class Chaos:
             if log.kills < p.kills and ended >= (log.kills + 1) * total / (p.kills + 1):
                 await self._kill_one(client)
             await self._sample(client)
+            if time.monotonic() >= next_report:
+                next_report += REPORT_EVERY_S
+                print(f"bench queue: {ended}/{total} ended, {log.kills} kills, stream "
+                      f"{log.stream_len_max} max", file=sys.stderr, flush=True)  # fmt: skip
             await asyncio.sleep(TICK_S)
         log.elapsed_s = time.monotonic() - start
 

@@ -32,12 +32,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from kvtier.gateway.affinity import StateUnavailable, redis_client
+from kvtier.gateway.affinity import REDIS_TIMEOUT_S, StateUnavailable
 
 STREAM = "kvtier:tasks"
 GROUP = "engines"
 RESULT_TTL_S = 86_400
 TASK_ID = re.compile(r"task_[0-9a-f]{32}")
+MAX_CONNECTIONS = 64  # a burst past this waits for a connection (up to POOL_WAIT_S), not 503
+POOL_WAIT_S = 5.0
 
 
 class TaskState(enum.Enum):
@@ -143,7 +145,14 @@ class TaskQueue:
             raise ValueError(f"result_ttl_s must be at least 1, got {result_ttl_s}")
         self.keys = QueueKeys(stream, group)
         self.result_ttl_s = result_ttl_s
-        self._client = redis_client(url)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_WAIT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
+        self._client = aioredis.Redis.from_pool(pool)
         self._group_ready = False
 
     async def submit(self, tenant: str, body: dict[str, Any]) -> str:
