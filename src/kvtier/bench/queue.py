@@ -100,8 +100,9 @@ def analyse(plan: ChaosPlan, log: ChaosLog, client: redis.Redis) -> dict[str, An
     applied, executed = _counts(client, "applied"), _counts(client, "executed")
     delays = []
     for task_id, kill_ms in log.orphan_kill_ms.items():
-        rec = normal.get(task_id) or _records(client, [task_id])[0]
-        delays.append((int(rec[b"started_at_ms"]) - kill_ms) / 1000)
+        rec = normal.get(task_id)  # poison tasks' later starts follow their own timeouts
+        if rec is not None:
+            delays.append((int(rec[b"started_at_ms"]) - kill_ms) / 1000)
     groups = (("long", log.long), ("retry", log.retry_poison), ("fatal", log.fatal_poison))
     special = {name: _records(client, ids) for name, ids in groups}
     dlq: Any = client.xrange(keys.dlq)

@@ -9,9 +9,10 @@ Delivery protocol (at-least-once delivery, exactly-once effect):
 3. Heartbeat: every idle_timeout/3 each running entry's idle time is reset
    (`XCLAIM … 0 id JUSTID`, delivery count unchanged), so no janitor steals a live task;
    an entry found owned by another consumer is cancelled here (its result would be a no-op).
-4. Janitor, every claim period: `XAUTOCLAIM min-idle=idle_timeout` takes over (as many as
-   free slots) entries whose consumer died or handed them back, so a dead worker's task
-   runs again within idle_timeout + claim period; then `tidy` (bounded, safe trim).
+4. Janitor, every claim period: `XAUTOCLAIM min-idle=idle_timeout` takes over entries whose
+   consumer died or handed them back (even into up to `concurrency` extra slots: they are
+   older than any new task), so a dead worker's task runs again within idle_timeout + claim
+   period; then `tidy` (bounded, safe trim).
 5. Failures: permanent ones (see `queue_engine`) and the `max_deliveries`-th retryable
    one end the task as failed, into the dead-letter stream; other retryable ones are handed
    back at once for another delivery.
@@ -196,11 +197,13 @@ class QueueWorker:
                 task.cancel()
 
     async def _janitor(self) -> None:
-        """Take over idle entries (one pass over the whole PEL, as free slots allow), then tidy."""
+        """Take over idle entries (one pass over the whole PEL), then tidy. Taken-over tasks
+        are older than any new one, so they may use up to `concurrency` slots beyond the
+        reader's: a worker full of new tasks still picks up a dead consumer's at once."""
         c, cursor = self.config, "0-0"
-        while self._free() > 0 and not self.stop.is_set():
+        while (room := self._free() + c.concurrency) > 0 and not self.stop.is_set():
             reply: Any = await self.client.xautoclaim(
-                self.keys.stream, c.group, c.name, c.idle_ms, cursor, count=self._free()
+                self.keys.stream, c.group, c.name, c.idle_ms, cursor, count=room
             )
             for entry in _entries(reply[1])[0]:
                 self._start(entry)
