@@ -108,6 +108,8 @@ def analyse(plan: ChaosPlan, log: ChaosLog, client: redis.Redis) -> dict[str, An
     dlq: Any = client.xrange(keys.dlq)
     dead = [f[b"task"].decode() for _, f in dlq]
     bound_s = plan.idle_timeout_s + plan.claim_every_s
+    done_ids = [t for t, rec in normal.items() if rec.get(b"state") == b"done"]
+    unaudited = sum(1 for t in done_ids if t not in applied)
     result: dict[str, Any] = {
         "tasks": plan.tasks, "workers": plan.workers, "concurrency": plan.concurrency,
         "kills": log.kills, "idle_timeout_s": plan.idle_timeout_s,
@@ -117,6 +119,7 @@ def analyse(plan: ChaosPlan, log: ChaosLog, client: redis.Redis) -> dict[str, An
         "lost": sum(1 for r in normal.values() if r.get(b"state") != b"done"),
         "completed_twice": sum(1 for n in applied.values() if n > 1),
         "executed_twice": sum(1 for n in executed.values() if n > 1),
+        "done_without_audit": unaudited,
         "deliveries": sum(int(r.get(b"attempts", 0)) for r in normal.values()),
         "orphaned_by_kills": len(delays),
         "redelivery_max_s": round(max(delays, default=0.0), 3),
@@ -156,6 +159,7 @@ def table(r: dict[str, Any]) -> str:
         ("lost", r["lost"]),
         ("completed twice (effects)", r["completed_twice"]),
         ("executed twice (absorbed by the guard)", r["executed_twice"]),
+        ("done, audit increment lost to a kill", r["done_without_audit"]),
         ("deliveries of normal tasks", r["deliveries"]),
         ("tasks orphaned by kills", r["orphaned_by_kills"]),
         ("redelivery after a kill p50 / max",
