@@ -17,6 +17,7 @@ COMMANDS = {
     "plan": ("kvtier.bench.plan", "how much DRAM and SSD a trace needs"),
     "gateway": ("kvtier.gateway.main", "OpenAI-compatible gateway with KV-aware routing"),
     "worker-sim": ("kvtier.gateway.sim", "a fake OpenAI-compatible worker for tests and benches"),
+    "queue-worker": ("kvtier.gateway.queue_worker", "run queued tasks on one engine"),
 }
 BENCHMARKS = {
     "io": ("kvtier.bench.io", "each tier against the raw hardware path"),
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "trace": ("kvtier.bench.workload", "replay a Mooncake-format JSONL trace"),
     "vllm": ("kvtier.bench.vllm", "chat, agent and no-reuse workloads on a real vLLM engine"),
     "gateway": ("kvtier.bench.gateway", "routing policies via kvtier gateway to simulated workers"),
+    "queue": ("kvtier.bench.queue", "durable queue under kill -9 of consumers: lost, doubled, DLQ"),
 }
 
 
