@@ -27,6 +27,7 @@ BENCHMARKS = {
     "trace": ("kvtier.bench.workload", "replay a Mooncake-format JSONL trace"),
     "vllm": ("kvtier.bench.vllm", "chat, agent and no-reuse workloads on a real vLLM engine"),
     "gateway": ("kvtier.bench.gateway", "routing policies via kvtier gateway to simulated workers"),
+    "limits": ("kvtier.bench.limits", "rate limits across 4 gateway processes, priority queue"),
 }
 
 
