@@ -29,6 +29,7 @@ BENCHMARKS = {
     "vllm": ("kvtier.bench.vllm", "chat, agent and no-reuse workloads on a real vLLM engine"),
     "gateway": ("kvtier.bench.gateway", "routing policies via kvtier gateway to simulated workers"),
     "queue": ("kvtier.bench.queue", "durable queue under kill -9 of consumers: lost, doubled, DLQ"),
+    "limits": ("kvtier.bench.limits", "rate limits across 4 limiter processes, priority queue"),
 }
 
 
