@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
@@ -21,8 +22,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kvtier.gateway import upstream
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import Gateway, affinity_name
-from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected
+from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected, until_done
+from kvtier.gateway.priority import PRIORITY_HEADER
 from kvtier.gateway.sessions_api import responses_endpoint
+from kvtier.gateway.taskqueue import TaskQueue
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
@@ -42,6 +45,10 @@ def create_app(gateway: Gateway) -> FastAPI:
             await gateway.session.close()
             await gateway.affinities.close()
             await gateway.responses.close()
+            if gateway.tasks is not None:
+                await gateway.tasks.close()
+            if gateway.gate.limiter is not None:
+                await gateway.gate.limiter.close()
 
     app = FastAPI(title="kvtier gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -53,6 +60,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         "/v1/chat/completions": lambda r: completion(gateway, r, "/v1/chat/completions"),
         "/v1/completions": lambda r: completion(gateway, r, "/v1/completions"),
         "/v1/responses": lambda r: responses_endpoint(gateway, r),
+        "/v1/queue/chat/completions": lambda r: queue_submit(gateway, r),
     }
     for path, handler in handlers.items():
         app.add_api_route(path, _answering(gateway, path, handler), methods=["POST"])
@@ -61,16 +69,50 @@ def create_app(gateway: Gateway) -> FastAPI:
 
 
 async def completion(gateway: Gateway, request: Request, path: str) -> Response:
-    """A chat or legacy completion, streamed or not."""
-    tenant = gateway.tenant(request.headers.get("authorization"))
+    """A chat or legacy completion, streamed or not, within its limits and priority."""
+    caller = gateway.caller(request.headers.get("authorization"))
     body = await read_json(request, gateway.settings.max_body_bytes)
     await gateway.check_model(body.get("model"))
     affinity = affinity_name(body)
+    gate = gateway.gate
+    entry = await gate.enter(caller.tenant, caller.key, body, request.headers.get(PRIORITY_HEADER))
+    try:
+        if body.get("stream"):
+            usage: dict[str, Any] = {}
+            events = await gateway.stream(caller.tenant, path, body, affinity, None, usage.update)
+            guarded = until_done(events, lambda: gate.leave(entry, usage))
+            headers = {**SSE_HEADERS, **entry.headers}
+            return StreamingResponse(guarded, media_type="text/event-stream", headers=headers)
+        work = gateway.complete(caller.tenant, path, body, affinity)
+        result = await until_disconnected(request, work)
+    except BaseException:
+        gate.leave(entry, None)
+        raise
+    gate.leave(entry, result.get("usage"))
+    return JSONResponse(result, headers=entry.headers)
+
+
+async def queue_submit(gateway: Gateway, request: Request) -> Response:
+    """`POST /v1/queue/chat/completions`: the body of a chat completion, queued durably."""
+    caller = gateway.caller(request.headers.get("authorization"))
+    tasks = _tasks(gateway)
+    body = await read_json(request, gateway.settings.max_body_bytes)
+    await gateway.check_model(body.get("model"))
     if body.get("stream"):
-        events = await gateway.stream(tenant, path, body, affinity)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    work = gateway.complete(tenant, path, body, affinity)
-    return JSONResponse(await until_disconnected(request, work))
+        raise ApiError(400, "a queued completion cannot be streamed", param="stream")
+    await gateway.gate.admit_only(caller.tenant, caller.key, body)
+    body["cache_salt"] = gateway.salt(caller.tenant)
+    try:
+        task_id = await tasks.submit(caller.tenant, body)
+    except OSError as exc:
+        raise ApiError(503, f"the queue is unavailable: {exc}") from exc
+    return JSONResponse({"id": task_id, "object": "queue.task", "status": "queued"})
+
+
+def _tasks(gateway: Gateway) -> TaskQueue:
+    if gateway.tasks is None:
+        raise ApiError(404, "the durable queue needs a gateway started with --redis")
+    return gateway.tasks
 
 
 def _add_info_routes(app: FastAPI, gateway: Gateway) -> None:
@@ -83,6 +125,19 @@ def _add_info_routes(app: FastAPI, gateway: Gateway) -> None:
             for m in sorted(gateway.models)
         ]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/queue/{task_id}")
+    async def queue_status(request: Request, task_id: str) -> Response:
+        try:
+            caller = gateway.caller(request.headers.get("authorization"))
+            status = await _tasks(gateway).status(caller.tenant, task_id)
+        except ApiError as exc:
+            return exc.response()
+        except OSError as exc:
+            return ApiError(503, f"the queue is unavailable: {exc}").response()
+        if status is None:
+            return ApiError(404, f"no queued task {task_id!r}", "id", "not_found").response()
+        return JSONResponse(status.body())
 
     @app.get("/healthz")
     async def healthz() -> Response:

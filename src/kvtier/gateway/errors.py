@@ -21,18 +21,23 @@ class ApiError(Exception):
     """An error to answer with `status` and OpenAI's error object."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return error_body(
-            self.message, TYPES.get(self.status, "server_error"), self.param, self.code
-        )
+        default = "invalid_request_error" if self.status < 500 else "server_error"
+        return error_body(self.message, TYPES.get(self.status, default), self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_body(

@@ -16,16 +16,18 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 
 from kvtier.gateway import upstream
 from kvtier.gateway.affinity import AffinityStore, Binding, affinity_key
 from kvtier.gateway.errors import ApiError
+from kvtier.gateway.gate import Gate
 from kvtier.gateway.metrics import GatewayMetrics
 from kvtier.gateway.pool import Booking, Bound, Pool
 from kvtier.gateway.sessions import ResponseStore
+from kvtier.gateway.taskqueue import TaskQueue
 from kvtier.gateway.tokens import block_keys, prompt_tokens
 from kvtier.server.auth import Auth
 
@@ -56,6 +58,11 @@ class Settings:
     salt_secret: str = ""
 
 
+class Caller(NamedTuple):
+    tenant: str
+    key: str | None  # the API key (None without an auth file and without a key)
+
+
 @dataclass
 class Route:
     """Where one request went, and what the gateway expects it to reuse there."""
@@ -79,12 +86,18 @@ class Gateway:
     responses: ResponseStore
     metrics: GatewayMetrics
     settings: Settings = field(default_factory=Settings)
+    gate: Gate = field(default_factory=Gate)
+    tasks: TaskQueue | None = None
     session: aiohttp.ClientSession | None = None
     models: set[str] = field(default_factory=set)
     _models_at: float = 0.0
 
     def tenant(self, authorization: str | None) -> str:
         """The tenant of a `Bearer` key; raises 401 for a missing or wrong one."""
+        return self.caller(authorization).tenant
+
+    def caller(self, authorization: str | None) -> Caller:
+        """The tenant and API key of a `Bearer` key; raises 401 for a missing or wrong one."""
         token = ""
         if authorization and authorization[:7].lower() == "bearer ":
             token = authorization[7:].strip()
@@ -93,7 +106,7 @@ class Gateway:
             self.metrics.unauthorized.inc()
             message = "missing API key" if not token else "incorrect API key"
             raise ApiError(401, message, code="invalid_api_key")
-        return tenant
+        return Caller(tenant, token or None)
 
     def salt(self, tenant: str) -> str:
         key = self.settings.salt_secret.encode()[:64]
@@ -232,8 +245,10 @@ class Gateway:
         body: dict[str, Any],
         affinity: str | None,
         bind_as: str | None = None,
+        on_usage: Callable[[dict[str, Any]], None] | None = None,
     ) -> AsyncIterator[bytes]:
-        """Opens a stream on the best worker that answers; the iterator relays it."""
+        """Opens a stream on the best worker that answers; the iterator relays it (and gives
+        the stream's usage to `on_usage`)."""
         session = self.session
         assert session is not None
         options = body.get("stream_options") or {}
@@ -247,22 +262,32 @@ class Gateway:
 
         started = time.perf_counter()
         route, resp = await self._on_a_worker(tenant, body, (affinity, bind_as), call)
-        relay = self._relay(route, resp, keep_usage, started)
+        relay = self._relay(route, resp, keep_usage, started, on_usage)
         # A client gone before the stream starts leaves `relay` never run: unbook on GC.
         weakref.finalize(relay, _abandon, self.pool, route.booking, resp)
         await self.remember(route)
         return relay
 
     async def _relay(
-        self, route: Route, resp: aiohttp.ClientResponse, keep_usage: bool, started: float
+        self,
+        route: Route,
+        resp: aiohttp.ClientResponse,
+        keep_usage: bool,
+        started: float,
+        on_usage: Callable[[dict[str, Any]], None] | None,
     ) -> AsyncIterator[bytes]:
         def first() -> None:
             self.pool.first_token(route.booking)
             self.metrics.ttft.observe(time.perf_counter() - started)
 
+        def usage(u: dict[str, Any]) -> None:
+            self.metrics.usage(u)
+            if on_usage is not None:
+                on_usage(u)
+
         try:
             async for event in upstream.relay(
-                resp, route.cached_estimate, keep_usage, first, self.metrics.usage
+                resp, route.cached_estimate, keep_usage, first, usage
             ):
                 yield event
         finally:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -52,3 +53,15 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         task.cancel()
         raise ApiError(499, "the client closed the connection")
     return task.result()
+
+
+async def until_done(
+    events: AsyncIterator[bytes], done: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """`events`, then `done()` however the stream ends (also if it never started: on GC)."""
+    finalizer = weakref.finalize(events, done)
+    try:
+        async for event in events:
+            yield event
+    finally:
+        finalizer()

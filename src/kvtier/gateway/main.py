@@ -14,11 +14,18 @@ from kvtier.errors import ConfigError
 from kvtier.gateway.affinity import AffinityStore, MemoryAffinities, RedisAffinities
 from kvtier.gateway.app import create_app
 from kvtier.gateway.costs import Priors
+from kvtier.gateway.gate import Gate
 from kvtier.gateway.gateway import Gateway, Settings
+from kvtier.gateway.limits import Limiter
+from kvtier.gateway.limits_config import LimitsConfig, load_limits
+from kvtier.gateway.limits_memory import MemoryLimiter
+from kvtier.gateway.limits_redis import RedisLimiter
 from kvtier.gateway.metrics import GatewayMetrics
 from kvtier.gateway.pool import Pool
+from kvtier.gateway.priority import AdmissionQueue
 from kvtier.gateway.routing import POLICIES, make_policy
 from kvtier.gateway.sessions import MemoryResponseStore, RedisResponseStore, ResponseStore
+from kvtier.gateway.taskqueue import TaskQueue
 from kvtier.server.auth import Auth
 
 
@@ -51,6 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="key of the hash that turns a tenant into its cache_salt")  # fmt: skip
     arg("--max-body", type=int, default=env_default("KVTIER_MAX_BODY", str(16 << 20)),
         help="largest request body in bytes")  # fmt: skip
+    arg("--limits", default=env_default("KVTIER_LIMITS"),
+        help="TOML file of rpm/tpm/class per tenant and API key, and class shares")  # fmt: skip
+    arg("--max-inflight", type=int, default=env_default("KVTIER_MAX_INFLIGHT", "0"),
+        help="in-flight requests past which new ones wait, by class share (0: off)")  # fmt: skip
+    arg("--max-queued", type=int, default=env_default("KVTIER_MAX_QUEUED", "1024"),
+        help="requests that may wait at saturation (each class its share); more: 429")  # fmt: skip
+    arg("--vllm-priority", action="store_true",
+        default=env_default("KVTIER_VLLM_PRIORITY", "") in ("1", "true", "yes"),
+        help="send each request's class as vLLM's `priority` (vLLM with "
+        "--scheduling-policy priority)")  # fmt: skip
     arg("--insecure", action="store_true",
         default=env_default("KVTIER_INSECURE", "") in ("1", "true", "yes"),
         help="allow a non-loopback address without an auth file")  # fmt: skip
@@ -86,7 +103,26 @@ def build(args: argparse.Namespace) -> Gateway:
         max_body_bytes=args.max_body,
         salt_secret=args.salt_secret,
     )
-    return Gateway(pool, auth, affinities, responses, GatewayMetrics(), settings)
+    gateway = Gateway(pool, auth, affinities, responses, GatewayMetrics(), settings)
+    gateway.gate = _gate(args)
+    gateway.tasks = TaskQueue(args.redis) if args.redis else None
+    return gateway
+
+
+def _gate(args: argparse.Namespace) -> Gate:
+    """Limits and the admission queue from --limits, --max-inflight and --max-queued."""
+    if args.max_inflight < 0 or args.max_queued < 0:
+        raise ConfigError("--max-inflight and --max-queued must not be negative")
+    config = load_limits(args.limits) if args.limits else None
+    limiter: Limiter | None = None
+    if config is not None:
+        limiter = RedisLimiter(args.redis, config) if args.redis else MemoryLimiter(config)
+    classes = config.classes if config is not None else LimitsConfig({}, {}).classes
+    queue = (
+        AdmissionQueue(args.max_inflight, classes, args.max_queued) if args.max_inflight else None
+    )
+    config = config if config is not None else (LimitsConfig({}, {}) if queue else None)
+    return Gate(config, limiter, queue, args.vllm_priority)
 
 
 def run(args: argparse.Namespace) -> int:

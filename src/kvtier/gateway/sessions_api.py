@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import affinity_name
-from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected
+from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected, until_done
+from kvtier.gateway.priority import PRIORITY_HEADER
 from kvtier.gateway.responses import (
     BadRequest,
     chat_body,
@@ -43,7 +44,8 @@ def response_affinity(response_id: str) -> str:
 
 
 async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
-    tenant = gateway.tenant(request.headers.get("authorization"))
+    caller = gateway.caller(request.headers.get("authorization"))
+    tenant = caller.tenant
     body = await read_json(request, gateway.settings.max_body_bytes)
     try:
         req = parse_request(body)
@@ -70,19 +72,28 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
             record = stored(resp_id, tenant, req, previous, text, obj["usage"], created_at)
             await gateway.responses.put(record, gateway.settings.session_ttl_s)
 
-    if req.stream:
-        events = await gateway.stream(tenant, CHAT, chat, name, bind_as)
-        chunks = _chunks(events)
-        sse = stream_events(resp_id, req, chunks, created_at, keep)
-        return StreamingResponse(sse, media_type="text/event-stream", headers=SSE_HEADERS)
-    work = gateway.complete(tenant, CHAT, chat, name, bind_as)
-    completion = await until_disconnected(request, work)
+    gate = gateway.gate
+    entry = await gate.enter(tenant, caller.key, chat, request.headers.get(PRIORITY_HEADER))
+    try:
+        if req.stream:
+            usage: dict[str, Any] = {}
+            events = await gateway.stream(tenant, CHAT, chat, name, bind_as, usage.update)
+            sse = stream_events(resp_id, req, _chunks(events), created_at, keep)
+            guarded = until_done(sse, lambda: gate.leave(entry, usage))
+            headers = {**SSE_HEADERS, **entry.headers}
+            return StreamingResponse(guarded, media_type="text/event-stream", headers=headers)
+        work = gateway.complete(tenant, CHAT, chat, name, bind_as)
+        completion = await until_disconnected(request, work)
+    except BaseException:
+        gate.leave(entry, None)
+        raise
+    gate.leave(entry, completion.get("usage"))
     obj = response_object(resp_id, req, completion, created_at)
     try:
         await keep(obj, output_text(obj))
     except OSError as exc:
         raise ApiError(503, f"the response could not be stored: {exc}") from exc
-    return JSONResponse(obj)
+    return JSONResponse(obj, headers=entry.headers)
 
 
 async def _chunks(events: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
