@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--capacity", type=int, default=16, help="admission queue slots")
     add("--service-ms", type=float, default=50.0, help="mean request time in the queue run")
     add("--priority-s", type=float, default=30.0, help="length of the priority run")
+    add("--gateways", type=int, default=0,
+        help="also: the rpm limit through this many real gateway processes over HTTP "
+        "(60 s window)")  # fmt: skip
     add("--json", action="store_true", help="print one JSON object")
 
 
@@ -67,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as exc:
         print(f"kvtier bench limits: {exc}", file=sys.stderr)
         return 2
+    if args.gateways > 0:
+        from kvtier.bench.limits_http import http_figures
+
+        result["gateways"] = http_figures(args.gateways, args.rpm, args.windows)
     result["targets"] = targets(result)
     print(json.dumps(result) if args.json else table(result))
     return 0
@@ -205,4 +212,14 @@ def table(result: dict[str, Any]) -> str:
     )
     lines = [head, "", f"{'figure':<46} {'value':>22} {'target':>8}  met"]
     lines += [f"{n:<46} {v:>22} {t:>8}  {'yes' if ok else 'NO'}" for n, v, t, ok in rows]
+    if "gateways" in result:
+        g = result["gateways"]
+        lines += [
+            "",
+            f"through {g['gateways']} gateway processes (HTTP, 60 s window, client's send "
+            f"times): admitted in any window / limit max {g['requests_max_over_limit']:.3f}, "
+            f"min {g['requests_min_over_limit']:.3f}; {g['admitted']} admitted, {g['refused']} "
+            f"429s ({g['refusals_with_headers_pct']:.1f}% with every header), "
+            f"{g['other_status']} other",
+        ]
     return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""`kvtier bench limits --gateways N`: the rate limit through N real `kvtier gateway`
+processes sharing one Redis, in front of one fast `kvtier worker-sim`.
+
+One tenant with `--rpm` requests per window; a client sends 3 x that, open loop (Poisson),
+spread round-robin over the gateways, for `--windows` windows. A 200 counts as admitted at
+the moment the client sent it (the client's clock: a window seen by Redis may differ by the
+requests' few milliseconds in flight). Every 429 is checked for `Retry-After` and the six
+`x-ratelimit-*` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from kvtier.bench.limits_drive import window_extremes
+from kvtier.bench.remote_io import RedisProcess
+
+HEADERS = [f"x-ratelimit-{w}-{u}" for w in ("limit", "remaining", "reset")
+           for u in ("requests", "tokens")]  # fmt: skip
+KEY = "key-bench-0001"
+WINDOW_S = 60.0  # the gateway's window
+
+
+def _start(args: list[str], banner: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtier.cli", *args], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(banner):
+            return proc, line.split()[2 if banner == "kvtier gateway:" else 1]
+    proc.kill()
+    raise RuntimeError(f"{' '.join(args[:1])} did not start")
+
+
+def http_figures(gateways: int, rpm: int, windows: float) -> dict[str, Any]:
+    """Admitted per 60 s window ÷ rpm through `gateways` gateway processes at 3 x the limit."""
+    window_s = WINDOW_S
+    with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp) / "redis") as redis:
+        (Path(tmp) / "keys").write_text(f"bench {KEY}\n")
+        limits = f"[tenants.bench]\nrpm = {rpm}\ntpm = 1000000000\n"
+        (Path(tmp) / "limits.toml").write_text(limits)
+        procs = []
+        try:
+            sim, sim_url = _start(["worker-sim", "--port", "0", "--prefill-ms-per-token", "0",
+                                   "--decode-ms-per-token", "0"], "worker-sim")  # fmt: skip
+            procs.append(sim)
+            urls = []
+            for _ in range(gateways):
+                gw, url = _start(["gateway", "--port", "0", "--workers", sim_url, "--redis",
+                                  redis.url, "--auth-file", str(Path(tmp) / "keys"), "--limits",
+                                  str(Path(tmp) / "limits.toml")], "kvtier gateway:")  # fmt: skip
+                procs.append(gw)
+                urls.append(url)
+            sent = asyncio.run(_demand(urls, 3 * rpm / window_s, windows * window_s))
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
+    return _figures(sent, rpm, window_s, gateways)
+
+
+Sent = list[tuple[int, int, bool]]  # (sent at µs, status, every header there)
+
+
+async def _demand(urls: list[str], per_s: float, duration_s: float) -> Sent:
+    """Every request's outcome, Poisson arrivals at `per_s`."""
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    out: Sent = []
+    rng = np.random.default_rng(0)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+
+        async def one(url: str) -> None:
+            at = time.time_ns() // 1000
+            async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                complete = all(h in resp.headers for h in HEADERS)
+                if resp.status == 429:
+                    complete = complete and int(resp.headers.get("Retry-After", "0")) >= 1
+                out.append((at, resp.status, complete))
+
+        tasks, start, t, i = [], time.monotonic(), 0.0, 0
+        while t < duration_s:
+            t += float(rng.exponential(1.0 / per_s))
+            await asyncio.sleep(max(0.0, start + t - time.monotonic()))
+            tasks.append(asyncio.create_task(one(urls[i % len(urls)])))
+            i += 1
+        await asyncio.gather(*tasks)
+    return out
+
+
+def _figures(sent: Sent, rpm: int, window_s: float, gateways: int) -> dict[str, Any]:
+    admitted = [(at, 1) for at, status, _ in sent if status == 200]
+    refused = [ok for _, status, ok in sent if status == 429]
+    extremes = window_extremes(admitted, round(window_s * 1e6), False)
+    return {
+        "gateways": gateways, "window_s": window_s, "rpm": rpm, "requests": len(sent),
+        "admitted": len(admitted), "refused": len(refused),
+        "other_status": sum(1 for _, s, _ in sent if s not in (200, 429)),
+        "requests_max_over_limit": extremes.max / rpm,
+        "requests_min_over_limit": extremes.min / rpm,
+        "refusals_with_headers_pct": 100.0 * sum(refused) / max(1, len(refused)),
+    }  # fmt: skip
