@@ -22,6 +22,13 @@ async def _serve(write: Writer) -> tuple[web.AppRunner, str]:
         await write(resp)
         return resp
 
+    return await _serve_handler(handler)
+
+
+async def _serve_handler(
+    handler: Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]],
+) -> tuple[web.AppRunner, str]:
+    """An aiohttp server on 127.0.0.1 (any free port) answering the chat route."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
     runner = web.AppRunner(app)
@@ -82,19 +89,11 @@ def test_a_worker_error_status_is_the_requests_own(status: int) -> None:
             body = {"error": {"message": "bad thing", "param": "top_p", "code": "x"}}
             return web.json_response(body, status=status)
 
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, url = await _serve_handler(handler)
         session = upstream.new_session()
         try:
             with pytest.raises(upstream.ApiError) as caught:
-                await upstream.open_stream(
-                    session, f"http://127.0.0.1:{port}/v1/chat/completions", {}
-                )
+                await upstream.open_stream(session, url, {})
             return caught.value
         finally:
             await session.close()
