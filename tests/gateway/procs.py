@@ -1,93 +1,33 @@
 """`kvtier worker-sim` and `kvtier gateway` as real subprocesses on 127.0.0.1, their URLs
-read from the lines they print at start; always stopped (SIGTERM, then SIGKILL) on exit."""
+read from the lines they print at start; always stopped (SIGTERM, then SIGKILL) on exit.
+Built on the benchmark's own `Process`."""
 
 from __future__ import annotations
 
 import os
-import queue
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from types import TracebackType
+
+from kvtier.bench.gateway_procs import Process
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-START_TIMEOUT_S = 30.0
 
 
-class BannerProcess:
-    """`kvtier COMMAND ARGS`, started once `count` lines matching `banner` were printed."""
+class BannerProcess(Process):
+    """`kvtier COMMAND ARGS` from this checkout, started once `count` lines matching
+    `banner` were printed; `stop()` prints what it wrote, so pytest shows it with a failure."""
 
     banner: re.Pattern[str]
 
     def __init__(self, command: list[str], count: int) -> None:
         env = {**os.environ, "PYTHONPATH": str(SRC)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.cli", *command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        self.matches: list[re.Match[str]] = []
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True).start()
-        try:
-            self._read_banners(count)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _drain(self) -> None:
-        """Every output line into `lines`, so the pipe never fills."""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put("")
-
-    def _read_banners(self, count: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        seen: list[str] = []
-        while len(self.matches) < count:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"did not start: {''.join(seen)}") from None
-            if not line:
-                raise RuntimeError(f"exited: {''.join(seen)}")
-            seen.append(line)
-            match = self.banner.match(line.strip())
-            if match:
-                self.matches.append(match)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        super().__init__(command, self.banner, count, env)
 
     def stop(self) -> int:
-        """SIGTERM, then SIGKILL after 10 s; the exit status. Prints what the process
-        wrote, so pytest shows it with a failure."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = super().stop()
         while not self.lines.empty():
             print(self.lines.get_nowait(), end="")
-        return self.proc.returncode
-
-    def __enter__(self) -> BannerProcess:
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.stop()
+        return code
 
 
 class GatewayProcess(BannerProcess):

@@ -21,15 +21,22 @@ _GATEWAY = re.compile(r"^kvtier gateway: (http://\S+)")
 class Process:
     """`python -m kvtier.cli ARGS`, started once `count` lines matched `banner`."""
 
-    def __init__(self, args: list[str], banner: re.Pattern[str], count: int) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        banner: re.Pattern[str],
+        count: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = args[0]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvtier.cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         )
-        self._lines: queue.Queue[str] = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()  # its output not yet read
         threading.Thread(target=self._drain, daemon=True).start()
         self.matches: list[re.Match[str]] = []
         try:
@@ -41,15 +48,15 @@ class Process:
     def _drain(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put("")
+            self.lines.put(line)
+        self.lines.put("")
 
     def _wait(self, banner: re.Pattern[str], count: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         seen: list[str] = []
         while len(self.matches) < count:
             try:
-                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 raise RuntimeError(f"kvtier {self.name} did not start: {seen}") from None
             if not line:
@@ -61,7 +68,14 @@ class Process:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 10 s; the exit status."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -69,6 +83,7 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
 
     def __enter__(self) -> Process:
         return self

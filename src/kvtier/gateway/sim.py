@@ -20,7 +20,7 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -30,6 +30,7 @@ from kvtier.gateway.events import Publisher
 from kvtier.gateway.simapp import make_app
 from kvtier.gateway.simcache import SharedTier
 from kvtier.gateway.simengine import SimConfig, SimEngine
+from kvtier.server.server import run_loop
 
 GRACEFUL_SHUTDOWN_S = 1
 
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvtier worker-sim: {exc}", file=sys.stderr)
         return 2
     try:
-        _run_loop(_serve(config, args))
+        run_loop(_serve(config, args))
     except OSError as exc:
         print(f"kvtier worker-sim: cannot listen: {exc}", file=sys.stderr)
         return 1
@@ -220,14 +221,3 @@ async def _serve(config: SimConfig, args: argparse.Namespace) -> None:
     if ended and not stop.is_set():
         cause = ended[0].task.exception() if not ended[0].task.cancelled() else None
         raise WorkerStopped(f"{ended[0].url} stopped serving: {cause!r}") from cause
-
-
-def _run_loop(main: Awaitable[None]) -> None:
-    """Run on uvloop when installed, else on the default asyncio loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)  # type: ignore[arg-type]
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)  # type: ignore[arg-type]
