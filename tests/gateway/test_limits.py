@@ -60,7 +60,8 @@ def test_limits_file_parses_every_table(tmp_path: Path) -> None:
     path = tmp_path / "limits.toml"
     path.write_text(
         '[limits]\nredis_down = "open"\n'
-        "[classes.free]\nshare = 0.2\nrank = 5\n[classes.paid]\nshare = 0.8\nrank = 0\n"
+        "[classes.free]\nshare = 0.2\nrank = 5\n"
+        "[classes.paid]\nshare = 0.8\nrank = 0\nreserve = 2\n"
         '[tenants.acme]\nrpm = 600\ntpm = 100000\nclass = "paid"\n'
         '[keys."sk-a"]\nrpm = 60\nclass = "free"\n'
     )
@@ -68,6 +69,7 @@ def test_limits_file_parses_every_table(tmp_path: Path) -> None:
     assert cfg.redis_down is RedisDown.OPEN
     assert [c.name for c in cfg.classes] == ["paid", "free"]
     assert cfg.lowest_class.name == "free"
+    assert cfg.priority_class("paid").reserve == 2 and cfg.lowest_class.reserve == 0
     assert cfg.tenants["acme"].rpm == 600 and cfg.tenants["acme"].tpm == 100000
     assert cfg.keys["sk-a"].rpm == 60 and cfg.keys["sk-a"].tpm is None
 
@@ -82,6 +84,7 @@ def test_limits_file_parses_every_table(tmp_path: Path) -> None:
         ('[tenants.acme]\nclass = "gold"\n', ["tenants.acme", "gold"]),
         ("[classes.paid]\nshare = 1.5\n", ["classes.paid", "share"]),
         ("[classes.paid]\nrank = -1\n", ["classes.paid", "rank"]),
+        ("[classes.paid]\nreserve = 1.5\n", ["classes.paid", "reserve"]),
         ('[limits]\nredis_down = "maybe"\n', ["limits", "redis_down"]),
         ("[tenant.acme]\nrpm = 5\n", ["tenant"]),
         ("[tenants.acme\n", ["TOML"]),

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from kvtier.errors import ConfigError
 from kvtier.gateway.limits_config import LimitsConfig, parse_limits
 from kvtier.gateway.priority import AdmissionQueue, QueueFull, Ticket, request_class, vllm_priority
 
@@ -184,3 +185,39 @@ def test_full_queue_refuses_the_flooding_class_only() -> None:
         assert queue.in_flight == 0
 
     run(scenario())
+
+
+RESERVED = parse_limits(
+    {"classes": {"paid": {"share": 0.8, "rank": 0, "reserve": 1}, "free": {"share": 0.2}}}
+)
+
+
+def test_reserve_keeps_slots_idle_for_the_higher_class() -> None:
+    """With paid's reserve of 1, free takes at most capacity - 1 slots; a paid request that
+    arrives while free waits gets the reserved slot at once, and the next freed slot goes
+    back into reserve rather than to free."""
+
+    async def scenario() -> None:
+        queue = AdmissionQueue(3, RESERVED.classes)
+        frees = [await asyncio.wait_for(queue.acquire("free"), 1) for _ in range(2)]
+        third = asyncio.create_task(queue.acquire("free"))
+        await asyncio.sleep(0.01)
+        assert not third.done() and queue.in_flight == 2  # one slot stays idle
+        paid = await asyncio.wait_for(queue.acquire("paid"), 1)
+        assert paid.waited_s < 0.01 and queue.in_flight == 3
+        queue.release(frees[0])  # free in flight: 1, paid: 1, idle: 1 -> stays in reserve
+        await asyncio.sleep(0.01)
+        assert not third.done()
+        queue.release(paid)  # now two idle: free may take one
+        ticket = await asyncio.wait_for(third, 1)
+        queue.release(ticket)
+        queue.release(frees[1])
+        assert queue.in_flight == 0
+
+    run(scenario())
+
+
+def test_reserve_that_leaves_the_lowest_class_nothing_is_refused() -> None:
+    """Reserves covering every slot would starve the lowest class: a clear ConfigError."""
+    with pytest.raises(ConfigError, match="leaves it none"):
+        AdmissionQueue(1, RESERVED.classes)

@@ -12,7 +12,9 @@ than the exact wait.
 
 Priority: an `AdmissionQueue` of `capacity` slots in one process, Poisson arrivals at 1.5 x
 its capacity, paid:free demand 1:4, shares 0.8/0.2, service times uniform in 0.5-1.5 x the
-mean; reported: each class's p99 queue wait, and the refusals (queue full) of each class.
+mean, paid with `--paid-reserve` slots kept for it; reported: each class's p99 queue wait, the
+refusals (queue full) of each class and the requests served per second. The same run without
+a reserve is reported beside it, so the reserve's cost in throughput is in view.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from kvtier.gateway.limits_config import PriorityClass
 from kvtier.gateway.priority import AdmissionQueue, QueueFull
 
 PROMPT_TOKENS, MAX_TOKENS = 100, 200
-CLASSES = (PriorityClass("paid", 0.8, 0), PriorityClass("free", 0.2, 1))
+
+
+def classes(paid_reserve: int) -> tuple[PriorityClass, PriorityClass]:
+    return PriorityClass("paid", 0.8, 0, paid_reserve), PriorityClass("free", 0.2, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--capacity", type=int, default=16, help="admission queue slots")
     add("--service-ms", type=float, default=50.0, help="mean request time in the queue run")
     add("--priority-s", type=float, default=30.0, help="length of the priority run")
+    add("--paid-reserve", type=int, default=1,
+        help="slots free leaves idle for paid (also run without one)")  # fmt: skip
     add("--gateways", type=int, default=0,
         help="also: the rpm limit through this many real gateway processes over HTTP "
         "(60 s window)")  # fmt: skip
@@ -66,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        result = {"limits": limits_figures(args), "priority": asyncio.run(priority_figures(args))}
+        result = {
+            "limits": limits_figures(args),
+            "priority": asyncio.run(priority_figures(args, args.paid_reserve)),
+            "priority_no_reserve": asyncio.run(priority_figures(args, 0)),
+        }
     except (RuntimeError, OSError) as exc:
         print(f"kvtier bench limits: {exc}", file=sys.stderr)
         return 2
@@ -132,9 +143,9 @@ def _limits_against(url: str, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def priority_figures(args: argparse.Namespace) -> dict[str, Any]:
+async def priority_figures(args: argparse.Namespace, paid_reserve: int) -> dict[str, Any]:
     """Open-loop arrivals through an AdmissionQueue at 1.5 x its capacity."""
-    queue = AdmissionQueue(args.capacity, CLASSES, max_queued=8 * args.capacity)
+    queue = AdmissionQueue(args.capacity, classes(paid_reserve), max_queued=8 * args.capacity)
     service_s = args.service_ms / 1000
     rate = 1.5 * args.capacity / service_s
     rng = random.Random(1)
@@ -153,20 +164,24 @@ async def priority_figures(args: argparse.Namespace) -> dict[str, Any]:
 
     tasks = []
     due = time.monotonic()
+    begin = due
     end = due + args.priority_s
     while due < end:
         due += rng.expovariate(rate)
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         tasks.append(asyncio.create_task(request("paid" if rng.random() < 0.2 else "free")))
     await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - begin
     p99 = {n: float(np.percentile(w, 99)) * 1000 if w else 0.0 for n, w in waits.items()}
     return {
         "capacity": args.capacity, "service_ms": args.service_ms, "load": 1.5,
-        "demand_paid_free": "1:4", "shares": {c.name: c.share for c in CLASSES},
+        "demand_paid_free": "1:4", "shares": {c.name: c.share for c in classes(0)},
+        "paid_reserve": paid_reserve,
         "max_queued": 8 * args.capacity, "seconds": args.priority_s,
         "paid_p99_wait_ms": p99["paid"], "free_p99_wait_ms": p99["free"],
         "paid_over_free_p99": p99["paid"] / p99["free"] if p99["free"] else None,
         "served": {n: len(w) for n, w in waits.items()}, "refused": refused,
+        "served_per_s": sum(len(w) for w in waits.values()) / elapsed,
     }  # fmt: skip
 
 
@@ -204,14 +219,23 @@ def table(result: dict[str, Any]) -> str:
         ("paid refusals (within share)", str(pri["refused"]["paid"]), "0",
          met["no 429 for paid within its share"]),
     ]  # fmt: skip
+    bare = result["priority_no_reserve"]
     head = (
         f"kvtier bench limits: {lim['processes']} processes, window {lim['window_s']:g} s x "
         f"{lim['duration_s'] / lim['window_s']:g}, rpm {lim['rpm']}, tpm {lim['tpm']}, "
         f"mode {lim['mode']}, {lim['admitted']} admitted / {lim['refused']} refused; queue: "
-        f"capacity {pri['capacity']}, load 1.5, {pri['seconds']:g} s"
+        f"capacity {pri['capacity']}, load 1.5, {pri['seconds']:g} s, paid reserve "
+        f"{pri['paid_reserve']}"
     )
     lines = [head, "", f"{'figure':<46} {'value':>22} {'target':>8}  met"]
     lines += [f"{n:<46} {v:>22} {t:>8}  {'yes' if ok else 'NO'}" for n, v, t, ok in rows]
+    lines += [
+        "",
+        f"queue without a reserve: paid / free p99 wait {bare['paid_p99_wait_ms']:.1f} / "
+        f"{bare['free_p99_wait_ms']:.1f} ms (ratio {bare['paid_over_free_p99'] or 0:.3f}), "
+        f"{bare['served_per_s']:.0f} served/s; with paid's reserve of {pri['paid_reserve']}: "
+        f"{pri['served_per_s']:.0f} served/s",
+    ]
     if "gateways" in result:
         g = result["gateways"]
         lines += [

@@ -6,6 +6,7 @@
     [classes.paid]                 # priority classes; none given: one class, "default"
     share = 0.8                    # its share of the gateway at saturation (0 < share <= 1)
     rank = 0                       # lower is served first; vLLM's `priority` field
+    reserve = 1                    # admission slots lower classes leave idle for it (default 0)
 
     [tenants.acme]
     rpm = 600                      # requests per (sliding) minute
@@ -59,6 +60,7 @@ class PriorityClass:
     name: str
     share: float
     rank: int
+    reserve: int = 0  # admission slots that lower-ranked classes leave idle for this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +165,7 @@ def _classes(table: Mapping[str, Any], source: str) -> tuple[PriorityClass, ...]
         return (PriorityClass(DEFAULT_CLASS, 1.0, 0),)
     classes = []
     for order, (name, value) in enumerate(table.items()):
-        fields = _fields(value, f"classes.{name}", source, {"share", "rank"})
+        fields = _fields(value, f"classes.{name}", source, {"share", "rank", "reserve"})
         share = fields.get("share", 1.0)
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
             raise ConfigError(
@@ -175,7 +177,13 @@ def _classes(table: Mapping[str, Any], source: str) -> tuple[PriorityClass, ...]
                 f"limits file {source}: [classes.{name}] rank must be a whole number >= 0, "
                 f"not {rank!r}"
             )
-        classes.append(PriorityClass(name, float(share), rank))
+        reserve = fields.get("reserve", 0)
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ConfigError(
+                f"limits file {source}: [classes.{name}] reserve must be a whole number of "
+                f"admission slots >= 0, not {reserve!r}"
+            )
+        classes.append(PriorityClass(name, float(share), rank, reserve))
     return tuple(sorted(classes, key=lambda c: c.rank))
 
 

@@ -13,6 +13,12 @@ proportion to their shares. A class that comes back from idle starts at the curr
 (no banked credit). A class's queue holds at most its share of `max_queued`; past that
 `acquire` raises QueueFull (the gateway answers 429), so a class within its share is never
 refused because others are flooding.
+
+A class's `reserve` is a number of slots that lower-ranked classes leave idle for it: a
+request may take a slot only while the slots left idle cover the reserves of every class
+above its own. Without a reserve a request of the highest class that arrives at saturation
+waits for the next slot to free; with one it usually finds a slot at once, at the cost of
+those slots standing idle while no such request comes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from kvtier.errors import ConfigError
 from kvtier.gateway.limits_config import LimitsConfig, PriorityClass
 
 PRIORITY_HEADER = "x-kvtier-priority"
@@ -75,8 +82,11 @@ class QueueFull(Exception):
 
 
 class _Class:
-    def __init__(self, cls: PriorityClass, share_sum: float, max_queued: int | None) -> None:
+    def __init__(
+        self, cls: PriorityClass, share_sum: float, max_queued: int | None, reserved_above: int
+    ) -> None:
         self.cls = cls
+        self.reserved_above = reserved_above  # idle slots it must leave for higher classes
         self.stride = share_sum / cls.share
         self.pass_ = 0.0
         self.waiters: OrderedDict[int, asyncio.Future[None]] = OrderedDict()  # FIFO
@@ -95,7 +105,19 @@ class AdmissionQueue:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         share_sum = sum(c.share for c in classes)
         self.capacity = capacity
-        self._classes = {c.name: _Class(c, share_sum, max_queued) for c in classes}
+        self._classes = {
+            c.name: _Class(
+                c, share_sum, max_queued, sum(h.reserve for h in classes if h.rank < c.rank)
+            )
+            for c in classes
+        }
+        lowest = max(self._classes.values(), key=lambda c: c.cls.rank)
+        if lowest.reserved_above >= capacity:
+            raise ConfigError(
+                f"the classes above {lowest.cls.name!r} reserve {lowest.reserved_above} admission "
+                f"slots of {capacity}, which leaves it none: lower their reserve or raise "
+                "--max-inflight"
+            )
         self._in_flight = 0
         self._held: set[int] = set()
         self._ids = itertools.count()
@@ -113,7 +135,9 @@ class AdmissionQueue:
         Raises QueueFull when the class's share of the queue is full."""
         entry = self._classes[class_name]
         start = time.monotonic()
-        if self._in_flight < self.capacity and not any(c.waiters for c in self._classes.values()):
+        if self._fits(entry) and not any(
+            c.waiters for c in self._classes.values() if c.cls.rank <= entry.cls.rank
+        ):
             self._in_flight += 1
             return self._ticket(class_name, start)
         if entry.limit is not None and len(entry.waiters) >= entry.limit:
@@ -145,12 +169,16 @@ class AdmissionQueue:
         self._held.remove(ticket.id)
         self._hand_over()
 
+    def _fits(self, entry: _Class) -> bool:
+        """Whether a request of this class may take a slot now."""
+        return self.capacity - self._in_flight > entry.reserved_above
+
     def _hand_over(self) -> None:
-        """A slot was freed: grant it to the next waiter, or free it."""
+        """A slot was freed: grant it to the next waiter allowed to take it, or leave it idle."""
+        self._in_flight -= 1
         while True:
-            ready = [c for c in self._classes.values() if c.waiters]
+            ready = [c for c in self._classes.values() if c.waiters and self._fits(c)]
             if not ready:
-                self._in_flight -= 1
                 return
             entry = min(ready, key=lambda c: (c.pass_, c.cls.rank))
             _, waiter = entry.waiters.popitem(last=False)
@@ -158,5 +186,6 @@ class AdmissionQueue:
                 continue
             self._vtime = entry.pass_
             entry.pass_ += entry.stride
+            self._in_flight += 1
             waiter.set_result(None)
             return
