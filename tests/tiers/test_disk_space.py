@@ -271,3 +271,27 @@ def test_store_on_a_really_full_tmpfs_keeps_every_new_prefix(tmp_path: Path) -> 
     stats = result["stats"]
     assert stats["checksum_failures"] == 0 and stats["errors"] == 0
     assert stats["effective_capacity_bytes"] < stats["capacity_bytes"]
+
+
+def test_a_write_that_raises_is_never_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk write stopped by an exception that is not an OSError leaves no chunk: put
+    raises, nothing is indexed and its bytes are given back."""
+    from kvtier.tiers import disk
+
+    tier = open_tier(tmp_path, 10)
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(disk, "_write_views", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        put(tier, 1)
+    monkeypatch.undo()
+    stats = tier.stats()
+    assert (stats.chunks, stats.bytes) == (0, 0)
+    assert tier.contains_prefix([key(1)]) == 0
+    assert put(tier, 1) and get(tier, 1) == payload(1)
+    tier.check_integrity()
+    tier.close()

@@ -37,6 +37,7 @@ DIRECT_ALIGN = 4096  # O_DIRECT: buffer addresses and lengths in whole pages
 VERSION = 1
 SUFFIX = ".kv"
 FULL_RETRIES = 4  # writes retried after evicting for a full file system, per chunk
+UNFINISHED = OSError("the chunk write did not finish")
 
 
 class ChunkHeader(NamedTuple):
@@ -129,7 +130,7 @@ class DiskTier:
         for _ in range(1 + FULL_RETRIES):
             if not self._reserve(key, size):
                 return key in self._sizes
-            error: OSError | None = None
+            error: OSError | None = UNFINISHED  # if _write raises: never published
             try:
                 error = self._write(key, src)
             finally:
