@@ -4,8 +4,9 @@ A chunk is written to `tmp/`, then renamed into its shard directory (publish); a
 is never visible under a chunk's name. Every file starts with a header holding the key, the
 payload size and an xxh3-64 checksum of key and payload; a file that fails verification is
 a miss, is counted and deleted. After a restart (clean or `kill -9`) the directory scan finds
-every published chunk again. A full file system or quota makes the tier evict its own
-oldest chunks and retry, and hold less until room returns (`disk_space.py`).
+every published chunk again, in the LRU order its recency journal kept (`disk_recency.py`).
+A full file system or quota makes the tier evict its own oldest chunks and retry, and hold
+less until room returns (`disk_space.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kvtier.errors import ConfigError
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.policy import LRUPolicy
 from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
+from kvtier.tiers.disk_recency import Rank, RecencyJournal
 from kvtier.tiers.disk_space import SpaceGuard, is_full
 
 MAGIC = b"KVTIERC1"
@@ -65,7 +67,8 @@ def parse_header(buf: bytes | bytearray | memoryview) -> ChunkHeader | None:
 
 class DiskTier:
     """Bounded by `capacity_bytes` of chunk files (headers included), plus writes in flight,
-    and by the room the file system has (re-read at most every `space_check_s`)."""
+    and by the room the file system has (re-read at most every `space_check_s`). Recency is
+    journaled every `recency_flush_s` (what a `kill -9` may lose of the LRU order)."""
 
     name = "disk"
 
@@ -74,6 +77,7 @@ class DiskTier:
         directory: str | Path,
         capacity_bytes: int,
         space_check_s: float = 1.0,
+        recency_flush_s: float = 1.0,
     ) -> None:
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
@@ -88,9 +92,14 @@ class DiskTier:
         self._direct = True  # O_DIRECT writes, until the file system refuses one
         self._local = threading.local()
         self._space = SpaceGuard(self.root, capacity_bytes, space_check_s)
+        self._journal = RecencyJournal(
+            self.root / "RECENCY", self._tmp / "RECENCY", recency_flush_s, self._lru_order
+        )
         self._lockfile = self._open_exclusive()
+        self._loaded = False  # close() writes the journal only for a complete index
         try:
             self._load_index()
+            self._loaded = True
         except BaseException as exc:
             self.close()  # release the lock: a later open in this process must not be refused
             if isinstance(exc, OSError):
@@ -146,6 +155,9 @@ class DiskTier:
     def touch(self, keys: Sequence[Key]) -> None:
         with self._lock:
             self._lru.touch(keys)
+            held = [key for key in keys if key in self._sizes]
+            if held:
+                self._journal.note(held)
 
     def stats(self) -> TierStats:
         with self._lock:
@@ -153,12 +165,15 @@ class DiskTier:
                 self.name, self.capacity_bytes, self._used, len(self._sizes)
             )
             return stats._replace(
-                out_of_space=self._space.full_errors,
+                errors=stats.errors + self._journal.errors,
+                out_of_space=self._space.full_errors + self._journal.full_errors,
                 effective_capacity_bytes=self._space.effective_bytes,
             )
 
     def close(self) -> None:
         if self._lockfile >= 0:
+            if self._loaded:
+                self._journal.close()  # the exact LRU order, for the next open
             os.close(self._lockfile)  # releases the flock
             self._lockfile = -1
 
@@ -222,6 +237,7 @@ class DiskTier:
             if error is None:
                 self._sizes[key] = size
                 self._lru.add(key)
+                self._journal.note([key])
                 return
             self._used -= size
             if is_full(error):
@@ -232,6 +248,10 @@ class DiskTier:
     def _held_bytes(self) -> int:
         """Bytes of published chunk files (writes in flight not counted; lock held)."""
         return self._used - sum(self._inflight.values())
+
+    def _lru_order(self) -> list[Key]:
+        with self._lock:
+            return list(self._lru._order)
 
     def _write(self, key: Key, src: Views) -> OSError | None:
         """Write and publish a chunk file; the error that stopped it, or None."""
@@ -334,11 +354,18 @@ class DiskTier:
         return fd
 
     def _load_index(self) -> None:
-        """Publish every complete chunk file (LRU order = write order); delete leftovers of torn
-        writes, and the oldest chunks if they no longer fit."""
+        """Publish every complete chunk file in LRU order (a chunk's last use is the later of
+        its file's mtime and its last journal record); delete leftovers of torn writes, and the
+        least recently used chunks if they no longer fit."""
         for leftover in self._tmp.iterdir():
             self._unlink(leftover)
-        newest_first = sorted(_scan(self.root), key=lambda item: -item[1].st_mtime_ns)
+        ranks = self._journal.read()
+
+        def last_use(item: tuple[Key, os.stat_result]) -> Rank:
+            key, st = item
+            return max(Rank(st.st_mtime_ns, -1), ranks.get(key, Rank(0, -1)))
+
+        newest_first = sorted(_scan(self.root), key=last_use, reverse=True)
         kept = []
         for key, st in newest_first:
             if self._used + st.st_size > self.capacity_bytes:
