@@ -26,6 +26,11 @@ class TierStats(NamedTuple):
     evictions: int
     errors: int
     checksum_failures: int
+    out_of_space: int = 0
+    """Writes the file system refused for lack of room (ENOSPC, EDQUOT); for a chunk, the disk
+    tier then evicts and retries."""
+    effective_capacity_bytes: int = 0
+    """What the tier may hold now: `capacity_bytes`, or less while its disk is full."""
 
 
 class Tier(Protocol):
@@ -82,6 +87,7 @@ class Counters:
             self.evictions,
             self.errors,
             self.checksum_failures,
+            effective_capacity_bytes=capacity_bytes,
         )
 
 

@@ -4,7 +4,9 @@ A chunk is written to `tmp/`, then renamed into its shard directory (publish); a
 is never visible under a chunk's name. Every file starts with a header holding the key, the
 payload size and an xxh3-64 checksum of key and payload; a file that fails verification is
 a miss, is counted and deleted. After a restart (clean or `kill -9`) the directory scan finds
-every published chunk again.
+every published chunk again, in the LRU order its recency journal kept (`disk_recency.py`).
+A full file system or quota makes the tier evict its own oldest chunks and retry, and hold
+less until room returns (`disk_space.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from kvtier.errors import ConfigError
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.policy import LRUPolicy
 from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
+from kvtier.tiers.disk_recency import Rank, RecencyJournal
+from kvtier.tiers.disk_space import SpaceGuard, is_full
 
 MAGIC = b"KVTIERC1"
 HEADER = struct.Struct("<8sHH16sQQQ")  # magic, version, flags, key, payload bytes, checksum, ns
@@ -34,6 +38,8 @@ HEADER_BYTES = 4096  # payload starts page-aligned
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer addresses and lengths in whole pages
 VERSION = 1
 SUFFIX = ".kv"
+FULL_RETRIES = 4  # writes retried after evicting for a full file system, per chunk
+UNFINISHED = OSError("the chunk write did not finish")
 
 
 class ChunkHeader(NamedTuple):
@@ -60,11 +66,19 @@ def parse_header(buf: bytes | bytearray | memoryview) -> ChunkHeader | None:
 
 
 class DiskTier:
-    """Bounded by `capacity_bytes` of chunk files (headers included), plus writes in flight."""
+    """Bounded by `capacity_bytes` of chunk files (headers included), plus writes in flight,
+    and by the room the file system has (re-read at most every `space_check_s`). Recency is
+    journaled every `recency_flush_s` (what a `kill -9` may lose of the LRU order)."""
 
     name = "disk"
 
-    def __init__(self, directory: str | Path, capacity_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        capacity_bytes: int,
+        space_check_s: float = 1.0,
+        recency_flush_s: float = 1.0,
+    ) -> None:
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
         self.max_chunk_bytes = max(0, capacity_bytes - HEADER_BYTES)  # a file is header + payload
@@ -77,9 +91,15 @@ class DiskTier:
         self._count = Counters()
         self._direct = True  # O_DIRECT writes, until the file system refuses one
         self._local = threading.local()
+        self._space = SpaceGuard(self.root, capacity_bytes, space_check_s)
+        self._journal = RecencyJournal(
+            self.root / "RECENCY", self._tmp / "RECENCY", recency_flush_s, self._lru_order
+        )
         self._lockfile = self._open_exclusive()
+        self._loaded = False  # close() writes the journal only for a complete index
         try:
             self._load_index()
+            self._loaded = True
         except BaseException as exc:
             self.close()  # release the lock: a later open in this process must not be refused
             if isinstance(exc, OSError):
@@ -114,34 +134,46 @@ class DiskTier:
         return ok
 
     def put(self, key: Key, src: Views) -> bool:
+        """Store a chunk; on ENOSPC/EDQUOT evict older chunks and retry (a few times)."""
         size = HEADER_BYTES + total_bytes(src)
-        if not self._reserve(key, size):
-            return key in self._sizes
-        published = False
-        try:
-            published = self._write(key, src)
-        finally:
-            with self._lock:
-                del self._inflight[key]
-                if published:
-                    self._sizes[key] = size
-                    self._lru.add(key)
-                else:
-                    self._used -= size
-        return published
+        for _ in range(1 + FULL_RETRIES):
+            if not self._reserve(key, size):
+                return key in self._sizes
+            error: OSError | None = UNFINISHED  # if _write raises: never published
+            try:
+                error = self._write(key, src)
+            finally:
+                self._settle(key, size, error)
+            if error is None:
+                return True
+            if not is_full(error):
+                return False
+        with self._lock:
+            self._count.errors += 1  # still no room after evicting for every retry
+        return False
 
     def touch(self, keys: Sequence[Key]) -> None:
         with self._lock:
             self._lru.touch(keys)
+            held = [key for key in keys if key in self._sizes]
+            if held:
+                self._journal.note(held)
 
     def stats(self) -> TierStats:
         with self._lock:
-            return self._count.snapshot(
+            stats = self._count.snapshot(
                 self.name, self.capacity_bytes, self._used, len(self._sizes)
+            )
+            return stats._replace(
+                errors=stats.errors + self._journal.errors,
+                out_of_space=self._space.full_errors + self._journal.full_errors,
+                effective_capacity_bytes=self._space.effective_bytes,
             )
 
     def close(self) -> None:
         if self._lockfile >= 0:
+            if self._loaded:
+                self._journal.close()  # the exact LRU order, for the next open
             os.close(self._lockfile)  # releases the flock
             self._lockfile = -1
 
@@ -179,9 +211,11 @@ class DiskTier:
     def _reserve(self, key: Key, size: int) -> bool:
         """Count `size` bytes for a new chunk, evicting LRU chunks; False if impossible."""
         with self._lock:
-            if key in self._sizes or key in self._inflight or size > self.capacity_bytes:
+            self._space.check(self._held_bytes())
+            capacity = self._space.effective_bytes
+            if key in self._sizes or key in self._inflight or size > capacity:
                 return False
-            while self._used + size > self.capacity_bytes:
+            while self._used + size > capacity:
                 victim = self._lru.victim()
                 if victim is None:
                     return False
@@ -195,7 +229,32 @@ class DiskTier:
             self._used += size
         return True
 
-    def _write(self, key: Key, src: Views) -> bool:
+    def _settle(self, key: Key, size: int, error: OSError | None) -> None:
+        """End a write: publish the chunk, or give its bytes back (and on a full file
+        system, lower the capacity to what is held, so the retry evicts first)."""
+        with self._lock:
+            del self._inflight[key]
+            if error is None:
+                self._sizes[key] = size
+                self._lru.add(key)
+                self._journal.note([key])
+                return
+            self._used -= size
+            if is_full(error):
+                self._space.full(self._held_bytes())
+            else:
+                self._count.errors += 1
+
+    def _held_bytes(self) -> int:
+        """Bytes of published chunk files (writes in flight not counted; lock held)."""
+        return self._used - sum(self._inflight.values())
+
+    def _lru_order(self) -> list[Key]:
+        with self._lock:
+            return list(self._lru._order)
+
+    def _write(self, key: Key, src: Views) -> OSError | None:
+        """Write and publish a chunk file; the error that stopped it, or None."""
         nbytes = total_bytes(src)
         header = self._header_buffer()
         HEADER.pack_into(header, 0, MAGIC, VERSION, 0, key, nbytes, checksum(key, src), 0)
@@ -205,12 +264,10 @@ class DiskTier:
             self._write_file(tmp, [header, *src])
             final.parent.mkdir(exist_ok=True)
             os.rename(tmp, final)
-            return True
-        except OSError:
-            with self._lock:
-                self._count.errors += 1
-            self._unlink(tmp)
-            return False
+            return None
+        except OSError as exc:
+            self._unlink(tmp)  # a partly written file never gets a chunk's name
+            return exc
 
     def _header_buffer(self) -> memoryview:
         """This thread's page-aligned header buffer (zero after the header struct)."""
@@ -297,11 +354,18 @@ class DiskTier:
         return fd
 
     def _load_index(self) -> None:
-        """Publish every complete chunk file (LRU order = write order); delete leftovers of torn
-        writes, and the oldest chunks if they no longer fit."""
+        """Publish every complete chunk file in LRU order (a chunk's last use is the later of
+        its file's mtime and its last journal record); delete leftovers of torn writes, and the
+        least recently used chunks if they no longer fit."""
         for leftover in self._tmp.iterdir():
             self._unlink(leftover)
-        newest_first = sorted(_scan(self.root), key=lambda item: -item[1].st_mtime_ns)
+        ranks = self._journal.read()
+
+        def last_use(item: tuple[Key, os.stat_result]) -> Rank:
+            key, st = item
+            return max(Rank(st.st_mtime_ns, -1), ranks.get(key, Rank(0, -1)))
+
+        newest_first = sorted(_scan(self.root), key=last_use, reverse=True)
         kept = []
         for key, st in newest_first:
             if self._used + st.st_size > self.capacity_bytes:
