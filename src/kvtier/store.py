@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kvtier.cache import BoundCache
+from kvtier.chunkstore import Located
 from kvtier.config import StoreConfig
 from kvtier.errors import KvtierError, StoreClosed
 from kvtier.inplace import InPlace
@@ -54,13 +55,6 @@ class StoreStats:
             "dropped_chunks": self.dropped_chunks,
             "pending_writes": self.pending_writes,
         }
-
-
-class Located(NamedTuple):
-    """Where a prefix is stored: one tier name per leading chunk found."""
-
-    chunks: int
-    tiers: tuple[str, ...]
 
 
 class Acquired(NamedTuple):
@@ -104,7 +98,7 @@ class Store(InPlace):
 
     def bind(self, model_id: str, layout: KVLayout, salt: str | None = None) -> BoundCache:
         """A cache for one model (and tenant salt) over this store's tiers."""
-        cache = BoundCache(self, model_id, layout, salt)
+        cache = BoundCache(self, model_id, layout, salt, self.config.chunk_tokens)
         check_chunk_fits(cache.chunk_bytes, cache.chunk_tokens, self._tiers)
         if self._staging is not None:
             with self._cond:
