@@ -8,7 +8,7 @@ import numpy as np
 
 from kvtier.chunkstore import ChunkStore, Located
 from kvtier.errors import ChunkMissing, ConfigError
-from kvtier.keys import Key, TokensLike, chain_keys, root_key
+from kvtier.keys import Key, Salt, TokensLike, chain_keys, root_key
 from kvtier.layout import Array, KVLayout, chunk_views, rows_contiguous
 
 
@@ -21,15 +21,13 @@ class BoundCache:
         store: ChunkStore,
         model_id: str,
         layout: KVLayout,
-        salt: str | None,
+        salt: Salt | None,
         chunk_tokens: int,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise ConfigError(f"layout: expected a kvtier.KVLayout, got {type(layout).__name__}")
         if not isinstance(model_id, str) or not model_id:
             raise ConfigError(f"model_id: expected a non-empty string, got {model_id!r}")
-        if salt is not None and not isinstance(salt, str):
-            raise ConfigError(f"salt: expected a string or None, got {type(salt).__name__}")
         self.store = store
         self.model_id = model_id
         self.layout = layout
