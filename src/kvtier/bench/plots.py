@@ -30,10 +30,10 @@ def pyplot() -> Any | None:
 def save(figures: Mapping[Path, Draw]) -> list[Path]:
     """Draw each figure and save it as a PNG at its path; the paths written (none, and the
     hint on stderr, without matplotlib)."""
-    plt = pyplot() if figures else None
+    if not figures:
+        return []
+    plt = pyplot()
     if plt is None:
-        if not figures:
-            return []
         print(HINT.format(names=", ".join(p.name for p in figures)), file=sys.stderr)
         return []
     for path, draw in figures.items():
