@@ -91,3 +91,44 @@ def test_keys_equal_in_another_process() -> None:
         here = store.bind("m", LAYOUT, salt="s").keys(list(range(13)))
     assert out.stdout.strip().split(",") == [k.hex() for k in here]
     assert len(here) == 3
+
+
+def test_str_salt_and_its_utf8_bytes_give_the_same_keys(store: kvtier.Store) -> None:
+    """Salt s and salt s.encode() give identical keys, the keys a str salt always had: what
+    one saves under either, the other finds."""
+    salt = "tenant-é"
+    before = "738bab694edfab308d13dca2801fd502"  # root_key of this str salt before bytes salts
+    assert root_key("m", "fp", 4, salt).hex() == before
+    assert root_key("m", "fp", 4, salt.encode()).hex() == before
+    assert root_key("m", "fp", 4, None).hex() == "995f543da4f73d481b9072e318b989f6"
+    tokens = list(range(3 * CHUNK))
+    store.bind("m", LAYOUT, salt=salt.encode()).save(tokens, make_kv(len(tokens)))
+    as_str = store.bind("m", LAYOUT, salt=salt)
+    assert as_str.lookup(tokens) == 3 * CHUNK
+    assert as_str.keys(tokens) == store.bind("m", LAYOUT, salt=salt.encode()).keys(tokens)
+
+
+def test_bytes_salts_give_disjoint_keys(store: kvtier.Store) -> None:
+    """Different bytes salts, and an empty salt against no salt, share no key."""
+    tokens = list(range(2 * CHUNK))
+    salts: list[str | bytes | None] = [b"a", b"b", b"\xff\x00", b"", None]
+    keys = [set(store.bind("m", LAYOUT, salt=s).keys(tokens)) for s in salts]
+    for i, mine in enumerate(keys):
+        assert all(not mine & other for other in keys[i + 1 :])
+
+
+@pytest.mark.parametrize(
+    ("salt", "message"),
+    [
+        (42, "expected str, bytes or None, got int"),
+        (bytearray(b"a"), "expected str, bytes or None, got bytearray"),
+        ("\ud800", "pass bytes, or a str that encodes as UTF-8"),
+    ],
+)
+def test_bad_salt_is_a_clear_config_error(store: kvtier.Store, salt: object, message: str) -> None:
+    """A salt that is neither str nor bytes (or a str UTF-8 cannot encode) raises ConfigError
+    saying what to pass, from bind and from root_key."""
+    with pytest.raises(kvtier.ConfigError, match=message):
+        store.bind("m", LAYOUT, salt=salt)  # type: ignore[arg-type]
+    with pytest.raises(kvtier.ConfigError, match=message):
+        root_key("m", "fp", 4, salt)  # type: ignore[arg-type]

@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from kvtier.chunkstore import ChunkStore, Located
 from kvtier.errors import ChunkMissing, ConfigError
-from kvtier.keys import Key, TokensLike, chain_keys, root_key
+from kvtier.keys import Key, Salt, TokensLike, chain_keys, root_key
 from kvtier.layout import Array, KVLayout, chunk_views, rows_contiguous
-
-if TYPE_CHECKING:
-    from kvtier.store import Located, Store
 
 
 class BoundCache:
-    """Lookup, load, save and prefetch of token prefixes for one model; thread-safe."""
+    """Lookup, load, save and prefetch of token prefixes for one model; thread-safe. Built by
+    `Store.bind`, over the store's key-level API (`ChunkStore`)."""
 
-    def __init__(self, store: Store, model_id: str, layout: KVLayout, salt: str | None) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        model_id: str,
+        layout: KVLayout,
+        salt: Salt | None,
+        chunk_tokens: int,
+    ) -> None:
         if not isinstance(layout, KVLayout):
             raise ConfigError(f"layout: expected a kvtier.KVLayout, got {type(layout).__name__}")
         if not isinstance(model_id, str) or not model_id:
             raise ConfigError(f"model_id: expected a non-empty string, got {model_id!r}")
-        if salt is not None and not isinstance(salt, str):
-            raise ConfigError(f"salt: expected a string or None, got {type(salt).__name__}")
         self.store = store
         self.model_id = model_id
         self.layout = layout
         self.salt = salt
-        self.chunk_tokens = store.config.chunk_tokens
+        self.chunk_tokens = chunk_tokens
         self.chunk_bytes = layout.chunk_bytes(self.chunk_tokens)
         self._root = root_key(model_id, layout.fingerprint, self.chunk_tokens, salt)
 

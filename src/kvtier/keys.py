@@ -4,7 +4,8 @@ root  = H(model_id, layout fingerprint, chunk_tokens, salt)
 key_i = H(key_{i-1} or root, tokens of chunk i as little-endian int32)
 
 The same tokens under the same model give the same keys in every process and on every node;
-another salt gives disjoint keys.
+another salt gives disjoint keys. A salt is a str or bytes: a str is hashed as its UTF-8
+bytes, so salt `s` and salt `s.encode()` give the same keys.
 """
 
 from __future__ import annotations
@@ -15,17 +16,34 @@ from typing import Union
 
 import numpy as np
 
+from kvtier.errors import ConfigError
+
 KEY_BYTES = 16
 Key = bytes
+Salt = str | bytes
 TokensLike = Union[Sequence[int], "np.ndarray[tuple[int], np.dtype[np.integer]]"]
 _INT32 = np.iinfo(np.int32)
 
 
-def root_key(model_id: str, fingerprint: str, chunk_tokens: int, salt: str | None) -> Key:
+def salt_bytes(salt: Salt | None) -> bytes | None:
+    """A salt as the bytes its keys are made from: a str's UTF-8 encoding, bytes as they are.
+    Raises ConfigError for any other type."""
+    if salt is None or isinstance(salt, bytes):
+        return salt
+    if not isinstance(salt, str):
+        raise ConfigError(f"salt: expected str, bytes or None, got {type(salt).__name__}")
+    try:
+        return salt.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"salt: {exc}; pass bytes, or a str that encodes as UTF-8") from exc
+
+
+def root_key(model_id: str, fingerprint: str, chunk_tokens: int, salt: Salt | None) -> Key:
     """The digest every key chain of one (model, layout, chunk size, salt) starts from."""
+    salted = salt_bytes(salt)
     h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvtier-root")
-    for part in (model_id, fingerprint, str(chunk_tokens), "" if salt is None else "s:" + salt):
-        data = part.encode()
+    parts = (model_id.encode(), fingerprint.encode(), str(chunk_tokens).encode())
+    for data in (*parts, b"" if salted is None else b"s:" + salted):
         h.update(len(data).to_bytes(4, "little"))
         h.update(data)
     return h.digest()

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kvtier.cache import BoundCache
+from kvtier.chunkstore import Located
 from kvtier.config import StoreConfig
 from kvtier.errors import KvtierError, StoreClosed
 from kvtier.inplace import InPlace
 from kvtier.jobs import Jobs
-from kvtier.keys import Key
+from kvtier.keys import Key, Salt
 from kvtier.layout import KVLayout
 from kvtier.pool import SharedFile, StagingPool
 from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
@@ -54,13 +55,6 @@ class StoreStats:
             "dropped_chunks": self.dropped_chunks,
             "pending_writes": self.pending_writes,
         }
-
-
-class Located(NamedTuple):
-    """Where a prefix is stored: one tier name per leading chunk found."""
-
-    chunks: int
-    tiers: tuple[str, ...]
 
 
 class Acquired(NamedTuple):
@@ -102,9 +96,10 @@ class Store(InPlace):
         self._calls = 0  # calls using the tiers now; close() waits for them
         self._closed = False
 
-    def bind(self, model_id: str, layout: KVLayout, salt: str | None = None) -> BoundCache:
-        """A cache for one model (and tenant salt) over this store's tiers."""
-        cache = BoundCache(self, model_id, layout, salt)
+    def bind(self, model_id: str, layout: KVLayout, salt: Salt | None = None) -> BoundCache:
+        """A cache for one model (and tenant salt: str or bytes, a str standing for its UTF-8
+        bytes) over this store's tiers."""
+        cache = BoundCache(self, model_id, layout, salt, self.config.chunk_tokens)
         check_chunk_fits(cache.chunk_bytes, cache.chunk_tokens, self._tiers)
         if self._staging is not None:
             with self._cond:

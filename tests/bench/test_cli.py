@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,24 @@ def test_plan_table_grows_with_capacity(capsys: pytest.CaptureFixture[str], tmp_
     assert rows[1]["hit_rate"] > rows[0]["hit_rate"]
     assert (out / "plan.png").read_bytes().startswith(PNG)
     assert "| DRAM tokens" in (out / "plan.md").read_text()
+
+
+def test_bench_without_matplotlib_writes_json_and_says_what_to_install(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without matplotlib `bench trace --json` still prints and writes its JSON and markdown,
+    writes and lists no PNG, and one stderr line names the skipped plots and the extra."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    out = tmp_path / "out"
+    args = ["bench", "trace", str(SAMPLE), "--engine", "sim", "--quick", "--json"]
+    assert main([*args, "--out", str(out), "--work-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    assert result["requests"] == 300
+    assert json.loads((out / "trace.json").read_text())["requests"] == 300
+    assert (out / "trace.md").exists()
+    assert not list(out.glob("*.png"))
+    assert result["files"] == [str(out / "trace.json"), str(out / "trace.md")]
+    hints = [line for line in printed.err.split("\n") if "plot skipped" in line]
+    assert len(hints) == 1
+    assert "trace_ttft.png" in hints[0] and "pip install 'kvtier[bench]'" in hints[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from transformers import (
 )
 
 import kvtier
+from kvtier.demo import timed_generate
 from kvtier.integrations.transformers import CachedModel, UnsupportedModel
 
 CHUNK = 16
@@ -123,6 +125,21 @@ def test_logits_bit_identical_to_resident_prefix(model: Any, store: kvtier.Store
     full = first_logits(model.generate(prompt, **opts))
     assert torch.equal(got, want)
     torch.testing.assert_close(got, full, rtol=0, atol=1e-4)
+
+
+def test_no_deprecated_transformers_api(model: Any, store: kvtier.Store) -> None:
+    """A miss, a save and a hit through CachedModel, and the demo's generate into a resident
+    DynamicCache, use only current transformers APIs: no FutureWarning or DeprecationWarning."""
+    prompt = user_turn(0, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        cm = CachedModel(model, store)
+        cm.generate(prompt, max_new_tokens=2, **GREEDY)
+        cm.flush()
+        cm.generate(prompt, max_new_tokens=2, **GREEDY)
+        timed_generate(model, prompt, 2, DynamicCache(config=model.config))
+    assert cm.last_request is not None and cm.last_request.hit_tokens == 2 * CHUNK
 
 
 def test_restart_hits_disk(model: Any, tmp_path: Path) -> None:

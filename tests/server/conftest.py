@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kvtier
-from kvtier.server.protocol import HEADER_BYTES, Header, parse_header
+from kvtier.protocol import HEADER_BYTES, Header, parse_header
 from kvtier.server.server import ServerThread
 
 

@@ -19,9 +19,9 @@ from tests.server.conftest import read_frame, server_store
 import kvtier
 from kvtier.bench.remote_io import ServeProcess
 from kvtier.config import parse_remote
+from kvtier.protocol import SIZE, Op, Status, pack_header
 from kvtier.server.admission import ServerPolicy
 from kvtier.server.auth import Auth
-from kvtier.server.protocol import SIZE, Op, Status, pack_header
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
 

@@ -21,8 +21,8 @@ from tests.server.conftest import read_frame, read_until_closed, server_store
 
 import kvtier
 from kvtier.config import parse_remote
+from kvtier.protocol import HEADER, MAGIC, SIZE, VERSION, Limits, Op, Status, pack_header
 from kvtier.server.auth import tenant_key
-from kvtier.server.protocol import HEADER, MAGIC, SIZE, VERSION, Limits, Op, Status, pack_header
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
 

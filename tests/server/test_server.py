@@ -12,8 +12,8 @@ from tests.conftest import LAYOUT, make_kv
 from tests.server.conftest import client_config, read_frame, server_store
 
 import kvtier
+from kvtier.protocol import COUNT, SIZE, Op, Status, pack_header
 from kvtier.server.auth import Auth
-from kvtier.server.protocol import COUNT, SIZE, Op, Status, pack_header
 from kvtier.server.server import ServerThread
 
 TOKENS = list(range(40))

@@ -18,8 +18,8 @@ import kvtier
 from kvtier.config import parse_remote
 from kvtier.keys import Key
 from kvtier.pool import aligned
+from kvtier.protocol import COUNT, SIZE, Header, Limits, Op, Status, pack_header
 from kvtier.server.auth import Auth, tenant_key
-from kvtier.server.protocol import COUNT, SIZE, Header, Limits, Op, Status, pack_header
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
 
@@ -158,7 +158,7 @@ def test_release_unpins(shm_server: ServerThread) -> None:
 KILLED_CLIENT = textwrap.dedent(
     """
     import socket, sys, time
-    from kvtier.server.protocol import HEADER_BYTES, SIZE, Op, pack_header
+    from kvtier.protocol import HEADER_BYTES, SIZE, Op, pack_header
     sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
     def call(op, keys, payload):
         sock.sendall(pack_header(op, 1, len(keys), len(payload)) + b"".join(keys) + payload)

@@ -26,8 +26,8 @@ from tests.server.test_shm import (
 import kvtier
 from kvtier.config import parse_remote
 from kvtier.pool import aligned
+from kvtier.protocol import COUNT, SIZE, Op, Status
 from kvtier.server.auth import Auth, tenant_key
-from kvtier.server.protocol import COUNT, SIZE, Op, Status
 from kvtier.server.server import ServerThread
 from kvtier.tiers.remote import RemoteTier
 

@@ -17,7 +17,7 @@ from tests.server.conftest import recv_n, server_store
 import kvtier
 from kvtier.bench.remote_io import free_port
 from kvtier.config import Endpoint, parse_remote
-from kvtier.server.protocol import (
+from kvtier.protocol import (
     HEADER_BYTES,
     LIMITS,
     Header,

@@ -11,7 +11,7 @@ import pytest
 from kvtier.config import is_loopback
 from kvtier.errors import ProtocolError
 from kvtier.pool import ALIGN, SharedFile, SlabPool
-from kvtier.server.protocol import MAP_INFO
+from kvtier.protocol import MAP_INFO
 from kvtier.tiers.shm import SharedMapping, parse_map_reply
 
 

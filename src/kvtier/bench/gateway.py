@@ -89,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvtier bench gateway: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    rep.plot(args.out / "gateway.png", result)
+    pngs = rep.plot(args.out / "gateway.png", result)
     (args.out / "gateway.md").write_text(rep.markdown(result))
-    result["files"] = [str(args.out / n) for n in ("gateway.json", "gateway.md", "gateway.png")]
+    result["files"] = [str(args.out / n) for n in ("gateway.json", "gateway.md")]
+    result["files"] += [str(p) for p in pngs]
     text = json.dumps(_clean(result))
     (args.out / "gateway.json").write_text(text)
     print(text if args.json else rep.markdown(result))

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.bench import plots
 from kvtier.bench.gateway_client import InflightSample, Result
 from kvtier.bench.metrics import percentiles_ms
 
@@ -169,12 +170,14 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, result: Mapping[str, Any]) -> None:
+def plot(path: Path, result: Mapping[str, Any]) -> list[Path]:
     """Left: TTFT p90 against load for the swept policies, with the SLO. Right: hit rate
-    against the oracle for every main configuration."""
-    from kvtier.bench.report import _pyplot
+    against the oracle for every main configuration. The path written, or none without
+    matplotlib."""
+    return plots.save({path: lambda plt: _figure(plt, result)})
 
-    plt = _pyplot()
+
+def _figure(plt: Any, result: Mapping[str, Any]) -> Any:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     rows = result["rows"]
     for policy in sorted({r["policy"] for r in rows if r["sweep"]}):
@@ -200,9 +203,7 @@ def plot(path: Path, result: Mapping[str, Any]) -> None:
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
     left.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def finite(value: float) -> float | None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kvtier.bench import plots
 from kvtier.bench.costmodel import CostModel, parse_sim
 from kvtier.bench.engines import SimFactory
 from kvtier.bench.metrics import Summary
@@ -130,16 +131,11 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(result, indent=2))
     (out / "plan.md").write_text(markdown(result))
-    _plot(out / "plan.png", result["rows"])
+    plots.save({out / "plan.png": lambda plt: _plot(plt, result["rows"])})
 
 
-def _plot(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def _plot(plt: Any, rows: Sequence[dict[str, Any]]) -> Any:
     """Hit rate and p50 TTFT against DRAM capacity, one line per SSD capacity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for disk in sorted({r["disk_tokens"] for r in rows}):
         mine = [r for r in rows if r["disk_tokens"] == disk]
@@ -152,6 +148,4 @@ def _plot(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

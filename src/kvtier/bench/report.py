@@ -1,4 +1,5 @@
-"""Benchmark output: a JSON result, a markdown summary and PNG plots (matplotlib, Agg)."""
+"""Benchmark output: a JSON result, a markdown summary and PNG plots (when matplotlib is
+installed, see plots.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from kvtier.bench import plots
 from kvtier.bench.metrics import Summary
 
 
@@ -68,37 +70,31 @@ def write_report(
     ttft_s: Mapping[str, Sequence[float]],
     sweep: Sequence[SweepPoint],
 ) -> list[Path]:
-    """Write result.json, summary.md and the plots; returns their paths."""
+    """Write result.json, summary.md and the plots (skipped without matplotlib); returns the
+    paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = result["benchmark"]
-    paths = [out_dir / f"{name}.md", out_dir / f"{name}_ttft.png"]
+    paths = [out_dir / f"{name}.md"]
     paths[0].write_text(markdown(result, summaries))
-    _plot_ttft(paths[1], summaries, ttft_s, bool(result.get("modelled")))
+    modelled = bool(result.get("modelled"))
+    figures: dict[Path, plots.Draw] = {
+        out_dir / f"{name}_ttft.png": lambda plt: _plot_ttft(plt, summaries, ttft_s, modelled)
+    }
     if sweep:
-        paths.append(out_dir / f"{name}_hit_rate_vs_capacity.png")
-        _plot_sweep(paths[-1], sweep)
+        figures[out_dir / f"{name}_hit_rate_vs_capacity.png"] = lambda plt: _plot_sweep(plt, sweep)
+    paths += plots.save(figures)
     result["files"] = [str(p) for p in [out_dir / f"{name}.json", *paths]]
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
     return [out_dir / f"{name}.json", *paths]
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_ttft(
-    path: Path,
+    plt: Any,
     summaries: Mapping[str, Summary],
     ttft_s: Mapping[str, Sequence[float]],
     modelled: bool,
-) -> None:
+) -> Any:
     """TTFT p50 per round for each configuration, or a TTFT CDF for one-shot workloads."""
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     tag = " (modelled)" if modelled else ""
     rounds = max((len(s.ttft_ms_p50_by_turn) for s in summaries.values()), default=0)
@@ -115,18 +111,13 @@ def _plot_ttft(
         ax.set(xlabel=f"TTFT ms{tag}", ylabel="fraction of requests", xscale="log")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _plot_sweep(path: Path, sweep: Sequence[SweepPoint]) -> None:
-    plt = _pyplot()
+def _plot_sweep(plt: Any, sweep: Sequence[SweepPoint]) -> Any:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([p.dram_tokens for p in sweep], [p.hit_rate for p in sweep], marker="o")
     ax.set(xlabel="LRU cache capacity (tokens)", ylabel="token hit rate (measured)", xscale="log")
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -315,6 +315,6 @@ def _result(
     (out / "vllm.json").write_text(json.dumps(result, indent=2, default=float))
     (out / "vllm_requests.json").write_text(json.dumps(passes))
     (out / "vllm.md").write_text(rep.markdown(result))
-    rep.plot(out / "vllm.png", result)
-    result["files"] = [str(out / f"vllm.{ext}") for ext in ("json", "md", "png")]
+    pngs = rep.plot(out / "vllm.png", result)
+    result["files"] = [str(out / "vllm.json"), str(out / "vllm.md"), *map(str, pngs)]
     return result

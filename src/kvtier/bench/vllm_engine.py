@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kvtier.server.protocol import HEADER_BYTES, Op, pack_header, parse_header
+from kvtier.protocol import HEADER_BYTES, Op, pack_header, parse_header
 
 PREFIX = "KVB "
 START_TIMEOUT_S = 600.0

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.bench import plots
 from kvtier.bench.costmodel import TIERS
 from kvtier.bench.metrics import percentiles_ms
 
@@ -188,13 +189,13 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, result: Mapping[str, Any]) -> None:
-    """TTFT p50 by turn per workload and configuration; hit tokens by tier per pass."""
-    import matplotlib
+def plot(path: Path, result: Mapping[str, Any]) -> list[Path]:
+    """TTFT p50 by turn per workload and configuration; hit tokens by tier per pass. The path
+    written, or none without matplotlib."""
+    return plots.save({path: lambda plt: _figure(plt, result)})
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _figure(plt: Any, result: Mapping[str, Any]) -> Any:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = []
     for work, configs in result["summaries"].items():
@@ -220,6 +221,4 @@ def plot(path: Path, result: Mapping[str, Any]) -> None:
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

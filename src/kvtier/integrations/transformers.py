@@ -36,7 +36,7 @@ from kvtier.integrations.hf_load import (
 from kvtier.integrations.hf_request import UnsupportedModel as UnsupportedModel
 from kvtier.integrations.hf_request import check_generate_kwargs
 from kvtier.integrations.hf_save import ChunkSaver, TokenArray
-from kvtier.keys import Key
+from kvtier.keys import Key, Salt
 from kvtier.layout import KVLayout
 from kvtier.store import Store
 
@@ -123,7 +123,7 @@ class CachedModel:
         self,
         model: Any,
         store: Store,
-        salt: str | None = None,
+        salt: Salt | None = None,
         model_id: str | None = None,
         save: bool = True,
     ) -> None:

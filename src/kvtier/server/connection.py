@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING, cast
 
 from kvtier.errors import ProtocolError
 from kvtier.keys import KEY_BYTES, Key
-from kvtier.server.auth import tenant_key
-from kvtier.server.budget import Grant
-from kvtier.server.protocol import (
+from kvtier.protocol import (
     COUNT,
     HEADER_BYTES,
     MAP_INFO,
@@ -40,6 +38,8 @@ from kvtier.server.protocol import (
     split_keys,
     unpack_sizes,
 )
+from kvtier.server.auth import tenant_key
+from kvtier.server.budget import Grant
 
 if TYPE_CHECKING:
     from kvtier.server.server import CacheServer

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvtier.keys import Key
+from kvtier.protocol import Limits
 from kvtier.server.admission import AuthThrottle, ServerPolicy
 from kvtier.server.auth import Auth
 from kvtier.server.budget import RecvBudget
 from kvtier.server.connection import Connection
 from kvtier.server.listener import Listener, listen
-from kvtier.server.protocol import Limits
 from kvtier.store import Store
 
 log = logging.getLogger("kvtier.server")

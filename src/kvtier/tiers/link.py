@@ -26,7 +26,7 @@ from kvtier.config import Endpoint, is_loopback
 from kvtier.errors import AuthError, KvtierError, ProtocolError
 from kvtier.keys import Key
 from kvtier.pool import SharedFile
-from kvtier.server.protocol import (
+from kvtier.protocol import (
     HEADER_BYTES,
     LIMITS,
     Header,

@@ -34,7 +34,7 @@ import xxhash
 from kvtier.config import Endpoint, RemoteURL
 from kvtier.errors import AuthError, ProtocolError
 from kvtier.keys import Key
-from kvtier.server.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status, unpack_sizes
+from kvtier.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status, unpack_sizes
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
 from kvtier.tiers.link import FAILURES as _FAILURES
 from kvtier.tiers.link import Connection, Refused, ServerLink, Unavailable, recv_exact

@@ -17,7 +17,7 @@ import threading
 
 from kvtier.errors import ProtocolError
 from kvtier.pool import SharedFile
-from kvtier.server.protocol import MAP_INFO
+from kvtier.protocol import MAP_INFO
 
 _MADV_POPULATE_READ = 22  # linux/mman.h; not exported by the mmap module
 _MADV_POPULATE_WRITE = 23

@@ -12,7 +12,7 @@ from tests.server.conftest import read_frame
 
 import kvtier
 from kvtier.integrations.vllm.node import engine_config, stop_nodes
-from kvtier.server.protocol import Op, Status, pack_header
+from kvtier.protocol import Op, Status, pack_header
 
 
 def test_the_node_offers_its_dram_file_and_engines_load_through_it(tmp_path: Path) -> None:

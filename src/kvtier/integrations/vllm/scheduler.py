@@ -26,7 +26,7 @@ from kvtier.integrations.vllm.plan import (
     Tally,
     rank_keys,
 )
-from kvtier.keys import Key, root_key
+from kvtier.keys import Key, root_key, salt_bytes
 from kvtier.store import Store
 
 
@@ -247,12 +247,14 @@ class ChunkPlanner:
         return jobs
 
 
-def _salt(request: Any) -> str | None:
-    """kvtier's salt for a request: its `cache_salt` and LoRA adapter, when set."""
+def _salt(request: Any) -> bytes | None:
+    """kvtier's salt for a request: its `cache_salt` (str, or the same bytes) and LoRA
+    adapter, when set."""
     parts = []
-    if getattr(request, "cache_salt", None):
-        parts.append("salt:" + str(request.cache_salt))
+    cache_salt = salt_bytes(getattr(request, "cache_salt", None))
+    if cache_salt:
+        parts.append(b"salt:" + cache_salt)
     lora = getattr(request, "lora_request", None)
     if lora is not None:
-        parts.append(f"lora:{lora.lora_name}:{getattr(lora, 'lora_path', '')}")
-    return "|".join(parts) or None
+        parts.append(f"lora:{lora.lora_name}:{getattr(lora, 'lora_path', '')}".encode())
+    return b"|".join(parts) or None
