@@ -26,6 +26,7 @@ import xxhash
 from kvtier.errors import ConfigError
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.policy import LRUPolicy
+from kvtier.quota import NO_QUOTA, Ledger, Usage
 from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
 
 MAGIC = b"KVTIERC1"
@@ -64,7 +65,10 @@ class DiskTier:
 
     name = "disk"
 
-    def __init__(self, directory: str | Path, capacity_bytes: int) -> None:
+    def __init__(
+        self, directory: str | Path, capacity_bytes: int, quota: Ledger = NO_QUOTA
+    ) -> None:
+        """`quota`: bytes per key namespace (the server's tenants), see `quota.py`."""
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
         self.max_chunk_bytes = max(0, capacity_bytes - HEADER_BYTES)  # a file is header + payload
@@ -73,6 +77,7 @@ class DiskTier:
         self._sizes: dict[Key, int] = {}
         self._inflight: dict[Key, int] = {}
         self._lru = LRUPolicy()
+        self._quota = quota  # counts chunks being written too (never their victims)
         self._used = 0
         self._count = Counters()
         self._direct = True  # O_DIRECT writes, until the file system refuses one
@@ -128,17 +133,24 @@ class DiskTier:
                     self._lru.add(key)
                 else:
                     self._used -= size
+                    self._quota.remove(key)
         return published
 
     def touch(self, keys: Sequence[Key]) -> None:
         with self._lock:
             self._lru.touch(keys)
+            self._quota.touch(keys)
 
     def stats(self) -> TierStats:
         with self._lock:
             return self._count.snapshot(
                 self.name, self.capacity_bytes, self._used, len(self._sizes)
             )
+
+    def usage(self) -> dict[str, Usage]:
+        """Bytes and chunks per key namespace (empty without a quota ledger)."""
+        with self._lock:
+            return self._quota.usage()
 
     def close(self) -> None:
         if self._lockfile >= 0:
@@ -171,6 +183,7 @@ class DiskTier:
             assert self._used == sum(self._sizes.values()) + sum(self._inflight.values())
             assert self._used <= self.capacity_bytes
             assert set(self._lru._order) == set(self._sizes)
+            self._quota.check({**self._sizes, **self._inflight})
             on_disk = {key for key, _ in _scan(self.root)}
             assert set(self._sizes) <= on_disk, "indexed chunk without a file"
 
@@ -181,19 +194,27 @@ class DiskTier:
         with self._lock:
             if key in self._sizes or key in self._inflight or size > self.capacity_bytes:
                 return False
+            if not self._quota.make_room(key, size, self._inflight.__contains__, self._evict):
+                return False  # its namespace's own chunks are all being written
             while self._used + size > self.capacity_bytes:
                 victim = self._lru.victim()
                 if victim is None:
                     return False
-                self._lru.remove(victim)
-                self._used -= self._sizes.pop(victim)
-                self._count.evictions += 1
-                # Unlink under the lock: later, a new put of the same key could already have
-                # published its file. A reader holding the old file keeps its inode.
-                self._unlink(self.path(victim))
+                self._evict(victim)
             self._inflight[key] = size
             self._used += size
+            self._quota.add(key, size)
         return True
+
+    def _evict(self, victim: Key) -> None:
+        """Drop a published chunk to make room (lock held)."""
+        self._lru.remove(victim)
+        self._quota.remove(victim)
+        self._used -= self._sizes.pop(victim)
+        self._count.evictions += 1
+        # Unlink under the lock: later, a new put of the same key could already have
+        # published its file. A reader holding the old file keeps its inode.
+        self._unlink(self.path(victim))
 
     def _write(self, key: Key, src: Views) -> bool:
         nbytes = total_bytes(src)
@@ -274,6 +295,7 @@ class DiskTier:
             if size is not None:
                 self._used -= size
                 self._lru.remove(key)
+                self._quota.remove(key)
                 if unlink:  # under the lock, as in _reserve
                     self._unlink(self.path(key))
             if corrupt:
@@ -312,6 +334,7 @@ class DiskTier:
             self._used += st.st_size
         for key in reversed(kept):  # least recently written first in LRU order
             self._lru.add(key)
+            self._quota.add(key, self._sizes[key])
 
     @staticmethod
     def _unlink(path: Path) -> None:
