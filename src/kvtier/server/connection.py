@@ -218,13 +218,11 @@ class Connection(asyncio.BufferedProtocol):
             task.add_done_callback(self._after_async)
             return
         self._run_sync(op, header, body)
-        self._answered(op)
         self._next_frame()
 
-    def _answered(self, op: Op) -> None:
-        self.server.metrics.observe(op, time.perf_counter() - self._started)
-
     def _next_frame(self) -> None:
+        if self._frame is not None:  # answered: count its time
+            self.server.metrics.observe(Op(self._frame.opcode), time.perf_counter() - self._started)
         self._give_back()
         self._frame, self._target, self._filled = None, self._header, 0
         self.last_rx = time.monotonic()
@@ -437,8 +435,6 @@ class Connection(asyncio.BufferedProtocol):
             self._give_back()
             self._fail(Status.ERROR, str(exc))
             return
-        assert self._frame is not None
-        self._answered(Op(self._frame.opcode))
         self._next_frame()
         self._transport.resume_reading()
 
