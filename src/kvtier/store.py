@@ -29,6 +29,7 @@ from kvtier.jobs import Jobs
 from kvtier.keys import Key, Salt
 from kvtier.layout import KVLayout
 from kvtier.pool import SharedFile, StagingPool
+from kvtier.quota import NO_QUOTA, Ledger, Quotas, Usage
 from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
@@ -68,16 +69,21 @@ class Store(InPlace):
     """Tiered chunk store; thread-safe. Use `bind()` to get a per-model cache. Lending its
     memory in place (`writing`, `reading`, `reserve_chunk`...) is in `inplace.py`."""
 
-    def __init__(self, config: StoreConfig | None = None) -> None:
+    def __init__(self, config: StoreConfig | None = None, quotas: Quotas | None = None) -> None:
+        """`quotas`: bytes per key namespace in the DRAM and disk tiers, for a store whose
+        keys carry one (the cache server's tenants; `quota.py`)."""
         self.config = config = config or StoreConfig()
         lower: list[Tier] = []
         self._dram: DramTier | None = None
+        dram_quota = NO_QUOTA if quotas is None else quotas.ledger("dram")
+        disk_quota = NO_QUOTA if quotas is None else quotas.ledger("disk")
         try:  # if any tier fails (disk in use, token refused), close those already open
             if config.disk_dir is not None:
-                lower.append(DiskTier(config.disk_dir, int(config.disk_bytes or 0)))
+                size = int(config.disk_bytes or 0)
+                lower.append(DiskTier(config.disk_dir, size, quota=disk_quota))
             if config.remote is not None:
                 lower.append(_open_remote(config))
-            self._dram = _open_dram(config)
+            self._dram = _open_dram(config, dram_quota)
         except BaseException:
             for tier in lower:
                 tier.close()
@@ -273,6 +279,15 @@ class Store(InPlace):
             saved, dropped, pending = self._saved, self._dropped, self._jobs.pending
         return StoreStats(tuple(t.stats() for t in self._tiers), saved, dropped, pending)
 
+    def usage(self) -> dict[str, dict[str, Usage]]:
+        """Bytes and chunks per key namespace (given `quotas`), by namespace, then tier."""
+        out: dict[str, dict[str, Usage]] = {}
+        for tier in (self._dram, *self._lower):
+            if isinstance(tier, DramTier | DiskTier):
+                for name, usage in tier.usage().items():
+                    out.setdefault(name, {})[tier.name] = usage
+        return out
+
     def close(self) -> None:
         """Flush, then release every tier. Idempotent."""
         with self._cond:
@@ -460,11 +475,11 @@ def _until_nearer(nearer: Sequence[Tier], run: Sequence[Key]) -> int:
     return len(run)
 
 
-def _open_dram(config: StoreConfig) -> DramTier | None:
+def _open_dram(config: StoreConfig, quota: Ledger) -> DramTier | None:
     if not config.dram_bytes:
         return None
     shm = None if config.dram_shm is None else Path(config.dram_shm)
-    return DramTier(int(config.dram_bytes), shm_dir=shm)
+    return DramTier(int(config.dram_bytes), shm_dir=shm, quota=quota)
 
 
 def _open_remote(config: StoreConfig) -> Tier:

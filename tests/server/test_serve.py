@@ -78,8 +78,8 @@ def _raw_http(port: int, data: bytes) -> bytes:
 
 
 def test_metrics_port_answers_bad_requests_without_tracebacks() -> None:
-    """Clients that close early, send a head over 8 KiB or garbage get 431 / 400 or a quiet
-    close; the server logs no traceback and keeps answering."""
+    """Clients that close early, send a header line over 64 KiB or garbage get 431 / 400 or
+    a quiet close; the server logs no traceback and keeps answering."""
     with ServeProcess("--dram", "4MiB", "--metrics-port", "0") as server:
         metrics = re.search(r"http://[^:]+:(\d+)/metrics", server.banner)
         assert metrics is not None
@@ -87,9 +87,9 @@ def test_metrics_port_answers_bad_requests_without_tracebacks() -> None:
         socket.create_connection(("127.0.0.1", port), 5).close()
         with socket.create_connection(("127.0.0.1", port), 5) as early:
             early.sendall(b"GET /met")
-        big = b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
-        assert _raw_http(port, big).startswith(b"HTTP/1.1 431 ")
-        assert _raw_http(port, b"hello\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        big = b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+        assert re.match(rb"HTTP/1\.[01] 431 ", _raw_http(port, big))
+        assert re.match(rb"HTTP/1\.[01] 400 ", _raw_http(port, b"hello\r\n\r\n"))
         assert _get(f"http://127.0.0.1:{port}/healthz") == "ok\n"
         server.stop()
         output = server.output()

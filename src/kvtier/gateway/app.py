@@ -146,8 +146,9 @@ def _add_info_routes(app: FastAPI, gateway: Gateway) -> None:
         return JSONResponse({"workers": len(gateway.pool.workers), "healthy": healthy}, status)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics(request: Request) -> Response:
+        body, content_type = gateway.metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
 
 def _answering(gateway: Gateway, path: str, handler: Handler) -> Handler:

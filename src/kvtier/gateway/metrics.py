@@ -1,19 +1,18 @@
-"""The gateway's Prometheus metrics (prometheus-client, one registry per gateway)."""
+"""The gateway's Prometheus metrics (one registry per gateway; `kvtier.metrics`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvtier.metrics import FAST_BUCKETS, TTFT_BUCKETS, exposition, new_registry
+
 if TYPE_CHECKING:
     from kvtier.gateway.pool import Booking, Pool
-
-FAST_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _PoolCollector(Collector):
@@ -61,7 +60,7 @@ class GatewayMetrics:
     """Counters and histograms of the request path, plus the pool's gauges at scrape time."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         r = self.registry
         self.requests = Counter(
             "kvtier_gateway_requests", "requests answered", ["route", "status"], registry=r
@@ -111,5 +110,6 @@ class GatewayMetrics:
         if isinstance(cached, int):
             self.cached_tokens.inc(cached)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The metrics in the format `accept` asks for, and its content type."""
+        return exposition(self.registry, accept)

@@ -66,6 +66,7 @@ class Connection(asyncio.BufferedProtocol):
         self._frame: Header | None = None
         self._transport: asyncio.Transport | None = None
         self._peer = ""
+        self._started = 0.0  # when the frame being handled was received (perf_counter)
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._pins: Counter[Key] = Counter()  # chunks GET_LOCAL pinned for this client
@@ -207,6 +208,7 @@ class Connection(asyncio.BufferedProtocol):
         assert header is not None and self._transport is not None
         op = Op(header.opcode)
         self.server.counters[f"requests_{op.name.lower()}"] += 1
+        self._started = time.perf_counter()
         wait_s = self._hello_wait_s() if op is Op.HELLO else 0.0
         if op in (Op.GET, Op.GET_LOCAL, Op.PUT, Op.PUT_LOCAL, Op.DELETE) or wait_s > 0:
             self._busy = True
@@ -219,6 +221,8 @@ class Connection(asyncio.BufferedProtocol):
         self._next_frame()
 
     def _next_frame(self) -> None:
+        if self._frame is not None:  # answered: count its time
+            self.server.metrics.observe(Op(self._frame.opcode), time.perf_counter() - self._started)
         self._give_back()
         self._frame, self._target, self._filled = None, self._header, 0
         self.last_rx = time.monotonic()
@@ -249,7 +253,8 @@ class Connection(asyncio.BufferedProtocol):
         elif op is Op.PING:
             self._reply(op, rid, [])
         elif op is Op.STATS:
-            self._reply(op, rid, [self.server.stats_json()])
+            assert self.tenant is not None
+            self._reply(op, rid, [self.server.stats_json(self.tenant)])
         elif op is Op.MAP:
             self._map(rid)
         elif op is Op.RELEASE:

@@ -10,9 +10,11 @@ import sys
 
 from kvtier.config import StoreConfig, env_default, is_loopback, parse_size
 from kvtier.errors import ConfigError
+from kvtier.metrics import MetricsServer
+from kvtier.quota import Quotas
 from kvtier.server.admission import ServerPolicy
 from kvtier.server.auth import Auth
-from kvtier.server.metrics import render, start_metrics
+from kvtier.server.quotas import check_fits, load_quotas
 from kvtier.server.server import CacheServer, run_loop
 from kvtier.store import Store
 
@@ -33,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--disk-dir", default=env_default("KVTIER_DISK_DIR"), help="disk tier directory")
     arg("--disk", default=env_default("KVTIER_DISK"), help="disk tier size, e.g. 500GiB")
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant token'")
+    arg("--quota-file", default=env_default("KVTIER_QUOTA_FILE"),
+        help="lines 'tenant dram disk': each tenant's bytes in the DRAM and disk tiers (sizes, "
+        "'-' for the default, 'none' for no limit); needs --auth-file")  # fmt: skip
+    arg("--tenant-dram", default=env_default("KVTIER_TENANT_DRAM"),
+        help="every tenant's DRAM quota unless its quota file line says (e.g. 4GiB)")  # fmt: skip
+    arg("--tenant-disk", default=env_default("KVTIER_TENANT_DISK"),
+        help="every tenant's disk quota unless its quota file line says (e.g. 100GiB)")  # fmt: skip
     arg("--metrics-port", type=int, default=env_default("KVTIER_METRICS_PORT"),
         help="HTTP port for GET /metrics and /healthz (0: any free port)")  # fmt: skip
     arg("--insecure", action="store_true",
@@ -125,6 +134,23 @@ def _auth(args: argparse.Namespace) -> Auth:
     return Auth()
 
 
+def _quotas(args: argparse.Namespace, auth: Auth, config: StoreConfig) -> Quotas:
+    """Every tenant's quota; prints a note where the quotas add up to more than a tier."""
+    if args.quota_file and auth.open:
+        raise ConfigError("--quota-file needs --auth-file (it names its tenants)")
+    dram = parse_size(args.tenant_dram, "--tenant-dram") if args.tenant_dram else None
+    disk = parse_size(args.tenant_disk, "--tenant-disk") if args.tenant_disk else None
+    quotas = load_quotas(auth.tenants, args.quota_file, dram, disk)
+    tiers = {"dram": _bytes(config.dram_bytes), "disk": _bytes(config.disk_bytes)}
+    for note in check_fits(quotas, tiers):
+        print(f"kvtier serve: note: {note}", flush=True)
+    return quotas
+
+
+def _bytes(size: int | str | None) -> int | None:
+    return None if size is None else parse_size(size)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         auth = _auth(args)
@@ -137,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             disk_bytes=args.disk,
             dram_shm=args.dram_shm or None,
         )
-        store = Store(config)
+        store = Store(config, _quotas(args, auth, config))
     except ConfigError as exc:
         print(f"kvtier serve: {exc}", file=sys.stderr)
         return 2
@@ -159,8 +185,8 @@ async def _serve(server: CacheServer, host: str, port: int, metrics_port: int | 
     metrics = None
     note = ""
     if metrics_port is not None:
-        metrics = await start_metrics(host, metrics_port, lambda: render(server))
-        note = f", metrics on http://{host}:{metrics.sockets[0].getsockname()[1]}/metrics"
+        metrics = MetricsServer(host, metrics_port, server.metrics.registry)
+        note = f", metrics on http://{host}:{metrics.port}/metrics"
     print(f"kvtier serve: listening on {host}:{bound}{note}", flush=True)
     p = server.policy
     print(
@@ -174,5 +200,5 @@ async def _serve(server: CacheServer, host: str, port: int, metrics_port: int | 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     if metrics is not None:
-        metrics.close()
+        await asyncio.to_thread(metrics.close)
     await server.stop()

@@ -1,98 +1,109 @@
-"""Prometheus text metrics and a health check on a separate, tiny asyncio HTTP port."""
+"""The cache server's Prometheus metrics: request latency histograms, observed as requests
+are answered; the store's, the server's and each tenant's figures, read at scrape time.
+Served on a separate port by `kvtier.metrics.MetricsServer`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvtier.metrics import OP_BUCKETS, new_registry
+from kvtier.protocol import Op
 
 if TYPE_CHECKING:
     from kvtier.server.server import CacheServer
 
 _TIER_FIELDS = {
-    "capacity_bytes": ("gauge", "configured capacity of the tier"),
-    "bytes": ("gauge", "bytes held by the tier"),
-    "chunks": ("gauge", "chunks held by the tier"),
-    "hits": ("counter", "reads served by the tier"),
-    "misses": ("counter", "reads the tier could not serve"),
-    "evictions": ("counter", "chunks evicted from the tier"),
-    "errors": ("counter", "I/O errors of the tier"),
-    "checksum_failures": ("counter", "chunks that failed verification"),
+    "capacity_bytes": (GaugeMetricFamily, "configured capacity of the tier"),
+    "bytes": (GaugeMetricFamily, "bytes held by the tier"),
+    "chunks": (GaugeMetricFamily, "chunks held by the tier"),
+    "hits": (CounterMetricFamily, "reads served by the tier"),
+    "misses": (CounterMetricFamily, "reads the tier could not serve"),
+    "evictions": (CounterMetricFamily, "chunks evicted from the tier"),
+    "errors": (CounterMetricFamily, "I/O errors of the tier"),
+    "checksum_failures": (CounterMetricFamily, "chunks that failed verification"),
 }
 
 
-def render(server: CacheServer) -> str:
-    """The server's store and connection counters in Prometheus text format."""
-    stats = server.store.stats()
-    lines: list[str] = []
-    for field, (kind, text) in _TIER_FIELDS.items():
-        name = f"kvtier_tier_{field}" + ("_total" if kind == "counter" else "")
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        lines += [f'{name}{{tier="{t.name}"}} {getattr(t, field)}' for t in stats.tiers]
-    store_values = {
-        "kvtier_saved_chunks_total": stats.saved_chunks,
-        "kvtier_dropped_chunks_total": stats.dropped_chunks,
-        "kvtier_pending_writes": stats.pending_writes,
-    }
-    for name, value in store_values.items():
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
-    for key, value in sorted(server.counters.items()):
-        name = f"kvtier_server_{key}" + ("" if key.endswith("_total") else "_total")
-        lines += [f"# TYPE {name} counter", f"{name} {value}"]
-    return "\n".join(lines) + "\n"
+class ServerMetrics:
+    """One registry per server: `observe()` each answered request."""
+
+    def __init__(self, server: CacheServer) -> None:
+        self.registry = new_registry()
+        self._latency = Histogram(
+            "kvtier_server_request_seconds",
+            "seconds from a request's last byte received to its reply written (GET: sent)",
+            ["op"],
+            buckets=OP_BUCKETS,
+            registry=self.registry,
+        )
+        self._by_op: dict[Op, Histogram] = {}  # only ops that were asked appear
+        self.registry.register(_ServerCollector(server))
+
+    def observe(self, op: Op, seconds: float) -> None:
+        """Called on the event loop only."""
+        child = self._by_op.get(op)
+        if child is None:
+            child = self._by_op[op] = self._latency.labels(op.name.lower())
+        child.observe(seconds)
 
 
-REQUEST_LIMIT_BYTES = 8192
-REQUEST_TIMEOUT_S = 5.0
+class _ServerCollector(Collector):
+    """The store's and the server's counters and each tenant's share of the tiers."""
 
+    def __init__(self, server: CacheServer) -> None:
+        self.server = server
 
-def _response(status: str, body: str) -> bytes:
-    data = body.encode()
-    return (
-        f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-        + data
-    )
+    def collect(self) -> Iterator[Metric]:
+        yield from self._tiers()
+        yield from self._tenants()
+        counters = dict(self.server.counters)  # one C-level copy: the event loop adds keys
+        for key, value in sorted(counters.items()):
+            name = f"kvtier_server_{key.removesuffix('_total')}"
+            yield CounterMetricFamily(name, f"server {key.replace('_', ' ')}", value=value)
 
+    def _tiers(self) -> Iterator[Metric]:
+        stats = self.server.store.stats()
+        for field, (kind, text) in _TIER_FIELDS.items():
+            family = kind(f"kvtier_tier_{field}", text, labels=["tier"])
+            for tier in stats.tiers:
+                family.add_metric([tier.name], getattr(tier, field))
+            yield family
+        yield CounterMetricFamily(
+            "kvtier_saved_chunks", "chunks saved by the store", value=stats.saved_chunks
+        )
+        yield CounterMetricFamily(
+            "kvtier_dropped_chunks", "chunks the store had no room for", value=stats.dropped_chunks
+        )
+        yield GaugeMetricFamily(
+            "kvtier_pending_writes", "lower-tier writes queued", value=stats.pending_writes
+        )
 
-def _answer(request: bytes, text: Callable[[], str]) -> bytes:
-    parts = request.split(b" ", 2)
-    if len(parts) < 3 or not parts[2].startswith(b"HTTP/"):
-        return _response("400 Bad Request", "not an HTTP request\n")
-    path = parts[1] if parts[0] == b"GET" else b""
-    if path == b"/metrics":
-        return _response("200 OK", text())
-    if path == b"/healthz":
-        return _response("200 OK", "ok\n")
-    return _response("404 Not Found", "try /metrics or /healthz\n")
-
-
-async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
-    """The request head, b"" when it is too large, None when the client left early."""
-    try:
-        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
-    except asyncio.LimitOverrunError:
-        return b""
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
-        return None
-
-
-async def start_metrics(host: str, port: int, text: Callable[[], str]) -> asyncio.Server:
-    """Serve `GET /metrics` (text()) and `GET /healthz` on host:port. A request head over
-    8 KiB gets 431, a malformed one 400; a client that leaves early is closed quietly."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await _read_request(reader)
-        with contextlib.suppress(OSError):
-            if request == b"":
-                writer.write(_response("431 Request Header Fields Too Large", "too large\n"))
-            elif request is not None:
-                writer.write(_answer(request, text))
-            await writer.drain()
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-    return await asyncio.start_server(handle, host, port, limit=REQUEST_LIMIT_BYTES)
+    def _tenants(self) -> Iterator[Metric]:
+        labels = ["tenant", "tier"]
+        held = GaugeMetricFamily(
+            "kvtier_tenant_bytes", "bytes a tenant holds in a tier", labels=labels
+        )
+        chunks = GaugeMetricFamily(
+            "kvtier_tenant_chunks", "chunks a tenant holds in a tier", labels=labels
+        )
+        quota = GaugeMetricFamily(
+            "kvtier_tenant_quota_bytes", "a tenant's quota in a tier", labels=labels
+        )
+        evicted = CounterMetricFamily(
+            "kvtier_tenant_quota_evictions",
+            "a tenant's chunks evicted to keep it within its quota",
+            labels=labels,
+        )
+        for tenant, tiers in sorted(self.server.store.usage().items()):
+            for tier, usage in tiers.items():
+                held.add_metric([tenant, tier], usage.bytes)
+                chunks.add_metric([tenant, tier], usage.chunks)
+                evicted.add_metric([tenant, tier], usage.evictions)
+                if usage.limit_bytes is not None:
+                    quota.add_metric([tenant, tier], usage.limit_bytes)
+        yield from (held, chunks, quota, evicted)

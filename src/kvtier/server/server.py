@@ -26,6 +26,7 @@ from kvtier.server.auth import Auth
 from kvtier.server.budget import RecvBudget
 from kvtier.server.connection import Connection
 from kvtier.server.listener import Listener, listen
+from kvtier.server.metrics import ServerMetrics
 from kvtier.store import Store
 
 log = logging.getLogger("kvtier.server")
@@ -50,6 +51,7 @@ class CacheServer:
         self.limits = limits or Limits()
         self.policy = policy or ServerPolicy()
         self.counters: Counter[str] = Counter()
+        self.metrics = ServerMetrics(self)
         self.executor = ThreadPoolExecutor(4, thread_name_prefix="kvtier-serve")
         self.budget = RecvBudget(self.policy.recv_budget_bytes)
         self.throttle = AuthThrottle(self.policy.auth_delay_s)
@@ -178,9 +180,13 @@ class CacheServer:
     def delete(self, keys: list[Key]) -> int:
         return sum(self.store.delete_chunk(key) for key in keys)
 
-    def stats_json(self) -> bytes:
+    def stats_json(self, tenant: str) -> bytes:
+        """The store's and the server's counters, and the asking tenant's own share of the
+        tiers (never another tenant's)."""
         payload: dict[str, Any] = self.store.stats().as_dict()
         payload["server"] = dict(self.counters)
+        usage = self.store.usage().get(tenant, {})
+        payload["tenant"] = {"name": tenant, **{t: u._asdict() for t, u in usage.items()}}
         return json.dumps(payload).encode()
 
 

@@ -28,6 +28,7 @@ import xxhash
 from kvtier.errors import ConfigError
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.policy import LRUPolicy
+from kvtier.quota import NO_QUOTA, Ledger, Usage
 from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
 from kvtier.tiers.disk_recency import Rank, RecencyJournal
 from kvtier.tiers.disk_space import SpaceGuard, is_full
@@ -76,9 +77,11 @@ class DiskTier:
         self,
         directory: str | Path,
         capacity_bytes: int,
+        quota: Ledger = NO_QUOTA,
         space_check_s: float = 1.0,
         recency_flush_s: float = 1.0,
     ) -> None:
+        """`quota`: bytes per key namespace (the server's tenants), see `quota.py`."""
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
         self.max_chunk_bytes = max(0, capacity_bytes - HEADER_BYTES)  # a file is header + payload
@@ -87,6 +90,7 @@ class DiskTier:
         self._sizes: dict[Key, int] = {}
         self._inflight: dict[Key, int] = {}
         self._lru = LRUPolicy()
+        self._quota = quota  # counts chunks being written too (never their victims)
         self._used = 0
         self._count = Counters()
         self._direct = True  # O_DIRECT writes, until the file system refuses one
@@ -155,6 +159,7 @@ class DiskTier:
     def touch(self, keys: Sequence[Key]) -> None:
         with self._lock:
             self._lru.touch(keys)
+            self._quota.touch(keys)
             held = [key for key in keys if key in self._sizes]
             if held:
                 self._journal.note(held)
@@ -169,6 +174,11 @@ class DiskTier:
                 out_of_space=self._space.full_errors + self._journal.full_errors,
                 effective_capacity_bytes=self._space.effective_bytes,
             )
+
+    def usage(self) -> dict[str, Usage]:
+        """Bytes and chunks per key namespace (empty without a quota ledger)."""
+        with self._lock:
+            return self._quota.usage()
 
     def close(self) -> None:
         if self._lockfile >= 0:
@@ -203,6 +213,7 @@ class DiskTier:
             assert self._used == sum(self._sizes.values()) + sum(self._inflight.values())
             assert self._used <= self.capacity_bytes
             assert set(self._lru._order) == set(self._sizes)
+            self._quota.check({**self._sizes, **self._inflight})
             on_disk = {key for key, _ in _scan(self.root)}
             assert set(self._sizes) <= on_disk, "indexed chunk without a file"
 
@@ -215,19 +226,27 @@ class DiskTier:
             capacity = self._space.effective_bytes
             if key in self._sizes or key in self._inflight or size > capacity:
                 return False
+            if not self._quota.make_room(key, size, self._inflight.__contains__, self._evict):
+                return False  # its namespace's own chunks are all being written
             while self._used + size > capacity:
                 victim = self._lru.victim()
                 if victim is None:
                     return False
-                self._lru.remove(victim)
-                self._used -= self._sizes.pop(victim)
-                self._count.evictions += 1
-                # Unlink under the lock: later, a new put of the same key could already have
-                # published its file. A reader holding the old file keeps its inode.
-                self._unlink(self.path(victim))
+                self._evict(victim)
             self._inflight[key] = size
             self._used += size
+            self._quota.add(key, size)
         return True
+
+    def _evict(self, victim: Key) -> None:
+        """Drop a published chunk to make room (lock held)."""
+        self._lru.remove(victim)
+        self._quota.remove(victim)
+        self._used -= self._sizes.pop(victim)
+        self._count.evictions += 1
+        # Unlink under the lock: later, a new put of the same key could already have
+        # published its file. A reader holding the old file keeps its inode.
+        self._unlink(self.path(victim))
 
     def _settle(self, key: Key, size: int, error: OSError | None) -> None:
         """End a write: publish the chunk, or give its bytes back (and on a full file
@@ -240,6 +259,7 @@ class DiskTier:
                 self._journal.note([key])
                 return
             self._used -= size
+            self._quota.remove(key)
             if is_full(error):
                 self._space.full(self._held_bytes())
             else:
@@ -331,6 +351,7 @@ class DiskTier:
             if size is not None:
                 self._used -= size
                 self._lru.remove(key)
+                self._quota.remove(key)
                 if unlink:  # under the lock, as in _reserve
                     self._unlink(self.path(key))
             if corrupt:
@@ -376,6 +397,7 @@ class DiskTier:
             self._used += st.st_size
         for key in reversed(kept):  # least recently written first in LRU order
             self._lru.add(key)
+            self._quota.add(key, self._sizes[key])
 
     @staticmethod
     def _unlink(path: Path) -> None:

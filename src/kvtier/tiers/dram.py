@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kvtier.keys import Key
 from kvtier.policy import LRUPolicy
-from kvtier.pool import Extent, SlabPool
+from kvtier.pool import Extent, SlabPool, aligned
+from kvtier.quota import NO_QUOTA, Ledger, Usage
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
 
 
@@ -33,8 +34,13 @@ class DramTier:
     name = "dram"
 
     def __init__(
-        self, capacity_bytes: int, prefault: bool = True, shm_dir: Path | None = None
+        self,
+        capacity_bytes: int,
+        prefault: bool = True,
+        shm_dir: Path | None = None,
+        quota: Ledger = NO_QUOTA,
     ) -> None:
+        """`quota`: bytes per key namespace (the server's tenants), see `quota.py`."""
         self._pool = SlabPool(capacity_bytes, prefault=prefault, shm_dir=shm_dir)
         self.shared = self._pool.shared  # the file same-host clients map (shm_dir), or None
         self.max_chunk_bytes = self._pool.capacity_bytes
@@ -42,6 +48,7 @@ class DramTier:
         self._entries: dict[Key, _Entry] = {}
         self._retired: dict[Key, list[Extent]] = {}  # doomed extents of re-saved keys, pinned
         self._lru = LRUPolicy()
+        self._quota = quota
         self._count = Counters()
         self._closed = False
 
@@ -78,12 +85,18 @@ class DramTier:
     def touch(self, keys: Sequence[Key]) -> None:
         with self._lock:
             self._lru.touch(keys)
+            self._quota.touch(keys)
 
     def stats(self) -> TierStats:
         with self._lock:
             return self._count.snapshot(
                 self.name, self._pool.capacity_bytes, self._pool.used_bytes, len(self._entries)
             )
+
+    def usage(self) -> dict[str, Usage]:
+        """Bytes and chunks per key namespace (empty without a quota ledger)."""
+        with self._lock:
+            return self._quota.usage()
 
     def close(self) -> None:
         with self._lock:
@@ -113,14 +126,16 @@ class DramTier:
                 return None
             if nbytes > self._pool.capacity_bytes:
                 return None
-            extent = self._alloc(nbytes)
+            extent = self._alloc(key, nbytes)
             if extent is None:
                 return None
             if old is not None:  # deleted, still pinned by a reader: keep its bytes for it
                 self._retired.setdefault(key, []).append(old.extent)
                 self._lru.remove(key)
+                self._quota.remove(key)
             self._entries[key] = _Entry(extent, nbytes)
             self._lru.add(key)
+            self._quota.add(key, extent.nbytes)
             self._lru.pin(key)
             return self._pool.slot(extent)[:nbytes]
 
@@ -177,6 +192,7 @@ class DramTier:
             used += sum(x.nbytes for extents in self._retired.values() for x in extents)
             assert used == self._pool.used_bytes, (used, self._pool.used_bytes)
             assert used <= self._pool.capacity_bytes
+            self._quota.check({k: e.extent.nbytes for k, e in self._entries.items()})
 
     def wait_prefaulted(self) -> None:
         self._pool.wait_prefaulted()
@@ -191,16 +207,24 @@ class DramTier:
         if self._entries[key].doomed:
             self._drop(key)
 
-    def _alloc(self, nbytes: int) -> Extent | None:
+    def _alloc(self, key: Key, nbytes: int) -> Extent | None:
+        """Room for a new chunk: its namespace's own chunks go first if it is at its quota,
+        then the least recently used of all."""
+        if not self._quota.make_room(key, aligned(nbytes), self._lru.pinned, self._evict):
+            return None
         while (extent := self._pool.alloc(nbytes)) is None:
             victim = self._lru.victim()
             if victim is None:
                 return None
-            self._drop(victim)
-            self._count.evictions += 1
+            self._evict(victim)
         return extent
+
+    def _evict(self, key: Key) -> None:
+        self._drop(key)
+        self._count.evictions += 1
 
     def _drop(self, key: Key) -> None:
         entry = self._entries.pop(key)
         self._lru.remove(key)
+        self._quota.remove(key)
         self._pool.free(entry.extent)

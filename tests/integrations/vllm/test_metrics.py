@@ -12,7 +12,8 @@ pytest.importorskip("vllm")
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.integrations.vllm.connector import KvtierConnector
-from kvtier.integrations.vllm.metrics import KvtierStats
+from kvtier.integrations.vllm.metrics import KvtierPromMetrics, KvtierStats
+from kvtier.integrations.vllm.plan import Tally
 
 
 def test_stats_add_up_and_reduce_to_rates() -> None:
@@ -33,10 +34,8 @@ def test_stats_add_up_and_reduce_to_rates() -> None:
     assert total.is_empty()
 
 
-def test_prometheus_counters_per_engine_and_tier() -> None:
-    """Observed deltas accumulate in `kvtier_vllm_*_total` counters labelled by engine, and
-    hit tokens also by tier."""
-    registry = CollectorRegistry()
+def _prom_metrics(registry: CollectorRegistry) -> KvtierPromMetrics:
+    """The connector's metrics as vLLM builds them, in `registry`, for two engines."""
 
     def bound(cls: type) -> type:
         class Bound(cls):  # type: ignore[valid-type,misc]
@@ -45,12 +44,19 @@ def test_prometheus_counters_per_engine_and_tier() -> None:
 
         return Bound
 
-    metrics = KvtierConnector.build_prom_metrics(
+    return KvtierConnector.build_prom_metrics(
         SimpleNamespace(kv_transfer_config=None),
         {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)},
         ["model_name", "engine"],
         {0: ["m", "0"], 1: ["m", "1"]},
     )
+
+
+def test_prometheus_counters_per_engine_and_tier() -> None:
+    """Observed deltas accumulate in `kvtier_vllm_*_total` counters labelled by engine, and
+    hit tokens also by tier."""
+    registry = CollectorRegistry()
+    metrics = _prom_metrics(registry)
     metrics.observe({"hit_tokens/remote": 256, "loaded_bytes": 1000, "failed_chunks": 1}, 0)
     metrics.observe({"hit_tokens/remote": 64, "hit_tokens/dram": 32}, 0)
     metrics.observe({"saved_bytes": 5}, 1)
@@ -61,3 +67,27 @@ def test_prometheus_counters_per_engine_and_tier() -> None:
     assert value("kvtier_vllm_loaded_bytes_total", engine0) == 1000
     assert value("kvtier_vllm_failed_chunks_total", engine0) == 1
     assert value("kvtier_vllm_saved_bytes_total", {"model_name": "m", "engine": "1"}) == 5
+
+
+def test_request_times_fill_histograms_on_the_shared_buckets() -> None:
+    """Per-request load and save times that workers sample add up across workers (the counters
+    beside them too) and fill `kvtier_vllm_request_{load,save}_seconds` histograms on
+    kvtier's shared buckets."""
+    tally = Tally()
+    tally.observe("request_load_seconds", 0.002)
+    tally.observe("request_save_seconds", 0.0001)
+    tally.add("loaded_bytes", 10)
+    worker0 = KvtierStats(data=tally.drain())
+    worker1 = KvtierConnector.build_kv_connector_stats(
+        {"request_load_seconds": [0.3], "loaded_bytes": 5}
+    )
+    total = KvtierStats(data={}).aggregate(worker0).aggregate(worker1)
+    assert total.reduce()["loaded_bytes"] == 15
+    registry = CollectorRegistry()
+    _prom_metrics(registry).observe(total.data, 0)
+    value = registry.get_sample_value
+    engine0 = {"model_name": "m", "engine": "0"}
+    assert value("kvtier_vllm_request_load_seconds_count", engine0) == 2
+    assert value("kvtier_vllm_request_load_seconds_bucket", {**engine0, "le": "0.0025"}) == 1
+    assert value("kvtier_vllm_request_save_seconds_count", engine0) == 1
+    assert value("kvtier_vllm_loaded_bytes_total", engine0) == 15

@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 from kvtier.integrations.vllm.plan import HIT_PREFIX
+from kvtier.metrics import OP_BUCKETS
 
 _COUNTERS = {
     "lookups": "Requests kvtier looked up",
@@ -27,22 +28,28 @@ _COUNTERS = {
     "saved_bytes": "Bytes saved from vLLM's KV cache",
     "save_seconds": "Seconds spent saving (the copy the engine waits for)",
 }
+_HISTOGRAMS = {
+    "request_load_seconds": "Seconds to load one request's chunks",
+    "request_save_seconds": "Seconds to save one request's new chunks",
+}
 
 
 @dataclass
 class KvtierStats(KVConnectorStats):
-    """Counter deltas by name (`hit_tokens/<tier>`, `loaded_bytes`, ...)."""
+    """Counter deltas by name (`hit_tokens/<tier>`, `loaded_bytes`, ...) and lists of samples
+    for the histograms (`request_load_seconds`, ...)."""
 
     def reset(self) -> None:
-        self.data: dict[str, float] = {}
+        self.data: dict[str, float | list[float]] = {}
 
     def aggregate(self, other: KVConnectorStats) -> KvtierStats:
         for name, value in other.data.items():
-            self.data[name] = self.data.get(name, 0) + value
+            empty: float | list[float] = [] if isinstance(value, list) else 0
+            self.data[name] = self.data.get(name, empty) + value
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        d = self.data
+        d = {k: v for k, v in self.data.items() if not isinstance(v, list)}
         hits = {k: v for k, v in d.items() if k.startswith(HIT_PREFIX)}
         out: dict[str, int | float] = {"hit_tokens": sum(hits.values()), **hits}
         for kind, moved in (("load", "loaded_bytes"), ("save", "saved_bytes")):
@@ -79,13 +86,27 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in _COUNTERS.items()
         }
+        self._histograms = {
+            name: self._histogram_cls(
+                name=f"kvtier_vllm_{name}",
+                documentation=doc,
+                labelnames=labelnames,
+                buckets=list(OP_BUCKETS),
+            )
+            for name, doc in _HISTOGRAMS.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues[engine_idx]
         for name, value in transfer_stats_data.items():
             if not value:
                 continue
-            if name.startswith(HIT_PREFIX):
+            if isinstance(value, list):
+                if name in self._histograms:
+                    histogram = self._histograms[name].labels(*labels)
+                    for sample in value:
+                        histogram.observe(sample)
+            elif name.startswith(HIT_PREFIX):
                 self._hits.labels(*labels, name.removeprefix(HIT_PREFIX)).inc(value)
             elif name in self._counters:
                 self._counters[name].labels(*labels).inc(value)

@@ -123,19 +123,29 @@ HIT_PREFIX = "hit_tokens/"  # + tier name: a Tally counter of hit tokens served 
 
 
 class Tally:
-    """Counter deltas since the last `drain()` (what vLLM's stats pipeline wants); thread-safe."""
+    """Counter deltas, and samples for histograms, since the last `drain()` (what vLLM's
+    stats pipeline wants); thread-safe."""
 
     __slots__ = ("_data", "_lock")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._data: dict[str, float] = {}
+        self._data: dict[str, float | list[float]] = {}
 
     def add(self, name: str, value: float = 1) -> None:
         with self._lock:
-            self._data[name] = self._data.get(name, 0) + value
+            total = self._data.get(name, 0)
+            assert not isinstance(total, list)
+            self._data[name] = total + value
 
-    def drain(self) -> dict[str, float]:
+    def observe(self, name: str, value: float) -> None:
+        """One sample (a request's load time) for the histogram `name`."""
+        with self._lock:
+            samples = self._data.setdefault(name, [])
+            assert isinstance(samples, list)
+            samples.append(value)
+
+    def drain(self) -> dict[str, float | list[float]]:
         with self._lock:
             data, self._data = self._data, {}
         return data

@@ -89,6 +89,13 @@ class ChunkMover:
                 self._received.add(job.req_id)
 
     def _load_request(self, job: RequestJobs, staging: Staging) -> None:
+        t0 = _now()
+        try:
+            self._load_chunks(job, staging)
+        finally:
+            self.tally.observe("request_load_seconds", _now() - t0)
+
+    def _load_chunks(self, job: RequestJobs, staging: Staging) -> None:
         keys = self.keys(job.chunks)
         if self.pages.device.type == "cpu":  # GPU pages are loaded through pinned staging
             with self.store.reading(keys, self.chunk_bytes) as views:
@@ -141,6 +148,7 @@ class ChunkMover:
             self._save_request(job)
             self.tally.add("saved_bytes", self.chunk_bytes * len(job.chunks))
             self.tally.add("save_seconds", _now() - t0)
+            self.tally.observe("request_save_seconds", _now() - t0)
 
     def _save_request(self, job: RequestJobs) -> None:
         keys = self.keys(job.chunks)

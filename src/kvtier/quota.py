@@ -1,0 +1,171 @@
+"""Byte quotas per namespace inside a tier: the cache server's tenants.
+
+The cache server's keys start with a namespace tag (`NS_BYTES` bytes of a digest of the
+tenant's name; `server/auth.py`), so a tier can tell whose chunk a key is, also for chunks it
+finds on disk after a restart. A tier given a `Ledger` counts each namespace's bytes and
+chunks and keeps one LRU order per namespace, next to its own. Before it makes room for a new
+chunk in its pool, it calls `make_room`: while the chunk's own namespace would go over its
+limit, that namespace's least recently used chunk not in use is evicted, never another
+namespace's. Tiers call their ledger under their own lock. `NO_QUOTA` is the ledger of every
+store without namespaces: it counts nothing and never evicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kvtier.keys import Key
+
+NS_BYTES = 4
+TIERS = ("dram", "disk")  # the tiers that hold quotas (the server's own)
+
+
+def namespace_tag(name: str) -> bytes:
+    """The first NS_BYTES of every key of namespace `name`."""
+    return hashlib.blake2b(name.encode(), digest_size=NS_BYTES, person=b"kvtier-ns").digest()
+
+
+def unknown_name(tag: bytes) -> str:
+    """How a namespace no one configured (a tenant since removed) is named in stats."""
+    return "#" + tag.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One namespace's limits, in bytes as the tier counts them (DRAM: page-aligned chunk
+    extents; disk: chunk files with their header). None: no limit."""
+
+    dram_bytes: int | None = None
+    disk_bytes: int | None = None
+
+    def limit(self, tier: str) -> int | None:
+        return self.dram_bytes if tier == "dram" else self.disk_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """The namespaces a store accounts for, by name, and their limits."""
+
+    by_name: Mapping[str, Quota]
+
+    def ledger(self, tier: str) -> Ledger:
+        """A fresh ledger for one tier ("dram" or "disk")."""
+        names = {namespace_tag(name): name for name in self.by_name}
+        limits = {namespace_tag(n): q.limit(tier) for n, q in self.by_name.items()}
+        return Ledger(names, {tag: limit for tag, limit in limits.items() if limit is not None})
+
+
+class Usage(NamedTuple):
+    """One namespace's share of one tier."""
+
+    bytes: int
+    chunks: int
+    limit_bytes: int | None
+    evictions: int  # chunks evicted to keep this namespace within its limit
+
+
+class _Space:
+    __slots__ = ("bytes", "evictions", "order")
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, int] = OrderedDict()  # key -> bytes, LRU first
+        self.bytes = 0
+        self.evictions = 0
+
+
+class Ledger:
+    """Bytes, chunks and LRU order per namespace of one tier; not thread-safe (the tier's
+    lock guards it)."""
+
+    def __init__(self, names: Mapping[bytes, str], limits: Mapping[bytes, int]) -> None:
+        self._names = dict(names)
+        self._limits = dict(limits)
+        self._spaces: dict[bytes, _Space] = {}
+
+    def add(self, key: Key, nbytes: int) -> None:
+        """Count a chunk the tier now holds (or is writing), as its namespace's most recent."""
+        space = self._spaces.get(key[:NS_BYTES])
+        if space is None:
+            space = self._spaces[key[:NS_BYTES]] = _Space()
+        space.bytes += nbytes - space.order.pop(key, 0)
+        space.order[key] = nbytes
+
+    def remove(self, key: Key) -> None:
+        space = self._spaces.get(key[:NS_BYTES])
+        if space is not None and key in space.order:
+            space.bytes -= space.order.pop(key)
+
+    def touch(self, keys: Iterable[Key]) -> None:
+        """Mark keys used, in the given order (the last becomes the most recent)."""
+        for key in keys:
+            space = self._spaces.get(key[:NS_BYTES])
+            if space is not None and key in space.order:
+                space.order.move_to_end(key)
+
+    def make_room(
+        self, key: Key, nbytes: int, busy: Callable[[Key], bool], evict: Callable[[Key], None]
+    ) -> bool:
+        """Evict (with `evict`) the least recently used chunks of `key`'s namespace that are
+        not `busy` until `nbytes` more fit its limit; False if they cannot."""
+        tag = key[:NS_BYTES]
+        limit = self._limits.get(tag)
+        space = self._spaces.get(tag)
+        if limit is None or space is None:
+            return limit is None or nbytes <= limit
+        while space.bytes + nbytes > limit:
+            victim = next((k for k in space.order if not busy(k)), None)
+            if victim is None:
+                return False
+            evict(victim)  # the tier's eviction; it calls remove(victim)
+            assert victim not in space.order, "evict() must remove the chunk from the ledger"
+            space.evictions += 1
+        return True
+
+    def check(self, held: Mapping[Key, int]) -> None:
+        """The ledger counts exactly the chunks (and bytes) the tier holds (for tests)."""
+        counted = {k: n for space in self._spaces.values() for k, n in space.order.items()}
+        assert counted == held, (len(counted), len(held))
+        for space in self._spaces.values():
+            assert space.bytes == sum(space.order.values())
+
+    def usage(self) -> dict[str, Usage]:
+        """Every namespace known to this ledger, configured or seen."""
+        tags = set(self._names) | set(self._spaces)
+        out = {}
+        for tag in tags:
+            space = self._spaces.get(tag) or _Space()
+            name = self._names[tag] if tag in self._names else unknown_name(tag)
+            limit = self._limits.get(tag)
+            out[name] = Usage(space.bytes, len(space.order), limit, space.evictions)
+        return out
+
+
+class _NoQuota(Ledger):
+    """The ledger of a store without namespaces: counts nothing, never evicts."""
+
+    def __init__(self) -> None:
+        super().__init__({}, {})
+
+    def add(self, key: Key, nbytes: int) -> None:
+        return
+
+    def remove(self, key: Key) -> None:
+        return
+
+    def touch(self, keys: Iterable[Key]) -> None:
+        return
+
+    def make_room(
+        self, key: Key, nbytes: int, busy: Callable[[Key], bool], evict: Callable[[Key], None]
+    ) -> bool:
+        return True
+
+    def check(self, held: Mapping[Key, int]) -> None:
+        return
+
+
+NO_QUOTA: Ledger = _NoQuota()
