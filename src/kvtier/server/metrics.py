@@ -4,8 +4,8 @@ Served on a separate port by `kvtier.metrics.MetricsServer`."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,9 +13,7 @@ from prometheus_client.registry import Collector
 
 from kvtier.metrics import OP_BUCKETS, new_registry
 from kvtier.protocol import Op
-
-if TYPE_CHECKING:
-    from kvtier.server.server import CacheServer
+from kvtier.store import Store
 
 _TIER_FIELDS = {
     "capacity_bytes": (GaugeMetricFamily, "configured capacity of the tier"),
@@ -32,7 +30,8 @@ _TIER_FIELDS = {
 class ServerMetrics:
     """One registry per server: `observe()` each answered request."""
 
-    def __init__(self, server: CacheServer) -> None:
+    def __init__(self, store: Store, counters: Counter[str]) -> None:
+        """`counters`: the server's own (connections, refusals, ...), read at scrape time."""
         self.registry = new_registry()
         self._latency = Histogram(
             "kvtier_server_request_seconds",
@@ -42,7 +41,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._by_op: dict[Op, Histogram] = {}  # only ops that were asked appear
-        self.registry.register(_ServerCollector(server))
+        self.registry.register(_ServerCollector(store, counters))
 
     def observe(self, op: Op, seconds: float) -> None:
         """Called on the event loop only."""
@@ -55,19 +54,20 @@ class ServerMetrics:
 class _ServerCollector(Collector):
     """The store's and the server's counters and each tenant's share of the tiers."""
 
-    def __init__(self, server: CacheServer) -> None:
-        self.server = server
+    def __init__(self, store: Store, counters: Counter[str]) -> None:
+        self.store = store
+        self.counters = counters
 
     def collect(self) -> Iterator[Metric]:
         yield from self._tiers()
         yield from self._tenants()
-        counters = dict(self.server.counters)  # one C-level copy: the event loop adds keys
+        counters = dict(self.counters)  # one C-level copy: the event loop adds keys
         for key, value in sorted(counters.items()):
             name = f"kvtier_server_{key.removesuffix('_total')}"
             yield CounterMetricFamily(name, f"server {key.replace('_', ' ')}", value=value)
 
     def _tiers(self) -> Iterator[Metric]:
-        stats = self.server.store.stats()
+        stats = self.store.stats()
         for field, (kind, text) in _TIER_FIELDS.items():
             family = kind(f"kvtier_tier_{field}", text, labels=["tier"])
             for tier in stats.tiers:
@@ -99,7 +99,7 @@ class _ServerCollector(Collector):
             "a tenant's chunks evicted to keep it within its quota",
             labels=labels,
         )
-        for tenant, tiers in sorted(self.server.store.usage().items()):
+        for tenant, tiers in sorted(self.store.usage().items()):
             for tier, usage in tiers.items():
                 held.add_metric([tenant, tier], usage.bytes)
                 chunks.add_metric([tenant, tier], usage.chunks)

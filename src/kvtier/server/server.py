@@ -51,7 +51,7 @@ class CacheServer:
         self.limits = limits or Limits()
         self.policy = policy or ServerPolicy()
         self.counters: Counter[str] = Counter()
-        self.metrics = ServerMetrics(self)
+        self.metrics = ServerMetrics(self.store, self.counters)
         self.executor = ThreadPoolExecutor(4, thread_name_prefix="kvtier-serve")
         self.budget = RecvBudget(self.policy.recv_budget_bytes)
         self.throttle = AuthThrottle(self.policy.auth_delay_s)
