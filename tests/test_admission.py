@@ -68,6 +68,25 @@ def test_hit_in_dram_admits_chunk_to_disk(tmp_path: Path) -> None:
         store.check_integrity()
 
 
+@pytest.mark.parametrize("way", ["reading", "acquire_chunk"])
+def test_in_place_hit_admits_chunk_to_disk(tmp_path: Path, way: str) -> None:
+    """A DRAM hit through the in-place views (`reading`, `acquire_chunk`) is a use too."""
+    with _store(tmp_path, 2) as store:
+        cache = store.bind("m", LAYOUT)
+        tokens = list(range(CHUNK))
+        cache.save(tokens, make_kv(CHUNK))
+        store.flush()
+        (key,) = cache.keys(tokens)
+        if way == "reading":
+            with store.reading([key], cache.chunk_bytes) as views:
+                assert views is not None and views[0] is not None
+        else:
+            assert store.acquire_chunk(key, cache.chunk_bytes) is not None
+            store.release_chunk(key)
+        store.flush()
+        assert store.stats().tier("disk").chunks == 1
+
+
 def test_second_save_after_eviction_admits_chunk(tmp_path: Path) -> None:
     """A chunk dropped from DRAM before its second use is remembered: saving it again writes
     it to disk."""
