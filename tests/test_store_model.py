@@ -43,6 +43,7 @@ class StoreModel(RuleBasedStateMachine):
     disk_chunks: int | None = None  # None: larger than anything the test saves
     lossless = True
     visible_at_once = True  # a save is found by lookup before it is flushed (DRAM holds it)
+    admit_after = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,6 +54,7 @@ class StoreModel(RuleBasedStateMachine):
             dram_bytes=self.dram_chunks * ALIGN if self.dram_chunks else None,
             disk_dir=self.dir,
             disk_bytes=disk * DISK_CHUNK,
+            disk_admit_after=self.admit_after,
         )
         self.store = kvtier.Store(self.config)
         self.cache = self.store.bind("m", LAYOUT, salt="t")
@@ -138,6 +140,14 @@ class DiskOnlyModel(StoreModel):
     visible_at_once = False
 
 
+class AdmissionModel(StoreModel):
+    """Disk admission after two uses: chunks used once are dropped from DRAM, never served
+    wrong."""
+
+    admit_after = 2
+    lossless = False
+
+
 MODEL_SETTINGS = settings(max_examples=30, stateful_step_count=20, deadline=None)
 TestLosslessStore = StoreModel.TestCase
 TestLosslessStore.settings = MODEL_SETTINGS
@@ -145,3 +155,5 @@ TestSmallDiskStore = SmallDiskModel.TestCase
 TestSmallDiskStore.settings = MODEL_SETTINGS
 TestDiskOnlyStore = DiskOnlyModel.TestCase
 TestDiskOnlyStore.settings = MODEL_SETTINGS
+TestAdmissionStore = AdmissionModel.TestCase
+TestAdmissionStore.settings = MODEL_SETTINGS

@@ -123,6 +123,10 @@ class StoreConfig:
     `dram_shm`: a directory on a memory file system (e.g. `/dev/shm`) to hold the DRAM tier in
     a shared file instead of anonymous memory, so a cache server can let clients of the same
     user on this host load chunks straight from it (see docs/server.md). Off by default.
+
+    `disk_admit_after`: a chunk goes to the disk tier once it has been used this many times
+    (saved, or hit in DRAM); 1 writes every save through to disk, 2 keeps chunks used only
+    once off the disk (see kvtier/admission.py).
     """
 
     chunk_tokens: int = 256
@@ -133,6 +137,7 @@ class StoreConfig:
     remote_token: str | None = field(default=None, repr=False)
     io_workers: int = 2
     dram_shm: str | Path | None = None
+    disk_admit_after: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
@@ -143,6 +148,12 @@ class StoreConfig:
             )
         if not isinstance(self.io_workers, int) or not 1 <= self.io_workers <= 64:
             raise ConfigError(f"io_workers: must be in 1..64, got {self.io_workers!r}")
+        admit = self.disk_admit_after
+        if isinstance(admit, bool) or not isinstance(admit, int) or admit < 1:
+            raise ConfigError(
+                f"disk_admit_after: must be an int >= 1 (1: every save goes to disk, 2: only "
+                f"chunks used twice), got {admit!r}"
+            )
         ram = _physical_memory_bytes()
         if self.dram_bytes is not None:
             dram = parse_size(self.dram_bytes, "dram_bytes")
@@ -218,6 +229,9 @@ class StoreConfig:
             values["chunk_tokens"] = _int_env("KVTIER_CHUNK_TOKENS", values["chunk_tokens"])
         if "io_workers" in values:
             values["io_workers"] = _int_env("KVTIER_IO_WORKERS", values["io_workers"])
+        if "disk_admit_after" in values:  # off: no admission, every save goes to disk
+            uses = values["disk_admit_after"] or 1
+            values["disk_admit_after"] = _int_env("KVTIER_DISK_ADMIT_AFTER", uses)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)  # type: ignore[arg-type]
 
@@ -231,6 +245,7 @@ _ENV_FIELDS = {
     "remote_token": "KVTIER_REMOTE_TOKEN",
     "io_workers": "KVTIER_IO_WORKERS",
     "dram_shm": "KVTIER_DRAM_SHM",
+    "disk_admit_after": "KVTIER_DISK_ADMIT_AFTER",
 }
 
 

@@ -34,6 +34,7 @@ class InPlace:
         def _enter(self) -> None: ...
         def _leave(self, saved: int = 0) -> None: ...
         def _holds(self, key: Key) -> bool: ...
+        def _dram_hit(self, key: Key) -> None: ...
         def _publish(self, key: Key, slot: memoryview, release: Callable[[], None]) -> None: ...
         def _claim(
             self, key: Key, nbytes: int
@@ -89,6 +90,8 @@ class InPlace:
                     if view is not None and view.nbytes != nbytes:  # stored at another size
                         self._dram.release(keys[i])
                         views[i] = None
+                    elif view is not None:
+                        self._dram_hit(keys[i])
                 try:
                     yield views
                 finally:

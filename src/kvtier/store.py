@@ -7,6 +7,8 @@ could hold. Without a DRAM tier, saves go through a small staging pool instead: 
 io_workers + 2 chunks of the largest chunk size bound (mapped and faulted in by `bind`); a save
 waits while every slot is still being written. A store whose one tier is a same-host server
 that takes writes into its shared DRAM file saves straight there, in the caller's thread.
+With `disk_admit_after` > 1 a save reaches the disk only once its chunk is admitted (see
+admission.py); the DRAM hit that admits a chunk writes its DRAM copy to disk.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from kvtier.admission import disk_admission
 from kvtier.cache import BoundCache
 from kvtier.chunkstore import Located
 from kvtier.config import StoreConfig
@@ -45,6 +48,8 @@ class StoreStats:
     saved_chunks: int
     dropped_chunks: int
     pending_writes: int
+    admission_rejected: int = 0  # saves kept off the disk tier: their chunk was not admitted
+    disk_written_bytes: int = 0  # chunk bytes the store wrote to the disk tier
 
     def tier(self, name: str) -> TierStats:
         return next(t for t in self.tiers if t.name == name)
@@ -55,6 +60,8 @@ class StoreStats:
             "saved_chunks": self.saved_chunks,
             "dropped_chunks": self.dropped_chunks,
             "pending_writes": self.pending_writes,
+            "admission_rejected": self.admission_rejected,
+            "disk_written_bytes": self.disk_written_bytes,
         }
 
 
@@ -89,6 +96,9 @@ class Store(InPlace):
                 tier.close()
             raise
         self._lower = tuple(lower)
+        self._disk = next((t for t in lower if isinstance(t, DiskTier)), None)
+        self._off_disk = tuple(t for t in lower if t is not self._disk)  # for chunks not admitted
+        self._admission = disk_admission(config.disk_admit_after, self._disk is not None)
         self._tiers: tuple[Tier, ...] = ((self._dram,) if self._dram else ()) + self._lower
         staged = config.io_workers + STAGING_SPARE
         self._staging = StagingPool(staged) if lower and not self._dram else None
@@ -99,6 +109,7 @@ class Store(InPlace):
         self._writing: dict[Key, int] = {}  # key -> background writes in flight
         self._saved = 0
         self._dropped = 0
+        self._disk_written = 0
         self._calls = 0  # calls using the tiers now; close() waits for them
         self._closed = False
 
@@ -149,6 +160,7 @@ class Store(InPlace):
         self._enter()
         try:
             if self._dram is not None and self._dram.get_into(key, dst):
+                self._dram_hit(key)
                 return self._dram.name
             return self._read_lower(key, dst)
         finally:
@@ -170,6 +182,7 @@ class Store(InPlace):
         for i, (key, dst) in enumerate(zip(keys, dsts, strict=True)):
             if dram is not None and dram.get_into(key, dst):
                 served[i] = dram.name
+                self._dram_hit(key)
             else:
                 rest.append(i)
         if len(rest) == 1:
@@ -192,6 +205,7 @@ class Store(InPlace):
         try:
             view = dram.acquire(key, count_misses=promote)
             if view is not None:
+                self._dram_hit(key)
                 return Acquired(view, dram.name)
             return self._from_lower(key, nbytes) if promote else None
         finally:
@@ -237,11 +251,15 @@ class Store(InPlace):
         return True
 
     def _publish(self, key: Key, slot: memoryview, release: Callable[[], None]) -> None:
-        """A filled slot becomes the chunk; its lower-tier writes start in the background."""
+        """A filled slot becomes the chunk; its lower-tier writes start in the background
+        (to disk only if admitted)."""
+        tiers = self._lower if self._admission.on_save(key) else self._off_disk
         if self._dram is not None:
-            self._dram.commit(key, keep_pin=bool(self._lower))
-        if self._lower:
-            self._write_behind(key, slot, release, self._lower)
+            self._dram.commit(key, keep_pin=bool(tiers))
+        if tiers:
+            self._write_behind(key, slot, release, tiers)
+        elif self._dram is None:
+            release()  # a staging slot that no tier reads: the chunk was not admitted
 
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
@@ -277,7 +295,9 @@ class Store(InPlace):
     def stats(self) -> StoreStats:
         with self._cond:
             saved, dropped, pending = self._saved, self._dropped, self._jobs.pending
-        return StoreStats(tuple(t.stats() for t in self._tiers), saved, dropped, pending)
+            written = self._disk_written
+        tiers = tuple(t.stats() for t in self._tiers)
+        return StoreStats(tiers, saved, dropped, pending, self._admission.rejected, written)
 
     def usage(self) -> dict[str, dict[str, Usage]]:
         """Bytes and chunks per key namespace (given `quotas`), by namespace, then tier."""
@@ -421,7 +441,8 @@ class Store(InPlace):
         dram.commit(key, keep_pin=True)
         if isinstance(tier, DiskTier):
             return slot  # already on the lowest local tier; nothing to write back
-        below = [t for t in self._lower if t is not tier and not t.contains_prefix([key])]
+        lower = self._lower if self._admission.on_save(key) else self._off_disk
+        below = [t for t in lower if t is not tier and not t.contains_prefix([key])]
         if below and dram.acquire(key, count=False) is not None:
             release = functools.partial(dram.release, key)
             self._write_behind(key, slot, release, below)
@@ -438,6 +459,16 @@ class Store(InPlace):
             if self._promote(by_name[name], key, nbytes) is None:
                 return
             dram.release(key)
+
+    def _dram_hit(self, key: Key) -> None:
+        """Count a DRAM hit as a use for disk admission; the use that admits a chunk not on
+        disk yet writes its DRAM copy there in the background."""
+        dram, disk = self._dram, self._disk
+        if disk is None or dram is None or not self._admission.on_hit(key):
+            return
+        view = None if disk.contains_prefix([key]) else dram.acquire(key, count=False)
+        if view is not None:
+            self._write_behind(key, view, functools.partial(dram.release, key), (disk,))
 
     def _write_behind(
         self, key: Key, slot: memoryview, release: Callable[[], None], tiers: Sequence[Tier]
@@ -458,7 +489,9 @@ class Store(InPlace):
         def write() -> None:
             try:
                 for tier in tiers:
-                    tier.put(key, [slot])
+                    if tier.put(key, [slot]) and tier is self._disk:
+                        with self._cond:
+                            self._disk_written += slot.nbytes
             finally:
                 done()
 

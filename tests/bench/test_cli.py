@@ -96,3 +96,31 @@ def test_bench_without_matplotlib_writes_json_and_says_what_to_install(
     hints = [line for line in printed.err.split("\n") if "plot skipped" in line]
     assert len(hints) == 1
     assert "trace_ttft.png" in hints[0] and "pip install 'kvtier[bench]'" in hints[0]
+
+
+def test_trace_admit_after_runs_each_ssd_configuration_per_value(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`--admit-after 1,2` replays `tiered` once per value, side by side in the JSON, the
+    table and a plot; admission writes fewer chunks to SSD and counts the saves it kept off."""
+    args = ["trace", str(SAMPLE), "--chunk-tokens", "512", "--configs", "gpu-lru,tiered"]
+    caps = ["--dram-tokens", "20000", "--disk-tokens", "2M", "--sweep", "0"]
+    result = _bench(capsys, tmp_path, *args, *caps, "--admit-after", "1,2")
+    configs = result["configs"]
+    assert isinstance(configs, dict) and list(configs) == ["gpu-lru", "tiered", "tiered admit=2"]
+    plain, admitted = configs["tiered"], configs["tiered admit=2"]
+    assert 0 < admitted["disk_written_chunks"] < plain["disk_written_chunks"]
+    assert admitted["disk_written_gib"] < plain["disk_written_gib"]
+    assert plain["admission_rejected"] == 0 < admitted["admission_rejected"]
+    assert configs["gpu-lru"]["disk_written_chunks"] == 0
+    out = tmp_path / "out"
+    assert "| tiered admit=2 |" in (out / "trace.md").read_text()
+    assert (out / "trace_admission.png").read_bytes().startswith(PNG)
+
+
+def test_admit_after_zero_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--admit-after 0` (or junk) is an argument error saying what to give."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "trace", "--quick", "--admit-after", "1,0"])
+    assert exc.value.code == 2
+    assert "comma-separated ints >= 1" in capsys.readouterr().err

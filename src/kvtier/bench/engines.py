@@ -69,6 +69,7 @@ def store_config(
     disk_tokens: int,
     disk_dir: Path | None,
     remote: str | None = None,
+    disk_admit_after: int = 1,
 ) -> StoreConfig:
     """A StoreConfig whose DRAM pool and disk budget hold exactly the given tokens' chunks
     (disk files carry a 4 KiB header each; DRAM extents are page-aligned)."""
@@ -81,6 +82,7 @@ def store_config(
         disk_dir=disk_dir if use_disk else None,
         disk_bytes=disk_chunks * (chunk_bytes + HEADER_BYTES) if use_disk else None,
         remote=remote,
+        disk_admit_after=disk_admit_after,
     )
 
 

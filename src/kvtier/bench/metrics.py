@@ -38,6 +38,9 @@ class Summary:
     slo_rate_rps: float  # highest arrival rate whose p90 TTFT meets slo_ms (FIFO queue model)
     slo_rate_multiplier: float
     wall_s: float
+    disk_written_chunks: int = 0  # chunks written to the SSD tiers (every node and server)
+    disk_written_gib: float = 0.0  # GiB of KV those chunks hold (the model's, when modelled)
+    admission_rejected: int = 0  # saves kept off the SSD: not admitted (disk_admit_after)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ import importlib.util
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -27,9 +27,11 @@ from tqdm import tqdm
 
 from kvtier.bench.engines import Engine, store_config
 from kvtier.bench.workloads import Request
+from kvtier.config import StoreConfig
 from kvtier.store import Store
 
 CONFIGS = ("none", "gpu-lru", "tiered", "tiered+prefetch", "shared")
+DISK_CONFIGS = ("tiered", "tiered+prefetch", "shared")  # those with an SSD tier
 SHARED_NODES = 2
 
 
@@ -71,11 +73,28 @@ class Capacities:
     disk_tokens: int
 
 
+class DiskWrites(NamedTuple):
+    """What a configuration's kvtier stores wrote to their SSD tiers (scaled payloads)."""
+
+    written_bytes: int
+    admission_rejected: int
+
+
 @dataclass(slots=True)
 class Setup:
     nodes: list[Engine]
     lookahead: int
     closers: list[Callable[[], None]] = field(default_factory=list)
+    stores: list[Store] = field(default_factory=list)  # kvtier's (not the GPU caches)
+
+    def disk_writes(self) -> DiskWrites:
+        """Bytes every store wrote to its disk tier, once their pending writes landed."""
+        stats = []
+        for store in self.stores:
+            store.flush()
+            stats.append(store.stats())
+        written = sum(s.disk_written_bytes for s in stats)
+        return DiskWrites(written, sum(s.admission_rejected for s in stats))
 
     def close(self) -> None:
         for node in self.nodes:
@@ -93,9 +112,15 @@ def shared_available() -> bool:
 
 
 def build(
-    config: str, make: EngineFactory, caps: Capacities, work_dir: Path, lookahead: int
+    config: str,
+    make: EngineFactory,
+    caps: Capacities,
+    work_dir: Path,
+    lookahead: int,
+    admit: int = 1,
 ) -> Setup:
-    """The engine nodes of one configuration, with fresh stores under `work_dir/config`."""
+    """The engine nodes of one configuration, with fresh stores under `work_dir/config`;
+    `admit`: the `disk_admit_after` of every store with an SSD tier."""
     c, cb = caps.chunk_tokens, make.chunk_bytes
     root = work_dir / config.replace("+", "-")  # a fresh directory per configuration
     if config == "none":
@@ -105,11 +130,12 @@ def build(
         return Setup([make(store, {"dram": "gpu"})], 0)
     if config in ("tiered", "tiered+prefetch"):
         shutil.rmtree(root, ignore_errors=True)
-        store = Store(store_config(c, cb, caps.dram_tokens, caps.disk_tokens, root / "node0"))
+        disk = root / "node0"
+        store = Store(store_config(c, cb, caps.dram_tokens, caps.disk_tokens, disk, None, admit))
         node = make(store, {}, gpu=_gpu_store(caps, cb))
-        return Setup([node], lookahead if config == "tiered+prefetch" else 0)
+        return Setup([node], lookahead if config == "tiered+prefetch" else 0, stores=[store])
     if config == "shared":
-        return _build_shared(make, caps, root)
+        return _build_shared(make, caps, root, admit)
     raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
 
 
@@ -120,24 +146,27 @@ def _gpu_store(caps: Capacities, chunk_bytes: int) -> Store | None:
     return Store(store_config(caps.chunk_tokens, chunk_bytes, caps.gpu_tokens, 0, None))
 
 
-def _build_shared(make: EngineFactory, caps: Capacities, root: Path) -> Setup:
+def _build_shared(make: EngineFactory, caps: Capacities, root: Path, admit: int) -> Setup:
     """A cache server (DRAM + SSD of the same sizes as one node) and SHARED_NODES nodes."""
     from kvtier.server.server import ServerThread
 
     c, cb = caps.chunk_tokens, make.chunk_bytes
+
+    def config(name: str, remote: str | None = None) -> StoreConfig:
+        disk = root / name
+        return store_config(c, cb, caps.dram_tokens, caps.disk_tokens, disk, remote, admit)
+
     shutil.rmtree(root, ignore_errors=True)
-    server_store = Store(store_config(c, cb, caps.dram_tokens, caps.disk_tokens, root / "server"))
+    server_store = Store(config("server"))
     server = ServerThread(server_store)
-    nodes = []
-    for k in range(SHARED_NODES):
-        config = store_config(c, cb, caps.dram_tokens, caps.disk_tokens, root / f"node{k}")
-        nodes.append(make(Store(replace(config, remote=server.url)), {}, gpu=_gpu_store(caps, cb)))
+    stores = [Store(config(f"node{k}", server.url)) for k in range(SHARED_NODES)]
+    nodes = [make(store, {}, gpu=_gpu_store(caps, cb)) for store in stores]
 
     def stop() -> None:
         server.stop()
         server_store.close()
 
-    return Setup(nodes, 0, [stop])
+    return Setup(nodes, 0, [stop], [server_store, *stores])
 
 
 def replay(

@@ -12,6 +12,7 @@ import numpy as np
 
 from kvtier.bench import plots
 from kvtier.bench.metrics import Summary
+from kvtier.bench.replay import DISK_CONFIGS
 
 
 class SweepPoint(NamedTuple):
@@ -44,8 +45,9 @@ def markdown(result: Mapping[str, Any], summaries: Mapping[str, Summary]) -> str
         f"capacities (tokens): {result['capacities']}",
         "",
         f"| config | requests | hit rate | gpu | dram | disk | remote | TTFT p50 / p90 / p99 ms"
-        f"{tag} | prefill GPU-s saved{tag} | rate at p90 <= {result['slo_ms']:g} ms{tag} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{tag} | prefill GPU-s saved{tag} | rate at p90 <= {result['slo_ms']:g} ms{tag} "
+        "| SSD written GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
         t, h = s.ttft_ms, s.hit_rate_by_tier
@@ -53,7 +55,8 @@ def markdown(result: Mapping[str, Any], summaries: Mapping[str, Summary]) -> str
         lines.append(
             f"| {name} | {s.requests} | {s.hit_rate:.1%} | {h['gpu']:.1%} | {h['dram']:.1%} | "
             f"{h['disk']:.1%} | {h['remote']:.1%} | {t['p50']:.0f} / {t['p90']:.0f} / "
-            f"{t['p99']:.0f} | {saved} | {s.slo_rate_rps:.2f} req/s |"
+            f"{t['p99']:.0f} | {saved} | {s.slo_rate_rps:.2f} req/s | "
+            f"{s.disk_written_gib:,.1f} |"
         )
     for name, reason in result.get("skipped", {}).items():
         lines.append(f"\nskipped {name}: {reason}")
@@ -82,6 +85,8 @@ def write_report(
     }
     if sweep:
         figures[out_dir / f"{name}_hit_rate_vs_capacity.png"] = lambda plt: _plot_sweep(plt, sweep)
+    if len(result.get("admit_after", ())) > 1:
+        figures[out_dir / f"{name}_admission.png"] = lambda plt: _plot_admission(plt, summaries)
     paths += plots.save(figures)
     result["files"] = [str(p) for p in [out_dir / f"{name}.json", *paths]]
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
@@ -111,6 +116,22 @@ def _plot_ttft(
         ax.set(xlabel=f"TTFT ms{tag}", ylabel="fraction of requests", xscale="log")
     ax.legend()
     ax.grid(True, alpha=0.3)
+    return fig
+
+
+def _plot_admission(plt: Any, summaries: Mapping[str, Summary]) -> Any:
+    """Hit rate and GiB written to SSD of each configuration with an SSD, side by side."""
+    rows = [s for s in summaries.values() if s.config.split()[0] in DISK_CONFIGS]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    names = [s.config for s in rows]
+    left.barh(names, [s.hit_rate for s in rows])
+    right.barh(names, [s.disk_written_gib for s in rows])
+    left.set(xlabel="token hit rate (measured)", xlim=(0, 1))
+    right.set(xlabel="KV written to SSD (GiB)")
+    right.tick_params(labelleft=False)
+    for ax in (left, right):
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
     return fig
 
 

@@ -21,7 +21,15 @@ from kvtier.bench import workloads as wl
 from kvtier.bench.costmodel import CostModel, parse_sim
 from kvtier.bench.engines import SimFactory, TransformersFactory
 from kvtier.bench.metrics import Summary, summarize
-from kvtier.bench.replay import CONFIGS, Capacities, EngineFactory, build, replay, shared_available
+from kvtier.bench.replay import (
+    CONFIGS,
+    DISK_CONFIGS,
+    Capacities,
+    EngineFactory,
+    build,
+    replay,
+    shared_available,
+)
 from kvtier.bench.report import SweepPoint, ratios, write_report
 from kvtier.bench.trace import SAMPLE, TraceError, read_trace, trace_requests
 from kvtier.config import env_default, parse_size
@@ -61,6 +69,38 @@ def tokens_arg(value: str) -> int:
     return 0 if value.strip() == "0" else parse_size(value, "tokens")
 
 
+def admit_list(value: str) -> list[int]:
+    """Disk admission values, e.g. `1,2` (each a StoreConfig.disk_admit_after >= 1)."""
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give comma-separated ints >= 1, e.g. 1,2 (1: every save goes to the "
+            "SSD, 2: only chunks used twice)"
+        )
+    return list(dict.fromkeys(values))
+
+
+class Variant(NamedTuple):
+    """One replay: its row name, configuration and disk_admit_after."""
+
+    name: str
+    config: str
+    admit: int
+
+
+def variants(configs: Sequence[str], admit: Sequence[int]) -> list[Variant]:
+    """Every replay: the configurations with an SSD once per admission value (rows named
+    "tiered admit=2"; plain "tiered" for 1), the others once."""
+    rows = []
+    for config in configs:
+        for n in admit if config in DISK_CONFIGS else (1,):
+            rows.append(Variant(config if n == 1 else f"{config} admit={n}", config, n))
+    return rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     if parser.prog.split()[-1] == "trace":
         parser.add_argument("file", nargs="?", default=env_default("KVTIER_BENCH_TRACE"))
@@ -79,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add(f"--{tier}-tokens", type=tokens_arg, default=env_default(env))
     add("--configs", default=env_default("KVTIER_BENCH_CONFIGS", ",".join(CONFIGS)))
     add("--lookahead", type=int, default=env_default("KVTIER_BENCH_LOOKAHEAD", "8"))
+    add(
+        "--admit-after",
+        type=admit_list,
+        default=env_default("KVTIER_BENCH_ADMIT_AFTER", "1"),
+        help="disk admission of the configurations with an SSD (StoreConfig.disk_admit_after); "
+        "a list like 1,2 runs each of them once per value, side by side",
+    )
     add("--slo-ms", type=float, default=env_default("KVTIER_BENCH_SLO_MS", "2000"))
     add("--sweep", type=int, default=env_default("KVTIER_BENCH_SWEEP"), help="capacity points")
     add(
@@ -132,24 +179,38 @@ def compare(
     configs: Sequence[str],
     opts: argparse.Namespace,
     work_dir: Path,
+    admit: Sequence[int] = (1,),
 ) -> Comparison:
-    """Replay the workload through each configuration; `shared` only with a server."""
+    """Replay the workload through each configuration (those with an SSD once per disk
+    admission value in `admit`); `shared` only with a server."""
     out = Comparison({}, {}, {})
-    for config in configs:
+    for name, config, n in variants(configs, admit):
         if config == "shared" and not shared_available():
-            out.skipped[config] = "kvtier.tiers.remote / kvtier.server is not available"
+            out.skipped[name] = "kvtier.tiers.remote / kvtier.server is not available"
             continue
-        setup = build(config, make, caps, work_dir, opts.lookahead)
+        setup = build(config, make, caps, work_dir, opts.lookahead, n)
         start = time.perf_counter()
         try:
-            results = replay(work.make(), setup, work.total, desc=config)
+            results = replay(work.make(), setup, work.total, desc=name)
+            disk = setup.disk_writes()
         finally:
             setup.close()
         wall = time.perf_counter() - start
-        modelled = setup_modelled(make)
-        out.summaries[config] = summarize(config, results, modelled, opts.slo_ms, wall)
-        out.ttft_s[config] = [r.ttft_s for r in results]
+        summary = summarize(name, results, setup_modelled(make), opts.slo_ms, wall)
+        chunks = disk.written_bytes // make.chunk_bytes  # every disk write is one chunk
+        out.summaries[name] = replace(
+            summary,
+            disk_written_chunks=chunks,
+            disk_written_gib=chunks * kv_chunk_bytes(make) / (1 << 30),
+            admission_rejected=disk.admission_rejected,
+        )
+        out.ttft_s[name] = [r.ttft_s for r in results]
     return out
+
+
+def kv_chunk_bytes(make: EngineFactory) -> float:
+    """Bytes of the KV one chunk stands for (the sim engine stores scaled-down payloads)."""
+    return make.chunk_bytes * (make.scale if isinstance(make, SimFactory) else 1.0)
 
 
 def setup_modelled(make: EngineFactory) -> bool:
@@ -205,7 +266,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-", dir=args.work_dir) as tmp:
-        comp = compare(work, make, caps, configs, args, Path(tmp))
+        comp = compare(work, make, caps, configs, args, Path(tmp), args.admit_after)
         points = int(args.sweep) if args.sweep is not None else (3 if args.quick else 5)
         swept = sweep(work, sim, caps, points, Path(tmp))
     result = _result(args, cost, sim, caps, work, comp, swept)
@@ -240,6 +301,7 @@ def _result(
         "chunk_tokens": caps.chunk_tokens,
         "capacities": {k: v for k, v in asdict(caps).items() if k != "chunk_tokens"},
         "workload": work.spec,
+        "admit_after": args.admit_after,
         "configs": {name: s.as_dict() for name, s in comp.summaries.items()},
         "skipped": comp.skipped,
         "ratios": ratios(comp.summaries),

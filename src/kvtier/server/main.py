@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "only when every such client is your own engine (a node-local server)")  # fmt: skip
     arg("--disk-dir", default=env_default("KVTIER_DISK_DIR"), help="disk tier directory")
     arg("--disk", default=env_default("KVTIER_DISK"), help="disk tier size, e.g. 500GiB")
+    arg("--disk-admit-after", type=int, default=env_default("KVTIER_DISK_ADMIT_AFTER", "1"),
+        help="write a chunk to disk once it has been used this many times (saved or hit); "
+        "2 keeps chunks used only once off the disk")  # fmt: skip
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant token'")
     arg("--quota-file", default=env_default("KVTIER_QUOTA_FILE"),
         help="lines 'tenant dram disk': each tenant's bytes in the DRAM and disk tiers (sizes, "
@@ -162,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             disk_dir=args.disk_dir,
             disk_bytes=args.disk,
             dram_shm=args.dram_shm or None,
+            disk_admit_after=args.disk_admit_after,
         )
         store = Store(config, _quotas(args, auth, config))
     except ConfigError as exc:
