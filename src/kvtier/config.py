@@ -39,7 +39,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 MAX_CHUNK_TOKENS = 1 << 16
 MIN_DRAM_BYTES = 4096
-REMOTE_SCHEMES = ("kvtier", "redis", "rediss")
+REMOTE_SCHEMES = ("kvtier", "kvtiers", "redis", "rediss")
 
 
 def parse_size(value: int | str, name: str = "size") -> int:
@@ -77,7 +77,8 @@ class Endpoint(NamedTuple):
 
 
 class RemoteURL(NamedTuple):
-    """A parsed `remote=` URL: `kvtier://h1:7400,h2:7400` or `redis://h:6379/0`."""
+    """A parsed `remote=` URL: `kvtier://h1:7400,h2:7400` (`kvtiers://` for TLS) or
+    `redis://h:6379/0`."""
 
     scheme: str
     endpoints: tuple[Endpoint, ...]
@@ -86,7 +87,10 @@ class RemoteURL(NamedTuple):
 
 def parse_remote(url: str) -> RemoteURL:
     """Validate a remote URL; raises ConfigError saying what a good one looks like."""
-    hint = "use kvtier://host:port[,host:port...] or redis://host:port/db (rediss:// for TLS)"
+    hint = (
+        "use kvtier://host:port[,host:port...] (kvtiers:// for TLS) or redis://host:port/db "
+        "(rediss:// for TLS)"
+    )
     parts = urlsplit(url)
     if parts.scheme not in REMOTE_SCHEMES:
         raise ConfigError(f"remote: unknown scheme in {url!r}; {hint}")
@@ -123,6 +127,9 @@ class StoreConfig:
     `dram_shm`: a directory on a memory file system (e.g. `/dev/shm`) to hold the DRAM tier in
     a shared file instead of anonymous memory, so a cache server can let clients of the same
     user on this host load chunks straight from it (see docs/server.md). Off by default.
+
+    `remote_ca`: a PEM file of the CA certificate(s) that signed the cache servers'
+    certificates, for `remote="kvtiers://..."`; None trusts the system's default CAs.
     """
 
     chunk_tokens: int = 256
@@ -133,6 +140,7 @@ class StoreConfig:
     remote_token: str | None = field(default=None, repr=False)
     io_workers: int = 2
     dram_shm: str | Path | None = None
+    remote_ca: str | Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
@@ -160,6 +168,7 @@ class StoreConfig:
         self._check_shm()
         if self.remote is not None:
             parse_remote(self.remote)
+        self._check_ca()
 
     def _check_disk(self) -> None:
         if self.disk_dir is None:
@@ -200,6 +209,23 @@ class StoreConfig:
             )
         object.__setattr__(self, "dram_shm", path)
 
+    def _check_ca(self) -> None:
+        if self.remote_ca is None:
+            return
+        scheme = None if self.remote is None else parse_remote(self.remote).scheme
+        if scheme not in (None, "kvtiers"):
+            raise ConfigError(
+                f"remote_ca is set but remote is {self.remote!r}: the CA is for kvtiers:// "
+                "(a kvtier server with TLS); use remote='kvtiers://host:port' or unset it"
+            )
+        path = Path(self.remote_ca).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(
+                f"remote_ca: {path} is not a readable file; give the PEM file of the CA that "
+                "signed the server's certificate (KVTIER_REMOTE_CA)"
+            )
+        object.__setattr__(self, "remote_ca", path)
+
     @property
     def remote_url(self) -> RemoteURL | None:
         return None if self.remote is None else parse_remote(self.remote)
@@ -231,6 +257,7 @@ _ENV_FIELDS = {
     "remote_token": "KVTIER_REMOTE_TOKEN",
     "io_workers": "KVTIER_IO_WORKERS",
     "dram_shm": "KVTIER_DRAM_SHM",
+    "remote_ca": "KVTIER_REMOTE_CA",
 }
 
 
