@@ -27,7 +27,7 @@ from kvtier.store import Store
 from kvtier.tiers.link import recv_exact, send_all
 
 GB = 1e9
-_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"listening on (\S+):(\d+)( \(TLS\))?")
 
 
 def free_port() -> int:
@@ -73,7 +73,7 @@ class ServeProcess(_Process):
             match = _LISTENING.search(line)
             if match:
                 self.host, self.port = match.group(1), int(match.group(2))
-                self.url = f"kvtier://{self.host}:{self.port}"
+                self.url = f"kvtier{'s' if match.group(3) else ''}://{self.host}:{self.port}"
                 self.banner = line
                 return
         self.proc.wait()

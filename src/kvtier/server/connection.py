@@ -78,7 +78,8 @@ class Connection(asyncio.BufferedProtocol):
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) else ""
-        transport.set_write_buffer_limits(high=0)
+        tls = transport.get_extra_info("ssl_object") is not None  # pauses at size >= high
+        transport.set_write_buffer_limits(high=1 if tls else 0)
         self.server.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
