@@ -22,9 +22,11 @@ from kvtier.bench.certs import Certs, make_certs
 from kvtier.bench.remote_io import ServeProcess
 from kvtier.config import parse_remote
 from kvtier.server.admission import ServerPolicy
+from kvtier.server.protocol import SIZE, Limits, Op, pack_header
 from kvtier.server.server import ServerThread
 from kvtier.server.tls import server_context
 from kvtier.tiers.remote import RemoteTier
+from kvtier.tiers.tls import client_context
 
 TOKENS = list(range(32))
 OTHER = list(range(100, 132))
@@ -36,9 +38,13 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 
 def _tls_server(
-    store: kvtier.Store, certs: Certs, policy: ServerPolicy | None = None
+    store: kvtier.Store,
+    certs: Certs,
+    policy: ServerPolicy | None = None,
+    limits: Limits | None = None,
 ) -> ServerThread:
-    return ServerThread(store, policy=policy, tls=server_context(certs.cert, certs.key))
+    context = server_context(certs.cert, certs.key)
+    return ServerThread(store, limits=limits, policy=policy, tls=context)
 
 
 @pytest.fixture
@@ -102,6 +108,27 @@ def test_large_chunks_round_trip_on_one_pooled_tls_connection(certs: Certs) -> N
         assert handle.server.counters["connections_total"] == 1
     finally:
         tier.close()
+        handle.stop()
+        store.close()
+
+
+def test_a_tls_client_that_never_reads_its_get_loses_the_connection(certs: Certs) -> None:
+    """Over TLS a 32 MiB GET reply goes out piece by piece as the client reads: one that
+    never reads is dropped after drain_timeout_s (the server does not buffer the reply)."""
+    store = kvtier.Store(kvtier.StoreConfig(dram_bytes=64 << 20))
+    handle = _tls_server(store, certs, limits=Limits(drain_timeout_s=0.3))
+    key, size = b"p" * 16, 32 << 20
+    try:
+        writer = RemoteTier(parse_remote(handle.url), None, ca=certs.ca)
+        assert writer.put(key, [memoryview(bytes(size))])
+        writer.close()
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", handle.port))
+        with client_context(certs.ca).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(pack_header(Op.GET, 1, 1, 8) + key + SIZE.pack(size))
+            _wait_for(lambda: handle.server.counters["drain_timeouts"] == 1, "a drain timeout")
+    finally:
         handle.stop()
         store.close()
 

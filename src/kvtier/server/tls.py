@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from kvtier.errors import ConfigError
 from kvtier.server.protocol import Op, Status, pack_header
 
 TLS_HANDSHAKE = 0x16  # the content type of the first record a TLS client sends
+PIECE_BYTES = 256 << 10  # a GET reply's chunks go to the TLS layer this much at a time
 _PLAINTEXT_REPLY = b"this server speaks TLS: connect with kvtiers://host:port"
 
 
@@ -74,3 +76,20 @@ async def starts_tls(sock: socket.socket) -> bool:
     except OSError:
         pass
     return False
+
+
+async def write_paced(
+    transport: asyncio.Transport | None,
+    views: Sequence[memoryview],
+    drained: Callable[[], Awaitable[None]],
+) -> None:
+    """Write `views` to a TLS transport PIECE_BYTES at a time, awaiting `drained()` after
+    each: the TLS layer encrypts (copies) at once whatever it is given, so a whole reply
+    would be a fresh copy of every chunk (page faults, memory held until the client reads);
+    piece by piece it is at most about two pieces. Stops once the transport is closing."""
+    for view in views:
+        for start in range(0, view.nbytes, PIECE_BYTES):
+            if transport is None or transport.is_closing():
+                return
+            transport.write(view[start : start + PIECE_BYTES])
+            await drained()
