@@ -148,9 +148,11 @@ def test_a_client_without_the_ca_gets_a_certificate_error(
     tmp_path: Path, tls_server: ServerThread
 ) -> None:
     """kvtiers:// without remote_ca (the system's CAs) refuses the server's certificate with
-    a TLSError that names remote_ca."""
+    a TLSError that names remote_ca; the server counts the failed handshake."""
     with pytest.raises(kvtier.TLSError, match=r"is not trusted \(.+\): give .*remote_ca"):
         kvtier.Store(client_config(tmp_path, tls_server.url, "a"))
+    counters = tls_server.server.counters
+    _wait_for(lambda: counters["tls_handshake_failures"] == 1, "the failed handshake counted")
 
 
 def test_the_certificate_must_name_the_host_in_the_url(
