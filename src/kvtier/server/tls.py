@@ -50,9 +50,9 @@ def server_context(cert: str | Path | None, key: str | Path | None) -> ssl.SSLCo
 
 
 async def starts_tls(sock: socket.socket) -> bool:
-    """Wait for the first byte of a new non-blocking socket: True for a TLS handshake. A
-    plaintext client's bytes are read out and answered with TLS_REQUIRED (False); so is
-    nothing, for a client that closed (False). The caller closes the socket on False."""
+    """Wait for the first byte of a new non-blocking socket: True for a TLS handshake; False
+    for a plaintext client, whose bytes are read out and answered with TLS_REQUIRED.
+    ConnectionResetError for a client that closed first. The caller closes the socket."""
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
 
@@ -65,16 +65,17 @@ async def starts_tls(sock: socket.socket) -> bool:
         await readable
     finally:
         loop.remove_reader(sock.fileno())
+    first = sock.recv(1, socket.MSG_PEEK)
+    if not first:
+        raise ConnectionResetError("the client closed before its TLS handshake")
+    if first[0] == TLS_HANDSHAKE:
+        return True
     try:
-        first = sock.recv(1, socket.MSG_PEEK)
-        if first and first[0] == TLS_HANDSHAKE:
-            return True
-        if first:
-            sock.recv(1 << 16)  # closing with unread bytes would reset the reply away
-            head = pack_header(Op.HELLO, 0, 0, len(_PLAINTEXT_REPLY), Status.TLS_REQUIRED)
-            sock.send(head + _PLAINTEXT_REPLY)
+        sock.recv(1 << 16)  # closing with unread bytes would reset the reply away
+        head = pack_header(Op.HELLO, 0, 0, len(_PLAINTEXT_REPLY), Status.TLS_REQUIRED)
+        sock.send(head + _PLAINTEXT_REPLY)
     except OSError:
-        pass
+        pass  # gone already: nothing to tell it
     return False
 
 
