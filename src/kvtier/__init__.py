@@ -3,7 +3,14 @@
 from kvtier.cache import BoundCache
 from kvtier.chunkstore import Located
 from kvtier.config import StoreConfig, parse_size
-from kvtier.errors import AuthError, ChunkMissing, ConfigError, KvtierError, ProtocolError
+from kvtier.errors import (
+    AuthError,
+    ChunkMissing,
+    ConfigError,
+    KvtierError,
+    ProtocolError,
+    TLSError,
+)
 from kvtier.layout import KVLayout
 from kvtier.store import Store, StoreStats
 from kvtier.tiers.base import TierStats
@@ -22,6 +29,7 @@ __all__ = [
     "Store",
     "StoreConfig",
     "StoreStats",
+    "TLSError",
     "TierStats",
     "parse_size",
 ]

@@ -39,7 +39,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 MAX_CHUNK_TOKENS = 1 << 16
 MIN_DRAM_BYTES = 4096
-REMOTE_SCHEMES = ("kvtier", "redis", "rediss")
+REMOTE_SCHEMES = ("kvtier", "kvtiers", "redis", "rediss")
 
 
 def parse_size(value: int | str, name: str = "size") -> int:
@@ -77,7 +77,8 @@ class Endpoint(NamedTuple):
 
 
 class RemoteURL(NamedTuple):
-    """A parsed `remote=` URL: `kvtier://h1:7400,h2:7400` or `redis://h:6379/0`."""
+    """A parsed `remote=` URL: `kvtier://h1:7400,h2:7400` (`kvtiers://` for TLS) or
+    `redis://h:6379/0`."""
 
     scheme: str
     endpoints: tuple[Endpoint, ...]
@@ -86,7 +87,10 @@ class RemoteURL(NamedTuple):
 
 def parse_remote(url: str) -> RemoteURL:
     """Validate a remote URL; raises ConfigError saying what a good one looks like."""
-    hint = "use kvtier://host:port[,host:port...] or redis://host:port/db (rediss:// for TLS)"
+    hint = (
+        "use kvtier://host:port[,host:port...] (kvtiers:// for TLS) or redis://host:port/db "
+        "(rediss:// for TLS)"
+    )
     parts = urlsplit(url)
     if parts.scheme not in REMOTE_SCHEMES:
         raise ConfigError(f"remote: unknown scheme in {url!r}; {hint}")
@@ -127,6 +131,9 @@ class StoreConfig:
     `disk_admit_after`: a chunk goes to the disk tier once it has been used this many times
     (saved, or hit in DRAM); 1 writes every save through to disk, 2 keeps chunks used only
     once off the disk (see kvtier/admission.py).
+
+    `remote_ca`: a PEM file of the CA certificate(s) that signed the cache servers'
+    certificates, for `remote="kvtiers://..."`; None trusts the system's default CAs.
     """
 
     chunk_tokens: int = 256
@@ -138,6 +145,7 @@ class StoreConfig:
     io_workers: int = 2
     dram_shm: str | Path | None = None
     disk_admit_after: int = 1
+    remote_ca: str | Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
@@ -171,6 +179,7 @@ class StoreConfig:
         self._check_shm()
         if self.remote is not None:
             parse_remote(self.remote)
+        self._check_ca()
 
     def _check_disk(self) -> None:
         if self.disk_dir is None:
@@ -211,6 +220,23 @@ class StoreConfig:
             )
         object.__setattr__(self, "dram_shm", path)
 
+    def _check_ca(self) -> None:
+        if self.remote_ca is None:
+            return
+        scheme = None if self.remote is None else parse_remote(self.remote).scheme
+        if scheme not in (None, "kvtiers"):
+            raise ConfigError(
+                f"remote_ca is set but remote is {self.remote!r}: the CA is for kvtiers:// "
+                "(a kvtier server with TLS); use remote='kvtiers://host:port' or unset it"
+            )
+        path = Path(self.remote_ca).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(
+                f"remote_ca: {path} is not a readable file; give the PEM file of the CA that "
+                "signed the server's certificate (KVTIER_REMOTE_CA)"
+            )
+        object.__setattr__(self, "remote_ca", path)
+
     @property
     def remote_url(self) -> RemoteURL | None:
         return None if self.remote is None else parse_remote(self.remote)
@@ -246,6 +272,7 @@ _ENV_FIELDS = {
     "io_workers": "KVTIER_IO_WORKERS",
     "dram_shm": "KVTIER_DRAM_SHM",
     "disk_admit_after": "KVTIER_DISK_ADMIT_AFTER",
+    "remote_ca": "KVTIER_REMOTE_CA",
 }
 
 

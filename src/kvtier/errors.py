@@ -35,5 +35,10 @@ class AuthError(KvtierError):
     """The cache server rejected the client's token."""
 
 
+class TLSError(KvtierError):
+    """Client and cache server do not agree on TLS: one end speaks it and the other does not,
+    or the server's certificate is not trusted (see `StoreConfig.remote_ca`)."""
+
+
 class StoreClosed(KvtierError):
     """The store was used after `close()`."""

@@ -43,6 +43,9 @@ connection closes are given back.
 
 Replies carry no keys (key_count 0). Requests may be pipelined; replies come back in
 request order.
+
+A server with TLS (`kvtiers://`) answers a client that starts in plaintext with one
+plaintext reply of status TLS_REQUIRED (its payload a UTF-8 message), then closes.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class Status(IntEnum):
     AUTH_REQUIRED = 2
     AUTH_FAILED = 3
     UNSUPPORTED = 4
+    TLS_REQUIRED = 5  # sent in plaintext by a TLS server to a plaintext client, then closed
 
 
 # A frame body carries, per chunk, its key and its u64 size (PUT) or a u8 found flag (GET

@@ -518,10 +518,12 @@ def _open_dram(config: StoreConfig, quota: Ledger) -> DramTier | None:
 def _open_remote(config: StoreConfig) -> Tier:
     url = config.remote_url
     assert url is not None
-    module, cls = ("remote", "RemoteTier") if url.scheme == "kvtier" else ("redis", "RedisTier")
+    ours = url.scheme in ("kvtier", "kvtiers")
+    module, cls = ("remote", "RemoteTier") if ours else ("redis", "RedisTier")
+    tls = {"ca": config.remote_ca} if ours else {}
     try:
         tier: Tier = getattr(importlib.import_module(f"kvtier.tiers.{module}"), cls)(
-            url, config.remote_token
+            url, config.remote_token, **tls
         )
         return tier
     except ImportError as exc:

@@ -19,13 +19,15 @@ def test_bench_load_reports_every_op_without_errors(server: ServerThread) -> Non
 
 
 def test_measure_remote_returns_every_figure(tmp_path: Path) -> None:
-    """measure_remote moves the bytes through all four paths (it checks them) and reports
+    """measure_remote moves the bytes through all five paths (it checks them) and reports
     a positive GB/s for each."""
     figures = measure_remote(64 << 10, 1 << 20, tmp_path)
     assert set(figures) == {
         "raw_socket_gbps",
         "remote_save_gbps",
         "remote_load_gbps",
+        "remote_tls_save_gbps",
+        "remote_tls_load_gbps",
         "redis_save_gbps",
         "redis_load_gbps",
         "shm_save_gbps",

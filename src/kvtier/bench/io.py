@@ -3,7 +3,7 @@
 Pairs measured with the same chunk size and total bytes:
   memcpy into pre-allocated memory  vs  DRAM tier save / load
   raw os.pwritev / os.preadv files  vs  disk tier save / load (no DRAM tier)
-  (--remote) raw loopback socket    vs  cache server save / load, Redis SET / GET
+  (--remote) raw loopback socket    vs  cache server save / load (plain, TLS), Redis SET / GET
   (--remote or --shm) memcpy        vs  load from a node-local server's shared-memory DRAM
 Disk writes are timed until the data is synced; before each read phase the files are
 dropped from the page cache (posix_fadvise DONTNEED), for raw files and tier files alike.
@@ -50,6 +50,8 @@ RATIOS = (
     Ratio("remote_save_gbps", "raw_socket_gbps", 0.0),
     Ratio("remote_load_gbps", "raw_socket_gbps", 0.7),
     Ratio("remote_load_gbps", "redis_load_gbps", 3.0),
+    Ratio("remote_tls_save_gbps", "remote_save_gbps", 0.0),
+    Ratio("remote_tls_load_gbps", "remote_load_gbps", 0.0),
     Ratio("shm_save_gbps", "memcpy_gbps", 0.8),
     Ratio("shm_load_gbps", "memcpy_gbps", 0.8),
     Ratio("redis_save_gbps", "raw_socket_gbps", 0.0),

@@ -1,5 +1,6 @@
-"""Remote tiers against the raw loopback socket (`kvtier bench io --remote`), and the
-node-local server's shared-memory load path against memcpy (`--remote` or `--shm`).
+"""Remote tiers against the raw loopback socket (`kvtier bench io --remote`: the cache server
+in plaintext and over TLS, Redis), and the node-local server's shared-memory load path
+against memcpy (`--remote` or `--shm`).
 
 Also the helpers that start a `kvtier serve` or a `redis-server` process on 127.0.0.1 for
 benchmarks and tests; both are always stopped on exit.
@@ -22,12 +23,13 @@ from types import TracebackType
 
 import numpy as np
 
+from kvtier.bench.certs import make_certs
 from kvtier.config import StoreConfig
 from kvtier.store import Store
 from kvtier.tiers.link import recv_exact, send_all
 
 GB = 1e9
-_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"listening on (\S+):(\d+)( \(TLS\))?")
 
 
 def free_port() -> int:
@@ -73,7 +75,7 @@ class ServeProcess(_Process):
             match = _LISTENING.search(line)
             if match:
                 self.host, self.port = match.group(1), int(match.group(2))
-                self.url = f"kvtier://{self.host}:{self.port}"
+                self.url = f"kvtier{'s' if match.group(3) else ''}://{self.host}:{self.port}"
                 self.banner = line
                 return
         self.proc.wait()
@@ -139,10 +141,13 @@ def raw_socket_gbps(src: list[memoryview], dst: list[memoryview]) -> float:
     return sum(v.nbytes for v in src) / seconds / GB
 
 
-def store_gbps(url: str, src: list[memoryview], dst: list[memoryview]) -> tuple[float, float]:
-    """Save (write_chunk + flush) and load (read_chunk) GB/s through a remote-only Store."""
+def store_gbps(
+    url: str, src: list[memoryview], dst: list[memoryview], ca: Path | None = None
+) -> tuple[float, float]:
+    """Save (write_chunk + flush) and load (read_chunk) GB/s through a remote-only Store
+    (`ca`: the CA for a kvtiers:// server)."""
     nbytes = sum(v.nbytes for v in src)
-    with Store(StoreConfig(dram_bytes=None, remote=url)) as store:
+    with Store(StoreConfig(dram_bytes=None, remote=url, remote_ca=ca)) as store:
         _save_load(store, b"warm", src, dst)  # a first pass faults in every buffer on both sides
         save_s, load_s = _save_load(store, b"timed", src, dst)
     return nbytes / save_s / GB, nbytes / load_s / GB
@@ -192,6 +197,8 @@ def measure_remote(
     _check_equal(src_buf, dst_buf, "kvtier server")
     result |= {"remote_save_gbps": save, "remote_load_gbps": load}
     dst_buf[:] = 0
+    result |= measure_tls(src_buf, dst_buf, chunk_bytes, Path(workdir), say)
+    dst_buf[:] = 0
     result |= measure_shm(src_buf, dst_buf, chunk_bytes, say)
     dst_buf[:] = 0
     say("redis: SET and GET")
@@ -199,6 +206,28 @@ def measure_remote(
         save, load = store_gbps(server.url, src, dst)
     _check_equal(src_buf, dst_buf, "redis")
     return result | {"redis_save_gbps": save, "redis_load_gbps": load}
+
+
+def measure_tls(
+    src_buf: np.ndarray,
+    dst_buf: np.ndarray,
+    chunk_bytes: int,
+    workdir: Path,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Save and load GB/s through a `kvtier serve --tls-cert/--tls-key` process on 127.0.0.1
+    (a throw-away CA and certificate made in `workdir`); empty without the openssl command."""
+    if shutil.which("openssl") is None:
+        return {}
+    (say or (lambda _: None))("kvtier server over TLS: save and load")
+    certs = make_certs(workdir / "certs")
+    src, dst = _chunks(src_buf, chunk_bytes), _chunks(dst_buf, chunk_bytes)
+    dram = str(int(src_buf.nbytes * 1.1) + (64 << 20))
+    tls = ("--tls-cert", str(certs.cert), "--tls-key", str(certs.key))
+    with ServeProcess("--dram", dram, *tls) as server:
+        save, load = store_gbps(server.url, src, dst, certs.ca)
+    _check_equal(src_buf, dst_buf, "kvtier server over TLS")
+    return {"remote_tls_save_gbps": save, "remote_tls_load_gbps": load}
 
 
 SHM_DIR = Path("/dev/shm")

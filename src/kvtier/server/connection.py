@@ -4,12 +4,12 @@ Headers are received into a fixed 24-byte buffer. A small body (keys, sizes, a t
 into the connection's own buffer of at most SMALL_BODY_BYTES; a larger one (a PUT's chunks)
 into an extent of the server's shared receive budget, taken when its header arrives and given
 back once the frame is handled. With no budget free, reading pauses until there is.
-GET sends pinned DRAM views of the chunks (no copy) and keeps them pinned until the transport
-has drained. GET_LOCAL pins chunks for the client itself (it copies them out of the shared
-DRAM file) until its RELEASE, or until the connection closes; PUT_LOCAL reserves DRAM slots
-the client fills in that file, published by its COMMIT, or given back when the connection
-closes. Frames of one connection are handled in order; a malformed frame closes only that
-connection.
+GET sends pinned DRAM views of the chunks (no copy; over TLS a piece at a time, `tls.py`) and
+keeps them pinned until the transport has drained. GET_LOCAL pins chunks for the client
+itself (it copies them out of the shared DRAM file) until its RELEASE, or until the
+connection closes; PUT_LOCAL reserves DRAM slots the client fills in that file, published by
+its COMMIT, or given back when the connection closes. Frames of one connection are handled in
+order; a malformed frame closes only that connection.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from kvtier.protocol import (
 )
 from kvtier.server.auth import tenant_key
 from kvtier.server.budget import Grant
+from kvtier.server.tls import write_paced
 
 if TYPE_CHECKING:
     from kvtier.server.server import CacheServer
@@ -65,6 +66,7 @@ class Connection(asyncio.BufferedProtocol):
         self._filled = 0
         self._frame: Header | None = None
         self._transport: asyncio.Transport | None = None
+        self._tls = False
         self._peer = ""
         self._started = 0.0  # when the frame being handled was received (perf_counter)
         self._write_paused = False
@@ -79,7 +81,8 @@ class Connection(asyncio.BufferedProtocol):
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) else ""
-        transport.set_write_buffer_limits(high=0)
+        self._tls = transport.get_extra_info("ssl_object") is not None  # pauses at size >= high
+        transport.set_write_buffer_limits(high=1 if self._tls else 0)
         self.server.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -286,8 +289,14 @@ class Connection(asyncio.BufferedProtocol):
             try:
                 flags = bytes(v is not None for v in views)
                 found = [v for v in views if v is not None]
-                self._reply(op, rid, [flags, *found])
-                await self._drained()
+                if self._tls:  # TLS copies what it is given: hand it a piece at a time
+                    size = len(flags) + sum(v.nbytes for v in found)
+                    self.server.counters["bytes_out"] += HEADER_BYTES + size
+                    head = memoryview(pack_header(op, rid, 0, size) + flags)
+                    await write_paced(self._transport, [head, *found], self._drained)
+                else:
+                    self._reply(op, rid, [flags, *found])
+                    await self._drained()
             finally:
                 self.server.release(keys, views)
         elif op is Op.GET_LOCAL:

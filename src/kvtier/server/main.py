@@ -16,6 +16,7 @@ from kvtier.server.admission import ServerPolicy
 from kvtier.server.auth import Auth
 from kvtier.server.quotas import check_fits, load_quotas
 from kvtier.server.server import CacheServer, run_loop
+from kvtier.server.tls import server_context
 from kvtier.store import Store
 
 
@@ -45,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="every tenant's DRAM quota unless its quota file line says (e.g. 4GiB)")  # fmt: skip
     arg("--tenant-disk", default=env_default("KVTIER_TENANT_DISK"),
         help="every tenant's disk quota unless its quota file line says (e.g. 100GiB)")  # fmt: skip
+    arg("--tls-cert", default=env_default("KVTIER_TLS_CERT"),
+        help="PEM certificate (chain): speak TLS; clients then use kvtiers://")  # fmt: skip
+    arg("--tls-key", default=env_default("KVTIER_TLS_KEY"),
+        help="PEM private key of --tls-cert (unencrypted)")  # fmt: skip
     arg("--metrics-port", type=int, default=env_default("KVTIER_METRICS_PORT"),
         help="HTTP port for GET /metrics and /healthz (0: any free port)")  # fmt: skip
     arg("--insecure", action="store_true",
@@ -158,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         auth = _auth(args)
         policy = _policy(args)
+        tls = server_context(args.tls_cert or None, args.tls_key or None)
         if args.shm_writes and not args.dram_shm:
             raise ConfigError("--shm-writes needs --dram-shm (the file clients write into)")
         config = StoreConfig(
@@ -172,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvtier serve: {exc}", file=sys.stderr)
         return 2
     try:
-        server = CacheServer(store, auth, policy=policy, local_writes=bool(args.shm_writes))
+        server = CacheServer(
+            store, auth, policy=policy, local_writes=bool(args.shm_writes), tls=tls
+        )
         run_loop(_serve(server, args.host, args.port, args.metrics_port))
     except OSError as exc:
         print(f"kvtier serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
@@ -191,7 +199,8 @@ async def _serve(server: CacheServer, host: str, port: int, metrics_port: int | 
     if metrics_port is not None:
         metrics = MetricsServer(host, metrics_port, server.metrics.registry)
         note = f", metrics on http://{host}:{metrics.port}/metrics"
-    print(f"kvtier serve: listening on {host}:{bound}{note}", flush=True)
+    tls = " (TLS)" if server.tls is not None else ""
+    print(f"kvtier serve: listening on {host}:{bound}{tls}{note}", flush=True)
     p = server.policy
     print(
         f"kvtier serve: receive budget {p.recv_budget_bytes} bytes, at most "

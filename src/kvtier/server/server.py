@@ -3,7 +3,8 @@
 The server accepts connections itself (`listener.py`), admits them under a connection cap with
 head-room for logged-in clients, sweeps out those past a timeout (`admission.py`), and lends
 every connection receive memory from one shared budget (`budget.py`); each connection is a
-frame state machine (`connection.py`).
+frame state machine (`connection.py`). With TLS (`tls.py`) a socket still in its handshake
+counts as pending: it is evicted for a newcomer like one that has not sent HELLO yet.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -27,6 +29,7 @@ from kvtier.server.budget import RecvBudget
 from kvtier.server.connection import Connection
 from kvtier.server.listener import Listener, listen
 from kvtier.server.metrics import ServerMetrics
+from kvtier.server.tls import starts_tls
 from kvtier.store import Store
 
 log = logging.getLogger("kvtier.server")
@@ -42,11 +45,14 @@ class CacheServer:
         limits: Limits | None = None,
         policy: ServerPolicy | None = None,
         local_writes: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """`local_writes`: same-host clients may write new chunks straight into the shared
-        DRAM file (PUT_LOCAL); for a server whose clients are the owner's own processes."""
+        DRAM file (PUT_LOCAL); for a server whose clients are the owner's own processes.
+        `tls`: speak TLS on every connection, with this server-side context."""
         self.store = store
         self.local_writes = local_writes
+        self.tls = tls
         self.auth = auth or Auth()
         self.limits = limits or Limits()
         self.policy = policy or ServerPolicy()
@@ -60,6 +66,7 @@ class CacheServer:
         self._connections: dict[Connection, None] = {}
         self._pending: dict[Connection, None] = {}  # oldest first
         self._opening = 0  # accepted sockets whose Connection is not made yet
+        self._handshakes: dict[asyncio.Task[Any], None] = {}  # the same with TLS; oldest first
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = any free port); returns the bound port."""
@@ -75,6 +82,8 @@ class CacheServer:
             self._listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
         for conn in list(self._connections):
             conn.drop("connections_stopped")
         await asyncio.to_thread(self.executor.shutdown, wait=True)
@@ -82,7 +91,7 @@ class CacheServer:
 
     @property
     def connections(self) -> int:
-        return len(self._connections) + self._opening
+        return len(self._connections) + self._opening + len(self._handshakes)
 
     # -- admission (event loop) ------------------------------------------------------------
 
@@ -90,10 +99,11 @@ class CacheServer:
         """False while the next socket could only be refused for want of a pending
         connection to drop, but sockets still being set up will become droppable soon."""
         crowded = self._crowded()
-        return not (crowded and not self._pending and self._opening)
+        return not (crowded and not self._pending and not self._handshakes and self._opening)
 
     def _crowded(self) -> bool:
-        over_quota = len(self._pending) + self._opening >= self.policy.max_pending
+        opening = self._opening + len(self._handshakes)
+        over_quota = len(self._pending) + opening >= self.policy.max_pending
         return over_quota or self.connections >= self.policy.max_connections
 
     def _accepted(self, sock: socket.socket) -> None:
@@ -102,18 +112,54 @@ class CacheServer:
         refuse it when the cap is reached and nothing is pending."""
         if self._crowded() and self._pending:
             next(iter(self._pending)).drop("pending_evicted")
+        elif self._crowded() and self._handshakes:
+            oldest = next(iter(self._handshakes))
+            del self._handshakes[oldest]
+            oldest.cancel()
+            self.counters["pending_evicted"] += 1
         elif self.connections >= self.policy.max_connections:
             self.counters["connections_refused"] += 1
             sock.close()
             return
-        self._opening += 1
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small writes
         loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self), sock))
+        task: asyncio.Task[Any]
+        if self.tls is None:
+            self._opening += 1
+            task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self), sock))
+        else:
+            task = loop.create_task(self._open_tls(sock, self.tls))
+            self._handshakes[task] = None
         task.add_done_callback(lambda t: self._connected(t, sock))
 
+    async def _open_tls(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """A TLS Connection on a new socket: its first byte and its handshake within the
+        handshake timeout; a client that starts in plaintext is told to use kvtiers://."""
+        timeout_s = self.policy.handshake_timeout_s
+        loop = asyncio.get_running_loop()
+
+        async def handshake() -> None:
+            if not await starts_tls(sock):
+                self.counters["tls_required"] += 1
+                raise ConnectionRefusedError("a plaintext client on a TLS server")
+            await loop.connect_accepted_socket(
+                lambda: Connection(self), sock, ssl=context, ssl_handshake_timeout=timeout_s
+            )
+
+        try:
+            await asyncio.wait_for(handshake(), timeout_s)
+        except TimeoutError:
+            self.counters["handshake_timeouts"] += 1
+            raise
+        except ssl.SSLError:
+            self.counters["tls_handshake_failures"] += 1
+            raise
+
     def _connected(self, task: asyncio.Task[Any], sock: socket.socket) -> None:
-        self._opening -= 1
+        if self.tls is None:
+            self._opening -= 1
+        else:
+            self._handshakes.pop(task, None)
         if task.cancelled() or task.exception() is not None:
             sock.close()
         if self._listener is not None:
@@ -213,8 +259,9 @@ class ServerThread:
         port: int = 0,
         policy: ServerPolicy | None = None,
         local_writes: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.server = CacheServer(store, auth, limits, policy, local_writes)
+        self.server = CacheServer(store, auth, limits, policy, local_writes, tls)
         self.host = host
         self.port = 0
         self._ready = threading.Event()
@@ -231,7 +278,8 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"kvtier://{self.host}:{self.port}"
+        scheme = "kvtier" if self.server.tls is None else "kvtiers"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def _main(self, port: int) -> None:
         self._loop = asyncio.get_running_loop()

@@ -1,10 +1,12 @@
 """The sockets to one `kvtier serve` node: framing, an idle pool, reconnection with backoff.
 
-Requests go out with `sendmsg([header, payload views])`; replies are received with `recv_into`
-straight into the caller's views. A server that cannot be reached or does not answer is
-retried with exponential backoff; an error reply (the server refused one request) closes that
-connection only, without backoff. A pooled connection the server has closed (idle timeout) is
-noticed before it is used and replaced, without backoff.
+Requests go out with `sendmsg([header, payload views])` (over TLS, which has no `sendmsg`:
+small parts joined, large ones sent as they are; `tls.py`); replies are received with
+`recv_into` straight into the caller's views. A server that cannot be reached or does not
+answer is retried with exponential backoff; an error reply (the server refused one request)
+closes that connection only, without backoff; a TLS mismatch (`TLSError`) backs off. A
+pooled connection the server has closed (idle timeout) is noticed before it is used and
+replaced, without backoff.
 
 Same host: a link to a server on a loopback address asks MAP on each new connection and, if
 the DRAM file it names can be mapped read-only (`shm.py`), attaches that mapping to the
@@ -18,12 +20,13 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
 
 from kvtier.config import Endpoint, is_loopback
-from kvtier.errors import AuthError, KvtierError, ProtocolError
+from kvtier.errors import AuthError, KvtierError, ProtocolError, TLSError
 from kvtier.keys import Key
 from kvtier.pool import SharedFile
 from kvtier.protocol import (
@@ -35,6 +38,7 @@ from kvtier.protocol import (
     pack_header,
     parse_header,
 )
+from kvtier.tiers import tls
 from kvtier.tiers.shm import SharedMapping, parse_map_reply
 
 log = logging.getLogger("kvtier.remote")
@@ -60,6 +64,9 @@ class Refused(ProtocolError):
 def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
     """`sendmsg` every part (gather I/O), continuing after partial sends."""
     views = [memoryview(p).cast("B") for p in parts]
+    if isinstance(sock, ssl.SSLSocket):
+        tls.send_parts(sock, views)
+        return
     while views:
         sent = sock.sendmsg(views[:IOV_MAX])
         while views and sent >= views[0].nbytes:
@@ -111,6 +118,8 @@ class Connection:
             message = self.recv_bytes(min(header.payload_bytes, 4096)).decode(errors="replace")
             if header.status in (Status.AUTH_FAILED, Status.AUTH_REQUIRED):
                 raise AuthError(f"token rejected by server {self.where}; check KVTIER_REMOTE_TOKEN")
+            if header.status == Status.TLS_REQUIRED:
+                raise TLSError(f"server {self.where} speaks TLS: use kvtiers://{self.where}")
             text = f"server {self.where} answered {_status_name(header)}: {message}"
             if header.status in (Status.ERROR, Status.UNSUPPORTED):
                 raise Refused(text, header.status)
@@ -159,11 +168,18 @@ class ServerLink:
     """The sockets to one server: an idle pool, reconnection with exponential backoff."""
 
     def __init__(
-        self, endpoint: Endpoint, token: str, reply_timeout_s: float, local_map: bool = True
+        self,
+        endpoint: Endpoint,
+        token: str,
+        reply_timeout_s: float,
+        local_map: bool = True,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls_context`: speak TLS to this server (`kvtiers://`), verified by that context."""
         self.endpoint = endpoint
         self.where = f"{endpoint.host}:{endpoint.port}"
         self._token = token
+        self._tls = tls_context
         self._timeout_s = reply_timeout_s
         self._lock = threading.Lock()
         self._idle: list[Connection] = []
@@ -186,7 +202,8 @@ class ServerLink:
 
     def take(self) -> Connection:
         """An idle or new connection; raises Unavailable while backing off or when the
-        server cannot be reached, AuthError when it rejects the token."""
+        server cannot be reached, AuthError when it rejects the token, TLSError when client
+        and server disagree on TLS (or its certificate is not trusted)."""
         while (idle := self._idle_connection()) is not None:
             if self._usable(idle):
                 return idle
@@ -209,15 +226,20 @@ class ServerLink:
     def _connect(self) -> Connection:
         try:
             sock = socket.create_connection(self.endpoint, timeout=self._timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = tls.handshake(self._tls, sock, self.endpoint.host, self.where)
+        except TLSError:
+            self._down()
+            raise
         except OSError as exc:
             self._down()
             raise Unavailable(f"cannot connect to {self.where}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, self.where)
         try:
             header = conn.call(Op.HELLO, [], [self._token.encode()])
             conn.recv_bytes(header.payload_bytes)
-        except AuthError:
+        except (AuthError, TLSError):
             self.broken(conn)
             raise
         except FAILURES as exc:

@@ -4,8 +4,9 @@ Chunks are placed by rendezvous hashing over the listed servers, so adding a ser
 1/N of the keys. Each server has a small thread-safe pool of blocking sockets (`link.py`);
 requests go out with `sendmsg([header, payload views])` and replies are received with
 `recv_into` straight into the caller's views. A server that is down, hung or misbehaving yields
-misses (counted as errors) and is retried with exponential backoff; only a rejected token at
-construction time raises. Backoff is for a server that cannot be reached or does not answer: a
+misses (counted as errors) and is retried with exponential backoff; only a rejected token or a
+TLS mismatch (`kvtiers://` with TLS, `tls.py`: a server without it, an untrusted certificate)
+at construction time raises. Backoff is for a server that cannot be reached or does not answer: a
 chunk over the wire limit is refused here before any byte is sent, and an error reply (the
 server refused one request) closes that connection only. Connecting, HELLO, EXISTS_PREFIX and
 the first reply to a GET wait at most `REPLY_TIMEOUT_S`, so a hung server never stalls a lookup
@@ -28,17 +29,19 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import xxhash
 
 from kvtier.config import Endpoint, RemoteURL
-from kvtier.errors import AuthError, ProtocolError
+from kvtier.errors import AuthError, ProtocolError, TLSError
 from kvtier.keys import Key
 from kvtier.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status, unpack_sizes
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
 from kvtier.tiers.link import FAILURES as _FAILURES
 from kvtier.tiers.link import Connection, Refused, ServerLink, Unavailable, recv_exact
 from kvtier.tiers.shm import SharedMapping
+from kvtier.tiers.tls import client_context
 
 log = logging.getLogger("kvtier.remote")
 _TIER_NAMES = {code: name for name, code in TIER_CODES.items()}
@@ -68,23 +71,30 @@ class RemoteTier:
         timeout_s: float = REPLY_TIMEOUT_S,
         transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
         local_map: bool = True,
+        ca: str | Path | None = None,
     ) -> None:
-        """`local_map`: load from a same-host server's shared DRAM file when it offers one."""
+        """`local_map`: load from a same-host server's shared DRAM file when it offers one.
+        `ca`: for `kvtiers://`, the PEM file of the CA that signed the servers' certificates
+        (None: the system's default CAs)."""
         self.url = url
         self.max_chunk_bytes = LIMITS.max_chunk_bytes
         self._timeout_s = timeout_s
         self._transfer_s = max(timeout_s, transfer_timeout_s)
-        self._links = [ServerLink(ep, token or "", timeout_s, local_map) for ep in url.endpoints]
+        tls = client_context(ca) if url.scheme == "kvtiers" else None
+        self._links = [
+            ServerLink(ep, token or "", timeout_s, local_map, tls) for ep in url.endpoints
+        ]
         self._lock = threading.Lock()
         self._count = Counters()
         try:
             self._connect_all()
-        except AuthError:
+        except (AuthError, TLSError):
             self.close()
             raise
 
     def _connect_all(self) -> None:
-        """One pooled connection per server now; AuthError for a rejected token."""
+        """One pooled connection per server now; AuthError for a rejected token, TLSError
+        for a TLS mismatch."""
         for link in self._links:
             try:
                 link.give(link.take())
