@@ -57,7 +57,8 @@ class Plan:
     route_blocks: int
 
 
-FULL = Plan((4, 8), 4.0, (4.0, 6.0, 9.0, 13.0, 18.0, 27.0, 40.0), 24.0, gw.ChatSpec(), 300,
+FULL = Plan((4, 8), 4.0, (4.0, 6.0, 9.0, 13.0, 18.0, 27.0, 40.0, 60.0, 90.0), 24.0,
+            gw.ChatSpec(), 300,
             320, 64, 8, 1000, 1 << 20)  # fmt: skip
 QUICK = Plan((4,), 8.0, (8.0, 16.0), 16.0, gw.ChatSpec(users=6, rounds=2, think_s=0.2), 30, 16,
              16, 4, 100, 1 << 16)  # fmt: skip
