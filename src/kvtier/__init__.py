@@ -2,7 +2,14 @@
 
 from kvtier.cache import BoundCache
 from kvtier.config import StoreConfig, parse_size
-from kvtier.errors import AuthError, ChunkMissing, ConfigError, KvtierError, ProtocolError
+from kvtier.errors import (
+    AuthError,
+    ChunkMissing,
+    ConfigError,
+    KvtierError,
+    PinRefused,
+    ProtocolError,
+)
 from kvtier.layout import KVLayout
 from kvtier.store import Located, Store, StoreStats
 from kvtier.tiers.base import TierStats
@@ -17,6 +24,7 @@ __all__ = [
     "KVLayout",
     "KvtierError",
     "Located",
+    "PinRefused",
     "ProtocolError",
     "Store",
     "StoreConfig",

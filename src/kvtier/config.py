@@ -123,6 +123,9 @@ class StoreConfig:
     `dram_shm`: a directory on a memory file system (e.g. `/dev/shm`) to hold the DRAM tier in
     a shared file instead of anonymous memory, so a cache server can let clients of the same
     user on this host load chunks straight from it (see docs/server.md). Off by default.
+
+    `pin_fraction`: at most this fraction of each local tier's capacity may hold pinned chunks
+    (`BoundCache.pin`); a pin beyond it is refused with `PinRefused`. 0 switches pinning off.
     """
 
     chunk_tokens: int = 256
@@ -133,6 +136,7 @@ class StoreConfig:
     remote_token: str | None = field(default=None, repr=False)
     io_workers: int = 2
     dram_shm: str | Path | None = None
+    pin_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
@@ -158,6 +162,7 @@ class StoreConfig:
             object.__setattr__(self, "dram_bytes", dram)
         self._check_disk()
         self._check_shm()
+        self._check_pin_fraction()
         if self.remote is not None:
             parse_remote(self.remote)
 
@@ -200,6 +205,20 @@ class StoreConfig:
             )
         object.__setattr__(self, "dram_shm", path)
 
+    def _check_pin_fraction(self) -> None:
+        value: object = 0.0 if self.pin_fraction is None else self.pin_fraction  # env "off"
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = -1.0
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ConfigError(
+                f"pin_fraction: expected a number from 0 to 1 (the share of each tier pinned "
+                f"chunks may take), got {self.pin_fraction!r}"
+            )
+        object.__setattr__(self, "pin_fraction", float(value))
+
     @property
     def remote_url(self) -> RemoteURL | None:
         return None if self.remote is None else parse_remote(self.remote)
@@ -231,6 +250,7 @@ _ENV_FIELDS = {
     "remote_token": "KVTIER_REMOTE_TOKEN",
     "io_workers": "KVTIER_IO_WORKERS",
     "dram_shm": "KVTIER_DRAM_SHM",
+    "pin_fraction": "KVTIER_PIN_FRACTION",
 }
 
 

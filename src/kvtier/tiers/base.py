@@ -26,6 +26,9 @@ class TierStats(NamedTuple):
     evictions: int
     errors: int
     checksum_failures: int
+    pinned_bytes: int = 0  # chunks a user pinned (`BoundCache.pin`): never evicted
+    pinned_chunks: int = 0
+    expired: int = 0  # chunks reclaimed past their TTL (`Store.bind(..., ttl_s=...)`)
 
 
 class Tier(Protocol):
@@ -69,8 +72,17 @@ class Counters:
     evictions: int = 0
     errors: int = 0
     checksum_failures: int = 0
+    expired: int = 0
 
-    def snapshot(self, name: str, capacity_bytes: int, used_bytes: int, chunks: int) -> TierStats:
+    def snapshot(
+        self,
+        name: str,
+        capacity_bytes: int,
+        used_bytes: int,
+        chunks: int,
+        pinned_bytes: int = 0,
+        pinned_chunks: int = 0,
+    ) -> TierStats:
         """These counters with a tier's sizes, as an immutable TierStats."""
         return TierStats(
             name,
@@ -82,6 +94,9 @@ class Counters:
             self.evictions,
             self.errors,
             self.checksum_failures,
+            pinned_bytes,
+            pinned_chunks,
+            self.expired,
         )
 
 

@@ -5,6 +5,13 @@ is never visible under a chunk's name. Every file starts with a header holding t
 payload size and an xxh3-64 checksum of key and payload; a file that fails verification is
 a miss, is counted and deleted. After a restart (clean or `kill -9`) the directory scan finds
 every published chunk again.
+
+A chunk saved with a TTL has its expiry time in its header (0: never; files from before TTLs
+have 0 there); one past its time is a miss and is deleted, unless a user pinned it (`hold`).
+So that a restart knows which chunks expire without reading every header, the expiry of each
+such chunk is also appended to the `expiry` journal before the chunk is published; on open,
+each journaled expiry is checked against its chunk's header (the truth) and the journal is
+compacted.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import numpy as np
 import xxhash
 
 from kvtier.errors import ConfigError
+from kvtier.expiry import Expiries, ExpiryLog, now_ns
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.policy import LRUPolicy
 from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
 
 MAGIC = b"KVTIERC1"
-HEADER = struct.Struct("<8sHH16sQQQ")  # magic, version, flags, key, payload bytes, checksum, ns
+HEADER = struct.Struct("<8sHH16sQQQ")  # magic, version, flags, key, payload bytes, checksum,
+# expiry (unix ns; 0: never)
 HEADER_BYTES = 4096  # payload starts page-aligned
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer addresses and lengths in whole pages
 VERSION = 1
@@ -40,6 +49,7 @@ class ChunkHeader(NamedTuple):
     key: Key
     payload_bytes: int
     checksum: int
+    expires_ns: int = 0
 
 
 def checksum(key: Key, views: Views) -> int:
@@ -53,10 +63,10 @@ def parse_header(buf: bytes | bytearray | memoryview) -> ChunkHeader | None:
     """The header of a chunk file, or None if it is not one of ours."""
     if len(buf) < HEADER.size:
         return None
-    magic, version, _flags, key, nbytes, digest, _ns = HEADER.unpack_from(buf)
+    magic, version, _flags, key, nbytes, digest, expires = HEADER.unpack_from(buf)
     if magic != MAGIC or version != VERSION:
         return None
-    return ChunkHeader(key, nbytes, digest)
+    return ChunkHeader(key, nbytes, digest, expires)
 
 
 class DiskTier:
@@ -73,6 +83,8 @@ class DiskTier:
         self._sizes: dict[Key, int] = {}
         self._inflight: dict[Key, int] = {}
         self._lru = LRUPolicy()
+        self._ttl = Expiries()
+        self._ttl_log: ExpiryLog | None = None
         self._used = 0
         self._count = Counters()
         self._direct = True  # O_DIRECT writes, until the file system refuses one
@@ -80,6 +92,7 @@ class DiskTier:
         self._lockfile = self._open_exclusive()
         try:
             self._load_index()
+            self._load_expiries()
         except BaseException as exc:
             self.close()  # release the lock: a later open in this process must not be refused
             if isinstance(exc, OSError):
@@ -92,16 +105,16 @@ class DiskTier:
 
     def contains_prefix(self, keys: Sequence[Key]) -> int:
         with self._lock:
-            n = 0
+            n, now = 0, now_ns()
             for key in keys:
-                if key not in self._sizes:
+                if key not in self._sizes or self._expire(key, now):
                     break
                 n += 1
             return n
 
     def get_into(self, key: Key, dst: Views) -> bool:
         with self._lock:
-            known = key in self._sizes
+            known = key in self._sizes and not self._expire(key, now_ns())
             self._count.misses += not known
         if not known:
             return False
@@ -113,19 +126,23 @@ class DiskTier:
                 self._count.misses += 1
         return ok
 
-    def put(self, key: Key, src: Views) -> bool:
+    def put(self, key: Key, src: Views, expires_ns: int = 0) -> bool:
+        """`expires_ns`: when the chunk expires (wall clock, `kvtier.expiry`); 0 never."""
         size = HEADER_BYTES + total_bytes(src)
         if not self._reserve(key, size):
             return key in self._sizes
         published = False
         try:
-            published = self._write(key, src)
+            if expires_ns:
+                self._log_expiry(key, expires_ns)
+            published = self._write(key, src, expires_ns)
         finally:
             with self._lock:
                 del self._inflight[key]
                 if published:
                     self._sizes[key] = size
                     self._lru.add(key)
+                    self._ttl.set(key, expires_ns)
                 else:
                     self._used -= size
         return published
@@ -137,10 +154,17 @@ class DiskTier:
     def stats(self) -> TierStats:
         with self._lock:
             return self._count.snapshot(
-                self.name, self.capacity_bytes, self._used, len(self._sizes)
+                self.name,
+                self.capacity_bytes,
+                self._used,
+                len(self._sizes),
+                self._lru.held_bytes,
+                self._lru.held_count,
             )
 
     def close(self) -> None:
+        if self._ttl_log is not None:
+            self._ttl_log.close()
         if self._lockfile >= 0:
             os.close(self._lockfile)  # releases the flock
             self._lockfile = -1
@@ -154,6 +178,26 @@ class DiskTier:
     def delete(self, key: Key) -> bool:
         """Unpublish a chunk, then delete its file (a reader holding it open keeps its data)."""
         return self._forget(key, unlink=True)
+
+    def hold(self, keys: Sequence[Key], max_bytes: int) -> list[Key] | None:
+        """Pin (for a user) the chunks of `keys` held here against eviction and expiry, if the
+        pinned bytes stay within `max_bytes`; the keys newly pinned, or None (none pinned)."""
+        with self._lock:
+            sizes = {key: self._sizes[key] for key in keys if key in self._sizes}
+            return self._lru.hold(sizes, max_bytes)
+
+    def unhold(self, keys: Sequence[Key]) -> int:
+        """Make user-pinned chunks evictable again (deleting those past their TTL)."""
+        with self._lock:
+            freed = self._lru.unhold(keys)
+            now = now_ns()
+            for key in freed:
+                self._expire(key, now)
+            return len(freed)
+
+    def expires_ns(self, key: Key) -> int:
+        with self._lock:
+            return self._ttl.get(key)
 
     def chunk_bytes(self, key: Key) -> int | None:
         """Payload size of a stored chunk, or None."""
@@ -170,7 +214,7 @@ class DiskTier:
         with self._lock:
             assert self._used == sum(self._sizes.values()) + sum(self._inflight.values())
             assert self._used <= self.capacity_bytes
-            assert set(self._lru._order) == set(self._sizes)
+            assert set(self._lru.keys()) == set(self._sizes)
             on_disk = {key for key, _ in _scan(self.root)}
             assert set(self._sizes) <= on_disk, "indexed chunk without a file"
 
@@ -179,8 +223,14 @@ class DiskTier:
     def _reserve(self, key: Key, size: int) -> bool:
         """Count `size` bytes for a new chunk, evicting LRU chunks; False if impossible."""
         with self._lock:
+            now = now_ns()
+            if key in self._sizes:
+                self._expire(key, now)
             if key in self._sizes or key in self._inflight or size > self.capacity_bytes:
                 return False
+            if self._used + size > self.capacity_bytes:  # expired chunks go first
+                for due in self._ttl.due(now):
+                    self._expire(due, now)
             while self._used + size > self.capacity_bytes:
                 victim = self._lru.victim()
                 if victim is None:
@@ -195,10 +245,11 @@ class DiskTier:
             self._used += size
         return True
 
-    def _write(self, key: Key, src: Views) -> bool:
+    def _write(self, key: Key, src: Views, expires_ns: int = 0) -> bool:
         nbytes = total_bytes(src)
         header = self._header_buffer()
-        HEADER.pack_into(header, 0, MAGIC, VERSION, 0, key, nbytes, checksum(key, src), 0)
+        digest = checksum(key, src)
+        HEADER.pack_into(header, 0, MAGIC, VERSION, 0, key, nbytes, digest, expires_ns)
         final = self.path(key)
         tmp = self._tmp / f"{final.name}.{os.getpid()}.{threading.get_ident()}"
         try:
@@ -265,6 +316,10 @@ class DiskTier:
         if got != want or meta.checksum != checksum(key, dst):
             self._forget(key, unlink=True, corrupt=True)
             return False
+        if meta.expires_ns and meta.expires_ns <= now_ns():  # the header is the truth
+            with self._lock:
+                self._ttl.set(key, meta.expires_ns)
+                return not self._expire(key, now_ns())
         return True
 
     def _forget(self, key: Key, unlink: bool, corrupt: bool = False) -> bool:
@@ -274,6 +329,7 @@ class DiskTier:
             if size is not None:
                 self._used -= size
                 self._lru.remove(key)
+                self._ttl.discard(key)
                 if unlink:  # under the lock, as in _reserve
                     self._unlink(self.path(key))
             if corrupt:
@@ -312,6 +368,43 @@ class DiskTier:
             self._used += st.st_size
         for key in reversed(kept):  # least recently written first in LRU order
             self._lru.add(key)
+
+    def _expire(self, key: Key, now: int) -> bool:
+        """Lock held: delete a published chunk past its TTL unless pinned; whether it was."""
+        if not self._ttl.expired(key, now) or self._lru.held(key) or key not in self._sizes:
+            return False
+        self._used -= self._sizes.pop(key)
+        self._lru.remove(key)
+        self._ttl.discard(key)
+        self._count.expired += 1
+        self._unlink(self.path(key))
+        return True
+
+    def _log_expiry(self, key: Key, expires_ns: int) -> None:
+        """Journal a chunk's expiry before it is published (compacting now and then)."""
+        log = self._ttl_log
+        assert log is not None
+        if log.append(key, expires_ns, len(self._ttl)):
+            with self._lock:
+                kept = [*self._ttl.items(), (key, expires_ns)]
+            log.rewrite(kept)
+
+    def _load_expiries(self) -> None:
+        """Expiry times of the chunks that have one, from the journal, each checked against
+        its chunk's header; then the journal holds exactly those."""
+        log = self._ttl_log = ExpiryLog(self.root / "expiry")
+        for key, at in log.recorded().items():
+            if key in self._sizes and self._header_expiry(key) == at:
+                self._ttl.set(key, at)
+        log.rewrite(self._ttl.items())
+
+    def _header_expiry(self, key: Key) -> int | None:
+        try:
+            with open(self.path(key), "rb") as f:
+                meta = parse_header(f.read(HEADER.size))
+        except OSError:
+            return None
+        return None if meta is None or meta.key != key else meta.expires_ns
 
     @staticmethod
     def _unlink(path: Path) -> None:
