@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "only when every such client is your own engine (a node-local server)")  # fmt: skip
     arg("--disk-dir", default=env_default("KVTIER_DISK_DIR"), help="disk tier directory")
     arg("--disk", default=env_default("KVTIER_DISK"), help="disk tier size, e.g. 500GiB")
+    arg("--pin-fraction", default=env_default("KVTIER_PIN_FRACTION", "0.5"),
+        help="share of each tier that chunks clients pin may take; 0: refuse pins")  # fmt: skip
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant token'")
     arg("--metrics-port", type=int, default=env_default("KVTIER_METRICS_PORT"),
         help="HTTP port for GET /metrics and /healthz (0: any free port)")  # fmt: skip
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             disk_dir=args.disk_dir,
             disk_bytes=args.disk,
             dram_shm=args.dram_shm or None,
+            pin_fraction=args.pin_fraction,
         )
         store = Store(config)
     except ConfigError as exc:

@@ -19,13 +19,14 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from kvtier.errors import PinRefused
 from kvtier.keys import Key
 from kvtier.server.admission import AuthThrottle, ServerPolicy
 from kvtier.server.auth import Auth
 from kvtier.server.budget import RecvBudget
 from kvtier.server.connection import Connection
 from kvtier.server.listener import Listener, listen
-from kvtier.server.protocol import Limits
+from kvtier.server.protocol import COUNT, Limits
 from kvtier.store import Store
 
 log = logging.getLogger("kvtier.server")
@@ -177,6 +178,15 @@ class CacheServer:
 
     def delete(self, keys: list[Key]) -> int:
         return sum(self.store.delete_chunk(key) for key in keys)
+
+    def pin(self, keys: list[Key], pin: bool) -> bytes:
+        """A PIN (or UNPIN) reply: the count, or for a refused pin 0 and the reason."""
+        if not pin:
+            return COUNT.pack(self.store.unpin_keys(keys))
+        try:
+            return COUNT.pack(self.store.pin_keys(keys))
+        except PinRefused as exc:
+            return COUNT.pack(0) + str(exc).encode()
 
     def stats_json(self) -> bytes:
         payload: dict[str, Any] = self.store.stats().as_dict()
