@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import CHUNK, LAYOUT, make_config, make_kv
 
 import kvtier
+from kvtier.journal import Journal
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = 4096  # a DRAM chunk of the test layout (512 bytes) takes one page
@@ -230,3 +231,34 @@ def test_a_torn_pins_journal_keeps_the_whole_records(tmp_path: Path) -> None:
         f.write(b"\x30\x00\x00\x00garbage")  # a frame cut short
     with kvtier.Store(config) as store:
         assert store.stats().tier("disk").pinned_chunks == 2
+
+
+def test_an_unusable_pins_journal_is_a_clear_error(tmp_path: Path) -> None:
+    """A pins journal that cannot be opened is a ConfigError naming it, and the store's
+    tiers are released (the disk dir opens once it is fixed)."""
+    journal = tmp_path / "disk" / "kvtier-v1" / "pins"
+    journal.mkdir(parents=True)  # a directory where the file should be
+    with pytest.raises(kvtier.ConfigError, match="pins journal"):
+        kvtier.Store(make_config(tmp_path))
+    journal.rmdir()
+    kvtier.Store(make_config(tmp_path)).close()
+
+
+def test_a_pin_whose_record_cannot_be_written_leaves_nothing_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the journal append fails (disk full), the pin raises and no tier keeps a hold
+    that no record would ever release."""
+    with kvtier.Store(make_config(tmp_path)) as store:
+        cache = store.bind("m", LAYOUT)
+        doc = toks(1, 2)
+        cache.save(doc, make_kv(len(doc)))
+
+        def full(self: Journal, record: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Journal, "append", full)
+        with pytest.raises(OSError):
+            cache.pin(doc)
+        stats = store.stats()
+        assert stats.tier("dram").pinned_chunks == stats.tier("disk").pinned_chunks == 0

@@ -24,6 +24,7 @@ accounting, declared below.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvtier.config import StoreConfig
-from kvtier.errors import PinRefused
+from kvtier.errors import ConfigError, KvtierError, PinRefused
 from kvtier.journal import Journal
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.tiers.base import Tier
@@ -75,10 +76,10 @@ class PinRegistry:
         lasts = [key for key in keys if key in self._prefixes]
         if not lasts:
             return 0, []
-        longest = max(len(self._prefixes[key]) for key in lasts)
-        before = set(self._counts)
+        removed = [self._prefixes[key] for key in lasts]
         self._record(REMOVE + b"".join(lasts))
-        return longest, [key for key in before if key not in self._counts]
+        freed = {key for prefix in removed for key in prefix if key not in self._counts}
+        return max(len(prefix) for prefix in removed), list(freed)
 
     def close(self) -> None:
         if self._journal is not None:
@@ -125,7 +126,12 @@ class Pinning:
     def _open_pins(self, disk: DiskTier | None) -> None:
         """Read the registry (with a disk tier) and hold its chunks in the disk tier again."""
         self._pin_lock = threading.Lock()
-        self._pins = PinRegistry(None if disk is None else disk.root / "pins")
+        self._pins = PinRegistry(None)  # until the journal is read
+        path = None if disk is None else disk.root / "pins"
+        try:
+            self._pins = PinRegistry(path)
+        except OSError as exc:
+            raise ConfigError(f"disk_dir: cannot use the pins journal {path}: {exc}") from exc
         if disk is None:
             return
         refused = 0
@@ -170,7 +176,10 @@ class Pinning:
             self._leave()
 
     def _pin(self, prefix: tuple[Key, ...]) -> None:
+        """Hold in the local tiers, pin on the servers, then record it; all undone if any
+        step fails (a refusal, a server down, the journal's disk full)."""
         held: list[tuple[LocalTier, list[Key]]] = []
+        asked: list[Any] = []
         servers = self._pin_servers()
         below = bool(servers) or any(isinstance(t, DiskTier) for t in self._tiers)
         try:
@@ -184,11 +193,15 @@ class Pinning:
                 held.append((tier, got))
             for server in servers:
                 server.pin(prefix)
+                asked.append(server)
+            self._pins.add(prefix)
         except BaseException:
+            for server in asked:
+                with contextlib.suppress(KvtierError):  # unreachable now: pinned till unpinned
+                    server.unpin(prefix)
             for tier, keys in held:
                 tier.unhold(keys)
             raise
-        self._pins.add(prefix)
 
     def _hold_head(self, tier: LocalTier, prefix: tuple[Key, ...]) -> list[Key]:
         """Hold the leading chunks of `prefix` that fit the tier's bound; those newly held."""

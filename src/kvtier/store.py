@@ -107,7 +107,11 @@ class Store(InPlace, Pinning):
         self._dropped = 0
         self._calls = 0  # calls using the tiers now; close() waits for them
         self._closed = False
-        self._open_pins(next((t for t in lower if isinstance(t, DiskTier)), None))
+        try:
+            self._open_pins(next((t for t in lower if isinstance(t, DiskTier)), None))
+        except BaseException:
+            self.close()
+            raise
 
     def bind(
         self, model_id: str, layout: KVLayout, salt: str | None = None, ttl_s: float | None = None
