@@ -7,10 +7,11 @@ covers it, so two pinned documents that share a system prompt keep it pinned unt
 unpinned; `unpin_keys(keys)` removes the pins of `keys` and of every prefix of them.
 
 The registry is the store's; each local tier only holds (`hold`/`unhold`) the pinned chunks it
-has, within its bound (`pin_fraction` of its capacity). The disk tier (else a kvtier server,
-which decides for itself; else DRAM) holds all of a pin or refuses it (`PinRefused`, nothing
-pinned); DRAM above a disk tier or a server holds a pin's chunks head first as far as its
-bound allows: the rest are safe below it, and promoted again when used.
+has, within its bound (`pin_fraction` of its capacity). The disk tier holds all of a pin's
+chunks it has, or refuses the pin (`PinRefused`, nothing pinned); so does DRAM for the chunks
+no tier below holds pinned (not on disk, not pinned by a kvtier server: e.g. a DRAM-only
+store). The chunks held below, DRAM holds head first as far as its bound allows: they are safe
+below it and promoted again when used. A chunk only a Redis remote has cannot be pinned.
 
 With a disk tier the registry is a journal in the disk directory (`pins`, fsynced at every
 change, compacted at open), so pins survive a restart, clean or `kill -9`: the disk tier's pinned
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,9 @@ class PinRegistry:
 
     def pinned(self, key: Key) -> bool:
         return key in self._counts
+
+    def has(self, prefix: Sequence[Key]) -> bool:
+        return bool(prefix) and prefix[-1] in self._prefixes
 
     def prefixes(self) -> list[tuple[Key, ...]]:
         return list(self._prefixes.values())
@@ -176,24 +180,24 @@ class Pinning:
             self._leave()
 
     def _pin(self, prefix: tuple[Key, ...]) -> None:
-        """Hold in the local tiers, pin on the servers, then record it; all undone if any
-        step fails (a refusal, a server down, the journal's disk full)."""
+        """Pin on the servers, hold in the disk tier, then in DRAM: all of the chunks no tier
+        below holds pinned, the others head first as far as its bound allows; then record
+        it. All undone if a step fails (a refusal, a server down, the journal's disk full)."""
         held: list[tuple[LocalTier, list[Key]]] = []
         asked: list[Any] = []
-        servers = self._pin_servers()
-        below = bool(servers) or any(isinstance(t, DiskTier) for t in self._tiers)
+        safe: set[Key] = set()  # chunks a tier below DRAM holds pinned
+        again = self._pins.has(prefix)  # then a failure leaves the servers' pins alone
         try:
-            for tier in self._local_tiers():
-                if isinstance(tier, DramTier) and below:
-                    held.append((tier, self._hold_head(tier, prefix)))
+            for server in self._pin_servers():
+                safe.update(server.pin(prefix))
+                asked += [] if again else [server]
+            for tier in reversed(self._local_tiers()):  # disk first
+                if isinstance(tier, DiskTier):
+                    held.append((tier, self._hold_all(tier, prefix)))
+                    safe.update(k for k in prefix if tier.contains_prefix([k]))
                     continue
-                got = tier.hold(prefix, self._pin_bound(tier))
-                if got is None:
-                    raise self._refused(tier, prefix)
-                held.append((tier, got))
-            for server in servers:
-                server.pin(prefix)
-                asked.append(server)
+                held.append((tier, self._hold_all(tier, [k for k in prefix if k not in safe])))
+                held.append((tier, self._hold_head(tier, [k for k in prefix if k in safe])))
             self._pins.add(prefix)
         except BaseException:
             for server in asked:
@@ -203,10 +207,18 @@ class Pinning:
                 tier.unhold(keys)
             raise
 
-    def _hold_head(self, tier: LocalTier, prefix: tuple[Key, ...]) -> list[Key]:
-        """Hold the leading chunks of `prefix` that fit the tier's bound; those newly held."""
+    def _hold_all(self, tier: LocalTier, keys: Sequence[Key]) -> list[Key]:
+        """Hold every chunk of `keys` the tier has; those newly held. PinRefused (none
+        held) past the tier's bound."""
+        got = tier.hold(keys, self._pin_bound(tier))
+        if got is None:
+            raise self._refused(tier, keys)
+        return got
+
+    def _hold_head(self, tier: LocalTier, keys: Sequence[Key]) -> list[Key]:
+        """Hold the leading chunks of `keys` that fit the tier's bound; those newly held."""
         held: list[Key] = []
-        for key in prefix:
+        for key in keys:
             got = tier.hold([key], self._pin_bound(tier))
             if got is None:
                 break
@@ -229,7 +241,7 @@ class Pinning:
     def _pin_bound(self, tier: LocalTier) -> int:
         return int(self.config.pin_fraction * tier.capacity_bytes)
 
-    def _refused(self, tier: LocalTier, prefix: Iterable[Key]) -> PinRefused:
+    def _refused(self, tier: LocalTier, keys: Sequence[Key]) -> PinRefused:
         stats = tier.stats()
         fraction = self.config.pin_fraction
         fix = (
@@ -239,7 +251,7 @@ class Pinning:
         if not fraction:
             return PinRefused(f"pinning is off (pin_fraction=0); to pin, {fix}")
         return PinRefused(
-            f"pin refused: {len(list(prefix))} chunks would take the {tier.name} tier's pinned "
+            f"pin refused: {len(keys)} chunks would take the {tier.name} tier's pinned "
             f"bytes past its bound of {self._pin_bound(tier)} (pin_fraction={fraction} of "
             f"{tier.capacity_bytes} bytes; {stats.pinned_bytes} bytes in "
             f"{stats.pinned_chunks} chunks pinned now); {fix}"

@@ -100,3 +100,42 @@ def test_pins_reach_every_server_of_a_pool(tmp_path: Path) -> None:
         for server, store in zip(servers, stores, strict=True):
             server.stop()
             store.close()
+
+
+def test_chunks_no_server_holds_must_fit_the_client_dram(tmp_path: Path) -> None:
+    """A prefix the server could not store (its DRAM is all pinned) lives only in the
+    client's DRAM: pinning it there must hold all of it, or be refused; held, it outlives any
+    amount of other saves."""
+    server_store = kvtier.Store(
+        kvtier.StoreConfig(dram_bytes=4 * 4096, disk_dir=None, disk_bytes=None, pin_fraction=1.0)
+    )
+    server = ServerThread(server_store)
+    try:
+        with remote_only(tmp_path, server.url, "a") as a:
+            filler = a.bind("m", LAYOUT)
+            tokens = [7] * (4 * CHUNK)
+            filler.save(tokens, make_kv(len(tokens)))
+            a.flush()
+            assert filler.pin(tokens) == len(tokens)  # the server's DRAM is all pinned now
+        for fraction, refused in ((0.5, True), (1.0, False)):
+            config = client_config(
+                tmp_path, server.url, f"b{fraction}", dram_bytes=4 * 4096, disk_dir=None,
+                disk_bytes=None, pin_fraction=fraction,
+            )  # fmt: skip
+            with kvtier.Store(config) as b:
+                cache = b.bind("m", LAYOUT)
+                cache.save(DOC, make_kv(len(DOC)))
+                b.flush()
+                assert (
+                    b.stats().dropped_chunks == 0 and server_store.stats().tier("dram").chunks == 4
+                )
+                if refused:
+                    with pytest.raises(kvtier.PinRefused, match="dram"):
+                        cache.pin(DOC)
+                    continue
+                assert cache.pin(DOC) == len(DOC)
+                churn(cache, 10, seed=1000)
+                assert cache.lookup(DOC) == len(DOC)
+    finally:
+        server.stop()
+        server_store.close()

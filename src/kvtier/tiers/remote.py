@@ -270,15 +270,15 @@ class RemoteTier:
     def touch(self, keys: Sequence[Key]) -> None:
         """Servers keep their own LRU, refreshed by every GET; nothing to send."""
 
-    def pin(self, keys: Sequence[Key]) -> int:
+    def pin(self, keys: Sequence[Key]) -> list[Key]:
         """PIN on each server the keys it owns (it pins its stored leading run of them); the
-        chunks pinned. Raises PinRefused when a server refuses (those that had pinned are sent
+        keys pinned. Raises PinRefused when a server refuses (those that had pinned are sent
         UNPIN), KvtierError when one cannot be asked."""
         done: list[tuple[ServerLink, list[Key]]] = []
-        pinned = 0
+        pinned: list[Key] = []
         try:
             for link, keys_of in self._by_server(keys):
-                pinned += self._pin_call(link, Op.PIN, keys_of)
+                pinned += keys_of[: self._pin_call(link, Op.PIN, keys_of)]
                 done.append((link, keys_of))
         except BaseException:
             for link, keys_of in done:
