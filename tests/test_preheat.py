@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import kvtier
+from kvtier.bench.remote_io import ServeProcess
 from kvtier.cli import main
 from kvtier.demo import build_model
 from kvtier.integrations.transformers import kv_layout
@@ -104,3 +105,21 @@ def test_a_refused_pin_names_the_prompt(tmp_path: Path, capsys: pytest.CaptureFi
     assert preheat(tmp_path, file, "--pin-fraction", "0") == 1
     err = capsys.readouterr().err
     assert f"{file}:1:" in err and "pin_fraction" in err
+
+
+def test_preheat_a_running_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --remote (and no disk tier of its own) the prompts are stored and pinned on the
+    server, which a client of it then finds."""
+    file = tmp_path / "p.txt"
+    file.write_text(DOCS[2])
+    args = ["--dram", "16MiB", "--disk-dir", str(tmp_path / "srv"), "--disk", "64MiB"]
+    with ServeProcess(*args) as server:
+        code = main(["preheat", str(file), *TINY, "--remote", server.url, "--json"])
+        assert code == 0
+        result = json.loads(capsys.readouterr().out)
+        config = kvtier.StoreConfig(chunk_tokens=CHUNK, dram_bytes=None, remote=server.url)
+        with kvtier.Store(config) as store:
+            tokens = [b + BYTE_OFFSET for b in DOCS[2].encode()]
+            full = len(tokens) // CHUNK * CHUNK
+            assert store.bind(result["model_id"], layout()).lookup(tokens) == full
+            assert store.stats().tier("remote").pinned_chunks >= full // CHUNK
