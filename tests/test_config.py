@@ -171,3 +171,14 @@ def test_dram_shm_without_room_is_a_clear_error() -> None:
         pytest.skip("/dev/shm has as much room as this machine has memory")
     with pytest.raises(kvtier.ConfigError, match=r"dram_shm: dram_bytes .* more than the"):
         kvtier.StoreConfig(dram_bytes=free + (1 << 20), dram_shm=shm)
+
+
+def test_pin_fraction() -> None:
+    """pin_fraction is a share from 0 to 1, also from KVTIER_PIN_FRACTION (off: 0); anything
+    else is a ConfigError naming the field and the range."""
+    assert kvtier.StoreConfig().pin_fraction == 0.5
+    assert kvtier.StoreConfig.from_env({"KVTIER_PIN_FRACTION": "0.25"}).pin_fraction == 0.25
+    assert kvtier.StoreConfig.from_env({"KVTIER_PIN_FRACTION": "off"}).pin_fraction == 0.0
+    for bad in (1.5, -0.1, "half", True):
+        with pytest.raises(kvtier.ConfigError, match="pin_fraction: expected a number from 0 to 1"):
+            kvtier.StoreConfig(pin_fraction=bad)  # type: ignore[arg-type]

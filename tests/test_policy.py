@@ -79,3 +79,56 @@ def test_against_model(ops: list[tuple[str, int]]) -> None:
         expected = next((x for x in order if not pins.get(x)), None)
         assert lru.victim() == expected
         assert len(lru) == len(order)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "touch", "pin", "unpin", "remove", "hold", "unhold"]),
+            st.integers(0, 5),
+        )
+    )
+)
+def test_holds_against_model(ops: list[tuple[str, int]]) -> None:
+    """User holds and reader pins are independent: the victim is the oldest key with neither
+    (unholding makes a key the newest), a reader's unpin never drops a hold, and held bytes
+    stay within the bound given to `hold` (3 bytes a key, bound 9)."""
+    lru = LRUPolicy()
+    order: list[bytes] = []
+    pins: dict[bytes, int] = {}
+    held: set[bytes] = set()
+    for op, i in ops:
+        key = k(i)
+        if op in ("add", "touch") and (op == "add" or key in order):
+            if key in order:
+                order.remove(key)
+            order.append(key)
+            lru.add(key) if op == "add" else lru.touch([key])
+        elif op == "pin":
+            pins[key] = pins.get(key, 0) + 1
+            lru.pin(key)
+        elif op == "unpin" and pins.get(key):
+            pins[key] -= 1
+            lru.unpin(key)
+        elif op == "remove":
+            if key in order:
+                order.remove(key)
+            held.discard(key)
+            lru.remove(key)
+        elif op == "hold":
+            fits = key not in order or key in held or 3 * (len(held) + 1) <= 9
+            got = lru.hold({key: 3}, 9)
+            assert (got is not None) == fits
+            if got:
+                held.add(key)
+        elif op == "unhold" and key in held:
+            held.discard(key)
+            order.remove(key)
+            order.append(key)
+            assert lru.unhold([key]) == [key]
+        assert {x for x in order if lru.held(x)} == held
+        assert lru.held_bytes == 3 * len(held) <= 9
+        expected = next((x for x in order if not pins.get(x) and x not in held), None)
+        assert lru.victim() == expected
+        assert len(lru) == len(order)

@@ -8,6 +8,7 @@ from kvtier.errors import (
     ChunkMissing,
     ConfigError,
     KvtierError,
+    PinRefused,
     ProtocolError,
     TLSError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "KVLayout",
     "KvtierError",
     "Located",
+    "PinRefused",
     "ProtocolError",
     "Store",
     "StoreConfig",

@@ -8,6 +8,7 @@ import numpy as np
 
 from kvtier.chunkstore import ChunkStore, Located
 from kvtier.errors import ChunkMissing, ConfigError
+from kvtier.expiry import expiry_ns
 from kvtier.keys import Key, Salt, TokensLike, chain_keys, root_key
 from kvtier.layout import Array, KVLayout, chunk_views, rows_contiguous
 
@@ -23,15 +24,22 @@ class BoundCache:
         layout: KVLayout,
         salt: Salt | None,
         chunk_tokens: int,
+        ttl_s: float | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise ConfigError(f"layout: expected a kvtier.KVLayout, got {type(layout).__name__}")
         if not isinstance(model_id, str) or not model_id:
             raise ConfigError(f"model_id: expected a non-empty string, got {model_id!r}")
+        number = isinstance(ttl_s, int | float) and not isinstance(ttl_s, bool)
+        if ttl_s is not None and not (number and ttl_s > 0):
+            raise ConfigError(
+                f"ttl_s: expected a positive number of seconds or None, got {ttl_s!r}"
+            )
         self.store = store
         self.model_id = model_id
         self.layout = layout
         self.salt = salt
+        self.ttl_s = None if ttl_s is None else float(ttl_s)
         self.chunk_tokens = chunk_tokens
         self.chunk_bytes = layout.chunk_bytes(self.chunk_tokens)
         self._root = root_key(model_id, layout.fingerprint, self.chunk_tokens, salt)
@@ -87,11 +95,31 @@ class BoundCache:
         if not rows_contiguous(arr):
             arr = np.ascontiguousarray(arr)
         keys = self.keys(tokens)
+        expires = self.expiry_ns()
         # Tail first: when the prefix does not fit, making room evicts its own tail, not its head.
         for i in reversed(range(len(keys))):
             start = i * self.chunk_tokens
-            self.store.write_chunk(keys[i], chunk_views(arr, start, start + self.chunk_tokens))
+            views = chunk_views(arr, start, start + self.chunk_tokens)
+            self.store.write_chunk(keys[i], views, expires)
         self.store.touch(keys)
+
+    def expiry_ns(self) -> int:
+        """When a chunk this cache saves now expires (wall clock ns; 0: no TTL)."""
+        return expiry_ns(self.ttl_s)
+
+    def pin(self, tokens: TokensLike) -> int:
+        """Keep the stored prefix of `tokens` from eviction and from expiry, in every tier
+        that holds it (and across restarts, with a disk tier or a kvtier server); returns its
+        length in tokens (0 when nothing of it is stored; chunks saved later are not pinned
+        by this call). Pinning a prefix again changes nothing. Raises PinRefused, pinning
+        nothing, when a tier's pinned bytes would pass `pin_fraction` of it."""
+        return self.store.pin_keys(self.keys(tokens)) * self.chunk_tokens
+
+    def unpin(self, tokens: TokensLike) -> int:
+        """Remove the pins made on `tokens` or on any prefix of them; their chunks are
+        evictable (and expire) again unless another pin covers them. Returns the longest
+        prefix unpinned, in tokens (0 when none was pinned)."""
+        return self.store.unpin_keys(self.keys(tokens)) * self.chunk_tokens
 
     def prefetch(self, tokens: TokensLike) -> None:
         """Hint: start promoting the stored prefix of `tokens` towards DRAM."""

@@ -35,12 +35,21 @@ class ChunkStore(Protocol):
         """Copy each chunk into its views; the serving tier's name per chunk, or None."""
         ...
 
-    def write_chunk(self, key: Key, src: Views) -> None:
-        """Copy a chunk out of `src` now; lower tiers are written in the background."""
+    def write_chunk(self, key: Key, src: Views, expires_ns: int = 0) -> None:
+        """Copy a chunk out of `src` now; lower tiers are written in the background. A chunk
+        with `expires_ns` (wall clock, 0: never) is a miss from then on."""
         ...
 
     def touch(self, keys: Sequence[Key]) -> None:
         """Mark a request's keys used so its tail is evicted before its head."""
+        ...
+
+    def pin_keys(self, keys: Sequence[Key]) -> int:
+        """Pin the stored leading chunks of `keys` in every tier; how many were pinned."""
+        ...
+
+    def unpin_keys(self, keys: Sequence[Key]) -> int:
+        """Remove pins on `keys` and their prefixes; the longest run unpinned, in chunks."""
         ...
 
     def prefetch_keys(self, keys: Sequence[Key], nbytes: int) -> None:

@@ -134,6 +134,9 @@ class StoreConfig:
 
     `remote_ca`: a PEM file of the CA certificate(s) that signed the cache servers'
     certificates, for `remote="kvtiers://..."`; None trusts the system's default CAs.
+
+    `pin_fraction`: at most this fraction of each local tier's capacity may hold pinned chunks
+    (`BoundCache.pin`); a pin beyond it is refused with `PinRefused`. 0 switches pinning off.
     """
 
     chunk_tokens: int = 256
@@ -146,6 +149,7 @@ class StoreConfig:
     dram_shm: str | Path | None = None
     disk_admit_after: int = 1
     remote_ca: str | Path | None = None
+    pin_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
@@ -177,6 +181,7 @@ class StoreConfig:
             object.__setattr__(self, "dram_bytes", dram)
         self._check_disk()
         self._check_shm()
+        self._check_pin_fraction()
         if self.remote is not None:
             parse_remote(self.remote)
         self._check_ca()
@@ -237,6 +242,20 @@ class StoreConfig:
             )
         object.__setattr__(self, "remote_ca", path)
 
+    def _check_pin_fraction(self) -> None:
+        value: object = 0.0 if self.pin_fraction is None else self.pin_fraction  # env "off"
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = -1.0
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ConfigError(
+                f"pin_fraction: expected a number from 0 to 1 (the share of each tier pinned "
+                f"chunks may take), got {self.pin_fraction!r}"
+            )
+        object.__setattr__(self, "pin_fraction", float(value))
+
     @property
     def remote_url(self) -> RemoteURL | None:
         return None if self.remote is None else parse_remote(self.remote)
@@ -273,6 +292,7 @@ _ENV_FIELDS = {
     "dram_shm": "KVTIER_DRAM_SHM",
     "disk_admit_after": "KVTIER_DISK_ADMIT_AFTER",
     "remote_ca": "KVTIER_REMOTE_CA",
+    "pin_fraction": "KVTIER_PIN_FRACTION",
 }
 
 

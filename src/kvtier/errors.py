@@ -42,3 +42,8 @@ class TLSError(KvtierError):
 
 class StoreClosed(KvtierError):
     """The store was used after `close()`."""
+
+
+class PinRefused(KvtierError):
+    """A pin would take a tier's pinned bytes past its bound (`StoreConfig.pin_fraction`);
+    nothing was pinned. Unpin something, or raise the bound."""

@@ -28,6 +28,10 @@ whose payload is a UTF-8 message):
     LOCATE         keys                                   reply: u8 tier per leading key
                                                                  present (1 dram, 2 disk,
                                                                  3 remote): as many as found
+    PIN            keys (a prefix)                        reply: u32 keys pinned (its stored
+                                                                 leading run); refused: 0,
+                                                                 then the reason (UTF-8)
+    UNPIN          keys                                   reply: u32 longest prefix unpinned
 
 MAP, GET_LOCAL and RELEASE are the same-host fast path: a server whose DRAM tier lives in a
 shared file (`dram_shm`) tells a client where it is (MAP; UNSUPPORTED otherwise), GET_LOCAL
@@ -83,6 +87,8 @@ class Op(IntEnum):
     PUT_LOCAL = 11
     COMMIT = 12
     LOCATE = 13
+    PIN = 14
+    UNPIN = 15
 
 
 class Status(IntEnum):
@@ -184,6 +190,8 @@ def check_request(header: Header, limits: Limits) -> Op:
         Op.PUT_LOCAL: (n > 0 and payload == n * SIZE.size),
         Op.COMMIT: (n > 0 and payload == 0),
         Op.LOCATE: (payload == 0),
+        Op.PIN: (n > 0 and payload == 0),
+        Op.UNPIN: (n > 0 and payload == 0),
         Op.EXISTS_PREFIX: (payload == 0),
         Op.DELETE: (payload == 0),
         Op.GET: (n > 0 and payload == n * SIZE.size),

@@ -9,6 +9,10 @@ waits while every slot is still being written. A store whose one tier is a same-
 that takes writes into its shared DRAM file saves straight there, in the caller's thread.
 With `disk_admit_after` > 1 a save reaches the disk only once its chunk is admitted (see
 admission.py); the DRAM hit that admits a chunk writes its DRAM copy to disk.
+
+User pins (`pin_keys`, `pins.py`) and TTLs (`write_chunk(expires_ns=...)`, `expiry.py`) are
+kept by the local tiers; a chunk promoted or written down keeps its expiry and, while pinned,
+is held in its new tier too.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from kvtier.admission import disk_admission
 from kvtier.cache import BoundCache
 from kvtier.chunkstore import Located
 from kvtier.config import StoreConfig
-from kvtier.errors import KvtierError, StoreClosed
+from kvtier.errors import ConfigError, KvtierError, StoreClosed
 from kvtier.inplace import InPlace
 from kvtier.jobs import Jobs
 from kvtier.keys import Key, Salt
 from kvtier.layout import KVLayout
+from kvtier.pins import Pinning
 from kvtier.pool import SharedFile, StagingPool
 from kvtier.quota import NO_QUOTA, Ledger, Quotas, Usage
 from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
@@ -72,9 +77,10 @@ class Acquired(NamedTuple):
     tier: str
 
 
-class Store(InPlace):
+class Store(InPlace, Pinning):
     """Tiered chunk store; thread-safe. Use `bind()` to get a per-model cache. Lending its
-    memory in place (`writing`, `reading`, `reserve_chunk`...) is in `inplace.py`."""
+    memory in place (`writing`, `reading`, `reserve_chunk`...) is in `inplace.py`, user pins
+    (`pin_keys`, `unpin_keys`) in `pins.py`."""
 
     def __init__(self, config: StoreConfig | None = None, quotas: Quotas | None = None) -> None:
         """`quotas`: bytes per key namespace in the DRAM and disk tiers, for a store whose
@@ -112,11 +118,28 @@ class Store(InPlace):
         self._disk_written = 0
         self._calls = 0  # calls using the tiers now; close() waits for them
         self._closed = False
+        try:
+            self._open_pins(next((t for t in lower if isinstance(t, DiskTier)), None))
+        except BaseException:
+            self.close()
+            raise
 
-    def bind(self, model_id: str, layout: KVLayout, salt: Salt | None = None) -> BoundCache:
+    def bind(
+        self,
+        model_id: str,
+        layout: KVLayout,
+        salt: Salt | None = None,
+        ttl_s: float | None = None,
+    ) -> BoundCache:
         """A cache for one model (and tenant salt: str or bytes, a str standing for its UTF-8
-        bytes) over this store's tiers."""
-        cache = BoundCache(self, model_id, layout, salt, self.config.chunk_tokens)
+        bytes) over this store's tiers. `ttl_s`: chunks it saves expire that many seconds
+        after they were saved (local tiers only)."""
+        if ttl_s is not None and self.config.remote is not None:
+            raise ConfigError(
+                "ttl_s: TTLs are kept by DRAM and disk only; this store's remote tier would "
+                "keep the chunks past it. Bind without ttl_s, or use a store without remote="
+            )
+        cache = BoundCache(self, model_id, layout, salt, self.config.chunk_tokens, ttl_s)
         check_chunk_fits(cache.chunk_bytes, cache.chunk_tokens, self._tiers)
         if self._staging is not None:
             with self._cond:
@@ -225,17 +248,18 @@ class Store(InPlace):
         assert self._dram is not None
         return self._dram.offset_of(view)
 
-    def write_chunk(self, key: Key, src: Views) -> None:
+    def write_chunk(self, key: Key, src: Views, expires_ns: int = 0) -> None:
         """Copy a chunk out of `src` now; write it to the lower tiers in the background.
+        `expires_ns`: when it expires (wall clock, `kvtier.expiry.expiry_ns`); 0 never.
         Raises StoreClosed once close() has begun; a call already under way completes."""
         self._enter()
         saved = False
         try:
-            saved = self._write_chunk(key, src)
+            saved = self._write_chunk(key, src, expires_ns)
         finally:
             self._leave(saved)
 
-    def _write_chunk(self, key: Key, src: Views) -> bool:
+    def _write_chunk(self, key: Key, src: Views, expires_ns: int = 0) -> bool:
         """Whether the chunk was taken (False: already held, or no room for it)."""
         if self._holds(key):
             return False
@@ -247,17 +271,20 @@ class Store(InPlace):
                 self._dropped += 1
             return False
         copy_views(src, [slot])
-        self._publish(key, slot, release)
+        self._publish(key, slot, release, expires_ns)
         return True
 
-    def _publish(self, key: Key, slot: memoryview, release: Callable[[], None]) -> None:
+    def _publish(
+        self, key: Key, slot: memoryview, release: Callable[[], None], expires_ns: int = 0
+    ) -> None:
         """A filled slot becomes the chunk; its lower-tier writes start in the background
         (to disk only if admitted)."""
         tiers = self._lower if self._admission.on_save(key) else self._off_disk
         if self._dram is not None:
-            self._dram.commit(key, keep_pin=bool(tiers))
+            self._dram.commit(key, keep_pin=bool(tiers), expires_ns=expires_ns)
+            self._hold_if_pinned(self._dram, key)
         if tiers:
-            self._write_behind(key, slot, release, tiers)
+            self._write_behind(key, slot, release, tiers, expires_ns)
         elif self._dram is None:
             release()  # a staging slot that no tier reads: the chunk was not admitted
 
@@ -320,6 +347,7 @@ class Store(InPlace):
         self._readers.shutdown(wait=True)
         for tier in self._tiers:
             tier.close()
+        self._pins.close()
         if self._staging is not None:
             self._staging.close()
 
@@ -438,7 +466,9 @@ class Store(InPlace):
         if not tier.get_into(key, [slot]):
             dram.abort(key)
             return None
-        dram.commit(key, keep_pin=True)
+        expires = tier.expires_ns(key) if isinstance(tier, DiskTier) else 0
+        dram.commit(key, keep_pin=True, expires_ns=expires)
+        self._hold_if_pinned(dram, key)
         if isinstance(tier, DiskTier):
             return slot  # already on the lowest local tier; nothing to write back
         lower = self._lower if self._admission.on_save(key) else self._off_disk
@@ -468,10 +498,16 @@ class Store(InPlace):
             return
         view = None if disk.contains_prefix([key]) else dram.acquire(key, count=False)
         if view is not None:
-            self._write_behind(key, view, functools.partial(dram.release, key), (disk,))
+            release = functools.partial(dram.release, key)
+            self._write_behind(key, view, release, (disk,), dram.expires_ns(key))
 
     def _write_behind(
-        self, key: Key, slot: memoryview, release: Callable[[], None], tiers: Sequence[Tier]
+        self,
+        key: Key,
+        slot: memoryview,
+        release: Callable[[], None],
+        tiers: Sequence[Tier],
+        expires_ns: int = 0,
     ) -> None:
         """Write a pinned slot to `tiers` in the background, then unpin it; `delete_chunk`
         waits for a key's pending writes so a deleted chunk never reappears."""
@@ -489,9 +525,13 @@ class Store(InPlace):
         def write() -> None:
             try:
                 for tier in tiers:
-                    if tier.put(key, [slot]) and tier is self._disk:
-                        with self._cond:
-                            self._disk_written += slot.nbytes
+                    if isinstance(tier, DiskTier):
+                        if tier.put(key, [slot], expires_ns):
+                            self._hold_if_pinned(tier, key)  # pinned chunks are held wherever
+                            with self._cond:
+                                self._disk_written += slot.nbytes
+                    else:
+                        tier.put(key, [slot])
             finally:
                 done()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +205,20 @@ def test_refuses_batch(model: Any, store: kvtier.Store) -> None:
     """A batch of more than one sequence is refused, not served wrong."""
     with pytest.raises(ValueError, match="batch size 2"):
         CachedModel(model, store).generate(torch.ones(2, 8, dtype=torch.long), max_new_tokens=1)
+
+
+def test_ttl_applies_to_what_generate_saves(tmp_path: Path) -> None:
+    """With `ttl_s`, the KV that generate() saves in the background expires like a
+    BoundCache save: a hit before its time, a miss (recomputed) after it."""
+    model = tiny("llama")
+    with open_store(tmp_path) as store:
+        cm = CachedModel(model, store, model_id="m", ttl_s=0.3)
+        prompt = user_turn(0, 40)
+        cm.generate(prompt, max_new_tokens=2, **GREEDY)
+        cm.flush()
+        assert cm.cache.lookup(prompt[0].tolist()) == 32
+        time.sleep(0.5)
+        cm.generate(prompt, max_new_tokens=2, **GREEDY)
+        assert cm.last_request is not None and cm.last_request.hit_tokens == 0
+        assert store.stats().tier("dram").expired > 0
+        cm.close()

@@ -92,10 +92,11 @@ class ChunkSaver:
         c = self.cache.chunk_tokens
         keys = self.cache.keys(tokens[: (len(tokens) - 1) // c * c])  # rows held: len - 1
         store, buf = self.cache.store, self._buf
+        expires = self.cache.expiry_ns()  # the bound cache's TTL, from now
         for i in reversed(range(first_chunk, len(keys))):  # tail first, as BoundCache.save
             lo, hi = i * c, (i + 1) * c
             for layer, (k, v) in enumerate(layers):
                 buf[layer, 0].copy_(k[0, :, lo:hi].transpose(0, 1))  # (C, H, D)
                 buf[layer, 1].copy_(v[0, :, lo:hi].transpose(0, 1))
-            store.write_chunk(keys[i], [self._view])
+            store.write_chunk(keys[i], [self._view], expires)
         store.touch(keys)

@@ -126,12 +126,16 @@ class CachedModel:
         salt: Salt | None = None,
         model_id: str | None = None,
         save: bool = True,
+        ttl_s: float | None = None,
     ) -> None:
+        """`ttl_s`: the KV it saves expires that many seconds after it was saved
+        (`Store.bind`)."""
         check_supported(model)
         self.model = model
         self.store = store
         self.layout = kv_layout(model)
-        self.cache = store.bind(model_id or default_model_id(model.config), self.layout, salt)
+        model_id = model_id or default_model_id(model.config)
+        self.cache = store.bind(model_id, self.layout, salt, ttl_s)
         self.save = save
         self.last_request: RequestStats | None = None
         self._staging = HostStaging(self.layout, model.dtype)

@@ -213,7 +213,10 @@ class Connection(asyncio.BufferedProtocol):
         self.server.counters[f"requests_{op.name.lower()}"] += 1
         self._started = time.perf_counter()
         wait_s = self._hello_wait_s() if op is Op.HELLO else 0.0
-        if op in (Op.GET, Op.GET_LOCAL, Op.PUT, Op.PUT_LOCAL, Op.DELETE) or wait_s > 0:
+        if (
+            op in (Op.GET, Op.GET_LOCAL, Op.PUT, Op.PUT_LOCAL, Op.DELETE, Op.PIN, Op.UNPIN)
+            or wait_s
+        ):
             self._busy = True
             self._transport.pause_reading()
             run = self._run_async(op, header, body, wait_s)
@@ -306,6 +309,8 @@ class Connection(asyncio.BufferedProtocol):
         elif op is Op.PUT:
             data = _put_views(tail, n, self.server.limits)
             self._reply(op, rid, [await run(ex, self.server.put, keys, data)])
+        elif op in (Op.PIN, Op.UNPIN):  # a pin waits for the keys' writes and an fsync
+            self._reply(op, rid, [await run(ex, self.server.pin, keys, op is Op.PIN)])
         else:
             deleted = await run(ex, self.server.delete, keys)
             self._reply(op, rid, [COUNT.pack(deleted)])

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--disk-admit-after", type=int, default=env_default("KVTIER_DISK_ADMIT_AFTER", "1"),
         help="write a chunk to disk once it has been used this many times (saved or hit); "
         "2 keeps chunks used only once off the disk")  # fmt: skip
+    arg("--pin-fraction", default=env_default("KVTIER_PIN_FRACTION", "0.5"),
+        help="share of each tier that chunks clients pin may take; 0: refuse pins")  # fmt: skip
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant token'")
     arg("--quota-file", default=env_default("KVTIER_QUOTA_FILE"),
         help="lines 'tenant dram disk': each tenant's bytes in the DRAM and disk tiers (sizes, "
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             disk_bytes=args.disk,
             dram_shm=args.dram_shm or None,
             disk_admit_after=args.disk_admit_after,
+            pin_fraction=args.pin_fraction,
         )
         store = Store(config, _quotas(args, auth, config))
     except ConfigError as exc:

@@ -21,8 +21,9 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from kvtier.errors import PinRefused
 from kvtier.keys import Key
-from kvtier.protocol import Limits
+from kvtier.protocol import COUNT, Limits
 from kvtier.server.admission import AuthThrottle, ServerPolicy
 from kvtier.server.auth import Auth
 from kvtier.server.budget import RecvBudget
@@ -225,6 +226,15 @@ class CacheServer:
 
     def delete(self, keys: list[Key]) -> int:
         return sum(self.store.delete_chunk(key) for key in keys)
+
+    def pin(self, keys: list[Key], pin: bool) -> bytes:
+        """A PIN (or UNPIN) reply: the count, or for a refused pin 0 and the reason."""
+        if not pin:
+            return COUNT.pack(self.store.unpin_keys(keys))
+        try:
+            return COUNT.pack(self.store.pin_keys(keys))
+        except PinRefused as exc:
+            return COUNT.pack(0) + str(exc).encode()
 
     def stats_json(self, tenant: str) -> bytes:
         """The store's and the server's counters, and the asking tenant's own share of the

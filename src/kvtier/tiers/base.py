@@ -31,6 +31,9 @@ class TierStats(NamedTuple):
     tier then evicts and retries."""
     effective_capacity_bytes: int = 0
     """What the tier may hold now: `capacity_bytes`, or less while its disk is full."""
+    pinned_bytes: int = 0  # chunks a user pinned (`BoundCache.pin`): never evicted
+    pinned_chunks: int = 0
+    expired: int = 0  # chunks reclaimed past their TTL (`Store.bind(..., ttl_s=...)`)
 
 
 class Tier(Protocol):
@@ -74,8 +77,17 @@ class Counters:
     evictions: int = 0
     errors: int = 0
     checksum_failures: int = 0
+    expired: int = 0
 
-    def snapshot(self, name: str, capacity_bytes: int, used_bytes: int, chunks: int) -> TierStats:
+    def snapshot(
+        self,
+        name: str,
+        capacity_bytes: int,
+        used_bytes: int,
+        chunks: int,
+        pinned_bytes: int = 0,
+        pinned_chunks: int = 0,
+    ) -> TierStats:
         """These counters with a tier's sizes, as an immutable TierStats."""
         return TierStats(
             name,
@@ -87,6 +99,9 @@ class Counters:
             self.evictions,
             self.errors,
             self.checksum_failures,
+            pinned_bytes=pinned_bytes,
+            pinned_chunks=pinned_chunks,
+            expired=self.expired,
             effective_capacity_bytes=capacity_bytes,
         )
 

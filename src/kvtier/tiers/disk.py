@@ -7,6 +7,13 @@ a miss, is counted and deleted. After a restart (clean or `kill -9`) the directo
 every published chunk again, in the LRU order its recency journal kept (`disk_recency.py`).
 A full file system or quota makes the tier evict its own oldest chunks and retry, and hold
 less until room returns (`disk_space.py`).
+
+A chunk saved with a TTL has its expiry time in its header (0: never; files from before TTLs
+have 0 there); one past its time is a miss and is deleted, unless a user pinned it (`hold`).
+So that a restart knows which chunks expire without reading every header, the expiry of each
+such chunk is also appended to the `expiry` journal before the chunk is published; on open,
+each journaled expiry is checked against its chunk's header (the truth) and the journal is
+compacted.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import numpy as np
 import xxhash
 
 from kvtier.errors import ConfigError
+from kvtier.expiry import Expiries, ExpiryLog, now_ns
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.policy import LRUPolicy
 from kvtier.quota import NO_QUOTA, Ledger, Usage
@@ -34,7 +42,8 @@ from kvtier.tiers.disk_recency import Rank, RecencyJournal
 from kvtier.tiers.disk_space import SpaceGuard, is_full
 
 MAGIC = b"KVTIERC1"
-HEADER = struct.Struct("<8sHH16sQQQ")  # magic, version, flags, key, payload bytes, checksum, ns
+HEADER = struct.Struct("<8sHH16sQQQ")  # magic, version, flags, key, payload bytes, checksum,
+# expiry (unix ns; 0: never)
 HEADER_BYTES = 4096  # payload starts page-aligned
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer addresses and lengths in whole pages
 VERSION = 1
@@ -47,6 +56,7 @@ class ChunkHeader(NamedTuple):
     key: Key
     payload_bytes: int
     checksum: int
+    expires_ns: int = 0
 
 
 def checksum(key: Key, views: Views) -> int:
@@ -60,10 +70,10 @@ def parse_header(buf: bytes | bytearray | memoryview) -> ChunkHeader | None:
     """The header of a chunk file, or None if it is not one of ours."""
     if len(buf) < HEADER.size:
         return None
-    magic, version, _flags, key, nbytes, digest, _ns = HEADER.unpack_from(buf)
+    magic, version, _flags, key, nbytes, digest, expires = HEADER.unpack_from(buf)
     if magic != MAGIC or version != VERSION:
         return None
-    return ChunkHeader(key, nbytes, digest)
+    return ChunkHeader(key, nbytes, digest, expires)
 
 
 class DiskTier:
@@ -91,6 +101,8 @@ class DiskTier:
         self._inflight: dict[Key, int] = {}
         self._lru = LRUPolicy()
         self._quota = quota  # counts chunks being written too (never their victims)
+        self._ttl = Expiries()
+        self._ttl_log: ExpiryLog | None = None
         self._used = 0
         self._count = Counters()
         self._direct = True  # O_DIRECT writes, until the file system refuses one
@@ -103,6 +115,7 @@ class DiskTier:
         self._loaded = False  # close() writes the journal only for a complete index
         try:
             self._load_index()
+            self._load_expiries()
             self._loaded = True
         except BaseException as exc:
             self.close()  # release the lock: a later open in this process must not be refused
@@ -116,16 +129,16 @@ class DiskTier:
 
     def contains_prefix(self, keys: Sequence[Key]) -> int:
         with self._lock:
-            n = 0
+            n, now = 0, now_ns()
             for key in keys:
-                if key not in self._sizes:
+                if key not in self._sizes or self._expire(key, now):
                     break
                 n += 1
             return n
 
     def get_into(self, key: Key, dst: Views) -> bool:
         with self._lock:
-            known = key in self._sizes
+            known = key in self._sizes and not self._expire(key, now_ns())
             self._count.misses += not known
         if not known:
             return False
@@ -137,17 +150,20 @@ class DiskTier:
                 self._count.misses += 1
         return ok
 
-    def put(self, key: Key, src: Views) -> bool:
-        """Store a chunk; on ENOSPC/EDQUOT evict older chunks and retry (a few times)."""
+    def put(self, key: Key, src: Views, expires_ns: int = 0) -> bool:
+        """Store a chunk; on ENOSPC/EDQUOT evict older chunks and retry (a few times).
+        `expires_ns`: when the chunk expires (wall clock, `kvtier.expiry`); 0 never."""
         size = HEADER_BYTES + total_bytes(src)
         for _ in range(1 + FULL_RETRIES):
             if not self._reserve(key, size):
                 return key in self._sizes
             error: OSError | None = UNFINISHED  # if _write raises: never published
             try:
-                error = self._write(key, src)
+                if expires_ns:
+                    self._log_expiry(key, expires_ns)
+                error = self._write(key, src, expires_ns)
             finally:
-                self._settle(key, size, error)
+                self._settle(key, size, error, expires_ns)
             if error is None:
                 return True
             if not is_full(error):
@@ -167,7 +183,12 @@ class DiskTier:
     def stats(self) -> TierStats:
         with self._lock:
             stats = self._count.snapshot(
-                self.name, self.capacity_bytes, self._used, len(self._sizes)
+                self.name,
+                self.capacity_bytes,
+                self._used,
+                len(self._sizes),
+                self._lru.held_bytes,
+                self._lru.held_count,
             )
             return stats._replace(
                 errors=stats.errors + self._journal.errors,
@@ -181,6 +202,8 @@ class DiskTier:
             return self._quota.usage()
 
     def close(self) -> None:
+        if self._ttl_log is not None:
+            self._ttl_log.close()
         if self._lockfile >= 0:
             if self._loaded:
                 self._journal.close()  # the exact LRU order, for the next open
@@ -197,6 +220,26 @@ class DiskTier:
         """Unpublish a chunk, then delete its file (a reader holding it open keeps its data)."""
         return self._forget(key, unlink=True)
 
+    def hold(self, keys: Sequence[Key], max_bytes: int) -> list[Key] | None:
+        """Pin (for a user) the chunks of `keys` held here against eviction and expiry, if the
+        pinned bytes stay within `max_bytes`; the keys newly pinned, or None (none pinned)."""
+        with self._lock:
+            sizes = {key: self._sizes[key] for key in keys if key in self._sizes}
+            return self._lru.hold(sizes, max_bytes)
+
+    def unhold(self, keys: Sequence[Key]) -> int:
+        """Make user-pinned chunks evictable again (deleting those past their TTL)."""
+        with self._lock:
+            freed = self._lru.unhold(keys)
+            now = now_ns()
+            for key in freed:
+                self._expire(key, now)
+            return len(freed)
+
+    def expires_ns(self, key: Key) -> int:
+        with self._lock:
+            return self._ttl.get(key)
+
     def chunk_bytes(self, key: Key) -> int | None:
         """Payload size of a stored chunk, or None."""
         with self._lock:
@@ -212,7 +255,7 @@ class DiskTier:
         with self._lock:
             assert self._used == sum(self._sizes.values()) + sum(self._inflight.values())
             assert self._used <= self.capacity_bytes
-            assert set(self._lru._order) == set(self._sizes)
+            assert set(self._lru.keys()) == set(self._sizes)
             self._quota.check({**self._sizes, **self._inflight})
             on_disk = {key for key, _ in _scan(self.root)}
             assert set(self._sizes) <= on_disk, "indexed chunk without a file"
@@ -224,10 +267,16 @@ class DiskTier:
         with self._lock:
             self._space.check(self._held_bytes())
             capacity = self._space.effective_bytes
+            now = now_ns()
+            if key in self._sizes:
+                self._expire(key, now)
             if key in self._sizes or key in self._inflight or size > capacity:
                 return False
-            if not self._quota.make_room(key, size, self._inflight.__contains__, self._evict):
+            if not self._quota.make_room(key, size, self._busy, self._evict):
                 return False  # its namespace's own chunks are all being written
+            if self._used + size > capacity:  # expired chunks go first
+                for due in self._ttl.due(now):
+                    self._expire(due, now)
             while self._used + size > capacity:
                 victim = self._lru.victim()
                 if victim is None:
@@ -238,17 +287,22 @@ class DiskTier:
             self._quota.add(key, size)
         return True
 
+    def _busy(self, key: Key) -> bool:
+        """Not a victim for the quota (lock held): being written, or pinned by a user."""
+        return key in self._inflight or self._lru.held(key)
+
     def _evict(self, victim: Key) -> None:
         """Drop a published chunk to make room (lock held)."""
         self._lru.remove(victim)
         self._quota.remove(victim)
+        self._ttl.discard(victim)
         self._used -= self._sizes.pop(victim)
         self._count.evictions += 1
         # Unlink under the lock: later, a new put of the same key could already have
         # published its file. A reader holding the old file keeps its inode.
         self._unlink(self.path(victim))
 
-    def _settle(self, key: Key, size: int, error: OSError | None) -> None:
+    def _settle(self, key: Key, size: int, error: OSError | None, expires_ns: int) -> None:
         """End a write: publish the chunk, or give its bytes back (and on a full file
         system, lower the capacity to what is held, so the retry evicts first)."""
         with self._lock:
@@ -256,6 +310,7 @@ class DiskTier:
             if error is None:
                 self._sizes[key] = size
                 self._lru.add(key)
+                self._ttl.set(key, expires_ns)
                 self._journal.note([key])
                 return
             self._used -= size
@@ -271,13 +326,14 @@ class DiskTier:
 
     def _lru_order(self) -> list[Key]:
         with self._lock:
-            return list(self._lru._order)
+            return list(self._lru.keys())
 
-    def _write(self, key: Key, src: Views) -> OSError | None:
+    def _write(self, key: Key, src: Views, expires_ns: int = 0) -> OSError | None:
         """Write and publish a chunk file; the error that stopped it, or None."""
         nbytes = total_bytes(src)
         header = self._header_buffer()
-        HEADER.pack_into(header, 0, MAGIC, VERSION, 0, key, nbytes, checksum(key, src), 0)
+        digest = checksum(key, src)
+        HEADER.pack_into(header, 0, MAGIC, VERSION, 0, key, nbytes, digest, expires_ns)
         final = self.path(key)
         tmp = self._tmp / f"{final.name}.{os.getpid()}.{threading.get_ident()}"
         try:
@@ -342,6 +398,10 @@ class DiskTier:
         if got != want or meta.checksum != checksum(key, dst):
             self._forget(key, unlink=True, corrupt=True)
             return False
+        if meta.expires_ns and meta.expires_ns <= now_ns():  # the header is the truth
+            with self._lock:
+                self._ttl.set(key, meta.expires_ns)
+                return not self._expire(key, now_ns())
         return True
 
     def _forget(self, key: Key, unlink: bool, corrupt: bool = False) -> bool:
@@ -352,6 +412,7 @@ class DiskTier:
                 self._used -= size
                 self._lru.remove(key)
                 self._quota.remove(key)
+                self._ttl.discard(key)
                 if unlink:  # under the lock, as in _reserve
                     self._unlink(self.path(key))
             if corrupt:
@@ -398,6 +459,44 @@ class DiskTier:
         for key in reversed(kept):  # least recently written first in LRU order
             self._lru.add(key)
             self._quota.add(key, self._sizes[key])
+
+    def _expire(self, key: Key, now: int) -> bool:
+        """Lock held: delete a published chunk past its TTL unless pinned; whether it was."""
+        if not self._ttl.expired(key, now) or self._lru.held(key) or key not in self._sizes:
+            return False
+        self._used -= self._sizes.pop(key)
+        self._lru.remove(key)
+        self._quota.remove(key)
+        self._ttl.discard(key)
+        self._count.expired += 1
+        self._unlink(self.path(key))
+        return True
+
+    def _log_expiry(self, key: Key, expires_ns: int) -> None:
+        """Journal a chunk's expiry before it is published (compacting now and then)."""
+        log = self._ttl_log
+        assert log is not None
+        if log.append(key, expires_ns, len(self._ttl)):
+            with self._lock:
+                kept = [*self._ttl.items(), (key, expires_ns)]
+            log.rewrite(kept)
+
+    def _load_expiries(self) -> None:
+        """Expiry times of the chunks that have one, from the journal, each checked against
+        its chunk's header; then the journal holds exactly those."""
+        log = self._ttl_log = ExpiryLog(self.root / "expiry")
+        for key, at in log.recorded().items():
+            if key in self._sizes and self._header_expiry(key) == at:
+                self._ttl.set(key, at)
+        log.rewrite(self._ttl.items())
+
+    def _header_expiry(self, key: Key) -> int | None:
+        try:
+            with open(self.path(key), "rb") as f:
+                meta = parse_header(f.read(HEADER.size))
+        except OSError:
+            return None
+        return None if meta is None or meta.key != key else meta.expires_ns
 
     @staticmethod
     def _unlink(path: Path) -> None:

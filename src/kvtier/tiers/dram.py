@@ -4,6 +4,10 @@ Pins count per key. A chunk deleted under a reader is doomed: invisible at once,
 key's last pin goes. Saving the key again meanwhile makes a new entry; the doomed one's extent
 waits in `_retired` until the key's last pin (of either) goes, so no reader ever sees its bytes
 change.
+
+User pins (`hold`) keep a chunk from eviction and from expiry; a chunk saved with a TTL
+(`commit(expires_ns=...)`) past its time is a miss, reclaimed when next asked for or when room
+is needed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvtier.expiry import Expiries, now_ns
 from kvtier.keys import Key
 from kvtier.policy import LRUPolicy
 from kvtier.pool import Extent, SlabPool, aligned
@@ -49,6 +54,7 @@ class DramTier:
         self._retired: dict[Key, list[Extent]] = {}  # doomed extents of re-saved keys, pinned
         self._lru = LRUPolicy()
         self._quota = quota
+        self._ttl = Expiries()
         self._count = Counters()
         self._closed = False
 
@@ -56,10 +62,9 @@ class DramTier:
 
     def contains_prefix(self, keys: Sequence[Key]) -> int:
         with self._lock:
-            n = 0
+            n, now = 0, now_ns()
             for key in keys:
-                entry = self._entries.get(key)
-                if entry is None or not entry.ready or entry.doomed:
+                if not self._live(key, self._entries.get(key), now):
                     break
                 n += 1
             return n
@@ -90,7 +95,12 @@ class DramTier:
     def stats(self) -> TierStats:
         with self._lock:
             return self._count.snapshot(
-                self.name, self._pool.capacity_bytes, self._pool.used_bytes, len(self._entries)
+                self.name,
+                self._pool.capacity_bytes,
+                self._pool.used_bytes,
+                len(self._entries),
+                self._lru.held_bytes,
+                self._lru.held_count,
             )
 
     def usage(self) -> dict[str, Usage]:
@@ -115,13 +125,18 @@ class DramTier:
         """Whether the tier holds (or is being given) this chunk; a deleted one is not held."""
         with self._lock:
             entry = self._entries.get(key)  # type: ignore[call-overload]
-            return entry is not None and not entry.doomed
+            if entry is None or entry.doomed:
+                return False
+            return not entry.ready or self._live(key, entry, now_ns())  # type: ignore[arg-type]
 
     def reserve(self, key: Key, nbytes: int) -> memoryview | None:
         """A pinned, writable slot for a new chunk; None if the key exists or nothing can be
         evicted (every chunk pinned). Call `commit` or `abort` after filling it."""
         with self._lock:
             old = self._entries.get(key)
+            if old is not None and old.ready and not old.doomed:
+                self._live(key, old, now_ns())  # reclaimed if past its TTL
+                old = self._entries.get(key)
             if self._closed or (old is not None and not old.doomed):
                 return None
             if nbytes > self._pool.capacity_bytes:
@@ -139,10 +154,12 @@ class DramTier:
             self._lru.pin(key)
             return self._pool.slot(extent)[:nbytes]
 
-    def commit(self, key: Key, keep_pin: bool = False) -> None:
-        """Publish a reserved slot; with `keep_pin` the caller keeps its pin (release later)."""
+    def commit(self, key: Key, keep_pin: bool = False, expires_ns: int = 0) -> None:
+        """Publish a reserved slot; with `keep_pin` the caller keeps its pin (release later).
+        `expires_ns`: when the chunk expires (wall clock, `kvtier.expiry`); 0 never."""
         with self._lock:
             self._entries[key].ready = True
+            self._ttl.set(key, expires_ns)
             if not keep_pin:
                 self._unpin(key)
 
@@ -156,9 +173,10 @@ class DramTier:
         counts the hit or miss; `count_misses=False` leaves a miss to a later attempt."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or not entry.ready or entry.doomed:
+            if not self._live(key, entry, now_ns()):
                 self._count.misses += count and count_misses
                 return None
+            assert entry is not None
             self._count.hits += count
             self._lru.pin(key)
             return self._pool.slot(entry.extent)[: entry.nbytes]
@@ -183,6 +201,31 @@ class DramTier:
                 self._drop(key)
             return True
 
+    def hold(self, keys: Sequence[Key], max_bytes: int) -> list[Key] | None:
+        """Pin (for a user) the chunks of `keys` held here against eviction and expiry, if the
+        pinned bytes stay within `max_bytes`; the keys newly pinned, or None (none pinned)."""
+        with self._lock:
+            sizes = {}
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is not None and entry.ready and not entry.doomed:
+                    sizes[key] = entry.extent.nbytes
+            return self._lru.hold(sizes, max_bytes)
+
+    def unhold(self, keys: Sequence[Key]) -> int:
+        """Make user-pinned chunks evictable again (reclaiming those past their TTL); how
+        many were pinned."""
+        with self._lock:
+            freed = self._lru.unhold(keys)
+            now = now_ns()
+            for key in freed:
+                self._live(key, self._entries.get(key), now)
+            return len(freed)
+
+    def expires_ns(self, key: Key) -> int:
+        with self._lock:
+            return self._ttl.get(key)
+
     def check_integrity(self) -> None:
         with self._lock:
             self._pool.check_integrity()
@@ -199,6 +242,32 @@ class DramTier:
 
     # -- internals (lock held) -------------------------------------------------------------
 
+    def _live(self, key: Key, entry: _Entry | None, now: int) -> bool:
+        """Whether `entry` serves `key`: ready, not deleted, not past its TTL unless held. One
+        past its TTL is reclaimed here (freed now, or when its last reader lets go)."""
+        if entry is None or not entry.ready or entry.doomed:
+            return False
+        if self._ttl.expired(key, now) and not self._lru.held(key):
+            self._expire(key, entry)
+            return False
+        return True
+
+    def _expire(self, key: Key, entry: _Entry) -> None:
+        entry.doomed = True
+        self._count.expired += 1
+        if not self._lru.pinned(key):
+            self._drop(key)
+
+    def _reclaim_due(self) -> int:
+        """Reclaim every chunk past its TTL (held ones stay); how many."""
+        n = 0
+        for key in self._ttl.due(now_ns()):
+            entry = self._entries.get(key)
+            if entry is not None and not entry.doomed and not self._lru.held(key):
+                self._expire(key, entry)
+                n += 1
+        return n
+
     def _unpin(self, key: Key) -> None:
         if self._lru.unpin(key):
             return
@@ -210,14 +279,23 @@ class DramTier:
     def _alloc(self, key: Key, nbytes: int) -> Extent | None:
         """Room for a new chunk: its namespace's own chunks go first if it is at its quota,
         then the least recently used of all."""
-        if not self._quota.make_room(key, aligned(nbytes), self._lru.pinned, self._evict):
+        if not self._quota.make_room(key, aligned(nbytes), self._busy, self._evict):
             return None
+        swept = False
         while (extent := self._pool.alloc(nbytes)) is None:
+            if not swept:  # expired chunks go before any live one is evicted
+                swept = True
+                if self._reclaim_due():
+                    continue
             victim = self._lru.victim()
             if victim is None:
                 return None
             self._evict(victim)
         return extent
+
+    def _busy(self, key: Key) -> bool:
+        """Not a victim for the quota: being read, or pinned by a user."""
+        return self._lru.pinned(key) or self._lru.held(key)
 
     def _evict(self, key: Key) -> None:
         self._drop(key)
@@ -227,4 +305,5 @@ class DramTier:
         entry = self._entries.pop(key)
         self._lru.remove(key)
         self._quota.remove(key)
+        self._ttl.discard(key)
         self._pool.free(entry.extent)

@@ -25,6 +25,7 @@ into the mapping -> COMMIT; one that refuses PUT_LOCAL is sent plain PUTs from t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -34,7 +35,7 @@ from pathlib import Path
 import xxhash
 
 from kvtier.config import Endpoint, RemoteURL
-from kvtier.errors import AuthError, ProtocolError, TLSError
+from kvtier.errors import AuthError, KvtierError, PinRefused, ProtocolError, TLSError
 from kvtier.keys import Key
 from kvtier.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status, unpack_sizes
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
@@ -279,15 +280,36 @@ class RemoteTier:
     def touch(self, keys: Sequence[Key]) -> None:
         """Servers keep their own LRU, refreshed by every GET; nothing to send."""
 
+    def pin(self, keys: Sequence[Key]) -> list[Key]:
+        """PIN on each server the keys it owns (it pins its stored leading run of them); the
+        keys pinned. Raises PinRefused when a server refuses (those that had pinned are sent
+        UNPIN), KvtierError when one cannot be asked."""
+        done: list[tuple[ServerLink, list[Key]]] = []
+        pinned: list[Key] = []
+        try:
+            for link, keys_of in self._by_server(keys):
+                pinned += keys_of[: self._pin_call(link, Op.PIN, keys_of)]
+                done.append((link, keys_of))
+        except BaseException:
+            for link, keys_of in done:
+                with contextlib.suppress(KvtierError):  # unreachable now: pinned till unpinned
+                    self._pin_call(link, Op.UNPIN, keys_of)
+            raise
+        return pinned
+
+    def unpin(self, keys: Sequence[Key]) -> int:
+        """UNPIN on each server the keys it owns; the longest prefix a server unpinned."""
+        return max([0, *(self._pin_call(ln, Op.UNPIN, ks) for ln, ks in self._by_server(keys))])
+
     def stats(self) -> TierStats:
-        capacity = used = chunks = 0
+        fields = ("capacity_bytes", "bytes", "chunks", "pinned_bytes", "pinned_chunks")
+        sums = dict.fromkeys(fields, 0)
         for link in self._links:
             for tier in self._server_tiers(link):
-                capacity += int(tier.get("capacity_bytes", 0))
-                used += int(tier.get("bytes", 0))
-                chunks += int(tier.get("chunks", 0))
+                for field in fields:
+                    sums[field] += int(tier.get(field, 0))
         with self._lock:
-            return self._count.snapshot(self.name, capacity, used, chunks)
+            return self._count.snapshot(self.name, *sums.values())
 
     def close(self) -> None:
         for link in self._links:
@@ -348,6 +370,43 @@ class RemoteTier:
             if count < len(positions):
                 first_missing = min(first_missing, positions[count])
         return first_missing
+
+    def _by_server(self, keys: Sequence[Key]) -> list[tuple[ServerLink, list[Key]]]:
+        """The keys each server owns, in order, in batches of at most `max_keys`."""
+        groups: dict[int, list[Key]] = {}
+        for key in keys:
+            groups.setdefault(owner(self.url.endpoints, key), []).append(key)
+        step = LIMITS.max_keys
+        return [
+            (self._links[i], ks[at : at + step])
+            for i, ks in groups.items()
+            for at in range(0, len(ks), step)
+        ]
+
+    def _pin_call(self, link: ServerLink, op: Op, keys: list[Key]) -> int:
+        """One PIN or UNPIN; its count. Raises PinRefused for a refused pin, KvtierError
+        when the server cannot be asked (down, or from before pins)."""
+        try:
+            conn = link.take()
+        except Unavailable as exc:
+            raise KvtierError(f"cannot {op.name} on server {link.where}: {exc}; retry") from exc
+        try:
+            header = conn.waiting(self._transfer_s).call(op, keys, [])
+            reply = conn.recv_bytes(header.payload_bytes)
+            if len(reply) < COUNT.size:
+                raise ProtocolError(f"server {link.where} sent a garbled {op.name} reply")
+        except _FAILURES as exc:
+            link.broken(conn, exc)
+            self._counted(errors=1)
+            hint = (
+                "; upgrade it (pins need kvtier serve with PIN)" if isinstance(exc, Refused) else ""
+            )
+            raise KvtierError(f"{op.name} on server {link.where} failed: {exc}{hint}") from exc
+        link.give(conn)
+        if len(reply) > COUNT.size:
+            raise PinRefused(f"server {link.where}: {reply[COUNT.size :].decode(errors='replace')}")
+        count: int = COUNT.unpack_from(reply)[0]
+        return count
 
     def _server_tiers(self, link: ServerLink) -> list[dict[str, int]]:
         conn = self._take(link)
