@@ -34,10 +34,17 @@ def test_sigterm_persists_chunks_and_a_restart_serves_them(tmp_path: Path) -> No
         metrics = re.search(r"(http://\S+)/metrics", server.banner)
         assert metrics is not None
         with kvtier.Store(client_config(tmp_path, server.url, "a")) as a:
-            a.bind("m", LAYOUT).save(TOKENS, kv)
+            cache = a.bind("m", LAYOUT)
+            cache.save(TOKENS, kv)
+            a.flush()
+            assert cache.pin(TOKENS[:8]) == 8
         assert _get(metrics.group(1) + "/healthz") == "ok\n"
         text = _get(metrics.group(1) + "/metrics")
         assert 'kvtier_tier_chunks{tier="dram"} 8' in text
+        assert 'kvtier_tier_pinned_chunks{tier="disk"} 2' in text  # 8 tokens: 2 chunks of 4
+        assert 'kvtier_tier_expired_total{tier="dram"} 0' in text
+        assert 'kvtier_tier_effective_capacity_bytes{tier="disk"}' in text
+        assert "kvtier_admission_rejected_chunks_total 0" in text
         assert "kvtier_server_requests_put_total 8" in text
         server.stop()
         assert server.proc.returncode == 0

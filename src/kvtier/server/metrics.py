@@ -24,6 +24,11 @@ _TIER_FIELDS = {
     "evictions": (CounterMetricFamily, "chunks evicted from the tier"),
     "errors": (CounterMetricFamily, "I/O errors of the tier"),
     "checksum_failures": (CounterMetricFamily, "chunks that failed verification"),
+    "pinned_bytes": (GaugeMetricFamily, "bytes of chunks clients pinned"),
+    "pinned_chunks": (GaugeMetricFamily, "chunks clients pinned"),
+    "expired": (CounterMetricFamily, "chunks reclaimed past their TTL"),
+    "out_of_space": (CounterMetricFamily, "writes the file system refused for lack of room"),
+    "effective_capacity_bytes": (GaugeMetricFamily, "what the tier may hold now"),
 }
 
 
@@ -78,6 +83,16 @@ class _ServerCollector(Collector):
         )
         yield CounterMetricFamily(
             "kvtier_dropped_chunks", "chunks the store had no room for", value=stats.dropped_chunks
+        )
+        yield CounterMetricFamily(
+            "kvtier_admission_rejected_chunks",
+            "saves kept off the disk tier (not admitted)",
+            value=stats.admission_rejected,
+        )
+        yield CounterMetricFamily(
+            "kvtier_disk_written_bytes",
+            "bytes written to the disk tier",
+            value=stats.disk_written_bytes,
         )
         yield GaugeMetricFamily(
             "kvtier_pending_writes", "lower-tier writes queued", value=stats.pending_writes
