@@ -240,9 +240,14 @@ def table(result: dict[str, Any]) -> str:
         g = result["gateways"]
         lines += [
             "",
-            f"through {g['gateways']} gateway processes (HTTP, 60 s window, client's send "
-            f"times): admitted in any window / limit max {g['requests_max_over_limit']:.3f}, "
-            f"min {g['requests_min_over_limit']:.3f}; {g['admitted']} admitted, {g['refused']} "
+            f"through {g['gateways']} gateway processes (HTTP, 60 s window): admitted in any "
+            f"window / limit max {g['requests_max_over_limit']:.3f}, min "
+            f"{g['requests_min_over_limit']:.3f} on the limiter's clock "
+            f"({g['admissions_logged']} admissions read from Redis); on the client's send "
+            f"times max {g['client_clock_max_over_limit']:.3f}, min "
+            f"{g['client_clock_min_over_limit']:.3f}; an exact limiter with no delay on the same "
+            f"arrivals: min {g['exact_limiter_min_over_limit']:.3f}; {g['admitted']} admitted, "
+            f"{g['refused']} "
             f"429s ({g['refusals_with_headers_pct']:.1f}% with every header), "
             f"{g['other_status']} other",
         ]

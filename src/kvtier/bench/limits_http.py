@@ -2,24 +2,31 @@
 processes sharing one Redis, in front of one fast `kvtier worker-sim`.
 
 One tenant with `--rpm` requests per window; a client sends 3 x that, open loop (Poisson),
-spread round-robin over the gateways, for `--windows` windows. A 200 counts as admitted at
-the moment the client sent it (the client's clock: a window seen by Redis may differ by the
-requests' few milliseconds in flight). Every 429 is checked for `Retry-After` and the six
-`x-ratelimit-*` headers.
+spread round-robin over the gateways, for `--windows` windows. Every 429 is checked for
+`Retry-After` and the six `x-ratelimit-*` headers.
+
+Admissions are counted on two clocks. The limiter's: while the demand runs, the bench reads
+the tenant's admission log in Redis (each admission scored by Redis's time, kept for one
+window) every few seconds, so every admission is seen at the time the limiter admitted it.
+The client's: a 200 counts at the moment the client sent it, which adds each request's wait
+in its gateway (seconds, on a loaded machine) to the window it seems to fall in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import numpy as np
+import redis.asyncio as aioredis
 
 from kvtier.bench.limits_drive import window_extremes
 from kvtier.bench.remote_io import RedisProcess
@@ -65,16 +72,51 @@ def http_figures(gateways: int, rpm: int, windows: float) -> dict[str, Any]:
                                   str(Path(tmp) / "limits.toml")], "kvtier gateway:")  # fmt: skip
                 procs.append(gw)
                 urls.append(url)
-            sent = asyncio.run(_demand(urls, 3 * rpm / window_s, windows * window_s))
+            sent, logged = asyncio.run(
+                _observed(redis.url, urls, 3 * rpm / window_s, windows * window_s)
+            )
         finally:
             for proc in procs:
                 proc.terminate()
             for proc in procs:
                 proc.wait(30)
-    return _figures(sent, rpm, window_s, gateways)
+    return _figures(sent, logged, rpm, window_s, gateways)
 
 
 Sent = list[tuple[int, int, bool]]  # (sent at µs, status, every header there)
+POLL_S = 5.0  # well inside the window: every admission is still in the log when read
+
+
+async def _observed(
+    redis_url: str, urls: list[str], per_s: float, duration_s: float
+) -> tuple[Sent, dict[str, int]]:
+    """The demand's outcomes, and every admission the limiter logged: id -> Redis time (µs)."""
+    logged: dict[str, int] = {}
+    client = aioredis.from_url(redis_url)
+    stop = asyncio.Event()
+
+    async def read_logs() -> None:
+        async for name in client.scan_iter(count=1000):
+            if await client.type(name) == b"zset":
+                entries = await client.zrange(name, 0, -1, withscores=True)
+                for member, score in cast(list[tuple[bytes, float]], entries):
+                    logged[member.decode().rsplit(":", 1)[0]] = int(score)  # settles keep the id
+
+    async def poll() -> None:
+        while not stop.is_set():
+            await read_logs()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL_S)
+        await read_logs()
+
+    poller = asyncio.create_task(poll())
+    try:
+        sent = await _demand(urls, per_s, duration_s)
+    finally:
+        stop.set()
+        await poller
+        await client.aclose()
+    return sent, logged
 
 
 async def _demand(urls: list[str], per_s: float, duration_s: float) -> Sent:
@@ -105,15 +147,41 @@ async def _demand(urls: list[str], per_s: float, duration_s: float) -> Sent:
     return out
 
 
-def _figures(sent: Sent, rpm: int, window_s: float, gateways: int) -> dict[str, Any]:
+def _figures(
+    sent: Sent, logged: dict[str, int], rpm: int, window_s: float, gateways: int
+) -> dict[str, Any]:
     admitted = [(at, 1) for at, status, _ in sent if status == 200]
     refused = [ok for _, status, ok in sent if status == 429]
-    extremes = window_extremes(admitted, round(window_s * 1e6), False)
+    window_us = round(window_s * 1e6)
+    client = window_extremes(admitted, window_us, False)
+    limiter = window_extremes([(at, 1) for at in logged.values()], window_us, False)
+    ideal = window_extremes(
+        _exact(sorted(at for at, _, _ in sent), rpm, window_us), window_us, False
+    )
     return {
         "gateways": gateways, "window_s": window_s, "rpm": rpm, "requests": len(sent),
         "admitted": len(admitted), "refused": len(refused),
         "other_status": sum(1 for _, s, _ in sent if s not in (200, 429)),
-        "requests_max_over_limit": extremes.max / rpm,
-        "requests_min_over_limit": extremes.min / rpm,
+        "admissions_logged": len(logged),
+        "requests_max_over_limit": limiter.max / rpm,
+        "requests_min_over_limit": limiter.min / rpm,
+        "client_clock_max_over_limit": client.max / rpm,
+        "client_clock_min_over_limit": client.min / rpm,
+        "exact_limiter_min_over_limit": ideal.min / rpm,
         "refusals_with_headers_pct": 100.0 * sum(refused) / max(1, len(refused)),
     }  # fmt: skip
+
+
+def _exact(arrivals_us: list[int], limit: int, window_us: int) -> list[tuple[int, int]]:
+    """What an exact sliding-log limiter with no delay admits of these arrivals: the bound
+    for the least admitted in a window. With Poisson demand starting cold, the first window's
+    admissions repeat the arrivals' gaps, and a freed slot waits for the next arrival."""
+    log: collections.deque[int] = collections.deque()
+    admitted = []
+    for at in arrivals_us:
+        while log and log[0] <= at - window_us:
+            log.popleft()
+        if len(log) < limit:
+            log.append(at)
+            admitted.append((at, 1))
+    return admitted
