@@ -10,6 +10,8 @@ that takes writes into its shared DRAM file saves straight there, in the caller'
 With `disk_admit_after` > 1 a save reaches the disk only once its chunk is admitted (see
 admission.py); the DRAM hit that admits a chunk writes its DRAM copy to disk.
 
+Saves and their background writes are in `writebehind.py`; DRAM misses served from the lower
+tiers and promoted into DRAM, prefetch and the admission of DRAM hits in `promotion.py`.
 User pins (`pin_keys`, `pins.py`) and TTLs (`write_chunk(expires_ns=...)`, `expiry.py`) are
 kept by the local tiers; a chunk promoted or written down keeps its expiry and, while pinned,
 is held in its new tier too.
@@ -17,14 +19,13 @@ is held in its new tier too.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from kvtier.admission import disk_admission
 from kvtier.cache import BoundCache
@@ -37,10 +38,12 @@ from kvtier.keys import Key, Salt
 from kvtier.layout import KVLayout
 from kvtier.pins import Pinning
 from kvtier.pool import SharedFile, StagingPool
+from kvtier.promotion import Acquired, Promotion
 from kvtier.quota import NO_QUOTA, Ledger, Quotas, Usage
-from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits, copy_views, total_bytes
+from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
+from kvtier.writebehind import WriteBehind
 
 STAGING_SPARE = 2  # staging slots beyond one per I/O worker: one being copied, one queued
 
@@ -70,17 +73,11 @@ class StoreStats:
         }
 
 
-class Acquired(NamedTuple):
-    """A pinned DRAM view of a chunk and the tier that served it."""
-
-    view: memoryview
-    tier: str
-
-
-class Store(InPlace, Pinning):
+class Store(InPlace, Pinning, Promotion, WriteBehind):
     """Tiered chunk store; thread-safe. Use `bind()` to get a per-model cache. Lending its
     memory in place (`writing`, `reading`, `reserve_chunk`...) is in `inplace.py`, user pins
-    (`pin_keys`, `unpin_keys`) in `pins.py`."""
+    (`pin_keys`, `unpin_keys`) in `pins.py`, lower-tier reads and promotion into DRAM in
+    `promotion.py`, saves and their background writes in `writebehind.py`."""
 
     def __init__(self, config: StoreConfig | None = None, quotas: Quotas | None = None) -> None:
         """`quotas`: bytes per key namespace in the DRAM and disk tiers, for a store whose
@@ -198,24 +195,6 @@ class Store(InPlace, Pinning):
         finally:
             self._leave()
 
-    def _read_chunks(self, keys: Sequence[Key], dsts: Sequence[Views]) -> list[str | None]:
-        dram = self._dram
-        served: list[str | None] = [None] * len(keys)
-        rest = []
-        for i, (key, dst) in enumerate(zip(keys, dsts, strict=True)):
-            if dram is not None and dram.get_into(key, dst):
-                served[i] = dram.name
-                self._dram_hit(key)
-            else:
-                rest.append(i)
-        if len(rest) == 1:
-            served[rest[0]] = self._read_lower(keys[rest[0]], dsts[rest[0]])
-        elif rest:
-            reads = self._readers.map(lambda i: self._read_lower(keys[i], dsts[i]), rest)
-            for i, tier in zip(rest, reads, strict=True):
-                served[i] = tier
-        return served
-
     def acquire_chunk(self, key: Key, nbytes: int, promote: bool = True) -> Acquired | None:
         """Pin a chunk in DRAM (promoting it from a lower tier, unless `promote` is False: then
         this never waits for I/O) and return a read-only view of its `nbytes` bytes; call
@@ -258,35 +237,6 @@ class Store(InPlace, Pinning):
             saved = self._write_chunk(key, src, expires_ns)
         finally:
             self._leave(saved)
-
-    def _write_chunk(self, key: Key, src: Views, expires_ns: int = 0) -> bool:
-        """Whether the chunk was taken (False: already held, or no room for it)."""
-        if self._holds(key):
-            return False
-        if self._dram is None and (tier := self._in_place_tier()) is not None:
-            return bool(tier.put(key, src))  # a memcpy into the server's shared DRAM
-        slot, release = self._claim(key, total_bytes(src))
-        if slot is None or release is None:
-            with self._cond:
-                self._dropped += 1
-            return False
-        copy_views(src, [slot])
-        self._publish(key, slot, release, expires_ns)
-        return True
-
-    def _publish(
-        self, key: Key, slot: memoryview, release: Callable[[], None], expires_ns: int = 0
-    ) -> None:
-        """A filled slot becomes the chunk; its lower-tier writes start in the background
-        (to disk only if admitted)."""
-        tiers = self._lower if self._admission.on_save(key) else self._off_disk
-        if self._dram is not None:
-            self._dram.commit(key, keep_pin=bool(tiers), expires_ns=expires_ns)
-            self._hold_if_pinned(self._dram, key)
-        if tiers:
-            self._write_behind(key, slot, release, tiers, expires_ns)
-        elif self._dram is None:
-            release()  # a staging slot that no tier reads: the chunk was not admitted
 
     def delete_chunk(self, key: Key) -> bool:
         """Remove a chunk from the local tiers (DRAM and disk); True if any held it."""
@@ -393,149 +343,6 @@ class Store(InPlace, Pinning):
         if self._dram is not None and key in self._dram:
             return True
         return any(t.contains_prefix([key]) for t in self._lower if isinstance(t, DiskTier))
-
-    def _claim(self, key: Key, nbytes: int) -> tuple[memoryview | None, Callable[[], None] | None]:
-        """A slot for a new chunk (DRAM, else staging), waiting while in-flight writes pin all
-        memory; (None, None) if the chunk cannot be held."""
-        pool_wait = 0.05
-        while True:
-            if self._dram is not None:
-                slot = self._dram.reserve(key, nbytes)
-                if slot is not None:
-                    return slot, functools.partial(self._dram.release, key)
-                if key in self._dram or nbytes > self._dram.capacity_bytes:
-                    return None, None
-            elif self._staging is not None:
-                slot, release = self._stage(nbytes)
-                if slot is not None:
-                    return slot, release
-            else:
-                return None, None
-            with self._cond:
-                if self._jobs.pending == 0:
-                    return None, None
-                self._cond.wait(pool_wait)
-
-    def _stage(self, nbytes: int) -> tuple[memoryview | None, Callable[[], None] | None]:
-        staging = self._staging
-        assert staging is not None
-        with self._cond:
-            staged = staging.alloc(nbytes)
-        if staged is None:
-            return None, None
-
-        def release() -> None:
-            with self._cond:
-                staged.pool.free(staged.extent)
-
-        return staged.pool.slot(staged.extent)[:nbytes], release
-
-    def _from_lower(self, key: Key, nbytes: int) -> Acquired | None:
-        """Promote a chunk from the first lower tier that serves it; pinned in DRAM."""
-        for tier in self._lower:
-            view = self._promote(tier, key, nbytes)
-            if view is not None:
-                return Acquired(view, tier.name)
-        return None
-
-    def _read_lower(self, key: Key, dst: Views) -> str | None:
-        """Serve a DRAM miss from the lower tiers: through DRAM (promoting), or straight
-        into `dst` when there is no DRAM tier or no room in it."""
-        if self._dram is not None:
-            got = self._from_lower(key, total_bytes(dst))
-            if got is not None:
-                try:
-                    copy_views([got.view], dst)
-                finally:
-                    self._dram.release(key)
-                return got.tier
-        for tier in self._lower:
-            if tier.get_into(key, dst):
-                return tier.name
-        return None
-
-    def _promote(self, tier: Tier, key: Key, nbytes: int) -> memoryview | None:
-        """Read a chunk from `tier` into a new DRAM slot; returns it pinned, or None."""
-        dram = self._dram
-        assert dram is not None
-        if isinstance(tier, DiskTier) and not tier.contains_prefix([key]):
-            return None  # don't evict for a chunk that isn't there (remote: costs a round trip)
-        slot = dram.reserve(key, nbytes)
-        if slot is None:
-            return None
-        if not tier.get_into(key, [slot]):
-            dram.abort(key)
-            return None
-        expires = tier.expires_ns(key) if isinstance(tier, DiskTier) else 0
-        dram.commit(key, keep_pin=True, expires_ns=expires)
-        self._hold_if_pinned(dram, key)
-        if isinstance(tier, DiskTier):
-            return slot  # already on the lowest local tier; nothing to write back
-        lower = self._lower if self._admission.on_save(key) else self._off_disk
-        below = [t for t in lower if t is not tier and not t.contains_prefix([key])]
-        if below and dram.acquire(key, count=False) is not None:
-            release = functools.partial(dram.release, key)
-            self._write_behind(key, slot, release, below)
-        return slot
-
-    def _prefetch(self, keys: list[Key], nbytes: int) -> None:
-        dram = self._dram
-        assert dram is not None
-        located = self._locate(keys)  # one batched question per tier; only present chunks move
-        by_name = {tier.name: tier for tier in self._lower}
-        for key, name in zip(keys, located.tiers, strict=False):
-            if name == dram.name:
-                continue
-            if self._promote(by_name[name], key, nbytes) is None:
-                return
-            dram.release(key)
-
-    def _dram_hit(self, key: Key) -> None:
-        """Count a DRAM hit as a use for disk admission; the use that admits a chunk not on
-        disk yet writes its DRAM copy there in the background."""
-        dram, disk = self._dram, self._disk
-        if disk is None or dram is None or not self._admission.on_hit(key):
-            return
-        view = None if disk.contains_prefix([key]) else dram.acquire(key, count=False)
-        if view is not None:
-            release = functools.partial(dram.release, key)
-            self._write_behind(key, view, release, (disk,), dram.expires_ns(key))
-
-    def _write_behind(
-        self,
-        key: Key,
-        slot: memoryview,
-        release: Callable[[], None],
-        tiers: Sequence[Tier],
-        expires_ns: int = 0,
-    ) -> None:
-        """Write a pinned slot to `tiers` in the background, then unpin it; `delete_chunk`
-        waits for a key's pending writes so a deleted chunk never reappears."""
-        with self._cond:
-            self._writing[key] = self._writing.get(key, 0) + 1
-
-        def done() -> None:
-            release()
-            with self._cond:
-                left = self._writing.pop(key) - 1
-                if left:
-                    self._writing[key] = left
-                self._cond.notify_all()
-
-        def write() -> None:
-            try:
-                for tier in tiers:
-                    if isinstance(tier, DiskTier):
-                        if tier.put(key, [slot], expires_ns):
-                            self._hold_if_pinned(tier, key)  # pinned chunks are held wherever
-                            with self._cond:
-                                self._disk_written += slot.nbytes
-                    else:
-                        tier.put(key, [slot])
-            finally:
-                done()
-
-        self._jobs.submit(write, cleanup=done)
 
 
 def _until_nearer(nearer: Sequence[Tier], run: Sequence[Key]) -> int:

@@ -256,12 +256,12 @@ def test_page_aligned_chunks_bypass_the_page_cache(
     """A chunk whose views are page-aligned whole pages is written with O_DIRECT (others
     are not); either way it reads back byte-exact, and a byte flipped in its file is still
     caught by the checksum."""
-    from kvtier.tiers import disk
+    from kvtier.tiers import disk_io
 
     flags: list[int] = []
-    real = disk._write_views
+    real = disk_io._write_views
     monkeypatch.setattr(
-        disk, "_write_views", lambda path, views, f: flags.append(f) or real(path, views, f)
+        disk_io, "_write_views", lambda path, views, f: flags.append(f) or real(path, views, f)
     )
     tier = DiskTier(tmp_path, 1 << 20)
     data = aligned_payload(1)

@@ -279,14 +279,14 @@ def test_a_write_that_raises_is_never_published(
 ) -> None:
     """A chunk write stopped by an exception that is not an OSError leaves no chunk: put
     raises, nothing is indexed and its bytes are given back."""
-    from kvtier.tiers import disk
+    from kvtier.tiers import disk_io
 
     tier = open_tier(tmp_path, 10)
 
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(disk, "_write_views", interrupted)
+    monkeypatch.setattr(disk_io, "_write_views", interrupted)
     with pytest.raises(KeyboardInterrupt):
         put(tier, 1)
     monkeypatch.undo()

@@ -8,12 +8,9 @@ every published chunk again, in the LRU order its recency journal kept (`disk_re
 A full file system or quota makes the tier evict its own oldest chunks and retry, and hold
 less until room returns (`disk_space.py`).
 
-A chunk saved with a TTL has its expiry time in its header (0: never; files from before TTLs
-have 0 there); one past its time is a miss and is deleted, unless a user pinned it (`hold`).
-So that a restart knows which chunks expire without reading every header, the expiry of each
-such chunk is also appended to the `expiry` journal before the chunk is published; on open,
-each journaled expiry is checked against its chunk's header (the truth) and the journal is
-compacted.
+A chunk saved with a TTL has its expiry time in its header; past it, the chunk is a miss and
+is deleted unless pinned (`disk_expiry.py`). Files are written and read with vectored I/O,
+O_DIRECT where it helps (`disk_io.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import mmap
 import os
 import struct
 import threading
@@ -29,7 +25,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import xxhash
 
 from kvtier.errors import ConfigError
@@ -38,6 +33,8 @@ from kvtier.keys import KEY_BYTES, Key
 from kvtier.policy import LRUPolicy
 from kvtier.quota import NO_QUOTA, Ledger, Usage
 from kvtier.tiers.base import Counters, TierStats, Views, total_bytes
+from kvtier.tiers.disk_expiry import Expiring
+from kvtier.tiers.disk_io import FileWriter, read_file
 from kvtier.tiers.disk_recency import Rank, RecencyJournal
 from kvtier.tiers.disk_space import SpaceGuard, is_full
 
@@ -45,7 +42,6 @@ MAGIC = b"KVTIERC1"
 HEADER = struct.Struct("<8sHH16sQQQ")  # magic, version, flags, key, payload bytes, checksum,
 # expiry (unix ns; 0: never)
 HEADER_BYTES = 4096  # payload starts page-aligned
-DIRECT_ALIGN = 4096  # O_DIRECT: buffer addresses and lengths in whole pages
 VERSION = 1
 SUFFIX = ".kv"
 FULL_RETRIES = 4  # writes retried after evicting for a full file system, per chunk
@@ -76,7 +72,7 @@ def parse_header(buf: bytes | bytearray | memoryview) -> ChunkHeader | None:
     return ChunkHeader(key, nbytes, digest, expires)
 
 
-class DiskTier:
+class DiskTier(Expiring):
     """Bounded by `capacity_bytes` of chunk files (headers included), plus writes in flight,
     and by the room the file system has (re-read at most every `space_check_s`). Recency is
     journaled every `recency_flush_s` (what a `kill -9` may lose of the LRU order)."""
@@ -105,8 +101,7 @@ class DiskTier:
         self._ttl_log: ExpiryLog | None = None
         self._used = 0
         self._count = Counters()
-        self._direct = True  # O_DIRECT writes, until the file system refuses one
-        self._local = threading.local()
+        self._files = FileWriter(HEADER_BYTES)
         self._space = SpaceGuard(self.root, capacity_bytes, space_check_s)
         self._journal = RecencyJournal(
             self.root / "RECENCY", self._tmp / "RECENCY", recency_flush_s, self._lru_order
@@ -236,10 +231,6 @@ class DiskTier:
                 self._expire(key, now)
             return len(freed)
 
-    def expires_ns(self, key: Key) -> int:
-        with self._lock:
-            return self._ttl.get(key)
-
     def chunk_bytes(self, key: Key) -> int | None:
         """Payload size of a stored chunk, or None."""
         with self._lock:
@@ -331,13 +322,13 @@ class DiskTier:
     def _write(self, key: Key, src: Views, expires_ns: int = 0) -> OSError | None:
         """Write and publish a chunk file; the error that stopped it, or None."""
         nbytes = total_bytes(src)
-        header = self._header_buffer()
+        header = self._files.header_buffer()
         digest = checksum(key, src)
         HEADER.pack_into(header, 0, MAGIC, VERSION, 0, key, nbytes, digest, expires_ns)
         final = self.path(key)
         tmp = self._tmp / f"{final.name}.{os.getpid()}.{threading.get_ident()}"
         try:
-            self._write_file(tmp, [header, *src])
+            self._files.write(tmp, [header, *src])
             final.parent.mkdir(exist_ok=True)
             os.rename(tmp, final)
             return None
@@ -345,32 +336,11 @@ class DiskTier:
             self._unlink(tmp)  # a partly written file never gets a chunk's name
             return exc
 
-    def _header_buffer(self) -> memoryview:
-        """This thread's page-aligned header buffer (zero after the header struct)."""
-        header: memoryview | None = getattr(self._local, "header", None)
-        if header is None:
-            header = self._local.header = memoryview(mmap.mmap(-1, HEADER_BYTES))
-        return header
-
-    def _write_file(self, path: Path, views: list[memoryview]) -> None:
-        """Write a new file; with O_DIRECT when every view is page-aligned (the page cache
-        would only add a copy, and on some hosts costs more CPU than the rest of a save), and
-        plain writes where the file system refuses O_DIRECT (tmpfs)."""
-        if self._direct and _aligned(views):
-            try:
-                _write_views(path, views, os.O_DIRECT)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._direct = False
-        _write_views(path, views, 0)
-
     def _read(self, key: Key, dst: Views) -> bool:
         header = bytearray(HEADER_BYTES)
         want = HEADER_BYTES + total_bytes(dst)
         try:
-            fd = os.open(self.path(key), os.O_RDONLY)
+            got, file_bytes = read_file(self.path(key), [memoryview(header), *dst])
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # deleted behind our back: unpublish it
                 self._forget(key, unlink=False)
@@ -378,15 +348,6 @@ class DiskTier:
                 with self._lock:
                     self._count.errors += 1
             return False
-        try:
-            got = _pread_all(fd, [memoryview(header), *dst])
-            file_bytes = os.fstat(fd).st_size
-        except OSError:
-            with self._lock:
-                self._count.errors += 1
-            return False
-        finally:
-            os.close(fd)
         meta = parse_header(header)
         if meta is None or meta.key != key or file_bytes != HEADER_BYTES + meta.payload_bytes:
             self._forget(
@@ -460,36 +421,6 @@ class DiskTier:
             self._lru.add(key)
             self._quota.add(key, self._sizes[key])
 
-    def _expire(self, key: Key, now: int) -> bool:
-        """Lock held: delete a published chunk past its TTL unless pinned; whether it was."""
-        if not self._ttl.expired(key, now) or self._lru.held(key) or key not in self._sizes:
-            return False
-        self._used -= self._sizes.pop(key)
-        self._lru.remove(key)
-        self._quota.remove(key)
-        self._ttl.discard(key)
-        self._count.expired += 1
-        self._unlink(self.path(key))
-        return True
-
-    def _log_expiry(self, key: Key, expires_ns: int) -> None:
-        """Journal a chunk's expiry before it is published (compacting now and then)."""
-        log = self._ttl_log
-        assert log is not None
-        if log.append(key, expires_ns, len(self._ttl)):
-            with self._lock:
-                kept = [*self._ttl.items(), (key, expires_ns)]
-            log.rewrite(kept)
-
-    def _load_expiries(self) -> None:
-        """Expiry times of the chunks that have one, from the journal, each checked against
-        its chunk's header; then the journal holds exactly those."""
-        log = self._ttl_log = ExpiryLog(self.root / "expiry")
-        for key, at in log.recorded().items():
-            if key in self._sizes and self._header_expiry(key) == at:
-                self._ttl.set(key, at)
-        log.rewrite(self._ttl.items())
-
     def _header_expiry(self, key: Key) -> int | None:
         try:
             with open(self.path(key), "rb") as f:
@@ -517,51 +448,3 @@ def _scan(root: Path) -> Iterator[tuple[Key, os.stat_result]]:
                 yield key, entry.stat()
             except (ValueError, OSError):
                 continue
-
-
-def _aligned(views: list[memoryview]) -> bool:
-    """Every view starts on a page and spans whole pages (what O_DIRECT asks)."""
-    for view in views:
-        if view.nbytes % DIRECT_ALIGN or np.frombuffer(view, np.uint8).ctypes.data % DIRECT_ALIGN:
-            return False
-    return True
-
-
-def _write_views(path: Path, views: list[memoryview], flags: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
-    try:
-        _pwrite_all(fd, views)
-    finally:
-        os.close(fd)
-
-
-def _pwrite_all(fd: int, views: list[memoryview]) -> None:
-    offset = 0
-    while views:
-        n = os.pwritev(fd, views[:1024], offset)
-        offset += n
-        views = _advance(views, n)
-
-
-def _pread_all(fd: int, views: list[memoryview]) -> int:
-    """Read until the views are full or the file ends; returns the bytes read."""
-    offset = 0
-    while views:
-        n = os.preadv(fd, views[:1024], offset)
-        if n == 0:
-            break
-        offset += n
-        views = _advance(views, n)
-    return offset
-
-
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """The views left after `n` bytes were transferred."""
-    i = 0
-    while i < len(views) and n >= views[i].nbytes:
-        n -= views[i].nbytes
-        i += 1
-    rest = views[i:]
-    if rest and n:
-        rest[0] = rest[0][n:]
-    return rest

@@ -20,12 +20,15 @@ GET_LOCAL (the server pins the chunk and answers its offset) -> memcpy from the 
 RELEASE, instead of the chunk's bytes crossing the socket. A server that refuses MAP, or a file
 that cannot be mapped, leaves that server on plain GET. A server that takes same-host writes
 gets puts the same way: PUT_LOCAL (it reserves a DRAM slot and answers its offset) -> memcpy
-into the mapping -> COMMIT; one that refuses PUT_LOCAL is sent plain PUTs from then on.
+into the mapping -> COMMIT; one that refuses PUT_LOCAL is sent plain PUTs from then on. The
+store's in-place writes and reads do either for many chunks at once (`lend`, `borrow`:
+`remote_local.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -37,10 +40,11 @@ import xxhash
 from kvtier.config import Endpoint, RemoteURL
 from kvtier.errors import AuthError, KvtierError, PinRefused, ProtocolError, TLSError
 from kvtier.keys import Key
-from kvtier.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status, unpack_sizes
+from kvtier.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
 from kvtier.tiers.link import FAILURES as _FAILURES
 from kvtier.tiers.link import Connection, Refused, ServerLink, Unavailable, recv_exact
+from kvtier.tiers.remote_local import Borrowed, Lent, local_offsets
 from kvtier.tiers.shm import SharedMapping
 from kvtier.tiers.tls import client_context
 
@@ -239,7 +243,9 @@ class RemoteTier:
                 link.give(conn)
             return None
         try:
-            return Lent(self, link, conn, conn.mapping, list(keys), nbytes)
+            waiting = conn.waiting(self._transfer_s)  # the server may wait for DRAM, as for a PUT
+            count_error = functools.partial(self._counted, errors=1)
+            return Lent(link, waiting, conn.mapping, list(keys), nbytes, count_error)
         except Refused as exc:
             if exc.status == Status.UNSUPPORTED:
                 link.local_writes = False
@@ -266,7 +272,7 @@ class RemoteTier:
             link.give(conn)
             return None
         try:
-            offsets = _offsets(conn.waiting(self._timeout_s), Op.GET_LOCAL, keys, nbytes)
+            offsets = local_offsets(conn.waiting(self._timeout_s), Op.GET_LOCAL, keys, nbytes)
             view = conn.mapping.slot if link.writes_in_place else conn.mapping.chunk
             views = [None if at is None else view(at, nbytes) for at in offsets]
         except _FAILURES as exc:
@@ -426,80 +432,3 @@ class RemoteTier:
             self._count.hits += hits
             self._count.misses += misses
             self._count.errors += errors
-
-
-def _offsets(conn: Connection, op: Op, keys: Sequence[Key], nbytes: int) -> list[int | None]:
-    """GET_LOCAL or PUT_LOCAL for `keys` of `nbytes` each: the offset in the server's DRAM
-    file it answers per key (None: not found, or no slot)."""
-    header = conn.call(op, keys, [SIZE.pack(nbytes)] * len(keys))
-    reply = conn.recv_bytes(header.payload_bytes)
-    flags = reply[: len(keys)]
-    if len(flags) != len(keys) or len(reply) != len(keys) + sum(flags) * SIZE.size:
-        raise ProtocolError(f"server {conn.where} sent a garbled {op.name} reply")
-    offsets = iter(unpack_sizes(memoryview(reply)[len(keys) :], sum(flags)))
-    return [next(offsets) if flag else None for flag in flags]
-
-
-class Lent:
-    """DRAM slots a same-host server reserved for new chunks (PUT_LOCAL), held on one
-    connection until `commit` (COMMIT: the filled slots become chunks) or `abort` (closing
-    the connection gives them back)."""
-
-    def __init__(
-        self,
-        tier: RemoteTier,
-        link: ServerLink,
-        conn: Connection,
-        mapping: SharedMapping,
-        keys: list[Key],
-        nbytes: int,
-    ) -> None:
-        self._tier, self._link, self._conn = tier, link, conn
-        # the server may wait for DRAM that in-flight disk writes pin, as for a PUT
-        offsets = _offsets(conn.waiting(tier._transfer_s), Op.PUT_LOCAL, keys, nbytes)
-        self.keys = [k for k, at in zip(keys, offsets, strict=True) if at is not None]
-        self.slots: list[memoryview | None] = []
-        try:
-            self.slots = [None if at is None else mapping.slot(at, nbytes) for at in offsets]
-        except OSError as exc:
-            link.local_writes = False
-            raise Refused(f"cannot map the DRAM file of {conn.where} writable: {exc}") from exc
-
-    def commit(self) -> int:
-        """Publish every lent slot (filled by now); how many the server published."""
-        conn, link = self._conn, self._link
-        if not self.keys:
-            link.give(conn)
-            return 0
-        try:
-            conn.call(Op.COMMIT, self.keys, [])
-            committed: int = COUNT.unpack(conn.recv_bytes(COUNT.size))[0]
-        except _FAILURES as exc:
-            link.broken(conn, exc)
-            self._tier._counted(errors=1)
-            return 0
-        link.give(conn)
-        return committed
-
-    def abort(self) -> None:
-        self._conn.close()
-
-
-class Borrowed:
-    """Chunks a same-host server pinned in its DRAM file for one connection (GET_LOCAL),
-    until `release` (RELEASE, its reply read before the connection's next use)."""
-
-    def __init__(
-        self, views: list[memoryview | None], link: ServerLink, conn: Connection, keys: list[Key]
-    ) -> None:
-        self.views = views
-        self._link, self._conn, self._keys = link, conn, keys
-
-    def release(self) -> None:
-        try:
-            if self._keys:
-                self._conn.send_unread(Op.RELEASE, self._keys, [])
-        except _FAILURES as exc:
-            self._link.broken(self._conn, exc)
-            return
-        self._link.give(self._conn)
