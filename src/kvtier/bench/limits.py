@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--gateways", type=int, default=0,
         help="also: the rpm limit through this many real gateway processes over HTTP "
         "(60 s window)")  # fmt: skip
+    add("--arrivals", choices=("even", "poisson"), default="even",
+        help="--gateways: the client's arrivals (Poisson: the least admitted in a window is "
+        "then bounded by the arrivals themselves; the bench prints that bound)")  # fmt: skip
     add("--json", action="store_true", help="print one JSON object")
 
 
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gateways > 0:
         from kvtier.bench.limits_http import http_figures
 
-        result["gateways"] = http_figures(args.gateways, args.rpm, args.windows)
+        result["gateways"] = http_figures(args.gateways, args.rpm, args.windows, args.arrivals)
     result["targets"] = targets(result)
     print(json.dumps(result) if args.json else table(result))
     return 0
@@ -240,7 +243,8 @@ def table(result: dict[str, Any]) -> str:
         g = result["gateways"]
         lines += [
             "",
-            f"through {g['gateways']} gateway processes (HTTP, 60 s window): admitted in any "
+            f"through {g['gateways']} gateway processes (HTTP, 60 s window, {g['arrivals']} "
+            "arrivals): admitted in any "
             f"window / limit max {g['requests_max_over_limit']:.3f}, min "
             f"{g['requests_min_over_limit']:.3f} on the limiter's clock "
             f"({g['admissions_logged']} admissions read from Redis); on the client's send "

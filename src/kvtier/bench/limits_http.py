@@ -1,7 +1,8 @@
 """`kvtier bench limits --gateways N`: the rate limit through N real `kvtier gateway`
 processes sharing one Redis, in front of one fast `kvtier worker-sim`.
 
-One tenant with `--rpm` requests per window; a client sends 3 x that, open loop (Poisson),
+One tenant with `--rpm` requests per window; a client sends 3 x that, open loop (evenly
+paced, as each process of the library bench does, or Poisson with `--arrivals poisson`),
 spread round-robin over the gateways, for `--windows` windows. Every 429 is checked for
 `Retry-After` and the six `x-ratelimit-*` headers.
 
@@ -53,7 +54,7 @@ def _start(args: list[str], banner: str) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError(f"{' '.join(args[:1])} did not start")
 
 
-def http_figures(gateways: int, rpm: int, windows: float) -> dict[str, Any]:
+def http_figures(gateways: int, rpm: int, windows: float, arrivals: str = "even") -> dict[str, Any]:
     """Admitted per 60 s window ÷ rpm through `gateways` gateway processes at 3 x the limit."""
     window_s = WINDOW_S
     with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp) / "redis") as redis:
@@ -73,14 +74,14 @@ def http_figures(gateways: int, rpm: int, windows: float) -> dict[str, Any]:
                 procs.append(gw)
                 urls.append(url)
             sent, logged = asyncio.run(
-                _observed(redis.url, urls, 3 * rpm / window_s, windows * window_s)
+                _observed(redis.url, urls, 3 * rpm / window_s, windows * window_s, arrivals)
             )
         finally:
             for proc in procs:
                 proc.terminate()
             for proc in procs:
                 proc.wait(30)
-    return _figures(sent, logged, rpm, window_s, gateways)
+    return _figures(sent, logged, rpm, window_s, gateways, arrivals)
 
 
 Sent = list[tuple[int, int, bool]]  # (sent at µs, status, every header there)
@@ -88,7 +89,7 @@ POLL_S = 5.0  # well inside the window: every admission is still in the log when
 
 
 async def _observed(
-    redis_url: str, urls: list[str], per_s: float, duration_s: float
+    redis_url: str, urls: list[str], per_s: float, duration_s: float, arrivals: str
 ) -> tuple[Sent, dict[str, int]]:
     """The demand's outcomes, and every admission the limiter logged: id -> Redis time (µs)."""
     logged: dict[str, int] = {}
@@ -111,7 +112,7 @@ async def _observed(
 
     poller = asyncio.create_task(poll())
     try:
-        sent = await _demand(urls, per_s, duration_s)
+        sent = await _demand(urls, per_s, duration_s, arrivals == "poisson")
     finally:
         stop.set()
         await poller
@@ -119,8 +120,8 @@ async def _observed(
     return sent, logged
 
 
-async def _demand(urls: list[str], per_s: float, duration_s: float) -> Sent:
-    """Every request's outcome, Poisson arrivals at `per_s`."""
+async def _demand(urls: list[str], per_s: float, duration_s: float, poisson: bool) -> Sent:
+    """Every request's outcome, arrivals at `per_s`: evenly paced, or Poisson."""
     body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     headers = {"Authorization": f"Bearer {KEY}"}
     out: Sent = []
@@ -139,7 +140,7 @@ async def _demand(urls: list[str], per_s: float, duration_s: float) -> Sent:
 
         tasks, start, t, i = [], time.monotonic(), 0.0, 0
         while t < duration_s:
-            t += float(rng.exponential(1.0 / per_s))
+            t += float(rng.exponential(1.0 / per_s)) if poisson else 1.0 / per_s
             await asyncio.sleep(max(0.0, start + t - time.monotonic()))
             tasks.append(asyncio.create_task(one(urls[i % len(urls)])))
             i += 1
@@ -148,7 +149,7 @@ async def _demand(urls: list[str], per_s: float, duration_s: float) -> Sent:
 
 
 def _figures(
-    sent: Sent, logged: dict[str, int], rpm: int, window_s: float, gateways: int
+    sent: Sent, logged: dict[str, int], rpm: int, window_s: float, gateways: int, arrivals: str
 ) -> dict[str, Any]:
     admitted = [(at, 1) for at, status, _ in sent if status == 200]
     refused = [ok for _, status, ok in sent if status == 429]
@@ -159,7 +160,8 @@ def _figures(
         _exact(sorted(at for at, _, _ in sent), rpm, window_us), window_us, False
     )
     return {
-        "gateways": gateways, "window_s": window_s, "rpm": rpm, "requests": len(sent),
+        "gateways": gateways, "arrivals": arrivals, "window_s": window_s, "rpm": rpm,
+        "requests": len(sent),
         "admitted": len(admitted), "refused": len(refused),
         "other_status": sum(1 for _, s, _ in sent if s not in (200, 429)),
         "admissions_logged": len(logged),
