@@ -10,7 +10,8 @@ Each prompt goes through `CachedModel.generate(max_new_tokens=1)`: a prefix alre
 loaded, not recomputed; the prompt's full chunks are saved, then pinned (`BoundCache.pin`), so
 they stay stored however much else is saved later, across restarts too. Store options follow the
 other commands (each also a KVTIER_* variable); the KV must outlive this command, so a disk tier
-or a remote is required.
+or a remote is required. With `--vllm URL` a vLLM server running kvtier's connector does the
+work instead (`preheat_vllm.py`).
 """
 
 from __future__ import annotations
@@ -72,18 +73,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--pin-fraction", default=env("KVTIER_PIN_FRACTION", "0.5"),
         help="share of each local tier pinned chunks may take")  # fmt: skip
+    add("--vllm", default=env("KVTIER_PREHEAT_VLLM"),
+        help="instead: a vLLM OpenAI server URL running kvtier's connector; it computes, "
+        "saves and pins (store options and --model are then the server's)")  # fmt: skip
+    add("--served-model", default=env("KVTIER_SERVED_MODEL"),
+        help="--vllm: the model name to ask for (default: the server's first)")  # fmt: skip
     add("--json", action="store_true", default=env("KVTIER_JSON", "") not in ("", "0"))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         prompts = read_prompts(Path(args.file), args.format)
-        config = store_config(args)
+        config = None if args.vllm else store_config(args)
     except (ConfigError, OSError) as exc:
         print(f"kvtier preheat: {exc}", file=sys.stderr)
         return 2
     try:
-        result = preheat(prompts, config, args)
+        if config is None:
+            from kvtier.preheat_vllm import preheat_vllm
+
+            result = preheat_vllm(prompts, args.vllm, args.served_model, args.salt, args.file)
+        else:
+            result = preheat(prompts, config, args)
     except (kvtier.PinRefused, ConfigError) as exc:
         print(f"kvtier preheat: {exc}", file=sys.stderr)
         return 1
@@ -216,8 +227,9 @@ def summary(r: Preheated, chunk_tokens: int) -> str:
     lines = [
         f"kvtier preheat: {r.prompts} prompts, {r.prompt_tokens} tokens; {r.pinned_tokens} "
         f"tokens stored and pinned under model id {r.model_id!r}",
-        f"pinned now: {tiers}",
     ]
+    if tiers:
+        lines.append(f"pinned now: {tiers}")
     if r.short_prompts:
         lines.append(
             f"{r.short_prompts} prompts shorter than a chunk ({chunk_tokens} tokens): not stored"

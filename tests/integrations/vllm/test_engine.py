@@ -23,6 +23,7 @@ import zmq
 
 import kvtier
 from kvtier.bench.remote_io import RedisProcess, free_port
+from kvtier.cli import main as cli_main
 from kvtier.gateway import events
 from kvtier.gateway.pool import Pool
 from kvtier.gateway.routing import make_policy
@@ -165,11 +166,14 @@ def test_engines_share_through_redis(model_dir: Path, tmp_path: Path) -> None:
     same_output(read, written)
 
 
-def test_openai_server_reuses_kvtier(model_dir: Path, work: Path) -> None:
+def test_openai_server_reuses_kvtier(
+    model_dir: Path, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """vLLM's OpenAI server loads the connector from --kv-transfer-config; after its own
     prefix cache is reset, a repeated prompt's cached tokens come from kvtier (reported in
     usage.prompt_tokens_details) and the completion is the same. Its KV events, read as the
-    gateway reads them, put the prompt's blocks under the gateway's own salted keys."""
+    gateway reads them, put the prompt's blocks under the gateway's own salted keys.
+    `kvtier preheat --vllm` through it pins every full chunk of its prompt in the node."""
     transfer = {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.integrations.vllm",
@@ -202,6 +206,10 @@ def test_openai_server_reuses_kvtier(model_dir: Path, work: Path) -> None:
         stored = subscriber.read_until(lambda evs: len(evs) >= 1)
         assert post(base + "/reset_prefix_cache", None) == {"success": True}
         second = post(base + "/v1/completions", body)
+        prompts = work / "preheat.jsonl"
+        prompts.write_text(json.dumps({"tokens": PROMPT}) + "\n")
+        assert cli_main(["preheat", str(prompts), "--vllm", base, "--json"]) == 0
+        preheated = json.loads(capsys.readouterr().out)
     finally:
         subscriber.close()
         server.terminate()
@@ -217,6 +225,8 @@ def test_openai_server_reuses_kvtier(model_dir: Path, work: Path) -> None:
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached == (len(SHARED_300) - 1) // CHUNK * CHUNK
     assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+    assert preheated["prompt_tokens"] == len(PROMPT)
+    assert preheated["pinned_tokens"] == len(PROMPT) // CHUNK * CHUNK
 
 
 class EventsReader:

@@ -180,8 +180,11 @@ class Engine:
         assert isinstance(connector, KvtierConnector)
         return connector
 
-    def add(self, req_id: str, prompt: list[int], max_tokens: int) -> Request:
-        params = SamplingParams(max_tokens=max_tokens)
+    def add(
+        self, req_id: str, prompt: list[int], max_tokens: int, kv_params: Any = None
+    ) -> Request:
+        extra = None if kv_params is None else {"kv_transfer_params": kv_params}
+        params = SamplingParams(max_tokens=max_tokens, extra_args=extra)
         params.update_from_generation_config({}, EOS)
         request = Request(
             request_id=req_id,
@@ -561,6 +564,28 @@ def test_aborted_requests_leave_nothing_tracked(make_engine: Callable[..., Engin
     assert set(engine.connector._planner._requests) == {"a", "b"}
     assert [r.request_id for r in engine.scheduler.running] == ["a"]
     engine.scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+    assert_no_leaks(engine)
+
+
+def test_a_request_asking_for_a_pin_has_its_prompt_chunks_pinned_in_the_node(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """`kv_transfer_params: {"kvtier_pin": true}` pins the prompt's full chunks in the node
+    when the request finishes (the node then holds pins on exactly them); a request without
+    it pins nothing; the pinned tokens are counted in the connector's stats."""
+    engine = make_engine()
+    pinned, plain = prompt(200, seed=11), prompt(200, seed=12)
+    engine.add("p", pinned, max_tokens=2, kv_params={"kvtier_pin": True})
+    engine.add("q", plain, max_tokens=2)
+    engine.run()
+    store = engine.connector.store
+    assert store.unpin_keys(engine.keys(plain)) == 0
+    assert store.unpin_keys(engine.keys(pinned)) == 200 // CHUNK  # the pin was there
+    assert store.unpin_keys(engine.keys(pinned)) == 0
+    stats = KvtierStats()
+    for data in engine.connector_stats:
+        stats.aggregate(KvtierConnector.build_kv_connector_stats(data))
+    assert stats.reduce()["pinned_tokens"] == 200 // CHUNK * CHUNK
     assert_no_leaks(engine)
 
 

@@ -8,6 +8,10 @@
 vLLM's own paged cache is the GPU tier; this moves whole chunks between its blocks and kvtier.
 One instance runs in the scheduler process (`ChunkPlanner`), one in every worker (`ChunkMover`);
 both are clients of the node-local kvtier process (`node.py`), so they see the same tiers.
+
+A request with `kv_transfer_params: {"kvtier_pin": true}` (`kvtier preheat --vllm`) has the
+full chunks of its prompt pinned in the node when it finishes; its answer's
+`kv_transfer_params` says how many tokens were (`kvtier_pinned_tokens`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvtier.vllm")
 _OPTIONS = ("model_id", "node_dir", "load_async")
+PIN_PARAM = "kvtier_pin"  # kv_transfer_params: pin the prompt's chunks once it has run
 IDLE_WAIT_S = 0.05  # an empty step waits at most this long for a background load
 
 
@@ -188,9 +193,13 @@ class KvtierConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        if self._planner is not None:
-            self._planner.finished(request.request_id)
-        return False, None
+        if self._planner is None:
+            return False, None
+        params = None
+        if (request.kv_transfer_params or {}).get(PIN_PARAM):
+            params = {"kvtier_pinned_tokens": self._planner.pin(request)}
+        self._planner.finished(request.request_id)
+        return False, params
 
     # -- worker side ----------------------------------------------------------------------
 

@@ -11,11 +11,13 @@ determine their KV.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kvtier.errors import KvtierError
 from kvtier.integrations.vllm.plan import (
     HIT_PREFIX,
     ChunkCopy,
@@ -42,6 +44,7 @@ class Request(Protocol):
     def num_tokens(self) -> int: ...
 
 
+log = logging.getLogger("kvtier.vllm")
 LOOKUP_REUSE_S = 1.0  # vLLM asks again every step while a request waits for blocks
 
 
@@ -166,6 +169,28 @@ class ChunkPlanner:
                 tracked.lookup = None
             if not jobs.async_load or req_id in received:
                 del self._loading[req_id]
+
+    def pin(self, request: Any) -> int:
+        """Pin the full chunks of a finished request's prompt that kvtier holds (every TP
+        rank's), as a preheat asks with `kv_transfer_params: {"kvtier_pin": true}`; the
+        tokens pinned. A refusal or an unreachable node is logged and counted, never raised:
+        the request has its answer either way."""
+        tracked = self._requests.get(request.request_id)
+        if tracked is None:
+            return 0
+        c = self.geometry.chunk_tokens
+        keys = tracked.chain.upto(request.all_token_ids, request.num_prompt_tokens // c)
+        try:
+            chunks = min(
+                self.store.pin_keys(rank_keys(keys, rank, self.tp_size))
+                for rank in range(self.tp_size)
+            )
+        except KvtierError as exc:
+            log.warning("kvtier: could not pin request %s: %s", request.request_id, exc)
+            self.tally.add("pin_failures")
+            return 0
+        self.tally.add("pinned_tokens", chunks * c)
+        return chunks * c
 
     def finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
