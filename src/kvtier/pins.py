@@ -7,11 +7,13 @@ covers it, so two pinned documents that share a system prompt keep it pinned unt
 unpinned; `unpin_keys(keys)` removes the pins of `keys` and of every prefix of them.
 
 The registry is the store's; each local tier only holds (`hold`/`unhold`) the pinned chunks it
-has, within its bound (`pin_fraction` of its capacity). The disk tier holds all of a pin's
-chunks it has, or refuses the pin (`PinRefused`, nothing pinned); so does DRAM for the chunks
-no tier below holds pinned (not on disk, not pinned by a kvtier server: e.g. a DRAM-only
-store). The chunks held below, DRAM holds head first as far as its bound allows: they are safe
-below it and promoted again when used. A chunk only a Redis remote has cannot be pinned.
+has, within its bound (`pin_fraction` of its capacity; in DRAM also `pin_fraction` of each key
+namespace's quota, so a tenant's quota always leaves it room to save). The disk tier holds all
+of a pin's chunks it has, or refuses the pin (`PinRefused`, nothing pinned); so does DRAM for
+the chunks no tier below holds pinned (not on disk, not pinned by a kvtier server: e.g. a
+DRAM-only store). The chunks held below, DRAM holds head first as far as its bounds allow:
+they are safe below it and promoted again when used. A chunk only a Redis remote has cannot be
+pinned.
 
 With a disk tier the registry is a journal in the disk directory (`pins`, fsynced at every
 change, compacted at open), so pins survive a restart, clean or `kill -9`: the disk tier's pinned
@@ -210,7 +212,7 @@ class Pinning:
     def _hold_all(self, tier: LocalTier, keys: Sequence[Key]) -> list[Key]:
         """Hold every chunk of `keys` the tier has; those newly held. PinRefused (none
         held) past the tier's bound."""
-        got = tier.hold(keys, self._pin_bound(tier))
+        got = self._hold(tier, keys)
         if got is None:
             raise self._refused(tier, keys)
         return got
@@ -219,17 +221,24 @@ class Pinning:
         """Hold the leading chunks of `keys` that fit the tier's bound; those newly held."""
         held: list[Key] = []
         for key in keys:
-            got = tier.hold([key], self._pin_bound(tier))
+            got = self._hold(tier, [key])
             if got is None:
                 break
             held += got
         return held
 
+    def _hold(self, tier: LocalTier, keys: Sequence[Key]) -> list[Key] | None:
+        """`tier.hold` within the tier's bound (and in DRAM within the same share of each
+        namespace's quota)."""
+        if isinstance(tier, DramTier):
+            return tier.hold(keys, self._pin_bound(tier), self.config.pin_fraction)
+        return tier.hold(keys, self._pin_bound(tier))
+
     def _hold_if_pinned(self, tier: Tier, key: Key) -> None:
         """A pinned chunk that has just arrived in a local tier is held there too, if the
         tier's bound allows (it is held in the tier it came from either way)."""
         if isinstance(tier, LocalTier) and self._pins.pinned(key):
-            tier.hold([key], self._pin_bound(tier))
+            self._hold(tier, [key])
 
     def _local_tiers(self) -> list[LocalTier]:
         return [t for t in self._tiers if isinstance(t, LocalTier)]
@@ -250,9 +259,13 @@ class Pinning:
         )
         if not fraction:
             return PinRefused(f"pinning is off (pin_fraction=0); to pin, {fix}")
+        quotas = isinstance(tier, DramTier) and any(
+            u.limit_bytes is not None for u in tier.usage().values()
+        )
+        share = ", or a tenant's pinned bytes past pin_fraction of its DRAM quota"
         return PinRefused(
             f"pin refused: {len(keys)} chunks would take the {tier.name} tier's pinned "
             f"bytes past its bound of {self._pin_bound(tier)} (pin_fraction={fraction} of "
             f"{tier.capacity_bytes} bytes; {stats.pinned_bytes} bytes in "
-            f"{stats.pinned_chunks} chunks pinned now); {fix}"
+            f"{stats.pinned_chunks} chunks pinned now){share if quotas else ''}; {fix}"
         )
