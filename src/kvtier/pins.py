@@ -21,6 +21,12 @@ chunks are held again at open, and a pinned chunk promoted into DRAM is held the
 DRAM's bound allows. A kvtier server behind `remote` is sent PIN / UNPIN for the keys it owns
 and keeps a registry of its own; a Redis remote is not asked (Redis evicts by its own policy).
 
+Locks: `_pin_lock` serialises pins, unpins and the holds of pinned chunks arriving in a tier
+(`_hold_if_pinned`: a save, write-behind or promotion), so no hold outlives its pin. Order:
+`_pin_lock`, then a tier's lock; it is never taken while holding the store's `_cond` or a
+tier's lock, and nothing holding it waits on `_cond` for background writes (a landing write
+may take it).
+
 `Pinning` is a part of `Store` (its base class); it uses the store's tiers and call
 accounting, declared below.
 """
@@ -157,9 +163,9 @@ class Pinning:
         tier's pinned bytes would pass its bound, KvtierError when a server cannot be asked."""
         self._enter()
         try:
+            with self._cond:  # not under _pin_lock: a landing write may take it
+                self._cond.wait_for(lambda: not any(k in self._writing for k in keys))
             with self._pin_lock:
-                with self._cond:
-                    self._cond.wait_for(lambda: not any(k in self._writing for k in keys))
                 n = int(self._locate(keys).chunks)
                 if n:
                     self._pin(tuple(keys[:n]))
@@ -236,9 +242,13 @@ class Pinning:
 
     def _hold_if_pinned(self, tier: Tier, key: Key) -> None:
         """A pinned chunk that has just arrived in a local tier is held there too, if the
-        tier's bound allows (it is held in the tier it came from either way)."""
+        tier's bound allows (it is held in the tier it came from either way). Checked again
+        under `_pin_lock`, so no unpin comes between the check and the hold (the lock is
+        taken for pinned chunks only: saves of others never wait for a pin's I/O)."""
         if isinstance(tier, LocalTier) and self._pins.pinned(key):
-            self._hold(tier, [key])
+            with self._pin_lock:
+                if self._pins.pinned(key):
+                    self._hold(tier, [key])
 
     def _local_tiers(self) -> list[LocalTier]:
         return [t for t in self._tiers if isinstance(t, LocalTier)]
