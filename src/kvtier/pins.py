@@ -174,16 +174,28 @@ class Pinning:
             self._leave()
 
     def unpin_keys(self, keys: Sequence[Key]) -> int:
-        """Remove the pins of `keys` and of every prefix of them, here and on the servers;
-        the longest prefix unpinned, in chunks (0: none was pinned)."""
+        """Remove the pins of `keys` and of every prefix of them, here, then on the servers;
+        the longest prefix unpinned, in chunks (0: none was pinned). Raises KvtierError when
+        a server cannot be asked, after the local pins are removed (and the other servers
+        asked): call it again once the server is back."""
         self._enter()
         try:
             with self._pin_lock:
-                unpinned = max([0, *(int(t.unpin(keys)) for t in self._pin_servers())])
-                removed, freed = self._pins.remove(keys)
+                unpinned, freed = self._pins.remove(keys)
                 for tier in self._local_tiers():
                     tier.unhold(freed)
-                return max(unpinned, removed)
+                failed: KvtierError | None = None
+                for server in self._pin_servers():
+                    try:
+                        unpinned = max(unpinned, int(server.unpin(keys)))
+                    except KvtierError as exc:
+                        failed = exc
+                if failed is not None:
+                    raise KvtierError(
+                        f"unpin: the local pins are removed, but a server was not asked "
+                        f"({failed}); its pins stay until you unpin again once it is back"
+                    ) from failed
+                return unpinned
         finally:
             self._leave()
 
