@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,51 @@ def test_a_pin_whose_record_cannot_be_written_leaves_nothing_held(
             cache.pin(doc)
         stats = store.stats()
         assert stats.tier("dram").pinned_chunks == stats.tier("disk").pinned_chunks == 0
+
+
+def test_an_unpin_between_the_check_and_the_hold_of_a_promotion_leaves_no_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pinned chunk promoted into DRAM while its pin is removed: however the promotion's
+    check of the registry and its hold interleave with the unpin, no chunk stays held
+    without a pin."""
+    config = make_config(tmp_path, dram_bytes=8 * PAGE, disk_bytes=16 * FILE, pin_fraction=0.5)
+    with kvtier.Store(config) as store:
+        cache = store.bind("m", LAYOUT)
+        doc = toks(1, 5)
+        cache.save(doc, make_kv(len(doc)))
+        store.flush()
+        assert cache.pin(doc) == len(doc)  # DRAM holds the head 4 (its bound), disk all 5
+        churn(cache, 10)
+        last = cache.keys(doc)[-1]
+        assert store.locate([last]).tiers == ("disk",)
+        checked, go = threading.Event(), threading.Event()
+        pinned = store._pins.pinned
+
+        def slow_pinned(key: bytes) -> bool:
+            """The promotion pauses right after it first finds its chunk pinned."""
+            answer = pinned(key)
+            if key == last and answer and not checked.is_set():
+                checked.set()
+                go.wait(10)
+            return answer
+
+        monkeypatch.setattr(store._pins, "pinned", slow_pinned)
+        got: list[object] = []
+        promote = threading.Thread(
+            target=lambda: got.append(store.acquire_chunk(last, cache.chunk_bytes))
+        )
+        promote.start()
+        assert checked.wait(10)
+        unpin = threading.Thread(target=cache.unpin, args=(doc,))
+        unpin.start()
+        unpin.join(1)  # done, unless a fix makes it wait for the promotion's hold
+        go.set()
+        promote.join(10)
+        unpin.join(10)
+        assert got and got[0] is not None  # promoted from disk, pinned for this reader
+        store.release_chunk(last)
+        assert len(store._pins) == 0
+        stats = store.stats()
+        assert stats.tier("dram").pinned_chunks == stats.tier("disk").pinned_chunks == 0
+        store.check_integrity()

@@ -118,7 +118,9 @@ class BoundCache:
     def unpin(self, tokens: TokensLike) -> int:
         """Remove the pins made on `tokens` or on any prefix of them; their chunks are
         evictable (and expire) again unless another pin covers them. Returns the longest
-        prefix unpinned, in tokens (0 when none was pinned)."""
+        prefix unpinned, in tokens (0 when none was pinned). Raises KvtierError when a kvtier
+        server cannot be asked, after the local pins are removed: unpin again once it is
+        back."""
         return self.store.unpin_keys(self.keys(tokens)) * self.chunk_tokens
 
     def prefetch(self, tokens: TokensLike) -> None:

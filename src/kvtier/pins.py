@@ -7,17 +7,25 @@ covers it, so two pinned documents that share a system prompt keep it pinned unt
 unpinned; `unpin_keys(keys)` removes the pins of `keys` and of every prefix of them.
 
 The registry is the store's; each local tier only holds (`hold`/`unhold`) the pinned chunks it
-has, within its bound (`pin_fraction` of its capacity). The disk tier holds all of a pin's
-chunks it has, or refuses the pin (`PinRefused`, nothing pinned); so does DRAM for the chunks
-no tier below holds pinned (not on disk, not pinned by a kvtier server: e.g. a DRAM-only
-store). The chunks held below, DRAM holds head first as far as its bound allows: they are safe
-below it and promoted again when used. A chunk only a Redis remote has cannot be pinned.
+has, within its bound (`pin_fraction` of its capacity; in DRAM also `pin_fraction` of each key
+namespace's quota, so a tenant's quota always leaves it room to save). The disk tier holds all
+of a pin's chunks it has, or refuses the pin (`PinRefused`, nothing pinned); so does DRAM for
+the chunks no tier below holds pinned (not on disk, not pinned by a kvtier server: e.g. a
+DRAM-only store). The chunks held below, DRAM holds head first as far as its bounds allow:
+they are safe below it and promoted again when used. A chunk only a Redis remote has cannot be
+pinned.
 
 With a disk tier the registry is a journal in the disk directory (`pins`, fsynced at every
 change, compacted at open), so pins survive a restart, clean or `kill -9`: the disk tier's pinned
 chunks are held again at open, and a pinned chunk promoted into DRAM is held there too while
 DRAM's bound allows. A kvtier server behind `remote` is sent PIN / UNPIN for the keys it owns
 and keeps a registry of its own; a Redis remote is not asked (Redis evicts by its own policy).
+
+Locks: `_pin_lock` serialises pins, unpins and the holds of pinned chunks arriving in a tier
+(`_hold_if_pinned`: a save, write-behind or promotion), so no hold outlives its pin. Order:
+`_pin_lock`, then a tier's lock; it is never taken while holding the store's `_cond` or a
+tier's lock, and nothing holding it waits on `_cond` for background writes (a landing write
+may take it).
 
 `Pinning` is a part of `Store` (its base class); it uses the store's tiers and call
 accounting, declared below.
@@ -155,9 +163,9 @@ class Pinning:
         tier's pinned bytes would pass its bound, KvtierError when a server cannot be asked."""
         self._enter()
         try:
+            with self._cond:  # not under _pin_lock: a landing write may take it
+                self._cond.wait_for(lambda: not any(k in self._writing for k in keys))
             with self._pin_lock:
-                with self._cond:
-                    self._cond.wait_for(lambda: not any(k in self._writing for k in keys))
                 n = int(self._locate(keys).chunks)
                 if n:
                     self._pin(tuple(keys[:n]))
@@ -166,16 +174,28 @@ class Pinning:
             self._leave()
 
     def unpin_keys(self, keys: Sequence[Key]) -> int:
-        """Remove the pins of `keys` and of every prefix of them, here and on the servers;
-        the longest prefix unpinned, in chunks (0: none was pinned)."""
+        """Remove the pins of `keys` and of every prefix of them, here, then on the servers;
+        the longest prefix unpinned, in chunks (0: none was pinned). Raises KvtierError when
+        a server cannot be asked, after the local pins are removed (and the other servers
+        asked): call it again once the server is back."""
         self._enter()
         try:
             with self._pin_lock:
-                unpinned = max([0, *(int(t.unpin(keys)) for t in self._pin_servers())])
-                removed, freed = self._pins.remove(keys)
+                unpinned, freed = self._pins.remove(keys)
                 for tier in self._local_tiers():
                     tier.unhold(freed)
-                return max(unpinned, removed)
+                failed: KvtierError | None = None
+                for server in self._pin_servers():
+                    try:
+                        unpinned = max(unpinned, int(server.unpin(keys)))
+                    except KvtierError as exc:
+                        failed = exc
+                if failed is not None:
+                    raise KvtierError(
+                        f"unpin: the local pins are removed, but a server was not asked "
+                        f"({failed}); its pins stay until you unpin again once it is back"
+                    ) from failed
+                return unpinned
         finally:
             self._leave()
 
@@ -210,7 +230,7 @@ class Pinning:
     def _hold_all(self, tier: LocalTier, keys: Sequence[Key]) -> list[Key]:
         """Hold every chunk of `keys` the tier has; those newly held. PinRefused (none
         held) past the tier's bound."""
-        got = tier.hold(keys, self._pin_bound(tier))
+        got = self._hold(tier, keys)
         if got is None:
             raise self._refused(tier, keys)
         return got
@@ -219,17 +239,28 @@ class Pinning:
         """Hold the leading chunks of `keys` that fit the tier's bound; those newly held."""
         held: list[Key] = []
         for key in keys:
-            got = tier.hold([key], self._pin_bound(tier))
+            got = self._hold(tier, [key])
             if got is None:
                 break
             held += got
         return held
 
+    def _hold(self, tier: LocalTier, keys: Sequence[Key]) -> list[Key] | None:
+        """`tier.hold` within the tier's bound (and in DRAM within the same share of each
+        namespace's quota)."""
+        if isinstance(tier, DramTier):
+            return tier.hold(keys, self._pin_bound(tier), self.config.pin_fraction)
+        return tier.hold(keys, self._pin_bound(tier))
+
     def _hold_if_pinned(self, tier: Tier, key: Key) -> None:
         """A pinned chunk that has just arrived in a local tier is held there too, if the
-        tier's bound allows (it is held in the tier it came from either way)."""
+        tier's bound allows (it is held in the tier it came from either way). Checked again
+        under `_pin_lock`, so no unpin comes between the check and the hold (the lock is
+        taken for pinned chunks only: saves of others never wait for a pin's I/O)."""
         if isinstance(tier, LocalTier) and self._pins.pinned(key):
-            tier.hold([key], self._pin_bound(tier))
+            with self._pin_lock:
+                if self._pins.pinned(key):
+                    self._hold(tier, [key])
 
     def _local_tiers(self) -> list[LocalTier]:
         return [t for t in self._tiers if isinstance(t, LocalTier)]
@@ -250,9 +281,13 @@ class Pinning:
         )
         if not fraction:
             return PinRefused(f"pinning is off (pin_fraction=0); to pin, {fix}")
+        quotas = isinstance(tier, DramTier) and any(
+            u.limit_bytes is not None for u in tier.usage().values()
+        )
+        share = ", or a tenant's pinned bytes past pin_fraction of its DRAM quota"
         return PinRefused(
             f"pin refused: {len(keys)} chunks would take the {tier.name} tier's pinned "
             f"bytes past its bound of {self._pin_bound(tier)} (pin_fraction={fraction} of "
             f"{tier.capacity_bytes} bytes; {stats.pinned_bytes} bytes in "
-            f"{stats.pinned_chunks} chunks pinned now); {fix}"
+            f"{stats.pinned_chunks} chunks pinned now){share if quotas else ''}; {fix}"
         )

@@ -8,6 +8,11 @@ chunk in its pool, it calls `make_room`: while the chunk's own namespace would g
 limit, that namespace's least recently used chunk not in use is evicted, never another
 namespace's. Tiers call their ledger under their own lock. `NO_QUOTA` is the ledger of every
 store without namespaces: it counts nothing and never evicts.
+
+A user-pinned chunk (`hold`) is never a victim, so a tier that holds pins tells its ledger
+which chunks are held: a namespace's held bytes are kept to a share of its limit
+(`may_hold`), and a chunk that its namespace's held bytes leave no room for is refused at once
+(`within_reach`) instead of waited for.
 """
 
 from __future__ import annotations
@@ -69,12 +74,14 @@ class Usage(NamedTuple):
 
 
 class _Space:
-    __slots__ = ("bytes", "evictions", "order")
+    __slots__ = ("bytes", "evictions", "held", "held_bytes", "order")
 
     def __init__(self) -> None:
         self.order: OrderedDict[Key, int] = OrderedDict()  # key -> bytes, LRU first
         self.bytes = 0
         self.evictions = 0
+        self.held: set[Key] = set()  # chunks of `order` a user pinned: never victims
+        self.held_bytes = 0
 
 
 class Ledger:
@@ -97,7 +104,46 @@ class Ledger:
     def remove(self, key: Key) -> None:
         space = self._spaces.get(key[:NS_BYTES])
         if space is not None and key in space.order:
+            self.unhold([key])
             space.bytes -= space.order.pop(key)
+
+    def may_hold(self, keys: Iterable[Key], fraction: float) -> bool:
+        """Whether holding the counted `keys` not held yet keeps each namespace's held bytes
+        within `fraction` of its limit (a namespace without a limit: always)."""
+        more: dict[bytes, int] = {}
+        for key in set(keys):
+            space = self._spaces.get(key[:NS_BYTES])
+            if space is not None and key in space.order and key not in space.held:
+                more[key[:NS_BYTES]] = more.get(key[:NS_BYTES], 0) + space.order[key]
+        for tag, nbytes in more.items():
+            limit = self._limits.get(tag)
+            if limit is not None and self._spaces[tag].held_bytes + nbytes > fraction * limit:
+                return False
+        return True
+
+    def hold(self, keys: Iterable[Key]) -> None:
+        """Count counted chunks as held by a user (never victims) until `unhold`/`remove`."""
+        for key in keys:
+            space = self._spaces.get(key[:NS_BYTES])
+            if space is not None and key in space.order and key not in space.held:
+                space.held.add(key)
+                space.held_bytes += space.order[key]
+
+    def unhold(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            space = self._spaces.get(key[:NS_BYTES])
+            if space is not None and key in space.held:
+                space.held.remove(key)
+                space.held_bytes -= space.order[key]
+
+    def within_reach(self, key: Key, nbytes: int) -> bool:
+        """Whether `nbytes` more could fit `key`'s namespace once its chunks in use are let
+        go: False when its held chunks leave no room for them (waiting would not help)."""
+        tag = key[:NS_BYTES]
+        limit = self._limits.get(tag)
+        space = self._spaces.get(tag)
+        held = 0 if space is None else space.held_bytes
+        return limit is None or held + nbytes <= limit
 
     def touch(self, keys: Iterable[Key]) -> None:
         """Mark keys used, in the given order (the last becomes the most recent)."""
@@ -131,6 +177,8 @@ class Ledger:
         assert counted == held, (len(counted), len(held))
         for space in self._spaces.values():
             assert space.bytes == sum(space.order.values())
+            assert space.held <= space.order.keys()
+            assert space.held_bytes == sum(space.order[k] for k in space.held)
 
     def usage(self) -> dict[str, Usage]:
         """Every namespace known to this ledger, configured or seen."""
@@ -158,6 +206,18 @@ class _NoQuota(Ledger):
 
     def touch(self, keys: Iterable[Key]) -> None:
         return
+
+    def may_hold(self, keys: Iterable[Key], fraction: float) -> bool:
+        return True
+
+    def hold(self, keys: Iterable[Key]) -> None:
+        return
+
+    def unhold(self, keys: Iterable[Key]) -> None:
+        return
+
+    def within_reach(self, key: Key, nbytes: int) -> bool:
+        return True
 
     def make_room(
         self, key: Key, nbytes: int, busy: Callable[[Key], bool], evict: Callable[[Key], None]

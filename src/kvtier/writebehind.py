@@ -1,7 +1,9 @@
 """Taking a new chunk: a slot for it, then its writes to the lower tiers in the background.
 
 A save is copied into a DRAM slot, or, without a DRAM tier, into a slot of the store's
-staging pool; while every slot is pinned by writes still in flight, it waits for one. The
+staging pool; while every slot is pinned by writes still in flight, it waits for one (a save
+that user pins leave no room for, in DRAM or under its namespace's quota, is dropped at once,
+counted). The
 filled slot is published (a DRAM chunk, pinned until its writes have landed) and written
 through to the lower tiers by the store's I/O workers: to disk only once the chunk is
 admitted (admission.py), to the other lower tiers always. A store whose one tier is a
@@ -80,14 +82,15 @@ class WriteBehind:
 
     def _claim(self, key: Key, nbytes: int) -> tuple[memoryview | None, Callable[[], None] | None]:
         """A slot for a new chunk (DRAM, else staging), waiting while in-flight writes pin all
-        memory; (None, None) if the chunk cannot be held."""
+        memory; (None, None) if the chunk cannot be held, at once when user pins leave it no
+        room (in DRAM or under its namespace's quota: waiting for writes would not help)."""
         pool_wait = 0.05
         while True:
             if self._dram is not None:
                 slot = self._dram.reserve(key, nbytes)
                 if slot is not None:
                     return slot, functools.partial(self._dram.release, key)
-                if key in self._dram or nbytes > self._dram.capacity_bytes:
+                if key in self._dram or not self._dram.within_reach(key, nbytes):
                     return None, None
             elif self._staging is not None:
                 slot, release = self._stage(nbytes)

@@ -139,3 +139,26 @@ def test_chunks_no_server_holds_must_fit_the_client_dram(tmp_path: Path) -> None
     finally:
         server.stop()
         server_store.close()
+
+
+def test_unpin_with_the_server_down_removes_the_local_pins_first(tmp_path: Path) -> None:
+    """An unpin while the server is down raises KvtierError saying so, after the local pins
+    are removed (the chunks are evictable here); the server keeps its pin till asked again."""
+    server_store = kvtier.Store(kvtier.StoreConfig(dram_bytes=1 << 20, disk_dir=None))
+    server = ServerThread(server_store)
+    try:
+        with kvtier.Store(client_config(tmp_path, server.url, "a")) as store:
+            cache = store.bind("m", LAYOUT)
+            cache.save(DOC, make_kv(len(DOC)))
+            store.flush()
+            assert cache.pin(DOC) == len(DOC)
+            server.stop()
+            with pytest.raises(kvtier.KvtierError, match="local pins are removed"):
+                cache.unpin(DOC)
+            local = store._local_tiers()
+            assert [t.stats().pinned_chunks for t in local] == [0, 0]
+            assert len(store._pins) == 0
+            assert server_store.stats().tier("dram").pinned_chunks == 3
+    finally:
+        server.stop()
+        server_store.close()

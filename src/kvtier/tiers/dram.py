@@ -5,7 +5,9 @@ key's last pin goes. Saving the key again meanwhile makes a new entry; the doome
 waits in `_retired` until the key's last pin (of either) goes, so no reader ever sees its bytes
 change.
 
-User pins (`hold`) keep a chunk from eviction and from expiry; a chunk saved with a TTL
+User pins (`hold`) keep a chunk from eviction and from expiry, within a bound on the tier and
+a share of each key namespace's quota (so a namespace's quota always leaves room to save);
+a chunk saved with a TTL
 (`commit(expires_ns=...)`) past its time is a miss, reclaimed when next asked for or when room
 is needed.
 """
@@ -201,26 +203,43 @@ class DramTier:
                 self._drop(key)
             return True
 
-    def hold(self, keys: Sequence[Key], max_bytes: int) -> list[Key] | None:
+    def hold(
+        self, keys: Sequence[Key], max_bytes: int, quota_fraction: float = 1.0
+    ) -> list[Key] | None:
         """Pin (for a user) the chunks of `keys` held here against eviction and expiry, if the
-        pinned bytes stay within `max_bytes`; the keys newly pinned, or None (none pinned)."""
+        pinned bytes stay within `max_bytes`, and each key namespace's within `quota_fraction`
+        of its quota; the keys newly pinned, or None (none pinned)."""
         with self._lock:
             sizes = {}
             for key in keys:
                 entry = self._entries.get(key)
                 if entry is not None and entry.ready and not entry.doomed:
                     sizes[key] = entry.extent.nbytes
-            return self._lru.hold(sizes, max_bytes)
+            if not self._quota.may_hold(sizes, quota_fraction):
+                return None
+            held = self._lru.hold(sizes, max_bytes)
+            self._quota.hold(held or ())
+            return held
 
     def unhold(self, keys: Sequence[Key]) -> int:
         """Make user-pinned chunks evictable again (reclaiming those past their TTL); how
         many were pinned."""
         with self._lock:
             freed = self._lru.unhold(keys)
+            self._quota.unhold(freed)
             now = now_ns()
             for key in freed:
                 self._live(key, self._entries.get(key), now)
             return len(freed)
+
+    def within_reach(self, key: Key, nbytes: int) -> bool:
+        """Whether a new chunk of `nbytes` could get a slot once the chunks being read or
+        written are let go: user-pinned chunks leave room for it, in the pool and under its
+        namespace's quota (False: waiting would not help)."""
+        size = aligned(nbytes)
+        with self._lock:
+            room = self._pool.capacity_bytes - self._lru.held_bytes
+            return size <= room and self._quota.within_reach(key, size)
 
     def expires_ns(self, key: Key) -> int:
         with self._lock:
