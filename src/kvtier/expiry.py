@@ -88,7 +88,8 @@ class Expiries:
 class ExpiryLog:
     """A disk tier's expiry journal: one record per chunk saved with a TTL, appended before
     the chunk is published (not fsynced: chunk files are not either). The chunk's header stays
-    the truth; the journal only says which chunks to ask after a restart."""
+    the truth; the journal only says which chunks to ask after a restart. The owner serialises
+    appends with compactions (`rewrite`), so that a compaction loses no record."""
 
     def __init__(self, path: Path) -> None:
         self._journal = Journal(path, sync=False)
@@ -103,18 +104,21 @@ class ExpiryLog:
                 found[key] = at
         return found
 
-    def append(self, key: Key, at_ns: int, live: int) -> bool:
-        """Journal one chunk's expiry; True when the journal should be compacted (`rewrite`),
-        having grown well past the `live` expiries it is for."""
+    def append(self, key: Key, at_ns: int) -> None:
+        """Journal one chunk's expiry; OSError if the journal cannot take it (then it holds
+        what it held before)."""
         self._journal.append(RECORD.pack(key, at_ns))
         self._appends += 1
-        if self._appends <= 4 * live + COMPACT_SLACK:
-            return False
-        self._appends = 0
-        return True
+
+    def compaction_due(self, live: int) -> bool:
+        """Whether the journal has grown well past the `live` expiries it is for."""
+        return self._appends > 4 * live + COMPACT_SLACK
 
     def rewrite(self, items: Iterable[tuple[Key, int]]) -> None:
+        """Replace the records with `items`, atomically; OSError (the old records stay) if
+        that fails."""
         self._journal.rewrite(RECORD.pack(key, at) for key, at in items)
+        self._appends = 0
 
     def close(self) -> None:
         self._journal.close()

@@ -99,6 +99,8 @@ class DiskTier(Expiring):
         self._quota = quota  # counts chunks being written too (never their victims)
         self._ttl = Expiries()
         self._ttl_log: ExpiryLog | None = None
+        self._ttl_log_lock = threading.Lock()
+        self._ttl_pending: dict[tuple[Key, int], int] = {}
         self._used = 0
         self._count = Counters()
         self._files = FileWriter(HEADER_BYTES)
@@ -146,23 +148,33 @@ class DiskTier(Expiring):
         return ok
 
     def put(self, key: Key, src: Views, expires_ns: int = 0) -> bool:
-        """Store a chunk; on ENOSPC/EDQUOT evict older chunks and retry (a few times).
-        `expires_ns`: when the chunk expires (wall clock, `kvtier.expiry`); 0 never."""
+        """Store a chunk; on ENOSPC/EDQUOT (of its file or of the expiry journal) evict older
+        chunks and retry (a few times). `expires_ns`: when the chunk expires (wall clock,
+        `kvtier.expiry`); 0 never."""
         size = HEADER_BYTES + total_bytes(src)
-        for _ in range(1 + FULL_RETRIES):
-            if not self._reserve(key, size):
-                return key in self._sizes
-            error: OSError | None = UNFINISHED  # if _write raises: never published
-            try:
-                if expires_ns:
-                    self._log_expiry(key, expires_ns)
-                error = self._write(key, src, expires_ns)
-            finally:
-                self._settle(key, size, error, expires_ns)
-            if error is None:
-                return True
-            if not is_full(error):
-                return False
+        logged = False  # the expiry is journaled once per put, before the first write
+        try:
+            for _ in range(1 + FULL_RETRIES):
+                if not self._reserve(key, size):
+                    return key in self._sizes
+                error: OSError | None = UNFINISHED  # if an exception escapes: never published
+                try:
+                    if expires_ns and not logged:
+                        self._log_expiry(key, expires_ns)
+                        logged = True
+                        self._compact_expiries()
+                    error = self._write(key, src, expires_ns)
+                except OSError as exc:  # the expiry journal's: the write's error
+                    error = exc
+                finally:
+                    self._settle(key, size, error, expires_ns)
+                if error is None:
+                    return True
+                if not is_full(error):
+                    return False
+        finally:
+            if logged:
+                self._logged_done(key, expires_ns)
         with self._lock:
             self._count.errors += 1  # still no room after evicting for every retry
         return False
