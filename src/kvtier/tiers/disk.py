@@ -371,10 +371,13 @@ class DiskTier(Expiring):
         if got != want or meta.checksum != checksum(key, dst):
             self._forget(key, unlink=True, corrupt=True)
             return False
-        if meta.expires_ns and meta.expires_ns <= now_ns():  # the header is the truth
+        if meta.expires_ns:  # the header is the truth, also for the index (promotions ask it)
             with self._lock:
-                self._ttl.set(key, meta.expires_ns)
-                return not self._expire(key, now_ns())
+                if key in self._sizes:
+                    self._ttl.set(key, meta.expires_ns)
+                now = now_ns()
+                self._expire(key, now)
+                return meta.expires_ns > now or self._lru.held(key)
         return True
 
     def _forget(self, key: Key, unlink: bool, corrupt: bool = False) -> bool:
