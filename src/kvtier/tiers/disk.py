@@ -275,11 +275,11 @@ class DiskTier(Expiring):
                 self._expire(key, now)
             if key in self._sizes or key in self._inflight or size > capacity:
                 return False
+            if self._used + size > capacity or self._over_quota(key, size):
+                for due in self._ttl.due(now):  # expired chunks go before any live one
+                    self._expire(due, now)
             if not self._quota.make_room(key, size, self._busy, self._evict):
                 return False  # its namespace's own chunks are all being written
-            if self._used + size > capacity:  # expired chunks go first
-                for due in self._ttl.due(now):
-                    self._expire(due, now)
             while self._used + size > capacity:
                 victim = self._lru.victim()
                 if victim is None:
@@ -293,6 +293,11 @@ class DiskTier(Expiring):
     def _busy(self, key: Key) -> bool:
         """Not a victim for the quota (lock held): being written, or pinned by a user."""
         return key in self._inflight or self._lru.held(key)
+
+    def _over_quota(self, key: Key, size: int) -> bool:
+        """Whether `size` more bytes would take `key`'s namespace past its quota (lock held;
+        asked with every chunk busy, the ledger evicts nothing)."""
+        return not self._quota.make_room(key, size, lambda _: True, self._evict)
 
     def _evict(self, victim: Key) -> None:
         """Drop a published chunk to make room (lock held)."""
