@@ -1,5 +1,5 @@
-"""DiskTier TTLs: the expiry journal on a full disk, and its compaction under concurrent
-puts."""
+"""DiskTier TTLs: the expiry journal on a full disk, its compaction under concurrent puts,
+and expired chunks dropped first when a reopened tier no longer fits."""
 
 from __future__ import annotations
 
@@ -110,3 +110,19 @@ def test_a_compaction_keeps_the_expiry_of_a_put_in_flight(
     again = DiskTier(tmp_path, 10 * CHUNK_FILE)
     assert [again.expires_ns(key(i)) for i in (1, 2)] == [at + 1, at + 2]
     again.close()
+
+
+def test_reopening_smaller_drops_expired_chunks_first(tmp_path: Path) -> None:
+    """A tier reopened with room for fewer chunks drops those past their TTL before any live
+    one, though they are the most recently written."""
+    tier = DiskTier(tmp_path, 1 << 20)
+    for i in range(4):
+        assert ttl_put(tier, i, 1 if i >= 2 else 0)  # 2 and 3: expired long ago
+        os.utime(tier.path(key(i)), ns=(i * 10**9, i * 10**9))
+    tier.close()
+    small = DiskTier(tmp_path, 2 * CHUNK_FILE)
+    kept = small.keys()
+    assert sorted(int.from_bytes(k, "little") for k in kept) == [0, 1]
+    assert small.stats().expired == 2
+    small.check_integrity()
+    small.close()

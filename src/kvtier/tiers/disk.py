@@ -86,8 +86,11 @@ class DiskTier(Expiring):
         quota: Ledger = NO_QUOTA,
         space_check_s: float = 1.0,
         recency_flush_s: float = 1.0,
+        trim: bool = True,
     ) -> None:
-        """`quota`: bytes per key namespace (the server's tenants), see `quota.py`."""
+        """`quota`: bytes per key namespace (the server's tenants), see `quota.py`.
+        A directory holding more than `capacity_bytes` (disk_bytes shrank) is trimmed at open;
+        with `trim=False` only when the owner calls `trim()`, having held its pinned chunks."""
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
         self.max_chunk_bytes = max(0, capacity_bytes - HEADER_BYTES)  # a file is header + payload
@@ -113,6 +116,8 @@ class DiskTier(Expiring):
         try:
             self._load_index()
             self._load_expiries()
+            if trim:
+                self.trim()
             self._loaded = True
         except BaseException as exc:
             self.close()  # release the lock: a later open in this process must not be refused
@@ -242,6 +247,21 @@ class DiskTier(Expiring):
             for key in freed:
                 self._expire(key, now)
             return len(freed)
+
+    def trim(self) -> None:
+        """Drop chunks until the tier fits its capacity (after an open with less of it): those
+        past their TTL first, then the least recently used; never a held (pinned) one."""
+        with self._lock:
+            if self._used <= self.capacity_bytes:
+                return
+            now = now_ns()
+            for key in self._ttl.due(now):
+                self._expire(key, now)
+            while self._used > self.capacity_bytes:
+                victim = self._lru.victim()
+                if victim is None:
+                    return
+                self._evict(victim)
 
     def chunk_bytes(self, key: Key) -> int | None:
         """Payload size of a stored chunk, or None."""
@@ -418,8 +438,8 @@ class DiskTier(Expiring):
 
     def _load_index(self) -> None:
         """Publish every complete chunk file in LRU order (a chunk's last use is the later of
-        its file's mtime and its last journal record); delete leftovers of torn writes, and the
-        least recently used chunks if they no longer fit."""
+        its file's mtime and its last journal record); delete leftovers of torn writes. Chunks
+        that no longer fit stay until `trim`."""
         for leftover in self._tmp.iterdir():
             self._unlink(leftover)
         ranks = self._journal.read()
@@ -428,18 +448,11 @@ class DiskTier(Expiring):
             key, st = item
             return max(Rank(st.st_mtime_ns, -1), ranks.get(key, Rank(0, -1)))
 
-        newest_first = sorted(_scan(self.root), key=last_use, reverse=True)
-        kept = []
-        for key, st in newest_first:
-            if self._used + st.st_size > self.capacity_bytes:
-                self._unlink(self.path(key))  # disk_bytes shrank: keep the most recent chunks
-                continue
-            kept.append(key)
+        for key, st in sorted(_scan(self.root), key=last_use):  # least recent first
             self._sizes[key] = st.st_size
             self._used += st.st_size
-        for key in reversed(kept):  # least recently written first in LRU order
             self._lru.add(key)
-            self._quota.add(key, self._sizes[key])
+            self._quota.add(key, st.st_size)
 
     def _header_expiry(self, key: Key) -> int | None:
         try:
