@@ -81,6 +81,27 @@ def test_disk_quota_holds_and_its_accounting_survives_a_restart(tmp_path: Path) 
     again.close()
 
 
+def test_expired_chunks_go_before_a_namespaces_live_ones_at_its_quota(tmp_path: Path) -> None:
+    """A namespace at its quota whose most recent chunks are past their TTL loses those, not
+    its live ones, to a new chunk (DRAM and disk)."""
+    dram = DramTier(64 * PAGE, prefault=False, quota=QUOTAS.ledger("dram"))
+    disk = DiskTier(tmp_path, 1 << 20, quota=QUOTAS.ledger("disk"))
+    for i in range(4):
+        expires_ns = 1 if i >= 2 else 0  # 2 and 3: expired long ago
+        slot = dram.reserve(key("a", i), PAGE)
+        assert slot is not None
+        slot[:] = chunk(i)[0]
+        dram.commit(key("a", i), expires_ns=expires_ns)
+        assert disk.put(key("a", i), chunk(i), expires_ns=expires_ns)
+    for tier in (dram, disk):
+        assert tier.put(key("a", 4), chunk(4))
+        assert [tier.contains_prefix([key("a", i)]) for i in (0, 1, 4)] == [1, 1, 1]
+        stats = tier.stats()
+        assert (stats.expired, stats.evictions, tier.usage()["a"].evictions) == (2, 0, 0)
+        tier.check_integrity()
+        tier.close()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(

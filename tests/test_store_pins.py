@@ -3,6 +3,7 @@ reader pins, shared prefixes, stats, and persistence across a restart (clean and
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -194,6 +195,31 @@ cache.save(doc, make_kv(len(doc)))
 print(cache.pin(doc), flush=True)
 time.sleep(60)
 """
+
+
+def test_pinned_chunks_survive_a_reopen_with_a_smaller_disk(tmp_path: Path) -> None:
+    """Reopened with disk_bytes too small for every chunk, the disk tier keeps the pinned
+    ones (held again before it is trimmed), though they are the least recently used (the
+    recency journal lost, as after kill -9: the oldest files)."""
+    doc = toks(1, 2)
+    kv = make_kv(len(doc))
+    with kvtier.Store(make_config(tmp_path, dram_bytes=None)) as store:
+        cache = store.bind("m", LAYOUT)
+        cache.save(doc, kv)
+        assert cache.pin(doc) == len(doc)
+        churn(cache, 6)
+        doc_keys = cache.keys(doc)
+    root = tmp_path / "disk" / "kvtier-v1"
+    (root / "RECENCY").unlink()
+    for key in doc_keys:
+        os.utime(root / key.hex()[:2] / f"{key.hex()}.kv", ns=(10**9, 10**9))
+    small = make_config(tmp_path, dram_bytes=None, disk_bytes=4 * FILE)
+    with kvtier.Store(small) as store:
+        cache = store.bind("m", LAYOUT)
+        np.testing.assert_array_equal(cache.load(doc), kv)
+        disk = store.stats().tier("disk")
+        assert (disk.chunks, disk.pinned_chunks) == (4, 2)
+        store.check_integrity()
 
 
 def test_pins_survive_kill_9(tmp_path: Path) -> None:

@@ -12,6 +12,9 @@ import xxhash
 from tests.conftest import CHUNK, LAYOUT, make_config, make_kv
 
 import kvtier
+import kvtier.tiers.disk as disk_module
+import kvtier.tiers.dram as dram_module
+from kvtier import expiry
 from kvtier.expiry import RECORD
 from kvtier.journal import FRAME
 from kvtier.tiers.disk import HEADER, HEADER_BYTES, parse_header
@@ -24,6 +27,24 @@ PAGE = 4096
 
 def toks(seed: int, chunks: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, 1000, chunks * CHUNK)]
+
+
+class Clock:
+    """The wall clock expiries are read on, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.time_ns()
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    for module in (expiry, dram_module, disk_module):
+        monkeypatch.setattr(module, "now_ns", fake)
+    return fake
 
 
 def test_expired_chunks_are_misses_reclaimed_and_counted(tmp_path: Path) -> None:
@@ -112,6 +133,29 @@ def test_the_header_is_the_truth_without_the_journal(tmp_path: Path) -> None:
             cache.load(doc)
         assert cache.lookup(doc) == 0
         assert store.stats().tier("disk").expired == 1
+
+
+def test_a_chunk_promoted_without_its_journal_record_keeps_its_expiry(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """With the expiry journal lost, a chunk loaded from disk before its TTL takes its
+    header's expiry into DRAM: past it, the DRAM copy is a miss too."""
+    config = make_config(tmp_path)
+    doc = toks(1, 2)
+    kv = make_kv(len(doc))
+    with kvtier.Store(config) as store:
+        store.bind("m", LAYOUT, ttl_s=60).save(doc, kv)
+    (tmp_path / "disk" / "kvtier-v1" / "expiry").unlink()
+    with kvtier.Store(config) as store:
+        cache = store.bind("m", LAYOUT)
+        np.testing.assert_array_equal(cache.load(doc), kv)  # promoted into DRAM
+        assert store.stats().tier("dram").chunks == 2
+        clock.now += 120 * 10**9
+        assert cache.lookup(doc) == 0
+        with pytest.raises(kvtier.ChunkMissing):
+            cache.load(doc)
+        assert store.stats().tier("dram").expired == 2
+        store.check_integrity()
 
 
 def test_files_without_an_expiry_never_expire(tmp_path: Path) -> None:

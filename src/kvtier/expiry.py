@@ -3,7 +3,9 @@
 Times are wall-clock nanoseconds since the epoch (`time.time_ns()`), so they mean the same after
 a restart; 0 means "never". A tier keeps one `Expiries` beside its index: a look-up asks
 `expired(key)`, and `due()` hands out, oldest first, the chunks whose time has come (a heap, so
-a sweep costs O(log n) per expired chunk, nothing for the rest).
+a sweep costs O(log n) per expired chunk, nothing for the rest). Entries of keys discarded or
+given a new time stay in the heap until it is rebuilt from the live ones, once it holds more
+than twice as many as there are live keys (plus `HEAP_SLACK`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kvtier.keys import Key
 
 RECORD = struct.Struct("<16sQ")  # an expiry journal record: key, expiry (unix ns)
 COMPACT_SLACK = 65536  # records beyond 4x the live ones before the journal is compacted
+HEAP_SLACK = 1024  # heap entries beyond 2x the live keys before the heap is rebuilt
 
 
 def now_ns() -> int:
@@ -45,8 +48,12 @@ class Expiries:
         if not at_ns:
             self._at.pop(key, None)
             return
+        if self._at.get(key) == at_ns:
+            return
         self._at[key] = at_ns
         heapq.heappush(self._heap, (at_ns, key))
+        if len(self._heap) > 2 * len(self._at) + HEAP_SLACK:
+            self._compact()
 
     def get(self, key: Key) -> int:
         return self._at.get(key, 0)
@@ -71,11 +78,18 @@ class Expiries:
     def items(self) -> list[tuple[Key, int]]:
         return list(self._at.items())
 
+    def _compact(self) -> None:
+        """Rebuild the heap from its live entries (those not handed out by `due` yet)."""
+        live = {(at, key) for at, key in self._heap if self._at.get(key) == at}
+        self._heap = list(live)
+        heapq.heapify(self._heap)
+
 
 class ExpiryLog:
     """A disk tier's expiry journal: one record per chunk saved with a TTL, appended before
     the chunk is published (not fsynced: chunk files are not either). The chunk's header stays
-    the truth; the journal only says which chunks to ask after a restart."""
+    the truth; the journal only says which chunks to ask after a restart. The owner serialises
+    appends with compactions (`rewrite`), so that a compaction loses no record."""
 
     def __init__(self, path: Path) -> None:
         self._journal = Journal(path, sync=False)
@@ -90,18 +104,21 @@ class ExpiryLog:
                 found[key] = at
         return found
 
-    def append(self, key: Key, at_ns: int, live: int) -> bool:
-        """Journal one chunk's expiry; True when the journal should be compacted (`rewrite`),
-        having grown well past the `live` expiries it is for."""
+    def append(self, key: Key, at_ns: int) -> None:
+        """Journal one chunk's expiry; OSError if the journal cannot take it (then it holds
+        what it held before)."""
         self._journal.append(RECORD.pack(key, at_ns))
         self._appends += 1
-        if self._appends <= 4 * live + COMPACT_SLACK:
-            return False
-        self._appends = 0
-        return True
+
+    def compaction_due(self, live: int) -> bool:
+        """Whether the journal has grown well past the `live` expiries it is for."""
+        return self._appends > 4 * live + COMPACT_SLACK
 
     def rewrite(self, items: Iterable[tuple[Key, int]]) -> None:
+        """Replace the records with `items`, atomically; OSError (the old records stay) if
+        that fails."""
         self._journal.rewrite(RECORD.pack(key, at) for key, at in items)
+        self._appends = 0
 
     def close(self) -> None:
         self._journal.close()

@@ -91,7 +91,8 @@ class Store(InPlace, Pinning, Promotion, WriteBehind):
         try:  # if any tier fails (disk in use, token refused), close those already open
             if config.disk_dir is not None:
                 size = int(config.disk_bytes or 0)
-                lower.append(DiskTier(config.disk_dir, size, quota=disk_quota))
+                # trimmed (if disk_bytes shrank) once its pinned chunks are held again
+                lower.append(DiskTier(config.disk_dir, size, quota=disk_quota, trim=False))
             if config.remote is not None:
                 lower.append(_open_remote(config))
             self._dram = _open_dram(config, dram_quota)
@@ -118,6 +119,8 @@ class Store(InPlace, Pinning, Promotion, WriteBehind):
         self._closed = False
         try:
             self._open_pins(next((t for t in lower if isinstance(t, DiskTier)), None))
+            if self._disk is not None:
+                self._disk.trim()
         except BaseException:
             self.close()
             raise

@@ -86,8 +86,11 @@ class DiskTier(Expiring):
         quota: Ledger = NO_QUOTA,
         space_check_s: float = 1.0,
         recency_flush_s: float = 1.0,
+        trim: bool = True,
     ) -> None:
-        """`quota`: bytes per key namespace (the server's tenants), see `quota.py`."""
+        """`quota`: bytes per key namespace (the server's tenants), see `quota.py`.
+        A directory holding more than `capacity_bytes` (disk_bytes shrank) is trimmed at open;
+        with `trim=False` only when the owner calls `trim()`, having held its pinned chunks."""
         self.root = Path(directory) / "kvtier-v1"
         self.capacity_bytes = capacity_bytes
         self.max_chunk_bytes = max(0, capacity_bytes - HEADER_BYTES)  # a file is header + payload
@@ -99,6 +102,8 @@ class DiskTier(Expiring):
         self._quota = quota  # counts chunks being written too (never their victims)
         self._ttl = Expiries()
         self._ttl_log: ExpiryLog | None = None
+        self._ttl_log_lock = threading.Lock()
+        self._ttl_pending: dict[tuple[Key, int], int] = {}
         self._used = 0
         self._count = Counters()
         self._files = FileWriter(HEADER_BYTES)
@@ -111,6 +116,8 @@ class DiskTier(Expiring):
         try:
             self._load_index()
             self._load_expiries()
+            if trim:
+                self.trim()
             self._loaded = True
         except BaseException as exc:
             self.close()  # release the lock: a later open in this process must not be refused
@@ -146,23 +153,33 @@ class DiskTier(Expiring):
         return ok
 
     def put(self, key: Key, src: Views, expires_ns: int = 0) -> bool:
-        """Store a chunk; on ENOSPC/EDQUOT evict older chunks and retry (a few times).
-        `expires_ns`: when the chunk expires (wall clock, `kvtier.expiry`); 0 never."""
+        """Store a chunk; on ENOSPC/EDQUOT (of its file or of the expiry journal) evict older
+        chunks and retry (a few times). `expires_ns`: when the chunk expires (wall clock,
+        `kvtier.expiry`); 0 never."""
         size = HEADER_BYTES + total_bytes(src)
-        for _ in range(1 + FULL_RETRIES):
-            if not self._reserve(key, size):
-                return key in self._sizes
-            error: OSError | None = UNFINISHED  # if _write raises: never published
-            try:
-                if expires_ns:
-                    self._log_expiry(key, expires_ns)
-                error = self._write(key, src, expires_ns)
-            finally:
-                self._settle(key, size, error, expires_ns)
-            if error is None:
-                return True
-            if not is_full(error):
-                return False
+        logged = False  # the expiry is journaled once per put, before the first write
+        try:
+            for _ in range(1 + FULL_RETRIES):
+                if not self._reserve(key, size):
+                    return key in self._sizes
+                error: OSError | None = UNFINISHED  # if an exception escapes: never published
+                try:
+                    if expires_ns and not logged:
+                        self._log_expiry(key, expires_ns)
+                        logged = True
+                        self._compact_expiries()
+                    error = self._write(key, src, expires_ns)
+                except OSError as exc:  # the expiry journal's: the write's error
+                    error = exc
+                finally:
+                    self._settle(key, size, error, expires_ns)
+                if error is None:
+                    return True
+                if not is_full(error):
+                    return False
+        finally:
+            if logged:
+                self._logged_done(key, expires_ns)
         with self._lock:
             self._count.errors += 1  # still no room after evicting for every retry
         return False
@@ -231,6 +248,21 @@ class DiskTier(Expiring):
                 self._expire(key, now)
             return len(freed)
 
+    def trim(self) -> None:
+        """Drop chunks until the tier fits its capacity (after an open with less of it): those
+        past their TTL first, then the least recently used; never a held (pinned) one."""
+        with self._lock:
+            if self._used <= self.capacity_bytes:
+                return
+            now = now_ns()
+            for key in self._ttl.due(now):
+                self._expire(key, now)
+            while self._used > self.capacity_bytes:
+                victim = self._lru.victim()
+                if victim is None:
+                    return
+                self._evict(victim)
+
     def chunk_bytes(self, key: Key) -> int | None:
         """Payload size of a stored chunk, or None."""
         with self._lock:
@@ -263,11 +295,11 @@ class DiskTier(Expiring):
                 self._expire(key, now)
             if key in self._sizes or key in self._inflight or size > capacity:
                 return False
+            if self._used + size > capacity or self._over_quota(key, size):
+                for due in self._ttl.due(now):  # expired chunks go before any live one
+                    self._expire(due, now)
             if not self._quota.make_room(key, size, self._busy, self._evict):
                 return False  # its namespace's own chunks are all being written
-            if self._used + size > capacity:  # expired chunks go first
-                for due in self._ttl.due(now):
-                    self._expire(due, now)
             while self._used + size > capacity:
                 victim = self._lru.victim()
                 if victim is None:
@@ -281,6 +313,11 @@ class DiskTier(Expiring):
     def _busy(self, key: Key) -> bool:
         """Not a victim for the quota (lock held): being written, or pinned by a user."""
         return key in self._inflight or self._lru.held(key)
+
+    def _over_quota(self, key: Key, size: int) -> bool:
+        """Whether `size` more bytes would take `key`'s namespace past its quota (lock held;
+        asked with every chunk busy, the ledger evicts nothing)."""
+        return not self._quota.make_room(key, size, lambda _: True, self._evict)
 
     def _evict(self, victim: Key) -> None:
         """Drop a published chunk to make room (lock held)."""
@@ -359,10 +396,13 @@ class DiskTier(Expiring):
         if got != want or meta.checksum != checksum(key, dst):
             self._forget(key, unlink=True, corrupt=True)
             return False
-        if meta.expires_ns and meta.expires_ns <= now_ns():  # the header is the truth
+        if meta.expires_ns:  # the header is the truth, also for the index (promotions ask it)
             with self._lock:
-                self._ttl.set(key, meta.expires_ns)
-                return not self._expire(key, now_ns())
+                if key in self._sizes:
+                    self._ttl.set(key, meta.expires_ns)
+                now = now_ns()
+                self._expire(key, now)
+                return meta.expires_ns > now or self._lru.held(key)
         return True
 
     def _forget(self, key: Key, unlink: bool, corrupt: bool = False) -> bool:
@@ -398,8 +438,8 @@ class DiskTier(Expiring):
 
     def _load_index(self) -> None:
         """Publish every complete chunk file in LRU order (a chunk's last use is the later of
-        its file's mtime and its last journal record); delete leftovers of torn writes, and the
-        least recently used chunks if they no longer fit."""
+        its file's mtime and its last journal record); delete leftovers of torn writes. Chunks
+        that no longer fit stay until `trim`."""
         for leftover in self._tmp.iterdir():
             self._unlink(leftover)
         ranks = self._journal.read()
@@ -408,18 +448,11 @@ class DiskTier(Expiring):
             key, st = item
             return max(Rank(st.st_mtime_ns, -1), ranks.get(key, Rank(0, -1)))
 
-        newest_first = sorted(_scan(self.root), key=last_use, reverse=True)
-        kept = []
-        for key, st in newest_first:
-            if self._used + st.st_size > self.capacity_bytes:
-                self._unlink(self.path(key))  # disk_bytes shrank: keep the most recent chunks
-                continue
-            kept.append(key)
+        for key, st in sorted(_scan(self.root), key=last_use):  # least recent first
             self._sizes[key] = st.st_size
             self._used += st.st_size
-        for key in reversed(kept):  # least recently written first in LRU order
             self._lru.add(key)
-            self._quota.add(key, self._sizes[key])
+            self._quota.add(key, st.st_size)
 
     def _header_expiry(self, key: Key) -> int | None:
         try:

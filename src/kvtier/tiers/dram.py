@@ -296,13 +296,16 @@ class DramTier:
             self._drop(key)
 
     def _alloc(self, key: Key, nbytes: int) -> Extent | None:
-        """Room for a new chunk: its namespace's own chunks go first if it is at its quota,
-        then the least recently used of all."""
+        """Room for a new chunk: where some is needed, chunks past their TTL go first, then
+        its namespace's own chunks if it is at its quota, then the least recently used."""
+        swept = False  # expired chunks go before any live one is evicted
+        if not self._quota.make_room(key, aligned(nbytes), lambda _: True, self._evict):
+            swept = True  # over its quota (asked with every chunk busy: nothing evicted)
+            self._reclaim_due()
         if not self._quota.make_room(key, aligned(nbytes), self._busy, self._evict):
             return None
-        swept = False
         while (extent := self._pool.alloc(nbytes)) is None:
-            if not swept:  # expired chunks go before any live one is evicted
+            if not swept:
                 swept = True
                 if self._reclaim_due():
                     continue
