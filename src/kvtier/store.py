@@ -3,13 +3,14 @@ tiers in the background, prefetch on hint. Tiers never know about each other.
 
 DRAM is written through to disk and remote, so a chunk evicted from DRAM is already on disk
 (it stays pinned in DRAM until its write has landed): evictions never drop a chunk the disk
-could hold, except one not yet admitted to it (below). Without a DRAM tier, saves go through a small staging pool instead: room for
-io_workers + 2 chunks of the largest chunk size bound (mapped and faulted in by `bind`); a save
-waits while every slot is still being written. A store whose one tier is a same-host server
-that takes writes into its shared DRAM file saves straight there, in the caller's thread.
-With `disk_admit_after` > 1 a save reaches the disk only once its chunk is admitted (see
-admission.py); the DRAM hit that admits a chunk writes its DRAM copy to disk, and a chunk
-DRAM evicts before it was admitted is gone (counted in `admission_rejected`).
+could hold, except one not yet admitted to it (below). Without a DRAM tier, saves go through a
+small staging pool instead: room for io_workers + 2 chunks of the largest chunk size bound
+(mapped and faulted in by `bind`); a save waits while every slot is still being written. A
+store whose one tier is a same-host server that takes writes into its shared DRAM file saves
+straight there, in the caller's thread. With `disk_admit_after` > 1 a save reaches the disk
+only once its chunk is admitted (see admission.py); the DRAM hit that admits a chunk writes its
+DRAM copy to disk, and a chunk DRAM evicts before it was admitted is gone (counted in
+`admission_rejected`).
 
 Saves and their background writes are in `writebehind.py`; DRAM misses served from the lower
 tiers and promoted into DRAM, prefetch and the admission of DRAM hits in `promotion.py`.
