@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 
 import kvtier
+from kvtier.bench.certs import make_certs
 from kvtier.bench.remote_io import ServeProcess
 from kvtier.cli import main
 from kvtier.demo import build_model
 from kvtier.integrations.transformers import kv_layout
 from kvtier.preheat import BYTE_OFFSET
+from kvtier.server.server import ServerThread
+from kvtier.server.tls import server_context
 
 CHUNK = 16
 TINY = ["--hidden", "64", "--layers", "2", "--chunk-tokens", str(CHUNK), "--dram", "8MiB"]
@@ -123,3 +126,31 @@ def test_preheat_a_running_server(tmp_path: Path, capsys: pytest.CaptureFixture[
             full = len(tokens) // CHUNK * CHUNK
             assert store.bind(result["model_id"], layout()).lookup(tokens) == full
             assert store.stats().tier("remote").pinned_chunks >= full // CHUNK
+
+
+def test_preheat_a_tls_server_with_its_ca_and_clear_errors_without(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--remote kvtiers:// with --remote-ca stores and pins on a TLS server; plaintext
+    kvtier:// against it, or kvtiers:// without the CA, stops with exit status 1 and one line
+    saying what to fix, no traceback."""
+    certs = make_certs(tmp_path / "certs")
+    store = kvtier.Store(kvtier.StoreConfig(dram_bytes=16 << 20))
+    handle = ServerThread(store, tls=server_context(certs.cert, certs.key))
+    file = tmp_path / "p.txt"
+    file.write_text(DOCS[2])
+    address = handle.url.removeprefix("kvtiers://")
+    try:
+        for url, fix in ((f"kvtier://{address}", "kvtiers://"), (handle.url, "KVTIER_REMOTE_CA")):
+            assert main(["preheat", str(file), *TINY, "--remote", url]) == 1
+            err = capsys.readouterr().err
+            said = [line for line in err.splitlines() if line.startswith("kvtier preheat: ")]
+            assert len(said) == 1 and fix in said[0] and "Traceback" not in err, err
+        ca = ["--remote-ca", str(certs.ca)]
+        assert main(["preheat", str(file), *TINY, "--remote", handle.url, *ca, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["pinned_tokens"] == len(DOCS[2].encode()) // CHUNK * CHUNK
+        assert store.stats().tier("dram").pinned_chunks == result["pinned_tokens"] // CHUNK
+    finally:
+        handle.stop()
+        store.close()

@@ -264,19 +264,16 @@ class StoreConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> StoreConfig:
         """A config from KVTIER_* variables (KVTIER_DRAM=off switches a tier off)."""
         env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for name, var in _ENV_FIELDS.items():
-            raw = env.get(var)
-            if raw is None:
-                continue
-            values[name] = None if raw.lower() in ("", "off", "none") else raw
-        if "chunk_tokens" in values:
-            values["chunk_tokens"] = _int_env("KVTIER_CHUNK_TOKENS", values["chunk_tokens"])
-        if "io_workers" in values:
-            values["io_workers"] = _int_env("KVTIER_IO_WORKERS", values["io_workers"])
-        if "disk_admit_after" in values:  # off: no admission, every save goes to disk
-            uses = values["disk_admit_after"] or 1
-            values["disk_admit_after"] = _int_env("KVTIER_DISK_ADMIT_AFTER", uses)
+        text = {name: env[var] for name, var in _ENV_FIELDS.items() if var in env}
+        return cls.from_text(text, **overrides)
+
+    @classmethod
+    def from_text(cls, text: Mapping[str, str], **overrides: object) -> StoreConfig:
+        """A config from fields given as text, as KVTIER_* variables and the command-line
+        options that default to them give them: "", "off" or "none" switches a field off (a
+        tier; pinning; disk_admit_after: every save goes to disk). `overrides` that are not
+        None are taken as they are. ConfigError names the variable or field."""
+        values = {name: _from_text(name, raw) for name, raw in text.items()}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)  # type: ignore[arg-type]
 
@@ -299,6 +296,17 @@ _ENV_FIELDS = {
 def env_default(var: str, default: str | None = None) -> str | None:
     """The value of a KVTIER_* variable, for CLI option defaults."""
     return os.environ.get(var, default)
+
+
+def _from_text(name: str, raw: str) -> object:
+    """One field's value from its text (see `StoreConfig.from_text`)."""
+    var = _ENV_FIELDS[name]
+    off = raw.lower() in ("", "off", "none")
+    if name == "disk_admit_after":  # off: no admission, every save goes to disk
+        return 1 if off else _int_env(var, raw)
+    if name in ("chunk_tokens", "io_workers"):
+        return _int_env(var, raw)
+    return None if off else raw
 
 
 def _int_env(var: str, raw: object) -> int:

@@ -69,8 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--remote",
         default=env("KVTIER_REMOTE"),
-        help="kvtier://host:port (token: KVTIER_REMOTE_TOKEN)",
+        help="kvtier://host:port; kvtiers:// with TLS (token: KVTIER_REMOTE_TOKEN)",
     )
+    add("--remote-ca", default=env("KVTIER_REMOTE_CA"),
+        help="kvtiers://: PEM file of the CA that signed the server's certificate (default: "
+        "the system's CAs)")  # fmt: skip
     add("--pin-fraction", default=env("KVTIER_PIN_FRACTION", "0.5"),
         help="share of each local tier pinned chunks may take")  # fmt: skip
     add("--vllm", default=env("KVTIER_PREHEAT_VLLM"),
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             result = preheat_vllm(prompts, args.vllm, args.served_model, args.salt, args.file)
         else:
             result = preheat(prompts, config, args)
-    except (kvtier.PinRefused, ConfigError) as exc:
+    except kvtier.KvtierError as exc:  # a refused pin, a bad line, the server (TLS, token)
         print(f"kvtier preheat: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -118,6 +121,7 @@ def store_config(args: argparse.Namespace) -> kvtier.StoreConfig:
         disk_bytes=args.disk if args.disk_dir else None,
         remote=args.remote or None,
         remote_token=env_default("KVTIER_REMOTE_TOKEN"),
+        remote_ca=args.remote_ca or None,
         pin_fraction=args.pin_fraction,
     )
 

@@ -6,8 +6,11 @@ finds on disk after a restart. A tier given a `Ledger` counts each namespace's b
 chunks and keeps one LRU order per namespace, next to its own. Before it makes room for a new
 chunk in its pool, it calls `make_room`: while the chunk's own namespace would go over its
 limit, that namespace's least recently used chunk not in use is evicted, never another
-namespace's. Tiers call their ledger under their own lock. `NO_QUOTA` is the ledger of every
-store without namespaces: it counts nothing and never evicts.
+namespace's. Chunks of namespaces no one configured (tenants since removed from the auth
+file, chunks an older server saved under another key scheme) have no quota: they are counted
+together, as one namespace `UNKNOWN`, so however many such tags a disk holds, the ledger and
+the server's metrics have one entry for them. Tiers call their ledger under their own lock.
+`NO_QUOTA` is the ledger of every store without namespaces: it counts nothing and never evicts.
 
 A user-pinned chunk (`hold`) is never a victim, so a tier that holds pins tells its ledger
 which chunks are held: a namespace's held bytes are kept to a share of its limit
@@ -27,16 +30,13 @@ from kvtier.keys import Key
 
 NS_BYTES = 4
 TIERS = ("dram", "disk")  # the tiers that hold quotas (the server's own)
+UNKNOWN = "#unknown"  # the name, in usage(), of every namespace no one configured
+_UNKNOWN_TAG = b""  # the ledger's one space for them (no namespace's tag is empty)
 
 
 def namespace_tag(name: str) -> bytes:
     """The first NS_BYTES of every key of namespace `name`."""
     return hashlib.blake2b(name.encode(), digest_size=NS_BYTES, person=b"kvtier-ns").digest()
-
-
-def unknown_name(tag: bytes) -> str:
-    """How a namespace no one configured (a tenant since removed) is named in stats."""
-    return "#" + tag.hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,20 +89,27 @@ class Ledger:
     lock guards it)."""
 
     def __init__(self, names: Mapping[bytes, str], limits: Mapping[bytes, int]) -> None:
+        assert set(limits) <= set(names), "a limit for a namespace no one configured"
         self._names = dict(names)
         self._limits = dict(limits)
         self._spaces: dict[bytes, _Space] = {}
 
+    def _tag(self, key: Key) -> bytes:
+        """The space `key` is counted in: its namespace's, or the one of every unknown one."""
+        tag = key[:NS_BYTES]
+        return tag if tag in self._names else _UNKNOWN_TAG
+
     def add(self, key: Key, nbytes: int) -> None:
         """Count a chunk the tier now holds (or is writing), as its namespace's most recent."""
-        space = self._spaces.get(key[:NS_BYTES])
+        tag = self._tag(key)
+        space = self._spaces.get(tag)
         if space is None:
-            space = self._spaces[key[:NS_BYTES]] = _Space()
+            space = self._spaces[tag] = _Space()
         space.bytes += nbytes - space.order.pop(key, 0)
         space.order[key] = nbytes
 
     def remove(self, key: Key) -> None:
-        space = self._spaces.get(key[:NS_BYTES])
+        space = self._spaces.get(self._tag(key))
         if space is not None and key in space.order:
             self.unhold([key])
             space.bytes -= space.order.pop(key)
@@ -112,9 +119,9 @@ class Ledger:
         within `fraction` of its limit (a namespace without a limit: always)."""
         more: dict[bytes, int] = {}
         for key in set(keys):
-            space = self._spaces.get(key[:NS_BYTES])
+            space = self._spaces.get(self._tag(key))
             if space is not None and key in space.order and key not in space.held:
-                more[key[:NS_BYTES]] = more.get(key[:NS_BYTES], 0) + space.order[key]
+                more[self._tag(key)] = more.get(self._tag(key), 0) + space.order[key]
         for tag, nbytes in more.items():
             limit = self._limits.get(tag)
             if limit is not None and self._spaces[tag].held_bytes + nbytes > fraction * limit:
@@ -124,14 +131,14 @@ class Ledger:
     def hold(self, keys: Iterable[Key]) -> None:
         """Count counted chunks as held by a user (never victims) until `unhold`/`remove`."""
         for key in keys:
-            space = self._spaces.get(key[:NS_BYTES])
+            space = self._spaces.get(self._tag(key))
             if space is not None and key in space.order and key not in space.held:
                 space.held.add(key)
                 space.held_bytes += space.order[key]
 
     def unhold(self, keys: Iterable[Key]) -> None:
         for key in keys:
-            space = self._spaces.get(key[:NS_BYTES])
+            space = self._spaces.get(self._tag(key))
             if space is not None and key in space.held:
                 space.held.remove(key)
                 space.held_bytes -= space.order[key]
@@ -139,7 +146,7 @@ class Ledger:
     def within_reach(self, key: Key, nbytes: int) -> bool:
         """Whether `nbytes` more could fit `key`'s namespace once its chunks in use are let
         go: False when its held chunks leave no room for them (waiting would not help)."""
-        tag = key[:NS_BYTES]
+        tag = self._tag(key)
         limit = self._limits.get(tag)
         space = self._spaces.get(tag)
         held = 0 if space is None else space.held_bytes
@@ -148,7 +155,7 @@ class Ledger:
     def touch(self, keys: Iterable[Key]) -> None:
         """Mark keys used, in the given order (the last becomes the most recent)."""
         for key in keys:
-            space = self._spaces.get(key[:NS_BYTES])
+            space = self._spaces.get(self._tag(key))
             if space is not None and key in space.order:
                 space.order.move_to_end(key)
 
@@ -157,7 +164,7 @@ class Ledger:
     ) -> bool:
         """Evict (with `evict`) the least recently used chunks of `key`'s namespace that are
         not `busy` until `nbytes` more fit its limit; False if they cannot."""
-        tag = key[:NS_BYTES]
+        tag = self._tag(key)
         limit = self._limits.get(tag)
         space = self._spaces.get(tag)
         if limit is None or space is None:
@@ -181,12 +188,12 @@ class Ledger:
             assert space.held_bytes == sum(space.order[k] for k in space.held)
 
     def usage(self) -> dict[str, Usage]:
-        """Every namespace known to this ledger, configured or seen."""
+        """Every configured namespace, and UNKNOWN (all the others together) once seen."""
         tags = set(self._names) | set(self._spaces)
         out = {}
         for tag in tags:
             space = self._spaces.get(tag) or _Space()
-            name = self._names[tag] if tag in self._names else unknown_name(tag)
+            name = self._names.get(tag, UNKNOWN)
             limit = self._limits.get(tag)
             out[name] = Usage(space.bytes, len(space.order), limit, space.evictions)
         return out

@@ -19,7 +19,7 @@ from tests.server.conftest import read_frame
 import kvtier
 from kvtier.bench.remote_io import ServeProcess
 from kvtier.protocol import Op, Status, pack_header
-from kvtier.quota import Quota, Quotas
+from kvtier.quota import UNKNOWN, Quota, Quotas
 from kvtier.server.auth import Auth
 from kvtier.server.server import ServerThread
 
@@ -153,6 +153,28 @@ def test_metrics_of_a_real_server(tmp_path: Path) -> None:
     assert _value(text, 'kvtier_tier_chunks{tier="dram"}') == 10
     assert _value(text, "process_resident_memory_bytes") > 0
     assert _value(text, "process_cpu_seconds_total") > 0
+
+
+def test_chunks_of_no_tenant_are_one_series_on_metrics(tmp_path: Path) -> None:
+    """Chunk files of no configured tenant (here: saved without namespaces, as by an older
+    server, a random tag each) are counted under one tenant="#unknown", not one per tag."""
+    disk = ["--disk-dir", str(tmp_path / "srv"), "--disk", "8MiB"]
+    old = kvtier.StoreConfig(
+        chunk_tokens=4, dram_bytes=None, disk_dir=tmp_path / "srv", disk_bytes="8MiB"
+    )
+    with kvtier.Store(old) as store:
+        cache = store.bind("m", LAYOUT)
+        for i in range(5):  # 50 chunks
+            cache.save(_conversation(i), make_kv(40, seed=i))
+    args = ["--dram", "4MiB", *disk, "--auth-file", str(_auth_file(tmp_path))]
+    with ServeProcess(*args, "--metrics-port", "0") as server:
+        found = re.search(r"(http://\S+)/metrics", server.banner)
+        assert found is not None
+        text = _get(found.group(1) + "/metrics")
+    pattern = r'^kvtier_tenant_chunks\{tenant="([^"]*)",tier="disk"\}'
+    assert set(re.findall(pattern, text, re.MULTILINE)) == {"alice", "bob", UNKNOWN}
+    assert _value(text, f'kvtier_tenant_chunks{{tenant="{UNKNOWN}",tier="disk"}}') == 50
+    assert _value(text, 'kvtier_tenant_chunks{tenant="alice",tier="disk"}') == 0
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import socket
 import subprocess
@@ -10,11 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tests.conftest import LAYOUT, make_kv
 from tests.server.conftest import client_config
 
 import kvtier
 from kvtier.bench.remote_io import ServeProcess
+from kvtier.server import main
 
 TOKENS = list(range(32))
 
@@ -123,3 +127,31 @@ def test_shm_writes_let_same_host_clients_save_into_the_dram_file(tmp_path: Path
         assert "kvtier_server_requests_put_total" not in text
     result = _serve("--shm-writes")
     assert result.returncode == 2 and "--dram-shm" in result.stderr
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    main.add_arguments(parser)  # option defaults read KVTIER_* as the command does
+    return parser.parse_args(list(argv))
+
+
+def test_serve_takes_the_store_values_from_env_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVTIER_DISK_ADMIT_AFTER=off and KVTIER_PIN_FRACTION=off (and off for the disk tier)
+    mean for kvtier serve what they mean for StoreConfig.from_env; the server starts."""
+    env = {"KVTIER_DISK_ADMIT_AFTER": "off", "KVTIER_PIN_FRACTION": "off", "KVTIER_DRAM": "4MiB"}
+    env |= {"KVTIER_DISK_DIR": "off", "KVTIER_DISK": "off"}
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    config = main.store_config(_serve_args())
+    assert config == kvtier.StoreConfig.from_env(env)
+    assert (config.disk_admit_after, config.pin_fraction, config.disk_dir) == (1, 0.0, None)
+    disk = ["--disk-dir", str(tmp_path), "--disk", "1MiB"]
+    config = main.store_config(_serve_args(*disk, "--disk-admit-after", "2"))
+    assert (config.disk_admit_after, config.disk_bytes) == (2, 1 << 20)
+    with ServeProcess(*disk, env=dict(os.environ)) as server:
+        assert server.url.startswith("kvtier://")
+    monkeypatch.setenv("KVTIER_DISK_ADMIT_AFTER", "twice")
+    with pytest.raises(kvtier.ConfigError, match="KVTIER_DISK_ADMIT_AFTER: expected an integer"):
+        main.store_config(_serve_args())

@@ -295,10 +295,11 @@ class Connection(LocalPath, asyncio.BufferedProtocol):
                     size = len(flags) + sum(v.nbytes for v in found)
                     self.server.counters["bytes_out"] += HEADER_BYTES + size
                     head = memoryview(pack_header(op, rid, 0, size) + flags)
-                    await write_paced(self._transport, [head, *found], self._drained)
+                    deadline = self._drain_deadline()
+                    await write_paced(self._transport, [head, *found], self._drained, deadline)
                 else:
                     self._reply(op, rid, [flags, *found])
-                    await self._drained()
+                    await self._drained(self._drain_deadline())
             finally:
                 self.server.release(keys, views)
         elif op is Op.GET_LOCAL:
@@ -361,13 +362,20 @@ class Connection(LocalPath, asyncio.BufferedProtocol):
             self._reply(op, rid, [message.encode()], status)
             self._transport.close()
 
-    async def _drained(self) -> None:
-        """Wait until the reply left the process; a client that does not read it within
-        `drain_timeout_s` loses its connection, so the chunks it pinned are released."""
+    def _drain_deadline(self) -> float:
+        """When a reply written now must have left the process (event loop time)."""
+        return asyncio.get_running_loop().time() + self.server.limits.drain_timeout_s
+
+    async def _drained(self, deadline: float) -> None:
+        """Wait until what was written left the process; a client that has not read the
+        reply by `deadline` (`_drain_deadline()` when the reply began: `drain_timeout_s` for
+        the whole reply, however it is written) loses its connection, so the chunks it pinned
+        are released."""
         if self._write_paused and self._transport is not None:
-            self._drain = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._drain, self.server.limits.drain_timeout_s)
+            loop = asyncio.get_running_loop()
+            self._drain = loop.create_future()
+            try:  # a deadline already past times out at once
+                await asyncio.wait_for(self._drain, deadline - loop.time())
             except TimeoutError:
                 self.server.counters["drain_timeouts"] += 1
                 if self._transport is not None:

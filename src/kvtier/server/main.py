@@ -35,11 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "only when every such client is your own engine (a node-local server)")  # fmt: skip
     arg("--disk-dir", default=env_default("KVTIER_DISK_DIR"), help="disk tier directory")
     arg("--disk", default=env_default("KVTIER_DISK"), help="disk tier size, e.g. 500GiB")
-    arg("--disk-admit-after", type=int, default=env_default("KVTIER_DISK_ADMIT_AFTER", "1"),
+    arg("--disk-admit-after", default=env_default("KVTIER_DISK_ADMIT_AFTER", "1"),
         help="write a chunk to disk once it has been used this many times (saved or hit); "
-        "2 keeps chunks used only once off the disk")  # fmt: skip
+        "2 keeps chunks used only once off the disk; off: as 1")  # fmt: skip
     arg("--pin-fraction", default=env_default("KVTIER_PIN_FRACTION", "0.5"),
-        help="share of each tier that chunks clients pin may take; 0: refuse pins")  # fmt: skip
+        help="share of each tier that chunks clients pin may take; 0 or off: no pins")  # fmt: skip
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant token'")
     arg("--quota-file", default=env_default("KVTIER_QUOTA_FILE"),
         help="lines 'tenant dram disk': each tenant's bytes in the DRAM and disk tiers (sizes, "
@@ -161,6 +161,21 @@ def _bytes(size: int | str | None) -> int | None:
     return None if size is None else parse_size(size)
 
 
+def store_config(args: argparse.Namespace) -> StoreConfig:
+    """The server's store: its options take the values of their KVTIER_* variables, parsed
+    as `StoreConfig.from_env` parses them (off: no disk tier, no pins, ...); --dram must be a
+    size (a server without DRAM would serve nothing)."""
+    text = {
+        "disk_dir": args.disk_dir,
+        "disk_bytes": args.disk,
+        "dram_shm": args.dram_shm,
+        "disk_admit_after": args.disk_admit_after,
+        "pin_fraction": args.pin_fraction,
+    }
+    given = {name: value for name, value in text.items() if value is not None}
+    return StoreConfig.from_text(given, dram_bytes=parse_size(args.dram, "--dram"))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         auth = _auth(args)
@@ -168,14 +183,7 @@ def run(args: argparse.Namespace) -> int:
         tls = server_context(args.tls_cert or None, args.tls_key or None)
         if args.shm_writes and not args.dram_shm:
             raise ConfigError("--shm-writes needs --dram-shm (the file clients write into)")
-        config = StoreConfig(
-            dram_bytes=args.dram,
-            disk_dir=args.disk_dir,
-            disk_bytes=args.disk,
-            dram_shm=args.dram_shm or None,
-            disk_admit_after=args.disk_admit_after,
-            pin_fraction=args.pin_fraction,
-        )
+        config = store_config(args)
         store = Store(config, _quotas(args, auth, config))
     except ConfigError as exc:
         print(f"kvtier serve: {exc}", file=sys.stderr)

@@ -82,15 +82,18 @@ async def starts_tls(sock: socket.socket) -> bool:
 async def write_paced(
     transport: asyncio.Transport | None,
     views: Sequence[memoryview],
-    drained: Callable[[], Awaitable[None]],
+    drained: Callable[[float], Awaitable[None]],
+    deadline: float,
 ) -> None:
-    """Write `views` to a TLS transport PIECE_BYTES at a time, awaiting `drained()` after
-    each: the TLS layer encrypts (copies) at once whatever it is given, so a whole reply
+    """Write `views` to a TLS transport PIECE_BYTES at a time, awaiting `drained(deadline)`
+    after each: the TLS layer encrypts (copies) at once whatever it is given, so a whole reply
     would be a fresh copy of every chunk (page faults, memory held until the client reads);
-    piece by piece it is at most about two pieces. Stops once the transport is closing."""
+    piece by piece it is at most about two pieces. `deadline` (event loop time) is the one
+    for the whole reply, not for each piece, so a client reading a piece now and then cannot
+    hold the reply's chunks longer than a plaintext one. Stops once the transport is closing."""
     for view in views:
         for start in range(0, view.nbytes, PIECE_BYTES):
             if transport is None or transport.is_closing():
                 return
             transport.write(view[start : start + PIECE_BYTES])
-            await drained()
+            await drained(deadline)
