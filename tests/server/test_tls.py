@@ -4,8 +4,10 @@ Certificates are made here, for 127.0.0.1, by a throw-away CA (the `openssl` com
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -115,8 +117,39 @@ def test_large_chunks_round_trip_on_one_pooled_tls_connection(certs: Certs) -> N
 def test_a_tls_client_that_never_reads_its_get_loses_the_connection(certs: Certs) -> None:
     """Over TLS a 32 MiB GET reply goes out piece by piece as the client reads: one that
     never reads is dropped after drain_timeout_s (the server does not buffer the reply)."""
+    with _big_get(certs, drain_timeout_s=0.3) as (handle, _sock):
+        _wait_for(lambda: handle.server.counters["drain_timeouts"] == 1, "a drain timeout")
+
+
+def test_a_tls_client_that_reads_its_get_slowly_loses_the_connection_in_time(
+    certs: Certs,
+) -> None:
+    """drain_timeout_s bounds the whole TLS GET reply, not each piece: a client reading a
+    little every 0.1 s (a 32 MiB reply would take it ~25 s) is dropped about drain_timeout_s
+    after asking, so the chunks pinned for it are released as over plaintext."""
+    with _big_get(certs, drain_timeout_s=1.0) as (handle, sock):
+        sock.settimeout(10)
+        asked, got = time.monotonic(), 0
+        while not handle.server.counters["drain_timeouts"]:
+            assert time.monotonic() - asked < 8, f"not dropped after reading {got} bytes"
+            burst = 0
+            while burst < 128 << 10:  # 128 KiB every 0.1 s: a 256 KiB piece in 0.2 s
+                data = sock.recv(1 << 16)  # the server's socket buffers outlast the drop
+                assert data
+                burst += len(data)
+            got += burst
+            time.sleep(0.1)
+        dropped_after_s = time.monotonic() - asked
+    assert got > 512 << 10  # it did read, piece after piece
+    assert dropped_after_s < 2.5, f"dropped {dropped_after_s:.1f} s after its GET"
+
+
+@contextlib.contextmanager
+def _big_get(certs: Certs, drain_timeout_s: float) -> Iterator[tuple[ServerThread, ssl.SSLSocket]]:
+    """A TLS server holding one 32 MiB chunk, and a client socket with a 4 KiB receive buffer
+    that has just asked for it (and reads only as the test does)."""
     store = kvtier.Store(kvtier.StoreConfig(dram_bytes=64 << 20))
-    handle = _tls_server(store, certs, limits=Limits(drain_timeout_s=0.3))
+    handle = _tls_server(store, certs, limits=Limits(drain_timeout_s=drain_timeout_s))
     key, size = b"p" * 16, 32 << 20
     try:
         writer = RemoteTier(parse_remote(handle.url), None, ca=certs.ca)
@@ -127,44 +160,7 @@ def test_a_tls_client_that_never_reads_its_get_loses_the_connection(certs: Certs
         raw.connect(("127.0.0.1", handle.port))
         with client_context(certs.ca).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
             sock.sendall(pack_header(Op.GET, 1, 1, 8) + key + SIZE.pack(size))
-            _wait_for(lambda: handle.server.counters["drain_timeouts"] == 1, "a drain timeout")
-    finally:
-        handle.stop()
-        store.close()
-
-
-def test_a_tls_client_that_reads_its_get_slowly_loses_the_connection_in_time(
-    certs: Certs,
-) -> None:
-    """drain_timeout_s bounds the whole TLS GET reply, not each piece: a client reading a
-    little every 0.1 s (a 32 MiB reply would take it ~25 s) is dropped about drain_timeout_s
-    after asking, so the chunks pinned for it are released as over plaintext."""
-    store = kvtier.Store(kvtier.StoreConfig(dram_bytes=64 << 20))
-    handle = _tls_server(store, certs, limits=Limits(drain_timeout_s=1.0))
-    key, size = b"s" * 16, 32 << 20
-    try:
-        writer = RemoteTier(parse_remote(handle.url), None, ca=certs.ca)
-        assert writer.put(key, [memoryview(bytes(size))])
-        writer.close()
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect(("127.0.0.1", handle.port))
-        with client_context(certs.ca).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-            sock.settimeout(10)
-            sock.sendall(pack_header(Op.GET, 1, 1, 8) + key + SIZE.pack(size))
-            asked, got = time.monotonic(), 0
-            while not handle.server.counters["drain_timeouts"]:
-                assert time.monotonic() - asked < 8, f"not dropped after reading {got} bytes"
-                burst = 0
-                while burst < 128 << 10:  # 128 KiB every 0.1 s: a 256 KiB piece in 0.2 s
-                    data = sock.recv(1 << 16)  # the server's socket buffers outlast the drop
-                    assert data
-                    burst += len(data)
-                got += burst
-                time.sleep(0.1)
-            dropped_after_s = time.monotonic() - asked
-        assert got > 512 << 10  # it did read, piece after piece
-        assert dropped_after_s < 2.5, f"dropped {dropped_after_s:.1f} s after its GET"
+            yield handle, sock
     finally:
         handle.stop()
         store.close()
