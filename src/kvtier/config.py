@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -318,3 +318,17 @@ def _int_env(var: str, raw: object) -> int:
 
 def _physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def read_columns(path: str | Path, what: str) -> Iterator[tuple[str, list[str]]]:
+    """The lines of a whitespace-separated file (`#` starts a comment, blank lines skipped),
+    each as (where, columns): `where` is "WHAT PATH:LINE" for error messages. ConfigError when
+    the file cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            yield f"{what} {path}:{number}", line.split()

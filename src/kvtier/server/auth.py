@@ -15,6 +15,7 @@ import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvtier.config import read_columns
 from kvtier.errors import ConfigError
 from kvtier.keys import KEY_BYTES, Key
 from kvtier.quota import NS_BYTES, namespace_tag
@@ -56,23 +57,15 @@ class Auth:
     @classmethod
     def from_file(cls, path: str | Path) -> Auth:
         """Parse an auth file; raises ConfigError naming the line to fix."""
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"auth file {path}: cannot read it: {exc.strerror}") from exc
         tenants: dict[bytes, str] = {}
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.split()
+        for where, parts in read_columns(path, "auth file"):
             if len(parts) != 2:
-                raise ConfigError(f"auth file {path}:{number}: expected 'tenant token'")
+                raise ConfigError(f"{where}: expected 'tenant token'")
             tenant, token = parts
             if len(token) < 8:
-                raise ConfigError(f"auth file {path}:{number}: token shorter than 8 characters")
+                raise ConfigError(f"{where}: token shorter than 8 characters")
             if _digest(token) in tenants:
-                raise ConfigError(f"auth file {path}:{number}: token used twice")
+                raise ConfigError(f"{where}: token used twice")
             tenants[_digest(token)] = tenant
         if not tenants:
             raise ConfigError(f"auth file {path}: no 'tenant token' lines")

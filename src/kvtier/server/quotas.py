@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from kvtier.config import parse_size
+from kvtier.config import parse_size, read_columns
 from kvtier.errors import ConfigError
 from kvtier.quota import Quota, Quotas
 
@@ -34,17 +34,8 @@ def load_quotas(
 
 
 def _parse(path: str | Path, tenants: Collection[str], default: Quota) -> dict[str, Quota]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"quota file {path}: cannot read it: {exc.strerror}") from exc
     found: dict[str, Quota] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"quota file {path}:{number}"
-        parts = line.split()
+    for where, parts in read_columns(path, "quota file"):
         if len(parts) != 3:
             raise ConfigError(
                 f"{where}: expected 'tenant dram disk' (sizes like 4GiB, '{DEFAULT}' for the "
