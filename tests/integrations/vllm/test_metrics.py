@@ -75,7 +75,7 @@ def test_request_times_fill_histograms_on_the_shared_buckets() -> None:
     kvtier's shared buckets."""
     tally = Tally()
     tally.observe("request_load_seconds", 0.002)
-    tally.observe("request_save_seconds", 0.0001)
+    tally.observe("step_save_seconds", 0.0001)
     tally.add("loaded_bytes", 10)
     worker0 = KvtierStats(data=tally.drain())
     worker1 = KvtierConnector.build_kv_connector_stats(
@@ -89,5 +89,5 @@ def test_request_times_fill_histograms_on_the_shared_buckets() -> None:
     engine0 = {"model_name": "m", "engine": "0"}
     assert value("kvtier_vllm_request_load_seconds_count", engine0) == 2
     assert value("kvtier_vllm_request_load_seconds_bucket", {**engine0, "le": "0.0025"}) == 1
-    assert value("kvtier_vllm_request_save_seconds_count", engine0) == 1
+    assert value("kvtier_vllm_step_save_seconds_count", engine0) == 1
     assert value("kvtier_vllm_loaded_bytes_total", engine0) == 15

@@ -89,6 +89,49 @@ def test_saved_chunks_load_back_into_other_blocks(
     assert m.tally.drain()["saved_bytes"] == 2 * m.chunk_bytes
 
 
+def test_a_steps_saves_of_several_requests_take_one_reservation(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chunks two requests completed in one step are reserved and committed together
+    (one PUT_LOCAL and one COMMIT round trip for the step, not two per request), and each
+    loads back byte-exact; a chunk kvtier holds already is not copied again."""
+    m, caches = mover
+    keys = [_key(f"{request.node.name}-{i}") for i in range(3)]
+    m.save(StepPlan(saves=[RequestJobs("x", [ChunkCopy(keys[2], (10, 11))])]))
+    reservations: list[int] = []
+    writing = m.store.writing
+
+    def counted(ks: list[bytes], nbytes: int) -> object:
+        reservations.append(len(ks))
+        return writing(ks, nbytes)
+
+    monkeypatch.setattr(m.store, "writing", counted)
+    m.save(
+        StepPlan(
+            saves=[
+                RequestJobs("a", [ChunkCopy(keys[0], (0, 1)), ChunkCopy(keys[2], (4, 5))]),
+                RequestJobs("b", [ChunkCopy(keys[1], (2, 3))]),
+            ]
+        )
+    )
+    assert reservations == [3]
+    want = _blocks(caches, [0, 1, 2, 3, 10, 11])
+    m.load(
+        StepPlan(
+            loads=[
+                RequestJobs("c", [ChunkCopy(keys[0], (4, 5)), ChunkCopy(keys[2], (6, 7))]),
+                RequestJobs("d", [ChunkCopy(keys[1], (8, 9))]),
+            ]
+        )
+    )
+    assert not m.take_failed()
+    got = _blocks(caches, [4, 5, 8, 9, 6, 7])
+    for layer in range(len(LAYERS)):
+        assert torch.equal(got[layer], want[layer])
+
+
 def test_a_background_load_is_waited_for_and_reported(
     mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
 ) -> None:

@@ -32,7 +32,7 @@ _COUNTERS = {
 }
 _HISTOGRAMS = {
     "request_load_seconds": "Seconds to load one request's chunks",
-    "request_save_seconds": "Seconds to save one request's new chunks",
+    "step_save_seconds": "Seconds to save one engine step's new chunks (every request's)",
 }
 
 

@@ -6,7 +6,7 @@ request's load, as failed, so vLLM recomputes them. Saves copy the pages of newl
 chunks into kvtier in `wait_for_save`, at the end of the step that computed them: once it
 returns the blocks may be freed or reused, and the store writes its lower tiers in the
 background. CPU pages are gathered straight into the DRAM slots kvtier lends (the node
-process's shared memory: one copy, two round trips per request and step); GPU pages through
+process's shared memory: one copy, two round trips per step); GPU pages through
 a pinned staging buffer. Copies run on the engine's current stream, after the forward that
 wrote the pages and before the one that reads them.
 """
@@ -138,29 +138,31 @@ class ChunkMover:
             self._failed |= {b for c in chunks for b in c.block_ids}
 
     def save(self, plan: StepPlan) -> None:
-        """Copy the pages of every planned chunk into kvtier (lower tiers written later)."""
+        """Copy the pages of every planned chunk into kvtier (lower tiers written later): the
+        step's chunks of every request at once, so CPU pages take one PUT_LOCAL and one COMMIT
+        round trip per step, not per request."""
         if not plan.saves:
             return
         if self.pages.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
-        for job in plan.saves:
-            t0 = _now()
-            self._save_request(job)
-            self.tally.add("saved_bytes", self.chunk_bytes * len(job.chunks))
-            self.tally.add("save_seconds", _now() - t0)
-            self.tally.observe("request_save_seconds", _now() - t0)
+        t0 = _now()
+        chunks = [c for job in plan.saves for c in job.chunks]
+        self._save_chunks(chunks)
+        self.tally.add("saved_bytes", self.chunk_bytes * len(chunks))
+        self.tally.add("save_seconds", _now() - t0)
+        self.tally.observe("step_save_seconds", _now() - t0)
 
-    def _save_request(self, job: RequestJobs) -> None:
-        keys = self.keys(job.chunks)
+    def _save_chunks(self, chunks: Sequence[ChunkCopy]) -> None:
+        keys = self.keys(chunks)
         if self.pages.device.type == "cpu":  # GPU pages go through pinned staging
             with self.store.writing(keys, self.chunk_bytes) as slots:
                 if slots is not None:
-                    for chunk, slot in zip(job.chunks, slots, strict=True):
+                    for chunk, slot in zip(chunks, slots, strict=True):
                         if slot is not None:  # None: kvtier holds it already
                             index = self.pages.index(chunk.block_ids)
                             self.pages.gather(index, self._staging.over(slot))
                     return
-        for chunk, key in zip(job.chunks, keys, strict=True):
+        for chunk, key in zip(chunks, keys, strict=True):
             self.pages.gather(self.pages.index(chunk.block_ids), self._staging.tensor)
             self.store.write_chunk(key, [self._staging.view])
 
