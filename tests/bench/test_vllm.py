@@ -39,10 +39,57 @@ def test_vllm_cache_holds_a_quarter_of_the_sessions() -> None:
 
 
 def test_noreuse_prompts_share_no_prefix_block() -> None:
-    """No two no-reuse prompts share their first block of tokens."""
+    """No two no-reuse prompts share their first block of tokens, across rounds too; each
+    round is one batch of `requests` prompts."""
+    spec = bench.NoReuseSpec()
     reqs = bench.workloads(args(workloads="noreuse"))["noreuse"]
     heads = {tuple(r.tokens[: bench.BLOCK_TOKENS].tolist()) for r in reqs}
-    assert len(heads) == len(reqs) == bench.NoReuseSpec().requests
+    assert len(heads) == len(reqs) == spec.requests * spec.rounds
+    assert [sum(r.turn == t for r in reqs) for t in range(spec.rounds)] == [spec.requests] * 5
+
+
+class FakeEngine:
+    def __init__(self, name: str, walls: list[float], log: list[str]) -> None:
+        self.name, self.walls, self.log = name, walls, log
+
+    def run(self, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+        self.log.append(self.name)
+        results = [{"ttft_s": 0.1, "tokens": [1], "cached": 0} for _ in jobs]
+        return {"results": results, "wall_s": self.walls.pop(0), "kvtier_tokens": 0,
+                "tier_chunks": {}}  # fmt: skip
+
+
+class FakeFleet:
+    def __init__(self, work: Any, engine: FakeEngine) -> None:
+        self.work, self.engines = work, [engine]
+
+    def __enter__(self) -> FakeFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_noreuse_rounds_alternate_and_take_the_median_batch(tmp_path: Any) -> None:
+    """Both configurations run each round's batch, taking turns in an order that alternates
+    by round; the throughput is that of the median batch, so one slow batch (load from
+    elsewhere on the machine) moves neither figure."""
+    reqs = list(bench.noreuse(bench.NoReuseSpec(requests=2, prompt_tokens=32, rounds=5)))
+    log: list[str] = []
+    fleets: Any = {
+        "vllm": FakeFleet(tmp_path / "a", FakeEngine("vllm", [1.0, 1.0, 9.0, 1.0, 1.0], log)),
+        "kvtier": FakeFleet(tmp_path / "b", FakeEngine("kvtier", [1.25] * 4 + [0.1], log)),
+    }
+    model: Any = argparse.Namespace(vocab_size=100)
+
+    bar: Any = argparse.Namespace(update=lambda n: None, set_description=lambda text: None)
+    passes, summaries = bench._alternating(fleets, reqs, model, args(), bar)
+    assert log == ["vllm", "kvtier", "kvtier", "vllm"] * 2 + ["vllm", "kvtier"]
+    assert summaries["vllm"]["throughput_tokens_s"] == 2 * 32 / 1.0
+    assert summaries["kvtier"]["throughput_tokens_s"] == 2 * 32 / 1.25
+    assert len(passes["kvtier"]) == len(reqs)
+    h = rep.headline({"noreuse": passes}, {"noreuse": summaries}, 32)
+    assert h["throughput_ratio_noreuse"] == 0.8 and h["differing_tokens"] == 0
 
 
 def test_returning_turns_are_those_vllm_evicted() -> None:

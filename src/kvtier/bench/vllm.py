@@ -8,14 +8,18 @@ are readable): `vllm` (vLLM alone, its prefix cache on), `kvtier` (the connector
 DRAM + disk), `shared` (two engines, each with its own node-local DRAM + disk, and a kvtier
 server behind both; requests go to the engines round-robin, no session routing).
 
-Requests run one at a time in arrival order (TTFT is the service time); the no-reuse workload
-runs as one batch (throughput). The default model is a random-weight Llama built here (CPU,
-float32); `--model DIR` serves a real checkpoint (e.g. on a GPU).
+Requests run one at a time in arrival order (TTFT is the service time). The no-reuse workload
+measures throughput: a batch of fresh prompts per round, `vllm` and `kvtier` engines both up and
+taking turns (the order alternates each round), the throughput that of each one's median batch,
+so a burst of load from elsewhere on the machine or a drift over the run weighs on neither.
+The default model is a random-weight Llama built here (CPU, float32); `--model DIR` serves a
+real checkpoint (e.g. on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -56,14 +60,19 @@ DEFAULT_MODEL = {
 class NoReuseSpec:
     """Unique prompts sharing no token: nothing for any cache to reuse."""
 
-    requests: int = 24
+    requests: int = 24  # per round: one batch
     prompt_tokens: int = 512
+    rounds: int = 5
     seed: int = 0
 
 
 def noreuse(spec: NoReuseSpec) -> Iterator[wl.Request]:
-    for i in range(spec.requests):
-        yield wl.Request(0.0, f"n{i}", wl.segment(spec.seed + 1000, i, spec.prompt_tokens), 1)
+    """`rounds` batches of `requests` prompts; `turn` is the round."""
+    for r in range(spec.rounds):
+        for i in range(spec.requests):
+            n = r * spec.requests + i
+            tokens = wl.segment(spec.seed + 1000, n, spec.prompt_tokens)
+            yield wl.Request(0.0, f"n{n}", tokens, 1, turn=r)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,12 +159,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         sizes: dict[str, Any] = {}
         with tqdm(total=total, desc="bench vllm", unit="req", file=sys.stderr) as bar:
             for work, reqs in works.items():
-                size = sizing(reqs, args.gen_tokens)
+                size = sizing([r for r in reqs if r.turn == 0] if work == "noreuse" else reqs,
+                              args.gen_tokens)  # fmt: skip
                 sizes[work] = size._asdict()
                 spec = model.spec(size.kv_cache_tokens, size.max_model_len)
                 kv_bytes = size.context_tokens * model.kv_bytes_per_token
                 passes[work], summaries[work] = {}, {}
-                for config in CONFIGS[:2] if work == "noreuse" else CONFIGS:
+                if work == "noreuse":
+                    fleets = {c: Fleet(c, spec, root / f"{work}-{c}", int(args.chunk_tokens),
+                                       kv_bytes) for c in CONFIGS[:2]}  # fmt: skip
+                    passes[work], summaries[work] = _alternating(fleets, reqs, model, args, bar)
+                    continue
+                for config in CONFIGS:
                     bar.set_description(f"{work} {config}")
                     pass_dir = root / f"{work}-{config}"
                     pass_dir.mkdir()
@@ -174,10 +189,8 @@ def _pass(
     args: argparse.Namespace,
     bar: tqdm[Any],
 ) -> tuple[list[rep.Record], float]:
-    """Requests one at a time in arrival order, round-robin over the fleet's engines (the
-    no-reuse workload: one batch); the records and the engines' busy time."""
-    if work == "noreuse":
-        return _batch(fleet.engines[0], requests, vocab, bar)
+    """Requests one at a time in arrival order, round-robin over the fleet's engines; the
+    records and the engines' busy time."""
     records = []
     wall = 0.0
     answers = Answers(requests)
@@ -247,14 +260,51 @@ def _continuations(requests: list[wl.Request]) -> dict[int, int]:
     return out
 
 
+def _alternating(
+    fleets: dict[str, Fleet],
+    requests: list[wl.Request],
+    model: Model,
+    args: argparse.Namespace,
+    bar: tqdm[Any],
+) -> tuple[dict[str, list[rep.Record]], dict[str, dict[str, Any]]]:
+    """The no-reuse rounds: each round's batch on every fleet in turn (its own tiers, so
+    nothing is reused), the order alternating; summaries with the median batch's throughput."""
+    records: dict[str, list[rep.Record]] = {c: [] for c in fleets}
+    walls: dict[str, list[float]] = {c: [] for c in fleets}
+    with contextlib.ExitStack() as stack:
+        for fleet in fleets.values():
+            fleet.work.mkdir()
+            stack.enter_context(fleet)
+        for r in sorted({q.turn for q in requests}):
+            batch = [q for q in requests if q.turn == r]
+            order = list(fleets) if r % 2 == 0 else list(reversed(fleets))
+            for config in order:
+                bar.set_description(f"noreuse {config} round {r + 1}")
+                recs, wall = _batch(fleets[config].engines[0], batch, model.vocab_size, bar)
+                records[config] += recs
+                walls[config].append(wall)
+    summaries = {}
+    for config, recs in records.items():
+        s = rep.summary(recs, sum(walls[config]), float(args.slo_ms))
+        median = float(np.median(walls[config]))
+        per_batch = len(recs) / len(walls[config])
+        s["batch_wall_s"] = walls[config]
+        s["throughput_rps"] = per_batch / median
+        s["throughput_tokens_s"] = s["prompt_tokens"] / len(walls[config]) / median
+        summaries[config] = s
+    return records, summaries
+
+
 def _batch(
     engine: EngineProcess, requests: list[wl.Request], vocab: int, bar: tqdm[Any]
 ) -> tuple[list[rep.Record], float]:
-    jobs = [{"id": f"{i}", "prompt": (r.tokens % vocab).tolist(), "max_tokens": 1}
-            for i, r in enumerate(requests)]  # fmt: skip
+    jobs = [{"id": r.session, "prompt": (r.tokens % vocab).tolist(), "max_tokens": 1}
+            for r in requests]  # fmt: skip
     reply = engine.run(jobs)
     bar.update(len(requests))
-    return [_record(f"{i}", r, 0, reply, i, False) for i, r in enumerate(requests)], reply["wall_s"]
+    return [_record(r.session, r, 0, reply, i, False) for i, r in enumerate(requests)], reply[
+        "wall_s"
+    ]
 
 
 def _record(
