@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -42,8 +43,9 @@ class Worker:
     costs: Costs = field(default_factory=Costs)
     healthy: bool = True
     # engine block hash -> the gateway's key, to chain and remove by engine hash (a hash
-    # names the same tokens in every medium); bounded, the oldest forgotten first
-    engine_keys: dict[int | bytes, int] = field(default_factory=dict)
+    # names the same tokens in every medium); bounded, the oldest forgotten first (an
+    # OrderedDict: a plain dict's oldest key costs O(keys deleted since its last resize))
+    engine_keys: OrderedDict[int | bytes, int] = field(default_factory=OrderedDict)
 
 
 class Bound(NamedTuple):
@@ -228,7 +230,7 @@ class Pool:
             known.pop(engine_hash, None)
             known[engine_hash] = key
         while len(known) > ENGINE_KEYS_PER_BLOCK * self.index.capacity_blocks:
-            del known[next(iter(known))]
+            known.popitem(last=False)
         self.index.add(holder, tier, keys)
 
     async def _scrape(self, i: int, session: aiohttp.ClientSession, interval_s: float) -> None:
