@@ -5,7 +5,8 @@ FastAPI on uvicorn, as vLLM's own server and most Python gateways: the field's n
 operators know how to run and observe it, and the official clients are tested against the
 same stack. Handlers take the raw `Request` and parse JSON themselves, with no per-request
 pydantic models: the gateway forwards bodies it does not need to understand, and validating
-every field would cost time on the hot path and reject fields a newer worker accepts.
+every field would cost time on the hot path and reject fields a newer worker accepts. A stream
+is an `EventStream`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from kvtier.gateway import upstream
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import Gateway, affinity_name
-from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected, until_done
+from kvtier.gateway.httpio import SSE_HEADERS, EventStream, read_json, until_disconnected
 from kvtier.gateway.priority import PRIORITY_HEADER
 from kvtier.gateway.sessions_api import responses_endpoint
 from kvtier.gateway.taskqueue import TaskQueue
@@ -80,9 +81,8 @@ async def completion(gateway: Gateway, request: Request, path: str) -> Response:
         if body.get("stream"):
             usage: dict[str, Any] = {}
             events = await gateway.stream(caller.tenant, path, body, affinity, None, usage.update)
-            guarded = until_done(events, lambda: gate.leave(entry, usage))
             headers = {**SSE_HEADERS, **entry.headers}
-            return StreamingResponse(guarded, media_type="text/event-stream", headers=headers)
+            return EventStream(events, lambda: gate.leave(entry, usage), headers)
         work = gateway.complete(caller.tenant, path, body, affinity)
         result = await until_disconnected(request, work)
     except BaseException:
