@@ -164,7 +164,7 @@ def _answering(gateway: Gateway, path: str, handler: Handler) -> Handler:
         except Exception:
             log.exception("%s failed", path)
             response = ApiError(500, "the gateway failed on this request").response()
-        gateway.metrics.requests.labels(path, str(response.status_code)).inc()
+        gateway.metrics.answered(path, response.status_code)
         return response
 
     return endpoint
