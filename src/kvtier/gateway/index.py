@@ -76,8 +76,9 @@ class PrefixIndex:
         masks = self._masks
         for key in new:
             masks[key] = masks.get(key, 0) | flag
-        lru.update(dict.fromkeys(keys, True))  # held ones referenced, new ones appended...
-        lru.update(dict.fromkeys(new, False))  # ...unreferenced
+        marks = dict.fromkeys(keys, True)  # held ones referenced, new ones appended...
+        marks.update(dict.fromkeys(new, False))  # ...unreferenced
+        lru.update(marks)  # (one OrderedDict update: slower than a dict's)
         self._evict(lru, flag)
 
     def _evict(self, lru: OrderedDict[int, bool], flag: int) -> None:
@@ -132,6 +133,28 @@ class PrefixIndex:
             run_mask, run_len = mask, 1
         self._account(run_mask, run_len, counts, phase, live)
         return [Hits(*c) for c in counts]
+
+    def match_one(self, keys: list[int], worker: int) -> Hits:
+        """`match(keys)[worker]`, walking that worker's prefix only (for a policy that does
+        not compare workers' hits, only the chosen one's are needed)."""
+        counts = [0, 0, 0, 0]  # gpu, dram, disk, shared
+        masks, shift, in_gpu = self._masks, 1 + TIERS * worker, True
+        for key in keys:
+            mask = masks.get(key, 0)
+            bits = mask >> shift
+            if in_gpu and bits & 9:  # GPU or PREDICTED
+                counts[0] += 1
+                continue
+            in_gpu = False
+            if bits & 2:
+                counts[1] += 1
+            elif bits & 4:
+                counts[2] += 1
+            elif mask & 1:
+                counts[3] += 1
+            else:
+                break
+        return Hits(*counts)
 
     def _account(
         self, mask: int, length: int, counts: list[list[int]], phase: list[int], live: int
