@@ -204,8 +204,15 @@ def _usage_chunk(
     usage = chunk.get("usage") if isinstance(chunk, dict) else None
     if not isinstance(usage, dict):
         return payload
-    fill_usage(usage, cached_estimate)
+    if not _has_cached_tokens(usage):  # else the worker's own bytes go on, unchanged
+        fill_usage(usage, cached_estimate)
+        payload = json.dumps(chunk, separators=(",", ":")).encode()
     if chunk.get("choices"):  # a worker sending usage with every chunk: count the last only
-        return json.dumps(chunk, separators=(",", ":")).encode()
+        return payload
     on_usage(usage)
-    return json.dumps(chunk, separators=(",", ":")).encode() if keep else None
+    return payload if keep else None
+
+
+def _has_cached_tokens(usage: dict[str, Any]) -> bool:
+    details = usage.get("prompt_tokens_details")
+    return isinstance(details, dict) and isinstance(details.get("cached_tokens"), int)
