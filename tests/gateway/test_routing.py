@@ -57,6 +57,40 @@ def test_match_agrees_with_a_per_block_model() -> None:
             assert got == Hits(*counts)
 
 
+def test_match_one_is_that_workers_share_of_match() -> None:
+    """Random holders: matching one worker's prefix equals its entry of the full match."""
+    rng = random.Random(11)
+    for _ in range(200):
+        ix = PrefixIndex(3, 10_000)
+        for w, tier in [(w, t) for w in range(3) for t in range(4)] + [(SHARED, 0)]:
+            ix.add(w, tier, [k for k in range(30) if rng.random() < 0.7])
+        keys = list(range(rng.randrange(31)))
+        assert [ix.match_one(keys, w) for w in range(3)] == ix.match(keys)
+
+
+@pytest.mark.parametrize("policy", ["round-robin", "least-load"])
+def test_a_policy_blind_to_hits_books_what_a_full_match_would(policy: str) -> None:
+    """Round-robin and least-load get no hits, yet each booking carries the chosen worker's
+    hits (an affinity's credit included) and predicts the same blocks as with a full match."""
+    rng = random.Random(5)
+    blind = Pool(["http://a", "http://b", "http://c"], make_policy(policy), 16, 1000)
+    full = Pool(["http://a", "http://b", "http://c"], make_policy(policy), 16, 1000)
+    full.policy.reads_hits = True
+    for i in range(300):
+        keys = [rng.randrange(40) for _ in range(rng.randrange(1, 12))]
+        bound = Bound(rng.randrange(3), len(keys), keys[-1]) if i % 3 == 0 else None
+        got, want = (
+            blind.route(keys, 16 * len(keys) + 3, 8, bound),
+            full.route(keys, 16 * len(keys) + 3, 8, bound),
+        )
+        assert (got.worker, got.hits, got.keys, got.tokens) == (
+            want.worker, want.hits, want.keys, want.tokens,
+        )  # fmt: skip
+        if rng.random() < 0.5:
+            blind.finished(got)
+            full.finished(want)
+
+
 def test_holders_are_bounded_lrus_and_remove_clear_work() -> None:
     """A holder past capacity forgets its least recently added key; remove and clear forget."""
     ix = PrefixIndex(2, 3)

@@ -39,13 +39,15 @@ async def _serve_handler(
     return runner, f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
-async def _relayed(write: Writer) -> list[bytes]:
+async def _relayed(write: Writer, keep_usage: bool = False) -> list[bytes]:
     runner, url = await _serve(write)
     session = upstream.new_session()
     usages: list[dict[str, Any]] = []
     try:
         resp = await upstream.open_stream(session, url, {"stream": True})
-        events: AsyncIterator[bytes] = upstream.relay(resp, 7, False, lambda: None, usages.append)
+        events: AsyncIterator[bytes] = upstream.relay(
+            resp, 7, keep_usage, lambda: None, usages.append
+        )
         return [e async for e in events]
     finally:
         await session.close()
@@ -65,6 +67,25 @@ def test_a_long_line_arrives_whole_and_the_usage_chunk_is_kept_back() -> None:
 
     events = asyncio.run(_relayed(write))
     assert b"".join(events) == b"data: " + big + b"\n\ndata: [DONE]\n\n"
+
+
+def test_a_usage_chunk_is_rewritten_only_to_fill_cached_tokens() -> None:
+    """A usage chunk with cached_tokens goes on as the worker wrote it; one without gets
+    them (the estimate, below the prompt)."""
+    full = b'{"choices": [], "usage": {"prompt_tokens": 20, "prompt_tokens_details": '
+    full += b'{"cached_tokens": 3}}}'
+    bare = b'{"choices": [], "usage": {"prompt_tokens": 5}}'
+    for usage in (full, bare):
+
+        async def write(resp: web.StreamResponse, usage: bytes = usage) -> None:
+            await resp.write(b"data: " + usage + b"\n\ndata: [DONE]\n\n")
+
+        relayed = b"".join(asyncio.run(_relayed(write, keep_usage=True)))
+        chunk = relayed.split(b"\n\n")[0][6:]
+        if usage is full:
+            assert chunk == full
+        else:
+            assert json.loads(chunk)["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
 
 
 def test_a_stream_cut_before_done_ends_with_an_error_event() -> None:

@@ -268,7 +268,7 @@ class Gateway:
         await self.remember(route)
         return relay
 
-    async def _relay(
+    def _relay(
         self,
         route: Route,
         resp: aiohttp.ClientResponse,
@@ -276,8 +276,12 @@ class Gateway:
         started: float,
         on_usage: Callable[[dict[str, Any]], None] | None,
     ) -> AsyncIterator[bytes]:
+        """`upstream.relay` telling the pool and the metrics (callbacks, not a generator
+        around it: each generator a chunk passes through costs)."""
+        booking = route.booking
+
         def first() -> None:
-            self.pool.first_token(route.booking)
+            self.pool.first_token(booking)
             self.metrics.ttft.observe(time.perf_counter() - started)
 
         def usage(u: dict[str, Any]) -> None:
@@ -285,13 +289,10 @@ class Gateway:
             if on_usage is not None:
                 on_usage(u)
 
-        try:
-            async for event in upstream.relay(
-                resp, route.cached_estimate, keep_usage, first, usage
-            ):
-                yield event
-        finally:
-            self.pool.finished(route.booking)
+        def end() -> None:
+            self.pool.finished(booking)
+
+        return upstream.relay(resp, route.cached_estimate, keep_usage, first, usage, end)
 
 
 def _abandon(pool: Pool, booking: Booking, resp: aiohttp.ClientResponse) -> None:

@@ -1,18 +1,23 @@
-"""Reading a request body within a bound, and giving up on work when the client leaves."""
+"""Reading a request body within a bound, giving up on work when the client leaves, and
+streaming server-sent events."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from kvtier.gateway.errors import ApiError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -55,13 +60,61 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-async def until_done(
-    events: AsyncIterator[bytes], done: Callable[[], None]
-) -> AsyncIterator[bytes]:
-    """`events`, then `done()` however the stream ends (also if it never started: on GC)."""
-    finalizer = weakref.finalize(events, done)
-    try:
-        async for event in events:
-            yield event
-    finally:
-        finalizer()
+class EventStream(Response):
+    """A `text/event-stream` answer relaying `events`, then `done()` however it ends (also if
+    it never starts: on GC). A client that leaves cancels the relay (which closes the upstream
+    connection, so the worker aborts the request too).
+
+    Starlette's StreamingResponse watches for the client leaving with an anyio task group per
+    stream (~60 us of CPU a stream); here one plain task watches and cancels the relay. The
+    event ending in `[DONE]` goes out with the end of the body, in one write: after it the
+    relay ends without waiting on anything."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, events: AsyncIterator[bytes], done: Callable[[], None], headers: Mapping[str, str]
+    ) -> None:
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+        self._done = weakref.finalize(events, done)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relaying = asyncio.current_task()
+        assert relaying is not None
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            relaying.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self._relay(send)
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            if sys.version_info >= (3, 11):
+                relaying.uncancel()
+        finally:
+            watcher.cancel()
+            self._done()
+
+    async def _relay(self, send: Send) -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+        await send(start)
+        held = b""
+        async for event in self.events:
+            if held:
+                await send({"type": "http.response.body", "body": held, "more_body": True})
+                held = b""
+            if event.endswith(DONE_EVENT):
+                held = event
+            else:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": held, "more_body": False})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import socket
 import sys
 
@@ -144,5 +143,5 @@ def run(args: argparse.Namespace) -> int:
         access_log=False, timeout_graceful_shutdown=5, backlog=2048,
     )  # fmt: skip
     print(f"kvtier gateway: http://{host}:{port} policy {args.policy}", flush=True)
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    uvicorn.Server(config).run(sockets=[sock])  # on `loop`: asyncio.run(serve()) ignores it
     return 0

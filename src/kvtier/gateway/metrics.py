@@ -91,13 +91,27 @@ class GatewayMetrics:
         )
         self._pool = _PoolCollector()
         r.register(self._pool)
+        # labelled children by label values: `labels()` costs a lock and a tuple of str each
+        self._answered: dict[tuple[str, int], Counter] = {}
+        self._routed: dict[str, Counter] = {}
 
     def attach(self, pool: Pool) -> None:
         self._pool.pool = pool
 
     def routed(self, pool: Pool, booking: Booking, seconds: float) -> None:
         self.route_seconds.observe(seconds)
-        self.routed_to.labels(pool.workers[booking.worker].url).inc()
+        url = pool.workers[booking.worker].url
+        child = self._routed.get(url)
+        if child is None:
+            child = self._routed[url] = self.routed_to.labels(url)
+        child.inc()
+
+    def answered(self, route: str, status: int) -> None:
+        """Counts an answer to `route` with HTTP `status`."""
+        child = self._answered.get((route, status))
+        if child is None:
+            child = self._answered[route, status] = self.requests.labels(route, str(status))
+        child.inc()
 
     def usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):

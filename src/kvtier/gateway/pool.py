@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import aiohttp
 
 from kvtier.gateway import events
 from kvtier.gateway.costs import Costs, Priors
-from kvtier.gateway.index import DISK, DRAM, GPU, PREDICTED, SHARED, Hits, PrefixIndex
+from kvtier.gateway.index import DISK, DRAM, GPU, NO_HITS, PREDICTED, SHARED, Hits, PrefixIndex
 from kvtier.gateway.routing import Candidate, Load, Policy, Request, expected_ttft_s
 from kvtier.gateway.tokens import chain_keys, root_key
 
@@ -42,8 +43,9 @@ class Worker:
     costs: Costs = field(default_factory=Costs)
     healthy: bool = True
     # engine block hash -> the gateway's key, to chain and remove by engine hash (a hash
-    # names the same tokens in every medium); bounded, the oldest forgotten first
-    engine_keys: dict[int | bytes, int] = field(default_factory=dict)
+    # names the same tokens in every medium); bounded, the oldest forgotten first (an
+    # OrderedDict: a plain dict's oldest key costs O(keys deleted since its last resize))
+    engine_keys: OrderedDict[int | bytes, int] = field(default_factory=OrderedDict)
 
 
 class Bound(NamedTuple):
@@ -60,6 +62,16 @@ def _holds(bound: Bound, keys: list[int], hits: list[Hits]) -> bool:
     if bound.worker >= len(hits) or not 0 < bound.blocks <= len(keys):
         return False
     return keys[bound.blocks - 1] == bound.last_key and bound.blocks > hits[bound.worker].blocks
+
+
+def _credited(bound: Bound | None, keys: list[int], found: list[Hits]) -> list[Hits]:
+    """`found`, but for an affinity that holds more of this prompt: its blocks as the GPU
+    prefix of its worker."""
+    if bound is None or not _holds(bound, keys, found):
+        return found
+    hits = list(found)
+    hits[bound.worker] = Hits(bound.blocks, 0, 0, 0)
+    return hits
 
 
 class Booking:
@@ -119,17 +131,15 @@ class Pool:
         `bound` is an affinity from the caller's session, `prompt_cache_key` or `user`: its
         blocks count as a GPU prefix the index may not know of, if this prompt has them."""
         request = Request(prompt_tokens, self.block_tokens)
-        hits = self.index.match(keys)
-        indexed = [h.gpu for h in hits]
-        if bound is not None and _holds(bound, keys, hits):
-            hits[bound.worker] = Hits(bound.blocks, 0, 0, 0)
-        candidates = [
-            Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers) if w.healthy
-        ] or [Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(self.workers)]
-        chosen = self.policy.pick(request, candidates)
+        reads = self.policy.reads_hits  # if not, match the chosen worker only, after picking
+        found = self.index.match(keys) if reads else [NO_HITS] * len(self.workers)
+        chosen = self.policy.pick(request, self._candidates(_credited(bound, keys, found)))
+        if not reads:
+            found[chosen.worker] = self.index.match_one(keys, chosen.worker)
+            chosen = chosen._replace(hits=_credited(bound, keys, found)[chosen.worker])
         prefill_s = expected_ttft_s(request, chosen._replace(load=Load()))
         # Predict only what the index does not already hold there: the blocks past its match.
-        predicted = keys[indexed[chosen.worker] :]
+        predicted = keys[found[chosen.worker].gpu :]
         # The work it adds there: the prompt tokens the worker must compute, and the output.
         work = max(prompt_tokens - chosen.hits.blocks * self.block_tokens, 0) + output_tokens
         booking = Booking(chosen.worker, work, prefill_s, chosen.hits, predicted)
@@ -140,6 +150,13 @@ class Pool:
         self.index.add(chosen.worker, PREDICTED, predicted)
         self.stats.decisions += 1
         return booking
+
+    def _candidates(self, hits: list[Hits]) -> list[Candidate]:
+        """The healthy workers as candidates (all of them when none is healthy)."""
+        workers = self.workers
+        return [
+            Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(workers) if w.healthy
+        ] or [Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(workers)]
 
     def first_token(self, booking: Booking) -> None:
         if booking.waiting_first_token:
@@ -228,7 +245,7 @@ class Pool:
             known.pop(engine_hash, None)
             known[engine_hash] = key
         while len(known) > ENGINE_KEYS_PER_BLOCK * self.index.capacity_blocks:
-            del known[next(iter(known))]
+            known.popitem(last=False)
         self.index.add(holder, tier, keys)
 
     async def _scrape(self, i: int, session: aiohttp.ClientSession, interval_s: float) -> None:

@@ -62,9 +62,12 @@ class Request(NamedTuple):
 
 
 class Policy(Protocol):
-    """Picks one of `candidates` (never empty, healthy workers only) for a request."""
+    """Picks one of `candidates` (never empty, healthy workers only) for a request. A policy
+    with `reads_hits` False never looks at the candidates' hits: the pool gives it NO_HITS
+    and matches the prompt against the chosen worker only."""
 
     name: str
+    reads_hits: bool
 
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate: ...
 
@@ -102,6 +105,8 @@ def cost_s(request: Request, c: Candidate) -> float:
 class _Turns:
     """A rotating start, so that ties fall on a different worker each time."""
 
+    reads_hits = True
+
     def __init__(self) -> None:
         self._turn = 0
 
@@ -115,6 +120,7 @@ class RoundRobin(_Turns):
     """Each worker in turn."""
 
     name = "round-robin"
+    reads_hits = False
 
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate:
         return self.order(candidates)[0]
@@ -124,6 +130,7 @@ class LeastLoad(_Turns):
     """The fewest in-flight tokens, then requests."""
 
     name = "least-load"
+    reads_hits = False
 
     def pick(self, request: Request, candidates: Sequence[Candidate]) -> Candidate:
         return min(self.order(candidates), key=lambda c: (c.load.tokens, c.load.requests))

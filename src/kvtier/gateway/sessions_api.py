@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.gateway import affinity_name
-from kvtier.gateway.httpio import SSE_HEADERS, read_json, until_disconnected, until_done
+from kvtier.gateway.httpio import SSE_HEADERS, EventStream, read_json, until_disconnected
 from kvtier.gateway.priority import PRIORITY_HEADER
 from kvtier.gateway.responses import (
     BadRequest,
@@ -79,9 +79,8 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
             usage: dict[str, Any] = {}
             events = await gateway.stream(tenant, CHAT, chat, name, bind_as, usage.update)
             sse = stream_events(resp_id, req, _chunks(events), created_at, keep)
-            guarded = until_done(sse, lambda: gate.leave(entry, usage))
             headers = {**SSE_HEADERS, **entry.headers}
-            return StreamingResponse(guarded, media_type="text/event-stream", headers=headers)
+            return EventStream(sse, lambda: gate.leave(entry, usage), headers)
         work = gateway.complete(tenant, CHAT, chat, name, bind_as)
         completion = await until_disconnected(request, work)
     except BaseException:

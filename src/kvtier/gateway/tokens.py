@@ -12,6 +12,7 @@ LoRA adapter, so two tenants never share a key. Partial tail blocks have no key.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -84,11 +85,13 @@ def root_key(salt: str = "", lora: str | None = None) -> int:
 
 def chain_keys(parent: int, tokens: Sequence[int] | np.ndarray, block_tokens: int) -> list[int]:
     """Keys of the full blocks of `tokens`, chained from `parent`."""
-    arr = np.ascontiguousarray(tokens, dtype=np.int64)  # (T,)
-    view = memoryview(arr.data).cast("B")
+    if isinstance(tokens, list):  # a KV event's token ids: array() reads a list 2x numpy's speed
+        view = memoryview(array.array("q", tokens)).cast("B")
+    else:
+        view = memoryview(np.ascontiguousarray(tokens, dtype=np.int64).data).cast("B")  # (T,)
     step = block_tokens * 8
     keys = []
-    for start in range(0, (len(arr) // block_tokens) * step, step):
+    for start in range(0, (len(view) // step) * step, step):
         parent = xxhash.xxh3_64_intdigest(view[start : start + step], seed=parent)
         keys.append(parent)
     return keys

@@ -121,9 +121,11 @@ async def relay(
     keep_usage_chunk: bool,
     on_first: Callable[[], None],
     on_usage: Callable[[dict[str, Any]], None],
+    on_end: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[bytes]:
-    """The worker's SSE events (`data:` lines), ending in `[DONE]`. The events of one read
-    from the worker go out as one write: under load that is many, and each write costs."""
+    """The worker's SSE events (`data:` lines), ending in `[DONE]`; `on_end()` once it ends,
+    however. The events of one read from the worker go out as one write: under load that is
+    many, and each write costs."""
     first, done = True, False
     try:
         async for lines in _reads(resp):
@@ -156,6 +158,7 @@ async def relay(
     finally:
         resp.release()
         resp.close()
+        on_end()
 
 
 class LineTooLong(Exception):
@@ -167,6 +170,10 @@ async def _reads(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
     up to LINE_LIMIT bytes long and span reads."""
     pending = bytearray()
     async for chunk in resp.content.iter_any():
+        if not pending and chunk.endswith(b"\n"):  # whole lines, the usual case: no copies
+            *lines, _ = chunk.split(b"\n")
+            yield [line.rstrip(b"\r") for line in lines] if b"\r" in chunk else lines
+            continue
         pending += chunk
         if b"\n" not in chunk:
             if len(pending) > LINE_LIMIT:
@@ -197,8 +204,15 @@ def _usage_chunk(
     usage = chunk.get("usage") if isinstance(chunk, dict) else None
     if not isinstance(usage, dict):
         return payload
-    fill_usage(usage, cached_estimate)
+    if not _has_cached_tokens(usage):  # else the worker's own bytes go on, unchanged
+        fill_usage(usage, cached_estimate)
+        payload = json.dumps(chunk, separators=(",", ":")).encode()
     if chunk.get("choices"):  # a worker sending usage with every chunk: count the last only
-        return json.dumps(chunk, separators=(",", ":")).encode()
+        return payload
     on_usage(usage)
-    return json.dumps(chunk, separators=(",", ":")).encode() if keep else None
+    return payload if keep else None
+
+
+def _has_cached_tokens(usage: dict[str, Any]) -> bool:
+    details = usage.get("prompt_tokens_details")
+    return isinstance(details, dict) and isinstance(details.get("cached_tokens"), int)
