@@ -43,6 +43,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         await gateway.refresh_models()
         # What exists now (modules, the app) lives for good: keep it out of the collector's
         # full passes, which otherwise stall every request in flight for ~60 ms now and then.
+        gc.collect()  # what is garbage now is not kept for good
         gc.freeze()
         try:
             yield

@@ -114,14 +114,15 @@ async def subscribe(endpoint: str, ready: asyncio.Event | None = None) -> AsyncI
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(endpoint)
     loop = asyncio.get_running_loop()
     readable = asyncio.Event()
-    fd = sock.FD  # int
-    loop.add_reader(fd, readable.set)
-    if ready is not None:
-        ready.set()
+    fd: int | None = None
     try:
+        sock.connect(endpoint)
+        fd = sock.FD
+        loop.add_reader(fd, readable.set)
+        if ready is not None:
+            ready.set()
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -135,5 +136,6 @@ async def subscribe(endpoint: str, ready: asyncio.Event | None = None) -> AsyncI
                 for event in decode(frames[2]).events:
                     yield event
     finally:
-        loop.remove_reader(fd)
+        if fd is not None:
+            loop.remove_reader(fd)
         sock.close(linger=0)

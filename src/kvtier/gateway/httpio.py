@@ -4,6 +4,7 @@ streaming server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import weakref
@@ -101,6 +102,12 @@ class EventStream(Response):
                 raise
             if sys.version_info >= (3, 11):
                 relaying.uncancel()
+            # Cancelled in `send` (a backed-up client), the relay is left paused at a yield:
+            # close it now, so the upstream closes at once rather than when GC finalizes it.
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
         finally:
             watcher.cancel()
             self._done()
