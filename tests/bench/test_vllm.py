@@ -69,6 +69,9 @@ class FakeFleet:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def settle(self) -> None:
+        self.engines[0].log.append("settled")
+
 
 def test_noreuse_rounds_alternate_and_take_the_median_batch(tmp_path: Any) -> None:
     """Both configurations run each round's batch, taking turns in an order that alternates
@@ -84,7 +87,10 @@ def test_noreuse_rounds_alternate_and_take_the_median_batch(tmp_path: Any) -> No
 
     bar: Any = argparse.Namespace(update=lambda n: None, set_description=lambda text: None)
     passes, summaries = bench._alternating(fleets, reqs, model, args(), bar)
-    assert log == ["vllm", "kvtier", "kvtier", "vllm"] * 2 + ["vllm", "kvtier"]
+    # each batch is followed by its fleet's write-back before the next batch starts
+    assert log[1::2] == ["settled"] * 10
+    assert log[::2] == ["vllm", "kvtier", "kvtier", "vllm"] * 2 + ["vllm", "kvtier"]
+    assert len(summaries["kvtier"]["writeback_tail_s"]) == 5
     assert summaries["vllm"]["throughput_tokens_s"] == 2 * 32 / 1.0
     assert summaries["kvtier"]["throughput_tokens_s"] == 2 * 32 / 1.25
     assert len(passes["kvtier"]) == len(reqs)

@@ -268,9 +268,13 @@ def _alternating(
     bar: tqdm[Any],
 ) -> tuple[dict[str, list[rep.Record]], dict[str, dict[str, Any]]]:
     """The no-reuse rounds: each round's batch on every fleet in turn (its own tiers, so
-    nothing is reused), the order alternating; summaries with the median batch's throughput."""
+    nothing is reused), the order alternating; summaries with the median batch's throughput.
+    After each batch its fleet's node finishes writing back what it saved (`writeback_tail_s`,
+    not in the batch's wall time, as the write-back that ran during the batch is), so that no
+    fleet's batch pays for another's background writes."""
     records: dict[str, list[rep.Record]] = {c: [] for c in fleets}
     walls: dict[str, list[float]] = {c: [] for c in fleets}
+    tails: dict[str, list[float]] = {c: [] for c in fleets}
     with contextlib.ExitStack() as stack:
         for fleet in fleets.values():
             fleet.work.mkdir()
@@ -281,6 +285,9 @@ def _alternating(
             for config in order:
                 bar.set_description(f"noreuse {config} round {r + 1}")
                 recs, wall = _batch(fleets[config].engines[0], batch, model.vocab_size, bar)
+                t0 = time.perf_counter()
+                fleets[config].settle()  # its write-back never runs into the next batch
+                tails[config].append(time.perf_counter() - t0)
                 records[config] += recs
                 walls[config].append(wall)
     summaries = {}
@@ -289,6 +296,7 @@ def _alternating(
         median = float(np.median(walls[config]))
         per_batch = len(recs) / len(walls[config])
         s["batch_wall_s"] = walls[config]
+        s["writeback_tail_s"] = tails[config]  # after each batch, until its node wrote back
         s["throughput_rps"] = per_batch / median
         s["throughput_tokens_s"] = s["prompt_tokens"] / len(walls[config]) / median
         summaries[config] = s

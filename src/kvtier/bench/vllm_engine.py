@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -119,19 +120,30 @@ class HitCounter:
 def node_tier_hits(node_dir: str | None) -> dict[str, int]:
     """Chunk hits per tier of the node-local kvtier process(es) under `node_dir`."""
     hits: dict[str, int] = {}
-    for info_path in Path(node_dir).glob("*/node.json") if node_dir else []:
-        info = json.loads(info_path.read_text())
-        for name, tier in _server_stats(int(info["port"]), str(info["token"])).items():
+    for stats in _node_stats(node_dir):
+        for name, tier in stats["tiers"].items():
             hits[name] = hits.get(name, 0) + int(tier.get("hits", 0))
     return hits
 
 
-def _server_stats(port: int, token: str) -> dict[str, dict[str, Any]]:
+def node_pending_writes(node_dir: str | None) -> int:
+    """Lower-tier (disk, remote) writes the node-local kvtier process(es) under `node_dir`
+    have queued and not finished."""
+    return sum(int(stats["pending_writes"]) for stats in _node_stats(node_dir))
+
+
+def _node_stats(node_dir: str | None) -> Iterator[dict[str, Any]]:
+    for info_path in Path(node_dir).glob("*/node.json") if node_dir else []:
+        info = json.loads(info_path.read_text())
+        yield _server_stats(int(info["port"]), str(info["token"]))
+
+
+def _server_stats(port: int, token: str) -> dict[str, Any]:
     with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
         f: BinaryIO = sock.makefile("rwb")  # type: ignore[assignment]
         _call(f, Op.HELLO, token.encode())
-        tiers: dict[str, dict[str, Any]] = json.loads(_call(f, Op.STATS, b""))["tiers"]
-        return tiers
+        stats: dict[str, Any] = json.loads(_call(f, Op.STATS, b""))
+        return stats
 
 
 def _call(f: BinaryIO, op: Op, payload: bytes) -> bytes:

@@ -8,6 +8,7 @@ started on entry and all stopped on exit (node-local kvtier processes included).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -141,6 +142,17 @@ class Fleet:
             "node_dir": str(self._nodes[-1]),
             "remote": remote,
         }
+
+    def settle(self, timeout_s: float = 120.0) -> None:
+        """Wait until the node processes have written to their lower tiers everything saved
+        so far, so that no write-back of this fleet's runs while another fleet is measured."""
+        from kvtier.bench.vllm_engine import node_pending_writes
+
+        deadline = time.monotonic() + timeout_s
+        while any(node_pending_writes(str(n)) for n in self._nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kvtier's node writes did not finish in {timeout_s:g} s")
+            time.sleep(0.02)
 
     def close(self) -> None:
         from kvtier.integrations.vllm.node import stop_nodes
