@@ -70,6 +70,8 @@ def test_sizes_are_normalised(tmp_path: Path) -> None:
         ({"chunk_tokens": 1 << 20}, "chunk_tokens: must be in"),
         ({"chunk_tokens": 2.5}, "chunk_tokens: expected an int"),
         ({"io_workers": 0}, "io_workers: must be in"),
+        ({"io_nice": 20}, "io_nice: must be an int in 0..19"),
+        ({"io_nice": -1}, "io_nice: must be an int in 0..19"),
         ({"disk_bytes": "1GiB"}, "disk_bytes is set but disk_dir is not"),
         ({"remote": "http://x"}, "unknown scheme"),
         ({"remote": "kvtier://host"}, "bad host:port"),
@@ -114,12 +116,14 @@ def test_from_env(tmp_path: Path) -> None:
         "KVTIER_DISK": "1MiB",
         "KVTIER_REMOTE": "kvtier://127.0.0.1:7400",
         "KVTIER_IO_WORKERS": "3",
+        "KVTIER_IO_NICE": "0",
     }
     config = kvtier.StoreConfig.from_env(env)
     assert (config.chunk_tokens, config.dram_bytes, config.disk_bytes) == (64, 2 << 20, 1 << 20)
     assert config.disk_dir == tmp_path
     assert config.remote == "kvtier://127.0.0.1:7400"
     assert config.io_workers == 3
+    assert config.io_nice == 0
     assert kvtier.StoreConfig.from_env({"KVTIER_DRAM": "off"}).dram_bytes is None
     assert kvtier.StoreConfig.from_env(env, chunk_tokens=16).chunk_tokens == 16
     assert kvtier.StoreConfig.from_env({}) == kvtier.StoreConfig()

@@ -137,6 +137,10 @@ class StoreConfig:
 
     `pin_fraction`: at most this fraction of each local tier's capacity may hold pinned chunks
     (`BoundCache.pin`); a pin beyond it is refused with `PinRefused`. 0 switches pinning off.
+
+    `io_nice`: the background I/O threads (write-behind to disk and the remote tier, prefetch)
+    run this much below the CPU priority of the process (0..19, Linux), so that they yield the
+    cores to the engine's compute; loads a caller waits for are not lowered.
     """
 
     chunk_tokens: int = 256
@@ -150,6 +154,7 @@ class StoreConfig:
     disk_admit_after: int = 1
     remote_ca: str | Path | None = None
     pin_fraction: float = 0.5
+    io_nice: int = 19
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
@@ -160,6 +165,9 @@ class StoreConfig:
             )
         if not isinstance(self.io_workers, int) or not 1 <= self.io_workers <= 64:
             raise ConfigError(f"io_workers: must be in 1..64, got {self.io_workers!r}")
+        nice = self.io_nice
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise ConfigError(f"io_nice: must be an int in 0..19, got {nice!r}")
         admit = self.disk_admit_after
         if isinstance(admit, bool) or not isinstance(admit, int) or admit < 1:
             raise ConfigError(
@@ -290,6 +298,7 @@ _ENV_FIELDS = {
     "disk_admit_after": "KVTIER_DISK_ADMIT_AFTER",
     "remote_ca": "KVTIER_REMOTE_CA",
     "pin_fraction": "KVTIER_PIN_FRACTION",
+    "io_nice": "KVTIER_IO_NICE",
 }
 
 
@@ -304,7 +313,7 @@ def _from_text(name: str, raw: str) -> object:
     off = raw.lower() in ("", "off", "none")
     if name == "disk_admit_after":  # off: no admission, every save goes to disk
         return 1 if off else _int_env(var, raw)
-    if name in ("chunk_tokens", "io_workers"):
+    if name in ("chunk_tokens", "io_workers", "io_nice"):
         return _int_env(var, raw)
     return None if off else raw
 

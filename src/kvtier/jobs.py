@@ -9,6 +9,9 @@ ends (a save waiting for memory that in-flight writes pin wakes up then).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +21,14 @@ from kvtier.errors import StoreClosed
 
 
 class Jobs:
-    """A pool of I/O workers whose jobs are counted until they end."""
+    """A pool of I/O workers whose jobs are counted until they end. With `nice` > 0 the workers
+    run that much below the CPU priority of the thread that starts them (Linux: per thread),
+    so background writes yield the cores to the compute they serve."""
 
-    def __init__(self, workers: int, cond: threading.Condition) -> None:
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kvtier-io")
+    def __init__(self, workers: int, cond: threading.Condition, nice: int = 0) -> None:
+        self._pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="kvtier-io", initializer=_lower_priority, initargs=(nice,)
+        )
         self._cond = cond
         self.pending = 0  # jobs not yet finished (read under `cond`)
         self._issued = 0
@@ -81,3 +88,13 @@ class Jobs:
                 ):
                     self._finished_below += 1
             self._cond.notify_all()
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by `nice` (to at most 19); where threads have
+    no priority of their own (not Linux), nothing."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))

@@ -109,7 +109,7 @@ class Store(InPlace, Pinning, Promotion, WriteBehind):
         staged = config.io_workers + STAGING_SPARE
         self._staging = StagingPool(staged) if lower and not self._dram else None
         self._cond = threading.Condition()
-        self._jobs = Jobs(config.io_workers, self._cond)
+        self._jobs = Jobs(config.io_workers, self._cond, config.io_nice)
         # Loads from lower tiers run here, not behind the background writes queued in _jobs.
         self._readers = ThreadPoolExecutor(config.io_workers, thread_name_prefix="kvtier-read")
         self._writing: dict[Key, int] = {}  # key -> background writes in flight

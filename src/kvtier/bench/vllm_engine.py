@@ -89,6 +89,7 @@ def _build(spec: dict[str, Any]) -> Any:
         block_size=spec["block_size"],
         max_model_len=spec["max_model_len"],
         kv_cache_memory_bytes=spec["kv_cache_bytes"],
+        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.9),
         enable_prefix_caching=True,
         kv_transfer_config=transfer,
         disable_log_stats=True,

@@ -18,6 +18,7 @@ from kvtier.bench.vllm_engine import EngineProcess
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN_DRAM_BYTES = 64 << 20
+GPU_SHARE = 0.45  # of one GPU's memory per engine: two engines fit
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,10 @@ class Model:
             "block_size": 32,
             "max_model_len": min(max_model_len, self.max_positions),
             "kv_cache_bytes": kv_cache_tokens * self.kv_bytes_per_token,
+            # Two engines of a pass may share one GPU (the no-reuse pair, `shared`). The KV
+            # cache is sized by kv_cache_bytes; this only lowers vLLM's start-up demand for
+            # free device memory (0.9 of it by default), which a second engine cannot meet.
+            "gpu_memory_utilization": GPU_SHARE,
             "extra": None,
         }
 

@@ -78,7 +78,7 @@ def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]
             continue
         if value is None or str(value).lower() in ("off", "none"):
             value = None
-        elif key in ("chunk_tokens", "io_workers"):
+        elif key in ("chunk_tokens", "io_workers", "io_nice"):
             value = int(value)
         changes[key] = value
     options = {k: extra[k] for k in _OPTIONS if k in extra}
