@@ -27,6 +27,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from vllm.v1.worker.utils import allocate_kv_cache
 
 from kvtier.config import StoreConfig
+from kvtier.integrations.vllm import worker
 from kvtier.integrations.vllm.node import engine_config
 from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan
 from kvtier.integrations.vllm.worker import ChunkMover
@@ -130,6 +131,13 @@ def test_a_steps_saves_of_several_requests_take_one_reservation(
     got = _blocks(caches, [4, 5, 8, 9, 6, 7])
     for layer in range(len(LAYERS)):
         assert torch.equal(got[layer], want[layer])
+    # more chunks than a frame takes keys: reserved in frames of at most that many
+    monkeypatch.setattr(worker, "MAX_KEYS", 2)
+    more = [_key(f"{request.node.name}-more-{i}") for i in range(3)]
+    reservations.clear()
+    m.save(StepPlan(saves=[RequestJobs("e", [ChunkCopy(k, (2 * i, 2 * i + 1))
+                                              for i, k in enumerate(more)])]))  # fmt: skip
+    assert reservations == [2, 1]
 
 
 def test_a_background_load_is_waited_for_and_reported(

@@ -24,8 +24,11 @@ import torch
 from kvtier.integrations.vllm.pages import PagedKV
 from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan, Tally, rank_keys
 from kvtier.keys import Key
+from kvtier.protocol import Limits
 from kvtier.store import Store
 from kvtier.tiers.base import copy_views
+
+MAX_KEYS = Limits().max_keys
 
 
 class ChunkMover:
@@ -147,7 +150,8 @@ class ChunkMover:
             torch.cuda.current_stream().synchronize()
         t0 = _now()
         chunks = [c for job in plan.saves for c in job.chunks]
-        self._save_chunks(chunks)
+        for i in range(0, len(chunks), MAX_KEYS):  # a frame's key limit
+            self._save_chunks(chunks[i : i + MAX_KEYS])
         self.tally.add("saved_bytes", self.chunk_bytes * len(chunks))
         self.tally.add("save_seconds", _now() - t0)
         self.tally.observe("step_save_seconds", _now() - t0)
