@@ -220,5 +220,6 @@ def _figure(plt: Any, result: Mapping[str, Any]) -> Any:
     right.set(ylabel="prompt tokens not computed, by tier")
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # none on the left with no-reuse runs only
+            ax.legend(fontsize=7)
     return fig
