@@ -47,15 +47,14 @@ def new_session() -> aiohttp.ClientSession:
 
 def fill_usage(usage: dict[str, Any] | None, cached_estimate: int) -> dict[str, Any] | None:
     """`prompt_tokens_details.cached_tokens`, always: the worker's figure, else the estimate."""
-    if not isinstance(usage, dict):
+    if not isinstance(usage, dict) or _has_cached_tokens(usage):
         return usage
     details = usage.get("prompt_tokens_details")
     if not isinstance(details, dict):
         details = usage["prompt_tokens_details"] = {}
-    if not isinstance(details.get("cached_tokens"), int):
-        prompt = usage.get("prompt_tokens")
-        cap = max(prompt - 1, 0) if isinstance(prompt, int) else cached_estimate
-        details["cached_tokens"] = min(cached_estimate, cap)
+    prompt = usage.get("prompt_tokens")
+    cap = max(prompt - 1, 0) if isinstance(prompt, int) else cached_estimate
+    details["cached_tokens"] = min(cached_estimate, cap)
     return usage
 
 
