@@ -133,7 +133,9 @@ class Pool:
         request = Request(prompt_tokens, self.block_tokens)
         reads = self.policy.reads_hits  # if not, match the chosen worker only, after picking
         found = self.index.match(keys) if reads else [NO_HITS] * len(self.workers)
-        chosen = self.policy.pick(request, self._candidates(_credited(bound, keys, found)))
+        chosen = self.policy.pick(
+            request, self._candidates(_credited(bound, keys, found) if reads else found)
+        )
         if not reads:
             found[chosen.worker] = self.index.match_one(keys, chosen.worker)
             chosen = chosen._replace(hits=_credited(bound, keys, found)[chosen.worker])
