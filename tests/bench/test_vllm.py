@@ -55,8 +55,9 @@ class FakeEngine:
     def run(self, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         self.log.append(self.name)
         results = [{"ttft_s": 0.1, "tokens": [1], "cached": 0} for _ in jobs]
+        inside = 0.05 if self.name == "kvtier" else 0.0
         return {"results": results, "wall_s": self.walls.pop(0), "kvtier_tokens": 0,
-                "tier_chunks": {}}  # fmt: skip
+                "tier_chunks": {}, "connector_s": inside}  # fmt: skip
 
 
 class FakeFleet:
@@ -96,6 +97,9 @@ def test_noreuse_rounds_alternate_and_take_the_median_batch(tmp_path: Any) -> No
     assert len(passes["kvtier"]) == len(reqs)
     h = rep.headline({"noreuse": passes}, {"noreuse": summaries}, 32)
     assert h["throughput_ratio_noreuse"] == 0.8 and h["differing_tokens"] == 0
+    # kvtier's own time in the engine, over all its batches (not only the median one)
+    assert summaries["kvtier"]["batch_connector_s"] == [0.05] * 5
+    assert math.isclose(h["connector_share_noreuse"], 5 * 0.05 / (4 * 1.25 + 0.1))
 
 
 def test_returning_turns_are_those_vllm_evicted() -> None:

@@ -202,6 +202,7 @@ def _pass(
         answers.answered(i, reply["results"][0]["tokens"])
         wall += reply["wall_s"]
         records.append(_record(f"{i}", r, engine, reply, 0, True))
+        records[-1]["connector_s"] = reply.get("connector_s", 0.0)
         bar.update()
     return records, wall
 
@@ -275,6 +276,7 @@ def _alternating(
     records: dict[str, list[rep.Record]] = {c: [] for c in fleets}
     walls: dict[str, list[float]] = {c: [] for c in fleets}
     tails: dict[str, list[float]] = {c: [] for c in fleets}
+    inside: dict[str, list[float]] = {c: [] for c in fleets}  # in the connector's hooks
     with contextlib.ExitStack() as stack:
         for fleet in fleets.values():
             fleet.work.mkdir()
@@ -284,12 +286,13 @@ def _alternating(
             order = list(fleets) if r % 2 == 0 else list(reversed(fleets))
             for config in order:
                 bar.set_description(f"noreuse {config} round {r + 1}")
-                recs, wall = _batch(fleets[config].engines[0], batch, model.vocab_size, bar)
+                recs, reply = _batch(fleets[config].engines[0], batch, model.vocab_size, bar)
                 t0 = time.perf_counter()
                 fleets[config].settle()  # its write-back never runs into the next batch
                 tails[config].append(time.perf_counter() - t0)
                 records[config] += recs
-                walls[config].append(wall)
+                walls[config].append(reply["wall_s"])
+                inside[config].append(reply.get("connector_s", 0.0))
     summaries = {}
     for config, recs in records.items():
         s = rep.summary(recs, sum(walls[config]), float(args.slo_ms))
@@ -297,6 +300,8 @@ def _alternating(
         per_batch = len(recs) / len(walls[config])
         s["batch_wall_s"] = walls[config]
         s["writeback_tail_s"] = tails[config]  # after each batch, until its node wrote back
+        s["batch_connector_s"] = inside[config]
+        s["connector_s"] = sum(inside[config])
         s["throughput_rps"] = per_batch / median
         s["throughput_tokens_s"] = s["prompt_tokens"] / len(walls[config]) / median
         summaries[config] = s
@@ -305,14 +310,12 @@ def _alternating(
 
 def _batch(
     engine: EngineProcess, requests: list[wl.Request], vocab: int, bar: tqdm[Any]
-) -> tuple[list[rep.Record], float]:
+) -> tuple[list[rep.Record], dict[str, Any]]:
     jobs = [{"id": r.session, "prompt": (r.tokens % vocab).tolist(), "max_tokens": 1}
             for r in requests]  # fmt: skip
     reply = engine.run(jobs)
     bar.update(len(requests))
-    return [_record(r.session, r, 0, reply, i, False) for i, r in enumerate(requests)], reply[
-        "wall_s"
-    ]
+    return [_record(r.session, r, 0, reply, i, False) for i, r in enumerate(requests)], reply
 
 
 def _record(

@@ -8,7 +8,9 @@ SPEC: model, dtype, block_size, max_model_len, kv_cache_bytes and `extra` (the c
 the connector's counters are readable. Each stdin line `{"requests": [...]}` (id, prompt,
 max_tokens) adds the requests at once and steps until all finish; the reply (one stdout line
 starting "KVB ") gives each request's TTFT (add -> first output token), generated tokens and
-cached prompt tokens, plus the kvtier tokens loaded and the node tiers' chunk hits.
+cached prompt tokens, plus the kvtier tokens loaded, the node tiers' chunk hits and the
+seconds the engine spent inside the connector's hooks (`connector_s`: kvtier's own work on the
+engine's path, apart from what the node process's background writes take from the cores).
 
 `EngineProcess` is the driver's side: it starts the process and sends the lines.
 """
@@ -157,18 +159,69 @@ def _call(f: BinaryIO, op: Op, payload: bytes) -> bytes:
     return body
 
 
+HOOKS = (
+    # scheduler side
+    "get_num_new_matched_tokens",
+    "update_state_after_alloc",
+    "build_connector_meta",
+    "update_connector_output",
+    "request_finished",
+    # worker side
+    "start_load_kv",
+    "wait_for_save",
+    "get_finished",
+    "get_block_ids_with_load_errors",
+)
+
+
+class ConnectorClock:
+    """Seconds spent inside the connector's hooks, scheduler and worker side: each hook of
+    both connector instances (one engine thread calls them all here) is wrapped by a timer."""
+
+    def __init__(self, llm: Any) -> None:
+        self.seconds = 0.0
+        self.calls: dict[str, int] = {}
+        core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+        scheduler_side = getattr(getattr(core, "scheduler", None), "connector", None)
+        if scheduler_side is None:
+            return
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        worker_side = get_kv_transfer_group() if has_kv_transfer_group() else None
+        for connector in (scheduler_side, worker_side):
+            for name in HOOKS:
+                if connector is not None and hasattr(connector, name):
+                    setattr(connector, name, self._timed(name, getattr(connector, name)))
+
+    def _timed(self, name: str, hook: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed
+
+
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def _serve(
-    llm: Any, hits: HitCounter, requests: list[dict[str, Any]], node_dir: str | None
+    llm: Any,
+    hits: HitCounter,
+    clock: ConnectorClock,
+    requests: list[dict[str, Any]],
+    node_dir: str | None,
 ) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
     loaded, tiers = hits.tokens, node_tier_hits(node_dir)
+    inside, calls = clock.seconds, dict(clock.calls)
     start = time.perf_counter()
     first: dict[str, float] = {}
     done: dict[str, dict[str, Any]] = {}
@@ -198,6 +251,8 @@ def _serve(
         "wall_s": wall,
         "kvtier_tokens": round(hits.tokens - loaded),
         "tier_chunks": _delta(node_tier_hits(node_dir), tiers),
+        "connector_s": clock.seconds - inside,
+        "connector_calls": _delta(clock.calls, calls),
     }
 
 
@@ -206,13 +261,13 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     start = time.perf_counter()
     llm = _build(spec)
-    hits = HitCounter(llm)
+    hits, clock = HitCounter(llm), ConnectorClock(llm)
     warm = [{"id": "warm-up", "prompt": [0] * 2 * spec["block_size"], "max_tokens": 2}]
-    _serve(llm, hits, warm, None)  # first-step costs out of the first measured request
+    _serve(llm, hits, clock, warm, None)  # first-step costs out of the first measured request
     node_dir = (spec.get("extra") or {}).get("node_dir")
     print(PREFIX + json.dumps({"start_s": time.perf_counter() - start}), flush=True)
     for line in sys.stdin:
-        reply = _serve(llm, hits, json.loads(line)["requests"], node_dir)
+        reply = _serve(llm, hits, clock, json.loads(line)["requests"], node_dir)
         print(PREFIX + json.dumps(reply), flush=True)
 
 

@@ -107,10 +107,19 @@ def summary(records: Sequence[Record], wall_s: float, slo_ms: float) -> dict[str
             for t in turns
         },
         "wall_s": wall_s,
+        "connector_s": sum(r.get("connector_s", 0.0) for r in records),
         "throughput_rps": len(records) / wall_s if wall_s else 0.0,
         "throughput_tokens_s": tokens / wall_s if wall_s else 0.0,
         "slo_rate_rps": rate,
     }
+
+
+def connector_share(s: Mapping[str, Any]) -> float:
+    """The share of a pass's engine time spent inside kvtier's connector hooks: its own work
+    on the engine's path (lookups, planning, copies in and out), without the time the node
+    process's background writes take from the cores the engine runs on."""
+    wall = sum(s["batch_wall_s"]) if "batch_wall_s" in s else s["wall_s"]
+    return _ratio(s.get("connector_s", math.nan), wall)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -143,6 +152,7 @@ def headline(
         s = summaries[work]
         slo.append(_ratio(s["kvtier"]["slo_rate_rps"], s[BASE]["slo_rate_rps"]))
         out[f"throughput_ratio_at_slo_{work}"] = slo[-1]
+        out[f"connector_share_{work}"] = connector_share(s["kvtier"])
     out["ttft_p50_ratio_returning"] = p50_ratio(pooled, ids, "kvtier") if ids else math.nan
     out["throughput_ratio_at_slo"] = min(slo) if slo else math.nan
     if "noreuse" in summaries:
@@ -150,6 +160,7 @@ def headline(
         out["throughput_ratio_noreuse"] = _ratio(
             s["kvtier"]["throughput_tokens_s"], s[BASE]["throughput_tokens_s"]
         )
+        out["connector_share_noreuse"] = connector_share(s["kvtier"])
     out["differing_tokens"] = sum(
         differing_tokens(configs[BASE], recs)
         for configs in passes.values()

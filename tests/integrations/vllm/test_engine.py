@@ -155,6 +155,26 @@ def test_corrupt_chunks_and_a_dead_server_mean_recomputation(
     same_output(result, first[0])
 
 
+def test_the_bench_engine_times_kvtiers_hooks(model_dir: Path, work: Path) -> None:
+    """`kvtier bench vllm`'s engine process times kvtier's connector hooks on both sides
+    (the scheduler's lookups, the worker's saves): time inside kvtier, apart from the rest
+    of the step."""
+    from kvtier.bench.vllm_engine import EngineProcess
+
+    spec = {"model": str(model_dir), "dtype": "float32", "block_size": 32,
+            "max_model_len": 2048, "kv_cache_bytes": 32 << 20,
+            "extra": {"chunk_tokens": CHUNK, **node(work, "clock")}}  # fmt: skip
+    engine = EngineProcess(spec, work / "clock.log")
+    try:
+        reply = engine.run([{"id": "r", "prompt": PROMPT, "max_tokens": 4}])
+    finally:
+        engine.close()
+    calls = reply["connector_calls"]
+    assert calls.get("get_num_new_matched_tokens", 0) >= 1  # scheduler side
+    assert calls.get("wait_for_save", 0) >= 1  # worker side
+    assert 0 < reply["connector_s"] < reply["wall_s"]
+
+
 def test_engines_share_through_redis(model_dir: Path, tmp_path: Path) -> None:
     """Engines with Redis as their only tier (no node-local process) share KV through it."""
     with RedisProcess(tmp_path / "redis") as redis:
