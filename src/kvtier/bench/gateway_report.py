@@ -36,10 +36,15 @@ TARGETS = {
 }
 
 
+def _steady(inflight: Sequence[InflightSample], workers: int) -> list[tuple[float, ...]]:
+    """Each worker's booked tokens in the samples with at least one request per worker."""
+    return [s.tokens for s in inflight if s.requests >= workers and len(s.tokens) == workers]
+
+
 def _steady_ratio(inflight: Sequence[InflightSample], workers: int) -> float:
     """The busiest worker's time-averaged booked tokens over the mean of all workers', over
     the samples with at least one request per worker in flight (steady state)."""
-    busy = [s.tokens for s in inflight if s.requests >= workers and len(s.tokens) == workers]
+    busy = _steady(inflight, workers)
     if not busy:
         return math.nan
     per_worker = np.mean(np.asarray(busy), axis=0)
@@ -82,6 +87,7 @@ def row(
         "throughput_rps": len(ok) / span if span > 0 else 0.0,
         "max_inflight_tokens_ratio": max(busy, default=math.nan),
         "steady_inflight_tokens_ratio": _steady_ratio(inflight, key["workers"]),
+        "steady_samples": len(_steady(inflight, key["workers"])),
         "wall_s": span,
     }
 
@@ -130,6 +136,14 @@ def headline(rows: Sequence[Row], sweep: str, workers: int, load: float) -> dict
     for name in ("max_inflight_tokens_ratio", "steady_inflight_tokens_ratio"):
         kv = [r[name] for r in rows if r["policy"] == "kvtier"]
         out[name] = max((v for v in kv if not math.isnan(v)), default=math.nan)
+    worst = max((r for r in rows if r["policy"] == "kvtier"
+                 and not math.isnan(r["steady_inflight_tokens_ratio"])),
+                key=lambda r: r["steady_inflight_tokens_ratio"], default=None)  # fmt: skip
+    if worst is not None:  # where it was, and over how many samples
+        out["steady_inflight_worst_row"] = (
+            f"{worst['workload']} x{worst['workers']} tiers {worst['tiers']} load "
+            f"{worst['load']:g}: {worst['steady_samples']} samples"
+        )
     for tiers, name in (("dram", ""), ("all", "_with_shared_tier")):
         tk, tp = (_find(rows, workload="trace", policy=p, workers=workers, tiers=tiers)
                   for p in ("kvtier", "prefix"))  # fmt: skip
