@@ -26,12 +26,14 @@ def test_steady_balance_counts_only_samples_with_a_request_per_worker() -> None:
     assert math.isnan(rep.row(KEY, [], [], samples[:1], 0.05)["steady_inflight_tokens_ratio"])
 
 
-def test_headline_names_the_worst_balance_row_and_its_samples() -> None:
-    samples = [InflightSample(2, 1.5, (300.0, 100.0))]
-    rows = [
-        rep.row(KEY, [], [], samples, 0.05),
-        rep.row({**KEY, "load": 9.0}, [], [], [InflightSample(2, 1.0, (1.0, 1.0))], 0.05),
-    ]
+def test_headline_judges_balance_over_rows_with_enough_samples() -> None:
+    """A row whose balance rests on a sample or two is named apart, not judged: the judged
+    figure is the worst row with STEADY_MIN_SAMPLES samples or more."""
+    few = [InflightSample(2, 1.5, (300.0, 100.0))]
+    many = [InflightSample(2, 1.0, (120.0, 80.0))] * rep.STEADY_MIN_SAMPLES
+    rows = [rep.row(KEY, [], [], few, 0.05), rep.row({**KEY, "load": 9.0}, [], [], many, 0.05)]
     head = rep.headline(rows, "trace", 2, 4.0)
-    assert head["steady_inflight_tokens_ratio"] == 1.5
-    assert head["steady_inflight_worst_row"] == "trace x2 tiers off load 4: 1 samples"
+    assert math.isclose(head["steady_inflight_tokens_ratio"], 1.2)
+    assert head["steady_inflight_worst_row"] == "trace x2 tiers off load 9: 10 samples"
+    assert head["steady_inflight_tokens_ratio_any_samples"] == 1.5
+    assert head["steady_inflight_worst_row_any_samples"] == "trace x2 tiers off load 4: 1 samples"
