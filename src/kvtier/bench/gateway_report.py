@@ -144,11 +144,12 @@ def headline(rows: Sequence[Row], sweep: str, workers: int, load: float) -> dict
     # per worker is in flight only for an instant) is no steady figure: such rows are named
     # apart, and the judged figure takes rows with STEADY_MIN_SAMPLES or more.
     steady = [r for r in kv if r["steady_samples"] >= STEADY_MIN_SAMPLES]
-    out["steady_inflight_tokens_ratio"] = _worst(steady, "steady_inflight_tokens_ratio")
-    out["steady_inflight_tokens_ratio_any_samples"] = _worst(kv, "steady_inflight_tokens_ratio")
     for tag, among in (("", steady), ("_any_samples", kv)):
         worst = max((r for r in among if not math.isnan(r["steady_inflight_tokens_ratio"])),
                     key=lambda r: r["steady_inflight_tokens_ratio"], default=None)  # fmt: skip
+        out[f"steady_inflight_tokens_ratio{tag}"] = (
+            math.nan if worst is None else worst["steady_inflight_tokens_ratio"]
+        )
         if worst is not None:  # where it was, and over how many samples
             out[f"steady_inflight_worst_row{tag}"] = (
                 f"{worst['workload']} x{worst['workers']} tiers {worst['tiers']} load "
