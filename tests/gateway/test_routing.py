@@ -29,13 +29,14 @@ def test_match_splits_each_workers_prefix_by_tier() -> None:
     assert hits[2] == Hits(0, 0, 0, 0)
 
 
-def test_match_agrees_with_a_per_block_model() -> None:
+@pytest.mark.parametrize("workers", [3, 17])  # 17: masks of two 64-bit words
+def test_match_agrees_with_a_per_block_model(workers: int) -> None:
     """Random holders: the run-length walk equals a block-by-block reference."""
     rng = random.Random(7)
     for _ in range(200):
-        ix = PrefixIndex(3, 10_000)
+        ix = PrefixIndex(workers, 10_000)
         held: dict[tuple[int, int], set[int]] = {}
-        for holder in [(w, t) for w in range(3) for t in range(3)] + [(SHARED, 0)]:
+        for holder in [(w, t) for w in range(workers) for t in range(3)] + [(SHARED, 0)]:
             keys = {k for k in range(30) if rng.random() < 0.6}
             ix.add(holder[0], holder[1], keys)
             held[holder] = keys
@@ -57,15 +58,16 @@ def test_match_agrees_with_a_per_block_model() -> None:
             assert got == Hits(*counts)
 
 
-def test_match_one_is_that_workers_share_of_match() -> None:
+@pytest.mark.parametrize("workers", [3, 17])
+def test_match_one_is_that_workers_share_of_match(workers: int) -> None:
     """Random holders: matching one worker's prefix equals its entry of the full match."""
     rng = random.Random(11)
     for _ in range(200):
-        ix = PrefixIndex(3, 10_000)
-        for w, tier in [(w, t) for w in range(3) for t in range(4)] + [(SHARED, 0)]:
+        ix = PrefixIndex(workers, 10_000)
+        for w, tier in [(w, t) for w in range(workers) for t in range(4)] + [(SHARED, 0)]:
             ix.add(w, tier, [k for k in range(30) if rng.random() < 0.7])
         keys = list(range(rng.randrange(31)))
-        assert [ix.match_one(keys, w) for w in range(3)] == ix.match(keys)
+        assert [ix.match_one(keys, w) for w in range(workers)] == ix.match(keys)
 
 
 @pytest.mark.parametrize("policy", ["round-robin", "least-load"])

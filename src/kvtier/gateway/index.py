@@ -1,18 +1,19 @@
 """Which worker holds which prefix blocks, and in which tier.
 
-One dict maps a block key to a bit mask of its holders: bit 0 is kvtier's shared tier (every
-worker can load from it), and worker w has four bits, `1 + 4w + tier` for its GPU cache, its
-kvtier DRAM, its kvtier disk, and the gateway's own prediction of its GPU cache (the prompts
-it sent there; kept apart so that a worker's events never evict the predictions, nor the
-reverse). A holder keeps at most `capacity_blocks` keys, evicted in second-chance (CLOCK)
-order over insertion order, which approximates LRU with one C-level update per prompt
-instead of a move per key, so a shadow index fed only by the gateway's own decisions stays
-bounded and forgets the way a worker's cache does. The order is an OrderedDict's: taking the
-oldest key of a plain dict that keeps losing its oldest keys is O(keys deleted since it was
-last resized) - up to ~0.3 ms per block at 256k keys, on every block once a holder is full.
+A `MaskTable` maps a block key to a bit mask of its holders: bit 0 is kvtier's shared tier
+(every worker can load from it), and worker w has the four bits `4 (w + 1) + tier` for its GPU
+cache, its kvtier DRAM, its kvtier disk, and the gateway's own prediction of its GPU cache
+(the prompts it sent there; kept apart so that a worker's events never evict the
+predictions, nor the reverse). A holder keeps at most `capacity_blocks` keys, evicted in
+second-chance (CLOCK) order over insertion order, which approximates LRU with one C-level
+update per prompt instead of a move per key, so a shadow index fed only by the gateway's own
+decisions stays bounded and forgets the way a worker's cache does. The order is an
+OrderedDict's: taking the oldest key of a plain dict that keeps losing its oldest keys is
+O(keys deleted since it was last resized) - up to ~0.3 ms per block at 256k keys, on every
+block once a holder is full.
 
-`match(keys)` walks a prompt's keys once, comparing each mask with the last (a prompt's blocks
-come in long runs of the same holders), and splits each worker's usable prefix the way vLLM
+`match(keys)` looks a prompt's keys up at once, cuts the masks into runs of the same holders (a
+prompt's blocks come in long runs), and splits each worker's usable prefix the way vLLM
 and kvtier load it: first the leading blocks in its GPU cache, then the following blocks
 kvtier can supply (its DRAM, its disk or the shared tier, the nearest counted), up to the
 first block it has in none.
@@ -20,9 +21,14 @@ first block it has in none.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import NamedTuple
+
+import numpy as np
+
+from kvtier.gateway.masks import MaskTable, as_keys
 
 GPU, DRAM, DISK, PREDICTED = 0, 1, 2, 3  # PREDICTED counts as GPU
 TIERS = 4
@@ -47,7 +53,7 @@ NO_HITS = Hits(0, 0, 0, 0)
 
 def holder_bit(worker: int, tier: int) -> int:
     """The mask bit of a worker's tier, or of the shared tier for worker SHARED."""
-    return 0 if worker == SHARED else 1 + TIERS * worker + tier
+    return 0 if worker == SHARED else TIERS * (worker + 1) + tier
 
 
 class PrefixIndex:
@@ -58,7 +64,9 @@ class PrefixIndex:
             raise ValueError("an index needs at least one worker and one block per holder")
         self.workers = workers
         self.capacity_blocks = capacity_blocks
-        self._masks: dict[int, int] = {}
+        # room for every worker's GPU cache, full: its events and predictions share keys
+        words = -(-TIERS * (workers + 1) // 64)
+        self._masks = MaskTable(words, expected_keys=workers * capacity_blocks)
         self._lrus: dict[int, OrderedDict[int, bool]] = {}  # holder bit -> key -> used again
 
     def __len__(self) -> int:
@@ -67,29 +75,30 @@ class PrefixIndex:
     def add(self, worker: int, tier: int, keys: Iterable[int]) -> None:
         """The holder now has these blocks (in prompt order)."""
         bit = holder_bit(worker, tier)
-        flag = 1 << bit
         lru = self._lrus.get(bit)
         if lru is None:
             lru = self._lrus[bit] = OrderedDict()
         keys = list(keys)
         new = [k for k in keys if k not in lru]
-        masks = self._masks
-        for key in new:
-            masks[key] = masks.get(key, 0) | flag
+        if new:
+            self._masks.set_bit(new, bit)
         marks = dict.fromkeys(keys, True)  # held ones referenced, new ones appended...
         marks.update(dict.fromkeys(new, False))  # ...unreferenced
         lru.update(marks)  # (one OrderedDict update: slower than a dict's)
-        self._evict(lru, flag)
+        self._evict(lru, bit)
 
-    def _evict(self, lru: OrderedDict[int, bool], flag: int) -> None:
+    def _evict(self, lru: OrderedDict[int, bool], bit: int) -> None:
         """Second-chance (CLOCK) eviction down to capacity: the oldest key goes unless it was
         used again since it was last passed over, in which case it moves to the end."""
+        dropped = []
         while len(lru) > self.capacity_blocks:
             oldest, used = lru.popitem(last=False)
             if used:
                 lru[oldest] = False
             else:
-                self._drop(flag, oldest)
+                dropped.append(oldest)
+        if dropped:
+            self._masks.clear_bit(dropped, bit)
 
     def remove(self, worker: int, tier: int, keys: Iterable[int]) -> None:
         """The holder no longer has these blocks."""
@@ -97,64 +106,55 @@ class PrefixIndex:
         lru = self._lrus.get(bit)
         if lru is None:
             return
-        for key in keys:
-            if key in lru:
-                del lru[key]
-                self._drop(1 << bit, key)
+        gone = [key for key in keys if key in lru]
+        for key in gone:
+            del lru[key]
+        if gone:
+            self._masks.clear_bit(gone, bit)
 
     def clear(self, worker: int, tier: int) -> None:
         """The holder has nothing (a restarted worker, vLLM's AllBlocksCleared)."""
         bit = holder_bit(worker, tier)
-        for key in self._lrus.pop(bit, {}):
-            self._drop(1 << bit, key)
+        lru = self._lrus.pop(bit, None)
+        if lru:
+            self._masks.clear_bit(list(lru), bit)
 
-    def _drop(self, flag: int, key: int) -> None:
-        mask = self._masks.get(key, 0) & ~flag
-        if mask:
-            self._masks[key] = mask
-        else:
-            self._masks.pop(key, None)
+    def _rows(self, keys: list[int]) -> np.ndarray:
+        """The masks of a prompt's keys up to its first block no holder has."""
+        rows = self._masks.get(as_keys(keys))  # (n, words)
+        present = rows.any(axis=1)
+        return rows if present.all() else rows[: int(np.argmin(present))]
 
     def match(self, keys: list[int]) -> list[Hits]:
         """Per worker, the prefix of `keys` it would reuse, split by tier."""
         counts = [[0, 0, 0, 0] for _ in range(self.workers)]  # gpu, dram, disk, shared
         phase = [0] * self.workers  # 0: in its GPU run, 1: in kvtier's run, 2: done
-        masks = self._masks
-        run_mask, run_len, live = -1, 0, self.workers
-        for key in keys:
-            mask = masks.get(key, 0)
-            if mask == run_mask:
-                run_len += 1
-                continue
-            live = self._account(run_mask, run_len, counts, phase, live)
-            if not mask or not live:
-                run_mask, run_len = -1, 0
-                break
-            run_mask, run_len = mask, 1
-        self._account(run_mask, run_len, counts, phase, live)
+        rows = self._rows(keys)
+        if len(rows):
+            starts = np.flatnonzero((rows[1:] != rows[:-1]).any(axis=1)) + 1
+            edges = [0, *starts.tolist(), len(rows)]
+            live = self.workers
+            for start, end in itertools.pairwise(edges):
+                mask = int.from_bytes(rows[start].tobytes(), "little")
+                live = self._account(mask, end - start, counts, phase, live)
+                if not live:
+                    break
         return [Hits(*c) for c in counts]
 
     def match_one(self, keys: list[int], worker: int) -> Hits:
-        """`match(keys)[worker]`, walking that worker's prefix only (for a policy that does
+        """`match(keys)[worker]`, looking at that worker's bits only (for a policy that does
         not compare workers' hits, only the chosen one's are needed)."""
-        counts = [0, 0, 0, 0]  # gpu, dram, disk, shared
-        masks, shift, in_gpu = self._masks, 1 + TIERS * worker, True
-        for key in keys:
-            mask = masks.get(key, 0)
-            bits = mask >> shift
-            if in_gpu and bits & 9:  # GPU or PREDICTED
-                counts[0] += 1
-                continue
-            in_gpu = False
-            if bits & 2:
-                counts[1] += 1
-            elif bits & 4:
-                counts[2] += 1
-            elif mask & 1:
-                counts[3] += 1
-            else:
-                break
-        return Hits(*counts)
+        rows = self._rows(keys)
+        word, shift = divmod(TIERS * (worker + 1), 64)
+        bits = (rows[:, word] >> np.uint64(shift)) & np.uint64(15)
+        shared = (rows[:, 0] & np.uint64(1)) != 0
+        gpu = _leading(bits & np.uint64(9) != 0)  # GPU or PREDICTED
+        dram = bits[gpu:] & np.uint64(2) != 0
+        disk = bits[gpu:] & np.uint64(4) != 0
+        usable = _leading(dram | disk | shared[gpu:])
+        dram, disk = dram[:usable], disk[:usable] & ~dram[:usable]
+        in_dram, in_disk = int(np.count_nonzero(dram)), int(np.count_nonzero(disk))
+        return Hits(gpu, in_dram, in_disk, usable - in_dram - in_disk)
 
     def _account(
         self, mask: int, length: int, counts: list[list[int]], phase: list[int], live: int
@@ -166,7 +166,7 @@ class PrefixIndex:
         for w in range(self.workers):
             if phase[w] == 2:
                 continue
-            bits = mask >> (1 + TIERS * w)
+            bits = mask >> (TIERS * (w + 1))
             if phase[w] == 0 and bits & 9:  # GPU or PREDICTED
                 counts[w][0] += length
                 continue
@@ -181,3 +181,8 @@ class PrefixIndex:
                 phase[w] = 2
                 live -= 1
         return live
+
+
+def _leading(flags: np.ndarray) -> int:
+    """How many of `flags` are true before the first false one."""
+    return len(flags) if flags.all() else int(np.argmin(flags))
