@@ -9,6 +9,7 @@ import pytest
 from kvtier.gateway import events
 from kvtier.gateway.costs import SHARED_TIER, Costs, Priors
 from kvtier.gateway.index import DISK, DRAM, GPU, SHARED, Hits, PrefixIndex
+from kvtier.gateway.masks import SCALAR
 from kvtier.gateway.pool import Bound, Pool
 from kvtier.gateway.routing import Candidate, Load, Request, expected_ttft_s, make_policy
 from kvtier.gateway.tokens import block_keys, chain_keys, root_key, tokenize
@@ -31,16 +32,18 @@ def test_match_splits_each_workers_prefix_by_tier() -> None:
 
 @pytest.mark.parametrize("workers", [3, 17])  # 17: masks of two 64-bit words
 def test_match_agrees_with_a_per_block_model(workers: int) -> None:
-    """Random holders: the run-length walk equals a block-by-block reference."""
+    """Random holders: the run-length walk equals a block-by-block reference, for short
+    prompts (looked up key by key) and long ones (at once)."""
     rng = random.Random(7)
-    for _ in range(200):
+    for i in range(200):
         ix = PrefixIndex(workers, 10_000)
         held: dict[tuple[int, int], set[int]] = {}
+        blocks, p = (30, 0.6) if i % 2 else (SCALAR + 50, 0.8)
         for holder in [(w, t) for w in range(workers) for t in range(3)] + [(SHARED, 0)]:
-            keys = {k for k in range(30) if rng.random() < 0.6}
+            keys = {k for k in range(blocks) if rng.random() < p}
             ix.add(holder[0], holder[1], keys)
             held[holder] = keys
-        keys = list(range(30))
+        keys = list(range(blocks))
         for w, got in enumerate(ix.match(keys)):
             counts, in_gpu = [0, 0, 0, 0], True
             for k in keys:
@@ -62,11 +65,12 @@ def test_match_agrees_with_a_per_block_model(workers: int) -> None:
 def test_match_one_is_that_workers_share_of_match(workers: int) -> None:
     """Random holders: matching one worker's prefix equals its entry of the full match."""
     rng = random.Random(11)
-    for _ in range(200):
+    for i in range(200):
         ix = PrefixIndex(workers, 10_000)
+        blocks, p = (30, 0.7) if i % 2 else (SCALAR + 50, 0.85)
         for w, tier in [(w, t) for w in range(workers) for t in range(4)] + [(SHARED, 0)]:
-            ix.add(w, tier, [k for k in range(30) if rng.random() < 0.7])
-        keys = list(range(rng.randrange(31)))
+            ix.add(w, tier, [k for k in range(blocks) if rng.random() < p])
+        keys = list(range(rng.randrange(blocks + 1)))
         assert [ix.match_one(keys, w) for w in range(workers)] == ix.match(keys)
 
 

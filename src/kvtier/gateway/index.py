@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kvtier.gateway.masks import MaskTable, as_keys
+from kvtier.gateway.masks import SCALAR, MaskTable, as_keys
 
 GPU, DRAM, DISK, PREDICTED = 0, 1, 2, 3  # PREDICTED counts as GPU
 TIERS = 4
@@ -119,49 +119,60 @@ class PrefixIndex:
         if lru:
             self._masks.clear_bit(list(lru), bit)
 
-    def _rows(self, keys: list[int]) -> np.ndarray:
-        """The masks of a prompt's keys up to its first block no holder has."""
+    def _runs(self, keys: list[int]) -> list[tuple[int, int]]:
+        """A prompt's holder masks as (mask, blocks) runs, up to its first block no holder
+        has: looked up key by key for a short prompt, at once for a long one."""
+        if len(keys) <= SCALAR:
+            masks = self._masks.leading(keys)
+            return [(mask, sum(1 for _ in run)) for mask, run in itertools.groupby(masks)]
         rows = self._masks.get(as_keys(keys))  # (n, words)
         present = rows.any(axis=1)
-        return rows if present.all() else rows[: int(np.argmin(present))]
+        if not present.all():
+            rows = rows[: int(np.argmin(present))]
+        if not len(rows):
+            return []
+        edges = [0, *(np.flatnonzero((rows[1:] != rows[:-1]).any(axis=1)) + 1).tolist(), len(rows)]
+        return [
+            (int.from_bytes(rows[start].astype("<u8").tobytes(), "little"), end - start)
+            for start, end in itertools.pairwise(edges)
+        ]
 
     def match(self, keys: list[int]) -> list[Hits]:
         """Per worker, the prefix of `keys` it would reuse, split by tier."""
         counts = [[0, 0, 0, 0] for _ in range(self.workers)]  # gpu, dram, disk, shared
         phase = [0] * self.workers  # 0: in its GPU run, 1: in kvtier's run, 2: done
-        rows = self._rows(keys)
-        if len(rows):
-            starts = np.flatnonzero((rows[1:] != rows[:-1]).any(axis=1)) + 1
-            edges = [0, *starts.tolist(), len(rows)]
-            live = self.workers
-            for start, end in itertools.pairwise(edges):
-                mask = int.from_bytes(rows[start].tobytes(), "little")
-                live = self._account(mask, end - start, counts, phase, live)
-                if not live:
-                    break
+        live = self.workers
+        for mask, length in self._runs(keys):
+            live = self._account(mask, length, counts, phase, live)
+            if not live:
+                break
         return [Hits(*c) for c in counts]
 
     def match_one(self, keys: list[int], worker: int) -> Hits:
         """`match(keys)[worker]`, looking at that worker's bits only (for a policy that does
         not compare workers' hits, only the chosen one's are needed)."""
-        rows = self._rows(keys)
-        word, shift = divmod(TIERS * (worker + 1), 64)
-        bits = (rows[:, word] >> np.uint64(shift)) & np.uint64(15)
-        shared = (rows[:, 0] & np.uint64(1)) != 0
-        gpu = _leading(bits & np.uint64(9) != 0)  # GPU or PREDICTED
-        dram = bits[gpu:] & np.uint64(2) != 0
-        disk = bits[gpu:] & np.uint64(4) != 0
-        usable = _leading(dram | disk | shared[gpu:])
-        dram, disk = dram[:usable], disk[:usable] & ~dram[:usable]
-        in_dram, in_disk = int(np.count_nonzero(dram)), int(np.count_nonzero(disk))
-        return Hits(gpu, in_dram, in_disk, usable - in_dram - in_disk)
+        counts = [0, 0, 0, 0]  # gpu, dram, disk, shared
+        shift, in_gpu = TIERS * (worker + 1), True
+        for mask, length in self._runs(keys):
+            bits = mask >> shift
+            if in_gpu and bits & 9:  # GPU or PREDICTED
+                counts[0] += length
+                continue
+            in_gpu = False
+            if bits & 2:
+                counts[1] += length
+            elif bits & 4:
+                counts[2] += length
+            elif mask & 1:
+                counts[3] += length
+            else:
+                break
+        return Hits(*counts)
 
     def _account(
         self, mask: int, length: int, counts: list[list[int]], phase: list[int], live: int
     ) -> int:
         """Adds a run of `length` blocks held by `mask` to each worker still matching."""
-        if length == 0 or mask < 0:
-            return live
         shared = mask & 1
         for w in range(self.workers):
             if phase[w] == 2:
@@ -181,8 +192,3 @@ class PrefixIndex:
                 phase[w] = 2
                 live -= 1
         return live
-
-
-def _leading(flags: np.ndarray) -> int:
-    """How many of `flags` are true before the first false one."""
-    return len(flags) if flags.all() else int(np.argmin(flags))
