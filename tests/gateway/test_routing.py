@@ -112,6 +112,16 @@ def test_holders_are_bounded_lrus_and_remove_clear_work() -> None:
     assert len(ix) == 1
 
 
+def test_removing_a_key_twice_in_one_call_removes_it_once() -> None:
+    """An event can name one gateway key twice (two engine hashes of the same tokens)."""
+    ix = PrefixIndex(1, 100)
+    ix.add(0, GPU, [1, 2, 3])
+    ix.remove(0, GPU, [2, 2])
+    assert ix.match([1, 2, 3])[0].gpu == 1
+    ix.clear(0, GPU)
+    assert ix.match([1, 2, 3])[0] == Hits(0, 0, 0, 0) and len(ix) == 0
+
+
 def _metrics(
     prompt: int, cached: int, prefill_s: float, hits: dict[str, int], load: dict[str, float]
 ) -> str:

@@ -106,7 +106,7 @@ class PrefixIndex:
         lru = self._lrus.get(bit)
         if lru is None:
             return
-        gone = [key for key in keys if key in lru]
+        gone = [key for key in dict.fromkeys(keys) if key in lru]  # (an event may repeat one)
         for key in gone:
             del lru[key]
         if gone:

@@ -12,9 +12,10 @@ clearing bits never moves anything, and a dead slot is reused by the next key in
 its chain. While dead slots are over a sixteenth of the table, every change also sweeps the
 next few slots, rebuilding the stretch between two empty slots without its dead keys (no
 chain crosses an empty slot, so that stretch is self-contained): dead slots stay near that
-share with no stop-the-world rebuild. The table doubles (one full rebuild: ~0.3 s at 1M keys
-here) when live and dead slots reach half of it, so it is sized up front for the keys it is
-expected to hold.
+share with no stop-the-world rebuild. (The cluster that wraps from the table's end to its
+start is never swept: its dead slots wait for an insert to reuse them.) When live and dead
+slots reach half of the table it is rebuilt in full (~0.3 s at 1M keys here), doubled if the
+live keys need it, so it is sized up front for the keys it is expected to hold.
 
 Changes of up to SCALAR keys (a routed prompt's predicted tail, an eviction) go key by key
 through memoryviews of the same arrays, and so do a short prompt's lookups (`leading`): a
@@ -110,11 +111,13 @@ class MaskTable:
         out[slot < 0] = 0
         return out
 
-    def leading(self, keys: list[int]) -> list[int]:
+    def leading(self, keys: list[int] | np.ndarray) -> list[int]:
         """The masks of `keys` as Python ints, up to the first key with none, one key at a
         time: for a short prompt, cheaper than the NumPy calls of `get`."""
         key_at, used_at, mask_at = self._key_at, self._used_at, self._mask_at
         last, shift, out = self._slots - 1, int(self._shift), []
+        if isinstance(keys, np.ndarray):
+            keys = keys.tolist()  # Python ints: NumPy scalars would overflow in the hash
         for key in keys:
             at = ((key * FIBONACCI) & M64) >> shift
             while used_at[at] and key_at[at] != key:
@@ -179,7 +182,7 @@ class MaskTable:
             keep, mask = ~(1 << flag) & M64, self._mask_at[word]
             for key in keys:
                 at = self._find_one(int(key))
-                if at >= 0 and mask[at]:
+                if at >= 0 and mask[at] >> flag & 1:
                     mask[at] &= keep
                     self.live -= not self._live_one(at)
         else:
@@ -209,7 +212,8 @@ class MaskTable:
     def _insert(self, keys: np.ndarray, masks: list[np.ndarray]) -> None:
         """Puts absent, distinct keys with their (non-zero) masks, one array per word, in the
         first free (empty or dead) slot of each one's chain. Keys that reach the same free
-        slot in one round: one takes it (the last written to `_owner`), the others probe on."""
+        slot in one round: the one whose number `_owner` ends up holding takes it (whichever
+        NumPy's repeated write leaves), the others probe on."""
         at, row = self._home(keys), np.arange(1, len(keys) + 1, dtype=np.int32)
         last, owner = self._slots - 1, self._owner
         while at.size:

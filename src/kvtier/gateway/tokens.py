@@ -16,8 +16,10 @@ chain state is `s_i = s_(i-1) * P + b_i` (mod 2^64, so all of a prompt's states 
 cumulative sum); its key is `mix(s_i)`, where `mix` (xorshift-multiply-xorshift) is a
 bijection, so a parent key gives back its chain state. One changed token, or another parent,
 always changes the state (P and Q are odd); other collisions are no likelier than for any
-64-bit hash unless crafted, and a crafted one only misroutes: these keys route requests, and
-the engines' own keys decide what KV is reused.
+64-bit hash unless crafted. Crafting one is easy within one salt (the difference of two
+states does not depend on the root), not across tenants without knowing their salts, and a
+crafted one only misroutes: these keys route requests, and the engines' own keys decide what
+KV is reused.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def chain_keys(parent: int, tokens: Sequence[int] | np.ndarray, block_tokens: in
     own = grid.reshape(blocks, block_tokens) @ _POWERS.columns(block_tokens)  # (blocks,)
     p, p_inverse = _POWERS.chain(blocks)
     # s_i = P^i s_0 + sum_(j<=i) b_j P^(i-j) = P^i (s_0 + sum_(j<=i) b_j P^-j)
-    states = p * (_U(_unmix(parent)) + np.cumsum(own * p_inverse, dtype=_U))
+    states = p * (_U(_unmix(int(parent))) + np.cumsum(own * p_inverse, dtype=_U))
     keys: list[int] = _mix(states).tolist()
     return keys
 
