@@ -12,11 +12,11 @@ OrderedDict's: taking the oldest key of a plain dict that keeps losing its oldes
 O(keys deleted since it was last resized) - up to ~0.3 ms per block at 256k keys, on every
 block once a holder is full.
 
-`match(keys)` looks a prompt's keys up at once, cuts the masks into runs of the same holders (a
-prompt's blocks come in long runs), and splits each worker's usable prefix the way vLLM
-and kvtier load it: first the leading blocks in its GPU cache, then the following blocks
-kvtier can supply (its DRAM, its disk or the shared tier, the nearest counted), up to the
-first block it has in none.
+`match(keys)` looks a prompt's keys up (a long prompt's at once), cuts the masks into runs of
+the same holders (a prompt's blocks come in long runs), and splits each worker's usable
+prefix the way vLLM and kvtier load it: first the leading blocks in its GPU cache, then the
+following blocks kvtier can supply (its DRAM, its disk or the shared tier, the nearest
+counted), up to the first block it has in none.
 """
 
 from __future__ import annotations
