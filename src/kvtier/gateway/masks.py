@@ -115,20 +115,24 @@ class MaskTable:
         """The masks of `keys` as Python ints, up to the first key with none, one key at a
         time: for a short prompt, cheaper than the NumPy calls of `get`."""
         key_at, used_at, mask_at = self._key_at, self._used_at, self._mask_at
-        last, shift, out = self._slots - 1, int(self._shift), []
+        last, shift = self._slots - 1, int(self._shift)
+        out: list[int] = []
         if isinstance(keys, np.ndarray):
             keys = keys.tolist()  # Python ints: NumPy scalars would overflow in the hash
+        first, rest = mask_at[0], list(enumerate(mask_at))[1:]
         for key in keys:
             at = ((key * FIBONACCI) & M64) >> shift
-            while used_at[at] and key_at[at] != key:
+            while key_at[at] != key:
+                if not used_at[at]:
+                    return out
                 at = (at + 1) & last
-            if not used_at[at]:
-                break
-            mask = mask_at[0][at]
-            for word in range(1, len(mask_at)):
-                mask |= mask_at[word][at] << (64 * word)
+            if not used_at[at]:  # (an empty slot left holding this key)
+                return out
+            mask = first[at]
+            for word, masks in rest:
+                mask |= masks[at] << (64 * word)
             if not mask:
-                break
+                return out
             out.append(mask)
         return out
 
