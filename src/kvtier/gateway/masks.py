@@ -120,7 +120,7 @@ class MaskTable:
         if isinstance(keys, np.ndarray):
             keys = keys.tolist()  # Python ints: NumPy scalars would overflow in the hash
         first, rest = mask_at[0], list(enumerate(mask_at))[1:]
-        for key in keys:
+        for key in keys:  # `_find_one` inlined: a call per key costs ~30 % more here
             at = ((key * FIBONACCI) & M64) >> shift
             while key_at[at] != key:
                 if not used_at[at]:
@@ -172,9 +172,7 @@ class MaskTable:
             if free < 0:
                 free, used_at[at] = at, True
                 self.used += 1
-            at, key_at[free] = free, key
-            for mask in mask_at:
-                mask[at] = 0
+            at, key_at[free] = free, key  # (an empty or dead slot's masks are all zero)
         if not self._live_one(at):
             self.live += 1
         mask_at[word][at] |= value
