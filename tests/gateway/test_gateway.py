@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -100,6 +101,26 @@ def test_without_include_usage_the_usage_chunk_is_not_sent(gateway: GatewayProce
     assert all(ch.usage is None for ch in chunks) and all(ch.choices for ch in chunks)
 
 
+def test_legacy_completions_whole_and_streamed(gateway: GatewayProcess) -> None:
+    """/v1/completions through the gateway: text, usage with cached_tokens, a stream; a
+    batch of prompts is the worker's to take or refuse (the sim serves one prompt)."""
+    c = client(gateway, "key-alice-123")
+    whole = c.completions.create(model="sim", prompt=LONG + "legacy", max_tokens=3)
+    assert whole.choices[0].text and whole.usage is not None
+    again = c.completions.create(model="sim", prompt=LONG + "legacy", max_tokens=3)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # type: ignore[union-attr]
+    chunks = list(
+        c.completions.create(
+            model="sim", prompt=LONG + "legacy", max_tokens=3, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError, match="not a batch"):
+        c.completions.create(model="sim", prompt=["one", "two"], max_tokens=3)
+
+
 def test_tenants_never_share_kv(gateway: GatewayProcess) -> None:
     """Bob's copy of Alice's prompt computes from scratch; a client's cache_salt is ignored."""
     alice, bob = client(gateway, "key-alice-123"), client(gateway, "key-bob-4567")
@@ -112,14 +133,27 @@ def test_tenants_never_share_kv(gateway: GatewayProcess) -> None:
 
 @pytest.mark.parametrize("key", [None, "wrong-key-0000"])
 def test_a_missing_or_wrong_key_gets_401(gateway: GatewayProcess, key: str | None) -> None:
-    """401 with OpenAI's error object, before anything is routed."""
+    """401 with OpenAI's error object on every route, before anything is routed."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "sim", "messages": [{"role": "user", "content": "x"}]}
-    resp = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers)
-    assert resp.status_code == 401
-    assert resp.json()["error"]["code"] == "invalid_api_key"
+    bodies = {
+        "/v1/chat/completions": {"model": "sim", "messages": [{"role": "user", "content": "x"}]},
+        "/v1/completions": {"model": "sim", "prompt": "x"},
+        "/v1/responses": {"model": "sim", "input": "x"},
+        "/v1/models": None,
+    }
+    for path, body in bodies.items():
+        url = gateway.url + path
+        if body is None:
+            resp = httpx.get(url, headers=headers)
+        else:
+            resp = httpx.post(url, json=body, headers=headers)
+        assert resp.status_code == 401, path
+        assert resp.json()["error"]["code"] == "invalid_api_key", path
+    c = client(gateway, key or "none")
     with pytest.raises(openai.AuthenticationError):
-        chat(client(gateway, key or "none"), "x")
+        chat(c, "x")
+    with pytest.raises(openai.AuthenticationError):
+        c.models.list()
 
 
 @pytest.mark.parametrize(
@@ -208,6 +242,28 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error() -> None:
         assert len(got) >= 3 and time.monotonic() - started < TIMEOUT_S
 
 
+def test_a_worker_that_hangs_mid_stream_ends_the_stream_with_an_error() -> None:
+    """A stopped worker closes no socket: the stream errors after --stall-timeout."""
+    with (
+        SimProcess("--decode-ms-per-token", "100") as sim,
+        GatewayProcess(sim.urls, "--stall-timeout", "1") as gw,
+    ):
+        stream = client(gw).chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "x"}], max_tokens=200, stream=True
+        )
+        got = []
+        try:
+            with pytest.raises(openai.APIError, match=r"mid-stream"):
+                for chunk in stream:
+                    got.append(chunk)
+                    if len(got) == 3:
+                        sim.proc.send_signal(signal.SIGSTOP)
+                        stopped = time.monotonic()
+            assert 0.9 < time.monotonic() - stopped < 5
+        finally:
+            sim.proc.send_signal(signal.SIGCONT)
+
+
 def test_a_client_that_disconnects_cancels_the_upstream_request() -> None:
     """Closing the stream makes the worker stop generating within a second or two."""
     with SimProcess("--decode-ms-per-token", "50") as sim, GatewayProcess(sim.urls) as gw:
@@ -254,8 +310,25 @@ def test_an_unreachable_worker_is_skipped_and_all_down_is_503(unused_port: int) 
             gw.url + "/v1/chat/completions",
             json={"model": "sim", "messages": [{"role": "user", "content": "x"}]},
         )
-        assert resp.status_code in (404, 503)  # no worker lists the model, or none answers
+        assert resp.status_code == 503  # no worker has listed its models: not a 404
         assert resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("policy", ["round-robin", "kvtier"])
+def test_a_request_goes_only_to_workers_serving_its_model(policy: str) -> None:
+    """Two workers, two models: every request lands on the one that serves its model."""
+    with (
+        SimProcess("--model", "ma") as a,
+        SimProcess("--model", "mb") as b,
+        GatewayProcess([a.url, b.url], "--policy", policy) as gw,
+    ):
+        c = client(gw)
+        assert sorted(m.id for m in c.models.list().data) == ["ma", "mb"]
+        for i in range(6):
+            for model in ("ma", "mb"):
+                messages = [{"role": "user", "content": f"{LONG} {i}"}]
+                answer = c.chat.completions.create(model=model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+                assert answer.model == model
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from kvtier.bench.remote_io import RedisProcess
 
 TIMEOUT_S = 20.0
 SYSTEM = "You are a careful assistant. " * 30  # ~200 tokens
+BRANCH = "branch. " * 8  # 64 bytes: 16 of the gateway's tokens
+BRANCH_TOKENS = 16
 
 
 def client(gw: GatewayProcess, key: str) -> openai.OpenAI:
@@ -85,26 +87,64 @@ def test_another_tenants_response_id_is_404(setup: tuple[list[str], Path, str]) 
 
 def test_concurrent_continuations_lose_no_turn(setup: tuple[list[str], Path, str]) -> None:
     """Twenty continuations of one response at once, over two replicas: twenty branches,
-    each continuable and each carrying the shared history."""
+    each continuable and each carrying the shared history and its own turn."""
     with replica(setup) as a, replica(setup) as b:
         root = client(a, "key-alice-123").responses.create(model="sim", input="root")
-        ids: list[str] = []
+
+        ids: dict[int, str] = {}
 
         def branch(i: int) -> None:
             gw = (a, b)[i % 2]
             r = client(gw, "key-alice-123").responses.create(
-                model="sim", input=f"branch {i}", previous_response_id=root.id
-            )
-            ids.append(r.id)
+                model="sim", input=BRANCH * (i + 1), previous_response_id=root.id,
+                max_output_tokens=2,
+            )  # fmt: skip
+            ids[i] = r.id
 
         threads = [threading.Thread(target=branch, args=(i,)) for i in range(20)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert len(set(ids)) == 20
-        for rid in ids:
+        assert sorted(ids) == list(range(20)) and len(set(ids.values())) == 20
+        sizes = []
+        for i in range(20):
             more = client(b, "key-alice-123").responses.create(
-                model="sim", input="and then", previous_response_id=rid, max_output_tokens=2
+                model="sim", input="and then", previous_response_id=ids[i], max_output_tokens=2
             )
-            assert more.usage.input_tokens > root.usage.input_tokens  # type: ignore[union-attr]
+            sizes.append(more.usage.input_tokens)  # type: ignore[union-attr]
+        # Each continuation carries the root and its own branch's turn, no other branch's:
+        # branch i's input is i + 1 times BRANCH_TOKENS long.
+        assert [n - sizes[0] for n in sizes] == [BRANCH_TOKENS * i for i in range(20)], sizes
+        assert sizes[0] > root.usage.input_tokens + BRANCH_TOKENS  # type: ignore[union-attr]
+
+
+def test_a_continuation_follows_its_own_turn_not_the_users_latest(
+    setup: tuple[list[str], Path, str],
+) -> None:
+    """With `user` set, a continuation still goes where the turn it continues went, though
+    the same user's other conversations have moved their binding since (another replica,
+    no KV events: only the affinities in Redis can tell)."""
+    with replica(setup) as a, replica(setup) as b:
+        alice_a, alice_b = client(a, "key-alice-123"), client(b, "key-alice-123")
+        cached = []
+        for k in range(3):
+            first = alice_a.responses.create(
+                model="sim", instructions=f"{k} {SYSTEM}", input="hello", user="u",
+                max_output_tokens=2,
+            )  # fmt: skip
+            for other in range(3):  # the same user's other conversations, other prefixes
+                alice_a.responses.create(
+                    model="sim", instructions=f"other {k} {other} {SYSTEM}", input="hi",
+                    user="u", max_output_tokens=2,
+                )  # fmt: skip
+            for other in range(k + 1):  # B's own traffic: its ties fall elsewhere each time
+                alice_b.responses.create(
+                    model="sim", input=f"b {k} {other} {SYSTEM}", max_output_tokens=2
+                )
+            second = alice_b.responses.create(
+                model="sim", instructions=f"{k} {SYSTEM}", input="and then", user="u",
+                previous_response_id=first.id, max_output_tokens=2,
+            )  # fmt: skip
+            cached.append(second.usage.input_tokens_details.cached_tokens)  # type: ignore[union-attr]
+        assert all(n > 200 for n in cached), cached

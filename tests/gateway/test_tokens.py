@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from kvtier.gateway.tokens import block_keys, chain_keys, root_key
+from kvtier.gateway.tokens import (
+    block_keys,
+    chain_keys,
+    prompt_tokens,
+    request_prompts,
+    root_key,
+    tokenize,
+)
 
 BT = 16
 
@@ -54,3 +62,19 @@ def test_prompts_longer_than_any_before_still_chain() -> None:
     keys = block_keys(tokens, BT)
     half = len(keys) // 2
     assert chain_keys(keys[half - 1], tokens[half * BT :], BT) == keys[half:]
+
+
+def test_a_completion_prompt_may_be_a_batch_of_texts_or_token_lists() -> None:
+    """OpenAI's four `prompt` shapes; one prompt only where one is needed (the sim)."""
+    assert [p.tolist() for p in request_prompts({"prompt": [5, 6]})] == [[5, 6]]
+    texts = request_prompts({"prompt": ["abcd", "efghijkl"]})
+    assert [p.tolist() for p in texts] == [tokenize("abcd").tolist(), tokenize("efghijkl").tolist()]
+    ids = request_prompts({"prompt": [[1, 2], [3]]})
+    assert [p.tolist() for p in ids] == [[1, 2], [3]]
+    assert prompt_tokens({"prompt": ["abcd"]}).tolist() == tokenize("abcd").tolist()
+    for bad in ({"prompt": []}, {"prompt": [[]]}, {"prompt": [True]}, {"prompt": ["a", 3]},
+                {"prompt": [[1], "a", [2**40]]}, {"prompt": None}):  # fmt: skip
+        with pytest.raises(ValueError, match=r"prompt|token ids"):
+            request_prompts(bad)
+    with pytest.raises(ValueError, match="batch"):
+        prompt_tokens({"prompt": ["a", "b"]})

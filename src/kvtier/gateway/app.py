@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from kvtier.gateway import upstream
 from kvtier.gateway.errors import ApiError
-from kvtier.gateway.gateway import Gateway, affinity_name
+from kvtier.gateway.gateway import Gateway, affinity_names
 from kvtier.gateway.httpio import SSE_HEADERS, EventStream, read_json, until_disconnected
 from kvtier.gateway.priority import PRIORITY_HEADER
 from kvtier.gateway.sessions_api import responses_endpoint
@@ -63,6 +63,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return ApiError(exc.status_code, str(exc.detail)).response()
 
+    @app.exception_handler(ApiError)  # the GET routes: a wrong key is a 401, not a 500
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
     handlers: dict[str, Handler] = {
         "/v1/chat/completions": lambda r: completion(gateway, r, "/v1/chat/completions"),
         "/v1/completions": lambda r: completion(gateway, r, "/v1/completions"),
@@ -80,16 +84,16 @@ async def completion(gateway: Gateway, request: Request, path: str) -> Response:
     caller = gateway.caller(request.headers.get("authorization"))
     body = await read_json(request, gateway.settings.max_body_bytes)
     await gateway.check_model(body.get("model"))
-    affinity = affinity_name(body)
+    affinities = affinity_names(body)
     gate = gateway.gate
     entry = await gate.enter(caller.tenant, caller.key, body, request.headers.get(PRIORITY_HEADER))
     try:
         if body.get("stream"):
             usage: dict[str, Any] = {}
-            events = await gateway.stream(caller.tenant, path, body, affinity, None, usage.update)
+            events = await gateway.stream(caller.tenant, path, body, affinities, None, usage.update)
             headers = {**SSE_HEADERS, **entry.headers}
             return EventStream(events, lambda: gate.leave(entry, usage), headers)
-        work = gateway.complete(caller.tenant, path, body, affinity)
+        work = gateway.complete(caller.tenant, path, body, affinities)
         result = await until_disconnected(request, work)
     except BaseException:
         gate.leave(entry, None)

@@ -21,7 +21,7 @@ from kvtier.gateway.errors import ApiError
 from kvtier.gateway.limits import Admitted, Limiter, Refused
 from kvtier.gateway.limits_config import LimitsConfig
 from kvtier.gateway.priority import AdmissionQueue, QueueFull, Ticket, request_class, vllm_priority
-from kvtier.gateway.tokens import prompt_tokens
+from kvtier.gateway.tokens import request_prompts
 
 DEFAULT_MAX_TOKENS = 256  # reserved for a request that does not say max_tokens
 
@@ -66,7 +66,7 @@ class Gate:
         if self.limiter is None:
             return None
         try:
-            prompt = len(prompt_tokens(body))
+            prompt = sum(len(p) for p in request_prompts(body))
         except ValueError as exc:
             param = "messages" if "messages" in body else "prompt"
             raise ApiError(400, str(exc), param=param) from exc

@@ -28,7 +28,7 @@ from kvtier.gateway.metrics import GatewayMetrics
 from kvtier.gateway.pool import Booking, Bound, Pool
 from kvtier.gateway.sessions import ResponseStore
 from kvtier.gateway.taskqueue import TaskQueue
-from kvtier.gateway.tokens import block_keys, prompt_tokens
+from kvtier.gateway.tokens import block_keys, request_prompts
 from kvtier.server.auth import Auth
 
 T = TypeVar("T")
@@ -37,13 +37,14 @@ MODELS_REFRESH_S = 5.0
 MODELS_TIMEOUT_S = 2.0
 
 
-def affinity_name(body: dict[str, Any]) -> str | None:
-    """The conversation a request names: its `prompt_cache_key`, else its `user`."""
+def affinity_names(body: dict[str, Any]) -> tuple[str, ...]:
+    """The conversation a request names: its `prompt_cache_key`, then its `user`."""
+    names = []
     for field_name in ("prompt_cache_key", "user"):
         value = body.get(field_name)
         if isinstance(value, str) and value:
-            return f"{field_name}:{value}"
-    return None
+            names.append(f"{field_name}:{value}")
+    return tuple(names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Settings:
     max_body_bytes: int = 16 << 20
     scrape_interval_s: float = 2.0
     salt_secret: str = ""
+    stall_timeout_s: float = upstream.STALL_TIMEOUT_S
 
 
 class Caller(NamedTuple):
@@ -116,6 +118,8 @@ class Gateway:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' is required", param="model")
         if model not in await self.known_models():
+            if not self.models:  # no worker ever answered: nothing says the model is unknown
+                raise ApiError(503, "no worker has answered yet; try again")
             raise ApiError(404, f"the model {model!r} does not exist", "model", "model_not_found")
 
     async def known_models(self) -> set[str]:
@@ -125,13 +129,15 @@ class Gateway:
         return self.models
 
     async def refresh_models(self) -> None:
-        """The union of the workers' models, asked in parallel (a hung worker costs
-        MODELS_TIMEOUT_S, once); kept as it was when no worker answers."""
+        """Each worker's models and their union, asked in parallel (a hung worker costs
+        MODELS_TIMEOUT_S, once); a worker that does not answer keeps its last listing."""
         self._models_at = time.monotonic()
-        listings = await asyncio.gather(*(self._models_of(w.url) for w in self.pool.workers))
-        found = set().union(*listings)
-        if found:
-            self.models = found
+        workers = self.pool.workers
+        listings = await asyncio.gather(*(self._models_of(w.url) for w in workers))
+        for worker, listing in zip(workers, listings, strict=True):
+            if listing:
+                worker.models = frozenset(listing)
+        self.models = set().union(*(w.models for w in workers))
 
     async def _models_of(self, url: str) -> set[str]:
         assert self.session is not None
@@ -145,43 +151,50 @@ class Gateway:
             return set()
 
     async def route(
-        self, tenant: str, body: dict[str, Any], affinity: str | None, bind_as: str | None = None
+        self,
+        tenant: str,
+        body: dict[str, Any],
+        affinities: tuple[str, ...],
+        bind_as: str | None = None,
     ) -> Route:
-        """Salts the body, picks a worker and books the request on it. `affinity` names the
-        conversation to route with; the worker is then bound to it and to `bind_as`."""
+        """Salts the body, picks a worker and books the request on it. `affinities` name the
+        conversation to route with, the most specific first (the first one bound counts); the
+        worker is then bound to all of them and to `bind_as`."""
         body["cache_salt"] = self.salt(tenant)
         try:
-            tokens = prompt_tokens(body)
+            prompts = request_prompts(body)
         except ValueError as exc:
             raise ApiError(
                 400, str(exc), param="messages" if "messages" in body else "prompt"
             ) from exc
-        key = affinity_key(tenant, affinity) if affinity else None
-        bound = await self._bound(key)
+        tokens = prompts[0]  # a batch of prompts is routed by its first
+        names = [affinity_key(tenant, n) for n in affinities]
+        bound = await self._bound(names)
         output = body.get("max_tokens") or body.get("max_completion_tokens")
         output = output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT_TOKENS
         started = time.perf_counter()
         keys = block_keys(tokens, self.settings.block_tokens, body["cache_salt"])
-        booking = self.pool.route(keys, len(tokens), output, bound)
+        size = len(tokens) if len(prompts) == 1 else sum(len(p) for p in prompts)
+        booking = self.pool.route(keys, size, output * len(prompts), bound, body.get("model"))
         self.metrics.routed(self.pool, booking, time.perf_counter() - started)
         url = self.pool.workers[booking.worker].url
         estimate = booking.hits.blocks * self.settings.block_tokens
-        bind = [affinity_key(tenant, n) for n in (affinity, bind_as) if n]
+        bind = names + ([affinity_key(tenant, bind_as)] if bind_as else [])
         return Route(booking, url, estimate, bind, len(keys), keys[-1] if keys else 0)
 
-    async def _bound(self, key: str | None) -> Bound | None:
-        if key is None:
-            return None
-        try:
-            binding = await self.affinities.get(key)
-        except OSError as exc:
-            self.metrics.state_errors.labels(type(exc).__name__).inc()
-            return None
-        if binding is None:
-            return None
-        for i, w in enumerate(self.pool.workers):
-            if w.url == binding.worker_url:
-                return Bound(i, binding.blocks, binding.last_key)
+    async def _bound(self, names: list[str]) -> Bound | None:
+        """The first of `names` bound to one of this gateway's workers."""
+        for name in names:
+            try:
+                binding = await self.affinities.get(name)
+            except OSError as exc:
+                self.metrics.state_errors.labels(type(exc).__name__).inc()
+                return None
+            if binding is None:
+                continue
+            for i, w in enumerate(self.pool.workers):
+                if w.url == binding.worker_url:
+                    return Bound(i, binding.blocks, binding.last_key)
         return None
 
     async def remember(self, route: Route) -> None:
@@ -197,7 +210,7 @@ class Gateway:
         self,
         tenant: str,
         body: dict[str, Any],
-        names: tuple[str | None, str | None],
+        names: tuple[tuple[str, ...], str | None],
         call: Callable[[Route], Awaitable[T]],
     ) -> tuple[Route, T]:
         """`call` on the best worker that can be reached: an unreachable one is marked and
@@ -222,7 +235,7 @@ class Gateway:
         tenant: str,
         path: str,
         body: dict[str, Any],
-        affinity: str | None,
+        affinities: tuple[str, ...],
         bind_as: str | None = None,
     ) -> dict[str, Any]:
         """A non-streamed completion from the best worker that answers."""
@@ -232,7 +245,7 @@ class Gateway:
         def call(r: Route) -> Awaitable[dict[str, Any]]:
             return upstream.complete(session, r.url + path, body, r.cached_estimate)
 
-        route, result = await self._on_a_worker(tenant, body, (affinity, bind_as), call)
+        route, result = await self._on_a_worker(tenant, body, (affinities, bind_as), call)
         self.pool.finished(route.booking)
         self.metrics.usage(result.get("usage"))
         await self.remember(route)
@@ -243,7 +256,7 @@ class Gateway:
         tenant: str,
         path: str,
         body: dict[str, Any],
-        affinity: str | None,
+        affinities: tuple[str, ...],
         bind_as: str | None = None,
         on_usage: Callable[[dict[str, Any]], None] | None = None,
     ) -> AsyncIterator[bytes]:
@@ -261,7 +274,7 @@ class Gateway:
             return upstream.open_stream(session, r.url + path, body)
 
         started = time.perf_counter()
-        route, resp = await self._on_a_worker(tenant, body, (affinity, bind_as), call)
+        route, resp = await self._on_a_worker(tenant, body, (affinities, bind_as), call)
         relay = self._relay(route, resp, keep_usage, started, on_usage)
         # A client gone before the stream starts leaves `relay` never run: unbook on GC.
         weakref.finalize(relay, _abandon, self.pool, route.booking, resp)
@@ -292,7 +305,8 @@ class Gateway:
         def end() -> None:
             self.pool.finished(booking)
 
-        return upstream.relay(resp, route.cached_estimate, keep_usage, first, usage, end)
+        stall_s = self.settings.stall_timeout_s
+        return upstream.relay(resp, route.cached_estimate, keep_usage, first, usage, end, stall_s)
 
 
 def _abandon(pool: Pool, booking: Booking, resp: aiohttp.ClientResponse) -> None:

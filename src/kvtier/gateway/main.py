@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a stored response lives")  # fmt: skip
     arg("--salt-secret", default=env_default("KVTIER_SALT_SECRET", ""),
         help="key of the hash that turns a tenant into its cache_salt")  # fmt: skip
+    arg("--stall-timeout", type=float, default=env_default("KVTIER_STALL_TIMEOUT", "60"),
+        help="seconds a started stream may go silent before the client gets an error "
+        "(a hung worker)")  # fmt: skip
     arg("--max-body", type=int, default=env_default("KVTIER_MAX_BODY", str(16 << 20)),
         help="largest request body in bytes")  # fmt: skip
     arg("--limits", default=env_default("KVTIER_LIMITS"),
@@ -84,6 +87,8 @@ def build(args: argparse.Namespace) -> Gateway:
             raise ConfigError("--kv-events needs one endpoint per worker (empty for none)")
     if args.block_tokens < 1 or args.worker_cache_tokens < args.block_tokens:
         raise ConfigError("--block-tokens must be >= 1 and --worker-cache-tokens >= it")
+    if args.session_ttl < 1 or args.stall_timeout <= 0:
+        raise ConfigError("--session-ttl and --stall-timeout must be positive")
     if not args.auth_file and not is_loopback(args.host) and not args.insecure:
         raise ConfigError("a non-loopback gateway needs --auth-file (or --insecure)")
     auth = Auth.from_file(args.auth_file) if args.auth_file else Auth()
@@ -101,6 +106,7 @@ def build(args: argparse.Namespace) -> Gateway:
         session_ttl_s=args.session_ttl,
         max_body_bytes=args.max_body,
         salt_secret=args.salt_secret,
+        stall_timeout_s=args.stall_timeout,
     )
     gateway = Gateway(pool, auth, affinities, responses, GatewayMetrics(), settings)
     gateway.gate = _gate(args)

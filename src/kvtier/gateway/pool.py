@@ -42,6 +42,7 @@ class Worker:
     load: Load = field(default_factory=Load)
     costs: Costs = field(default_factory=Costs)
     healthy: bool = True
+    models: frozenset[str] = frozenset()  # what its /v1/models last listed
     # engine block hash -> the gateway's key, to chain and remove by engine hash (a hash
     # names the same tokens in every medium); bounded, the oldest forgotten first (an
     # OrderedDict: a plain dict's oldest key costs O(keys deleted since its last resize))
@@ -124,9 +125,15 @@ class Pool:
         self._tasks: list[asyncio.Task[None]] = []
 
     def route(
-        self, keys: list[int], prompt_tokens: int, output_tokens: int, bound: Bound | None
+        self,
+        keys: list[int],
+        prompt_tokens: int,
+        output_tokens: int,
+        bound: Bound | None,
+        model: str | None = None,
     ) -> Booking:
-        """Chooses a worker for a prompt (its block keys) and books the request on it.
+        """Chooses a worker serving `model` for a prompt (its block keys) and books the
+        request on it.
 
         `bound` is an affinity from the caller's session, `prompt_cache_key` or `user`: its
         blocks count as a GPU prefix the index may not know of, if this prompt has them."""
@@ -134,7 +141,7 @@ class Pool:
         reads = self.policy.reads_hits  # if not, match the chosen worker only, after picking
         found = self.index.match(keys) if reads else [NO_HITS] * len(self.workers)
         chosen = self.policy.pick(
-            request, self._candidates(_credited(bound, keys, found) if reads else found)
+            request, self._candidates(_credited(bound, keys, found) if reads else found, model)
         )
         if not reads:
             found[chosen.worker] = self.index.match_one(keys, chosen.worker)
@@ -153,12 +160,15 @@ class Pool:
         self.stats.decisions += 1
         return booking
 
-    def _candidates(self, hits: list[Hits]) -> list[Candidate]:
-        """The healthy workers as candidates (all of them when none is healthy)."""
-        workers = self.workers
-        return [
-            Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(workers) if w.healthy
-        ] or [Candidate(i, hits[i], w.load, w.costs) for i, w in enumerate(workers)]
+    def _candidates(self, hits: list[Hits], model: str | None) -> list[Candidate]:
+        """The healthy workers that list `model` as candidates (those that list it when none
+        is healthy; every worker when none lists it, as before any listing came)."""
+        serving = [
+            (i, w) for i, w in enumerate(self.workers) if model is None or model in w.models
+        ] or list(enumerate(self.workers))
+        return [Candidate(i, hits[i], w.load, w.costs) for i, w in serving if w.healthy] or [
+            Candidate(i, hits[i], w.load, w.costs) for i, w in serving
+        ]
 
     def first_token(self, booking: Booking) -> None:
         if booking.waiting_first_token:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kvtier.gateway.errors import ApiError
-from kvtier.gateway.gateway import affinity_name
+from kvtier.gateway.gateway import affinity_names
 from kvtier.gateway.httpio import SSE_HEADERS, EventStream, read_json, until_disconnected
 from kvtier.gateway.priority import PRIORITY_HEADER
 from kvtier.gateway.responses import (
@@ -62,9 +62,11 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
             return JSONResponse(previous_not_found(req.previous_response_id), status_code=404)
     chat = chat_body(req, previous)
     resp_id, created_at = new_response_id(), int(time.time())
-    name = affinity_name({"prompt_cache_key": req.prompt_cache_key, "user": req.user})
-    if name is None and req.previous_response_id:
-        name = response_affinity(req.previous_response_id)
+    # The turn continued is where this conversation's KV is; a user's or cache key's binding
+    # may since have moved with their other conversations.
+    names = affinity_names({"prompt_cache_key": req.prompt_cache_key, "user": req.user})
+    if req.previous_response_id:
+        names = (response_affinity(req.previous_response_id), *names)
     bind_as = response_affinity(resp_id)
 
     async def keep(obj: dict[str, Any], text: str) -> None:
@@ -77,11 +79,11 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
     try:
         if req.stream:
             usage: dict[str, Any] = {}
-            events = await gateway.stream(tenant, CHAT, chat, name, bind_as, usage.update)
+            events = await gateway.stream(tenant, CHAT, chat, names, bind_as, usage.update)
             sse = stream_events(resp_id, req, _chunks(events), created_at, keep)
             headers = {**SSE_HEADERS, **entry.headers}
             return EventStream(sse, lambda: gate.leave(entry, usage), headers)
-        work = gateway.complete(tenant, CHAT, chat, name, bind_as)
+        work = gateway.complete(tenant, CHAT, chat, names, bind_as)
         completion = await until_disconnected(request, work)
     except BaseException:
         gate.leave(entry, None)

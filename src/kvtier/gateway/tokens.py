@@ -77,22 +77,38 @@ def tokenize(text: str) -> np.ndarray:
 
 
 def prompt_tokens(body: Mapping[str, Any]) -> np.ndarray:
-    """The prompt of a chat (`messages`) or completion (`prompt`: text or token ids) request."""
+    """The prompt of a chat (`messages`) or completion (`prompt`: text or token ids) request
+    with one prompt."""
+    prompts = request_prompts(body)
+    if len(prompts) != 1:
+        raise ValueError("'prompt' must be one prompt here, not a batch")
+    return prompts[0]
+
+
+def request_prompts(body: Mapping[str, Any]) -> list[np.ndarray]:
+    """Every prompt of a request: a chat's (`messages`), or a completion's `prompt`, which
+    OpenAI lets be a string, token ids, or a batch of either."""
     if "messages" in body:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list")
-        return tokenize(render_messages(messages))
+        return [tokenize(render_messages(messages))]
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [_one_prompt(p) for p in prompt]
+    return [_one_prompt(prompt)]
+
+
+def _one_prompt(prompt: Any) -> np.ndarray:
     if isinstance(prompt, str):
         return tokenize(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         if not all(0 <= t < TOKEN_ID_LIMIT for t in prompt):
             raise ValueError(f"token ids must be in [0, {TOKEN_ID_LIMIT})")
         return np.asarray(prompt, dtype=np.int64)
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        return tokenize(prompt[0])
-    raise ValueError("'prompt' must be a string or a list of token ids")
+    raise ValueError(
+        "'prompt' must be a string, a list of token ids, or a non-empty list of either"
+    )
 
 
 def root_key(salt: str = "", lora: str | None = None) -> int:

@@ -9,9 +9,11 @@ usage the gateway accounts.
 A worker that cannot be reached, drops the connection or answers 502/503/504 before its first
 byte raises `Unreachable` (the caller may route the request elsewhere). Any other error status
 is the request's own and is passed back with the worker's message, `param` and `code`. A worker
-that dies mid-stream ends the client's stream with an in-band error event and `[DONE]`, never
-a hang. Closing the iterator (a client that went away) closes the upstream connection, which
-makes vLLM abort the request.
+that dies mid-stream, or stalls for `stall_s` once its stream has started (a lost host, a
+wedged engine: nothing closes the socket), ends the client's stream with an in-band error
+event and `[DONE]`, never a hang. Before the first event a worker may take READ_TIMEOUT_S:
+a request can wait that long in a busy engine's queue. Closing the iterator (a client that
+went away) closes the upstream connection, which makes vLLM abort the request.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import aiohttp
 from kvtier.gateway.errors import ApiError, error_body
 
 CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 600.0  # between two bytes of a worker's answer
+READ_TIMEOUT_S = 600.0  # between two bytes of a worker's answer, until its first event
+STALL_TIMEOUT_S = 60.0  # between two bytes of a stream that has started
 LINE_LIMIT = 1 << 24  # longest SSE line accepted from a worker
 
 
@@ -121,6 +124,7 @@ async def relay(
     on_first: Callable[[], None],
     on_usage: Callable[[dict[str, Any]], None],
     on_end: Callable[[], None] = lambda: None,
+    stall_s: float = STALL_TIMEOUT_S,
 ) -> AsyncIterator[bytes]:
     """The worker's SSE events (`data:` lines), ending in `[DONE]`; `on_end()` once it ends,
     however. The events of one read from the worker go out as one write: under load that is
@@ -135,6 +139,7 @@ async def relay(
                 if first:
                     first = False
                     on_first()
+                    _read_timeout(resp, stall_s)
                 payload = line[5:].strip()
                 done = payload == b"[DONE]"
                 if b'"prompt_tokens"' in payload:
@@ -158,6 +163,12 @@ async def relay(
         resp.release()
         resp.close()
         on_end()
+
+
+def _read_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
+    """The longest wait between two reads from here on (aiohttp sets it anew per request)."""
+    if resp.connection is not None and resp.connection.protocol is not None:
+        resp.connection.protocol.read_timeout = seconds
 
 
 class LineTooLong(Exception):
