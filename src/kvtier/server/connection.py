@@ -333,7 +333,10 @@ class Connection(LocalPath, asyncio.BufferedProtocol):
     def _keys(self, header: Header, body: memoryview) -> list[Key]:
         tenant = self.tenant
         assert tenant is not None
-        return [tenant_key(tenant, k) for k in split_keys(body, header.key_count)]
+        keys = split_keys(body, header.key_count)
+        if not self.server.namespaced:
+            return keys
+        return [tenant_key(tenant, k) for k in keys]
 
     # -- replies ---------------------------------------------------------------------------
 

@@ -47,12 +47,17 @@ class CacheServer:
         policy: ServerPolicy | None = None,
         local_writes: bool = False,
         tls: ssl.SSLContext | None = None,
+        namespaced: bool = True,
     ) -> None:
         """`local_writes`: same-host clients may write new chunks straight into the shared
         DRAM file (PUT_LOCAL); for a server whose clients are the owner's own processes.
-        `tls`: speak TLS on every connection, with this server-side context."""
+        `tls`: speak TLS on every connection, with this server-side context.
+        `namespaced=False`: keys are taken as clients send them, not put in their tenant's
+        namespace; for a server with one tenant that fronts for its clients (the node-local
+        process), so that its tiers hold the keys an engine without it would use."""
         self.store = store
         self.local_writes = local_writes
+        self.namespaced = namespaced
         self.tls = tls
         self.auth = auth or Auth()
         self.limits = limits or Limits()

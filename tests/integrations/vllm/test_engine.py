@@ -4,21 +4,21 @@ output; salts never share; corrupt chunks and a dead server mean recomputation."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-pytest.importorskip("vllm")
-
 import numpy as np
+import pytest
 import zmq
 
 import kvtier
@@ -33,6 +33,7 @@ from kvtier.server.server import ServerThread
 
 ENGINE = Path(__file__).with_name("engine.py")
 CHUNK = 64
+CHUNK_BYTES = CHUNK * 2 * 2 * 2 * 32 * 4  # tokens x layers x (K, V) x KV heads x head dim x fp32
 RNG = np.random.default_rng(7)
 PROMPT = [int(t) for t in RNG.integers(1, 500, 600)]
 SHARED_300 = PROMPT[:300] + [int(t) for t in RNG.integers(1, 500, 100)]
@@ -136,6 +137,75 @@ def test_another_node_finds_it_through_the_server(
     same_output(salted, first[1])
 
 
+class DyingLink:
+    """A TCP relay on 127.0.0.1 to a kvtier server that dies mid-answer: once it has passed
+    `cut_after` bytes of answers, it drops every connection and accepts no more, as a server
+    killed mid-load would."""
+
+    def __init__(self, upstream: tuple[str, int], cut_after: int) -> None:
+        self.upstream, self.cut_after = upstream, cut_after
+        self.passed = 0
+        self.cut = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"kvtier://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.cut.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._socks += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if answers:
+                    with self._lock:
+                        room = self.cut_after - self.passed
+                        self.passed += min(len(data), max(room, 0))
+                    if room < len(data):
+                        dst.sendall(data[: max(room, 0)])
+                        self.kill()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        self.cut.set()
+        self.listener.close()
+        with self._lock:
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
+def test_a_server_killed_mid_load_means_recomputation(
+    first: list[dict[str, Any]], model_dir: Path, work: Path, server: ServerThread
+) -> None:
+    """An engine on a fresh node whose only copy of the prompt's KV is on the kvtier server;
+    the server dies one and a half chunks into the load: the engine recomputes what it did
+    not get, with the same tokens and logprobs, and stays up for the next prompt."""
+    link = DyingLink((server.host, server.port), cut_after=CHUNK_BYTES * 3 // 2)
+    try:
+        jobs = [{"prompt": PROMPT}, {"prompt": SHARED_300}]
+        again, other = run_engine(model_dir, node(work, "c", remote=link.url), jobs)
+    finally:
+        link.kill()
+    assert link.cut.is_set() and 0 < link.passed <= CHUNK_BYTES * 3 // 2
+    same_output(again, first[0])
+    assert other["tokens"]
+
+
 def test_corrupt_chunks_and_a_dead_server_mean_recomputation(
     first: list[dict[str, Any]], model_dir: Path, work: Path, server: ServerThread
 ) -> None:
@@ -175,12 +245,15 @@ def test_the_bench_engine_times_kvtiers_hooks(model_dir: Path, work: Path) -> No
     assert 0 < reply["connector_s"] < reply["wall_s"]
 
 
-def test_engines_share_through_redis(model_dir: Path, tmp_path: Path) -> None:
-    """Engines with Redis as their only tier (no node-local process) share KV through it."""
+def test_engines_share_through_redis(model_dir: Path, work: Path, tmp_path: Path) -> None:
+    """An engine with Redis as its only tier (no node-local process) saves into it; an
+    engine on another node, with its own DRAM and disk and Redis behind them, finds it."""
     with RedisProcess(tmp_path / "redis") as redis:
         extra = {"dram_bytes": None, "remote": redis.url}
         (written,) = run_engine(model_dir, extra, [{"prompt": PROMPT}])
-        (read,) = run_engine(model_dir, extra, [{"prompt": PROMPT}])
+        (read,) = run_engine(
+            model_dir, node(work, "redis-b", remote=redis.url), [{"prompt": PROMPT}]
+        )
     assert written["cached"] == 0
     assert read["cached"] >= 512
     same_output(read, written)

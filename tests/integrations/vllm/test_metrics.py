@@ -5,10 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-
-pytest.importorskip("vllm")
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.integrations.vllm.connector import KvtierConnector

@@ -11,6 +11,7 @@ import pytest
 from tests.server.conftest import read_frame
 
 import kvtier
+from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.node import engine_config, stop_nodes
 from kvtier.protocol import Op, Status, pack_header
 
@@ -45,3 +46,57 @@ def test_the_node_offers_its_dram_file_and_engines_load_through_it(tmp_path: Pat
             assert loader.stats().tier("remote").hits == 2
     finally:
         stop_nodes(node_dir)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+def test_a_run_directory_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """Whoever can write node.json there would choose the server an engine sends its KV to:
+    a node directory anyone else may write is refused before anything is read from it."""
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    node_dir.chmod(mode)
+    config = kvtier.StoreConfig(chunk_tokens=4, dram_bytes=8 << 20)
+    with pytest.raises(ConfigError, match="no one else may write"):
+        engine_config(config, node_dir)
+    assert list(node_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("shared", ["kvtier", "redis"])
+def test_engines_with_and_without_a_node_share_one_tier(tmp_path: Path, shared: str) -> None:
+    """The node-local process keeps its engines' keys as they are: an engine-side store with
+    no node-local tier and one behind a node find each other's chunks in a shared kvtier
+    server or Redis."""
+    from kvtier.bench.remote_io import RedisProcess
+    from kvtier.server.server import ServerThread
+
+    backing = kvtier.Store(kvtier.StoreConfig(chunk_tokens=4, dram_bytes=8 << 20))
+    if shared == "kvtier":
+        server: ServerThread | RedisProcess = ServerThread(backing)
+    else:
+        server = RedisProcess(tmp_path / "redis")
+    node_dir = tmp_path / "node"
+    try:
+        url = server.url
+        direct = kvtier.Store(kvtier.StoreConfig(chunk_tokens=4, dram_bytes=None, remote=url))
+        (tmp_path / "disk").mkdir()
+        local = kvtier.StoreConfig(chunk_tokens=4, dram_bytes=8 << 20, remote=url,
+                                   disk_dir=tmp_path / "disk", disk_bytes=8 << 20)  # fmt: skip
+        noded = kvtier.Store(engine_config(local, node_dir))
+        written = [b"a" * 16, b"b" * 16]
+        direct.write_chunk(written[0], [memoryview(b"x" * 4096)])
+        direct.flush()
+        noded.write_chunk(written[1], [memoryview(b"y" * 4096)])
+        noded.flush()
+        stop_nodes(node_dir)  # flushed through to the shared tier
+        noded.close()
+        noded = kvtier.Store(engine_config(local, node_dir))
+        for store, key, byte in [(noded, written[0], b"x"), (direct, written[1], b"y")]:
+            buf = bytearray(4096)
+            assert store.read_chunk(key, [memoryview(buf)]) is not None, key
+            assert buf == byte * 4096
+        direct.close()
+        noded.close()
+    finally:
+        stop_nodes(node_dir)
+        server.stop()
+        backing.close()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-pytest.importorskip("vllm")
-
 import torch
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,

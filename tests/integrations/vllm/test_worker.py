@@ -9,9 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("vllm")
-
 import torch
 from tests.integrations.vllm.test_pages import LAYERS, NUM_BLOCKS, _caches, _paged
 from tests.integrations.vllm.test_scheduler import model_dir, node_dir, vllm_config
@@ -138,6 +135,34 @@ def test_a_steps_saves_of_several_requests_take_one_reservation(
     m.save(StepPlan(saves=[RequestJobs("e", [ChunkCopy(k, (2 * i, 2 * i + 1))
                                               for i, k in enumerate(more)])]))  # fmt: skip
     assert reservations == [2, 1]
+
+
+def test_a_failed_load_drops_the_saves_of_its_step_and_the_next(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
+) -> None:
+    """A step whose synchronous load failed computed over the unloaded blocks (its own
+    request's, or another's sharing them through vLLM's prefix cache), and so did the next
+    step under async scheduling: their saves are dropped and counted, as kvtier never
+    overwrites a chunk it holds; the step after saves again."""
+    m, _ = mover
+    keys = [_key(f"{request.node.name}-{i}") for i in range(4)]
+    lost = _key(f"{request.node.name}-never saved")
+
+    def step(load: list[ChunkCopy], save: list[ChunkCopy]) -> None:
+        plan = StepPlan(loads=[RequestJobs("a", load)], saves=[RequestJobs("b", save)])
+        m.load(plan)
+        m.save(plan)
+
+    m.tally.drain()
+    step([ChunkCopy(lost, (0, 1))], [ChunkCopy(keys[0], (2, 3))])
+    assert m.take_failed() == {0, 1}
+    step([], [ChunkCopy(keys[1], (4, 5)), ChunkCopy(keys[2], (6, 7))])
+    assert m.store.locate(keys[:3]).chunks == 0
+    step([], [ChunkCopy(keys[3], (8, 9))])
+    assert m.store.locate(keys[3:]).chunks == 1
+    tally = m.tally.drain()
+    assert tally["skipped_saves"] == 3 and tally["failed_chunks"] == 1
+    assert tally["saved_bytes"] == m.chunk_bytes
 
 
 def test_a_background_load_is_waited_for_and_reported(

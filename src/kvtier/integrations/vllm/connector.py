@@ -114,10 +114,12 @@ class KvtierConnector(KVConnectorBase_V1):
         assert transfer is not None
         config, options = connector_config(dict(transfer.kv_connector_extra_config or {}))
         spec = _attention_spec(kv_cache_config)
+        _check_parallelism(vllm_config)
         self.geometry = Geometry(config.chunk_tokens, spec.block_size)
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         layout = kv_cache_config.kv_cache_layout or vllm_config.cache_config.kv_cache_layout
         self._layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
+        model = vllm_config.model_config
         self.fingerprint = page_fingerprint(
             str(layout),
             str(spec.dtype).removeprefix("torch."),
@@ -125,6 +127,8 @@ class KvtierConnector(KVConnectorBase_V1):
             spec.page_size_bytes,
             len(self._layer_names),
             self.tp_size,
+            f"{vllm_config.cache_config.cache_dtype}/{spec.kv_quant_mode}/{model.quantization}"
+            f"/{model.revision}",
         )
         self.model_id = str(options.get("model_id") or vllm_config.model_config.model)
         node_dir = options.get("node_dir")
@@ -273,6 +277,24 @@ class KvtierConnector(KVConnectorBase_V1):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> KvtierPromMetrics:
         return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _check_parallelism(vllm_config: VllmConfig) -> None:
+    """Refuses what splits a request's KV other than by tensor parallelism: each pipeline
+    stage holds its own layers, and context parallelism shards tokens, under keys that name
+    the TP rank only."""
+    parallel = vllm_config.parallel_config
+    sizes = {
+        "pipeline_parallel_size": parallel.pipeline_parallel_size,
+        "decode_context_parallel_size": getattr(parallel, "decode_context_parallel_size", 1),
+        "prefill_context_parallel_size": getattr(parallel, "prefill_context_parallel_size", 1),
+    }
+    split = {name: size for name, size in sizes.items() if size > 1}
+    if split:
+        raise ConfigError(
+            f"kvtier supports tensor parallelism only; this engine has {split} "
+            "(pipeline and context parallelism are not supported yet)"
+        )
 
 
 def _attention_spec(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:

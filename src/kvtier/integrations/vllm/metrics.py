@@ -27,6 +27,7 @@ _COUNTERS = {
     "load_seconds": "Seconds spent loading",
     "saved_bytes": "Bytes saved from vLLM's KV cache",
     "save_seconds": "Seconds spent saving (the copy the engine waits for)",
+    "skipped_saves": "Chunks not saved: a load of their step, or of the step before, failed",
     "pinned_tokens": "Prompt tokens pinned for requests that asked (kvtier_pin)",
     "pin_failures": "Requests whose pin was refused or could not reach the node",
 }
@@ -57,7 +58,8 @@ class KvtierStats(KVConnectorStats):
         for kind, moved in (("load", "loaded_bytes"), ("save", "saved_bytes")):
             seconds = d.get(f"{kind}_seconds", 0.0)
             out[f"{kind}_GBps"] = round(d.get(moved, 0) / seconds / 1e9, 3) if seconds else 0.0
-        for name in ("lookups", "failed_chunks", "loaded_bytes", "saved_bytes", "pinned_tokens"):
+        counted = ("lookups", "failed_chunks", "skipped_saves", "loaded_bytes", "saved_bytes")
+        for name in (*counted, "pinned_tokens"):
             out[name] = d.get(name, 0)
         return out
 

@@ -24,6 +24,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -59,10 +60,24 @@ def _run_dir(config: StoreConfig, node_dir: Path) -> Path:
     tiers = {k: v for k, v in _serialise(config).items() if k != "remote_token"}
     digest = hashlib.blake2b(json.dumps(tiers, sort_keys=True).encode(), digest_size=8).hexdigest()
     node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private(node_dir)
     path = node_dir / digest
     path.mkdir(exist_ok=True, mode=0o700)
+    _check_private(path)
     (path / "clients").mkdir(exist_ok=True)
     return path
+
+
+def _check_private(directory: Path) -> None:
+    """Refuses a run directory another user owns or may write: whoever can write
+    `node.json` there decides which server the engine sends its KV to and loads it from."""
+    info = os.lstat(directory)
+    if info.st_uid != os.getuid() or info.st_mode & 0o022 or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(
+            f"kvtier: {directory} must be a directory owned by this user (uid {os.getuid()}) "
+            f"that no one else may write (it is uid {info.st_uid}, mode "
+            f"{oct(info.st_mode & 0o777)}); remove it or set node_dir"
+        )
 
 
 def _ensure_node(run_dir: Path, config: StoreConfig) -> tuple[int, str]:
@@ -146,7 +161,9 @@ async def _serve(run_dir: Path, idle_exit_s: float) -> None:
     token = secrets.token_hex(16)
     with Store(config) as store:
         auth = Auth({hashlib.sha256(token.encode()).digest(): "node"})
-        server = CacheServer(store, auth, local_writes=True)  # its clients: this user's engines
+        # Its clients are this user's engines; it keeps their keys as they are, so an engine
+        # with no node-local tier finds what this node wrote to a shared tier, and the reverse.
+        server = CacheServer(store, auth, local_writes=True, namespaced=False)
         port = await server.start("127.0.0.1", 0)
         tmp = run_dir / f"node.json.{os.getpid()}"
         tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "token": token}))

@@ -110,13 +110,21 @@ def rank_keys(keys: Sequence[Key], tp_rank: int, tp_size: int) -> list[Key]:
 
 
 def page_fingerprint(
-    layout: str, dtype: str, block_size: int, page_bytes: int, num_layers: int, tp_size: int
+    layout: str,
+    dtype: str,
+    block_size: int,
+    page_bytes: int,
+    num_layers: int,
+    tp_size: int,
+    variant: str = "",
 ) -> str:
     """A digest of everything that fixes a chunk's bytes in vLLM's paged cache; part of
     every key, so an engine with another layout, dtype, block size or TP degree never
-    loads these pages."""
+    loads these pages. `variant` holds what else changes them: the KV cache dtype as
+    configured (fp8_e4m3 and fp8_e5m2 are both stored as uint8) and its quantization mode,
+    the weights' quantization and revision."""
     text = f"vllm-pages/{layout}/{dtype}/bs{block_size}/P{page_bytes}/L{num_layers}/tp{tp_size}"
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(f"{text}/{variant}".encode(), digest_size=8).hexdigest()
 
 
 HIT_PREFIX = "hit_tokens/"  # + tier name: a Tally counter of hit tokens served by that tier

@@ -46,6 +46,7 @@ class Request(Protocol):
 
 log = logging.getLogger("kvtier.vllm")
 LOOKUP_REUSE_S = 1.0  # vLLM asks again every step while a request waits for blocks
+SYNC_REPORT_PLANS = 3  # plans a synchronous load's report may lag (async scheduling: 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,10 @@ class ChunkPlanner:
         self._block_table = block_table
         self.load_async = load_async
         self._requests: dict[str, Tracked] = {}
-        self._loading: dict[str, tuple[int, RequestJobs]] = {}  # the last plan's loads
+        # loads planned, by request: (first chunk, jobs, plan number); a synchronous one is
+        # kept for SYNC_REPORT_PLANS plans, as its failure may be reported that late
+        self._loading: dict[str, tuple[int, RequestJobs, int]] = {}
+        self._plans = 0
         self._running: set[str] = set()  # the last plan's batch, less requests finished since
         self.tally = Tally()
 
@@ -124,8 +128,9 @@ class ChunkPlanner:
         tracked = self._requests.get(request.request_id)
         if tracked is None:
             return
+        if tracked.lookup is not None:  # not again when an async load has ended
+            self.tally.add("lookups")
         tracked.lookup = None  # admitted: a later lookup (after preemption) asks afresh
-        self.tally.add("lookups")
         if num_external_tokens <= 0:
             return
         self._count_hits(tracked, num_external_tokens)
@@ -139,17 +144,25 @@ class ChunkPlanner:
         """This step's copies. `scheduled`: (request id, tokens computed once this step
         has run) for every request in the batch."""
         step = StepPlan()
+        self._plans += 1
+        for req_id, (_, jobs, planned) in list(self._loading.items()):
+            if not jobs.async_load and self._plans - planned >= SYNC_REPORT_PLANS:
+                del self._loading[req_id]
         for loading in self._requests.values():
             if loading.load_from is not None:
                 jobs = self._load_jobs(loading)
-                self._loading[jobs.req_id] = (loading.load_from // self.geometry.chunk_tokens, jobs)
+                first = loading.load_from // self.geometry.chunk_tokens
+                self._loading[jobs.req_id] = (first, jobs, self._plans)
                 step.loads.append(jobs)
                 loading.load_from = None
         self._running = set()
         for req_id, computed in scheduled:
             self._running.add(req_id)
             tracked = self._requests.get(req_id)
-            if tracked is not None:
+            if tracked is not None and _bypasses(tracked.request):  # a session added an image
+                self.finished(req_id)
+                self.tally.add("bypassed")
+            elif tracked is not None:
                 jobs = self._save_jobs(tracked, computed)
                 if jobs.chunks:
                     step.saves.append(jobs)
@@ -160,14 +173,15 @@ class ChunkPlanner:
     def loads_reported(self, failed_blocks: set[int], received: set[str]) -> None:
         """The workers' report for a step: blocks they could not load (vLLM recomputes them,
         and their chunks are saved again once recomputed) and requests whose background
-        load ended. A synchronous load is reported in the step that planned it."""
-        for req_id, (first_chunk, jobs) in list(self._loading.items()):
+        load ended. A synchronous load is reported with its step's output, which with async
+        scheduling comes after the next plan was made."""
+        for req_id, (first_chunk, jobs, _) in list(self._loading.items()):
             tracked = self._requests.get(req_id)
             bad = [i for i, c in enumerate(jobs.chunks) if failed_blocks.intersection(c.block_ids)]
             if tracked is not None and bad:
                 tracked.stored = min(tracked.stored, first_chunk + bad[0])
                 tracked.lookup = None
-            if not jobs.async_load or req_id in received:
+            if jobs.async_load and req_id in received:
                 del self._loading[req_id]
 
     def pin(self, request: Any) -> int:
@@ -200,15 +214,13 @@ class ChunkPlanner:
     # -- internals ------------------------------------------------------------------------
 
     def _track(self, request: Any) -> Tracked | None:
+        if _bypasses(request):
+            self.finished(request.request_id)
+            self.tally.add("bypassed")
+            return None
         tracked = self._requests.get(request.request_id)
         if tracked is not None:
             return tracked
-        if (
-            getattr(request, "mm_features", None)
-            or getattr(request, "prompt_embeds", None) is not None
-        ):
-            self.tally.add("bypassed")
-            return None
         root = root_key(self.model_id, self.fingerprint, self.geometry.chunk_tokens, _salt(request))
         tracked = Tracked(request, KeyChain(root, self.geometry.chunk_tokens))
         self._requests[request.request_id] = tracked
@@ -270,6 +282,14 @@ class ChunkPlanner:
             jobs.chunks.append(ChunkCopy(keys[chunk], tuple(blocks)))
         tracked.stored = full
         return jobs
+
+
+def _bypasses(request: Any) -> bool:
+    """Whether kvtier must leave a request alone: its token ids do not determine its KV
+    (multimodal inputs, which a streaming session may add later; prompt embeddings)."""
+    return bool(getattr(request, "mm_features", None)) or (
+        getattr(request, "prompt_embeds", None) is not None
+    )
 
 
 def _salt(request: Any) -> bytes | None:

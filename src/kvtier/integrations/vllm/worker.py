@@ -29,6 +29,13 @@ from kvtier.store import Store
 from kvtier.tiers.base import copy_views
 
 MAX_KEYS = Limits().max_keys
+# Steps whose saves are dropped after a load of the engine's own step failed: that step's
+# forward read the unloaded blocks (the failed request's, and any request's that shares
+# them through vLLM's prefix cache), and with async scheduling so did the next step, planned
+# before vLLM heard of the failure. vLLM rolls those requests back and recomputes; their
+# chunks are saved once recomputed. A save kvtier already holds is never overwritten, so a
+# chunk computed over garbage must never be saved.
+SKIP_SAVE_STEPS = 2
 
 
 class ChunkMover:
@@ -50,6 +57,7 @@ class ChunkMover:
         self._received: set[str] = set()
         self._loading: set[Future[None]] = set()  # background loads not yet ended
         self._lock = threading.Lock()
+        self._skip_saves = 0  # steps left whose saves are dropped (SKIP_SAVE_STEPS)
 
     def keys(self, chunks: Sequence[ChunkCopy]) -> list[Key]:
         return rank_keys([c.key for c in chunks], self.tp_rank, self.tp_size)
@@ -63,8 +71,8 @@ class ChunkMover:
                 with self._lock:
                     self._loading.add(future)
                 future.add_done_callback(self._loaded)
-            else:
-                self._load_request(job, self._staging)
+            elif not self._load_request(job, self._staging):
+                self._skip_saves = SKIP_SAVE_STEPS
 
     def _loaded(self, future: Future[None]) -> None:
         with self._lock:
@@ -91,20 +99,20 @@ class ChunkMover:
             with self._lock:
                 self._received.add(job.req_id)
 
-    def _load_request(self, job: RequestJobs, staging: Staging) -> None:
+    def _load_request(self, job: RequestJobs, staging: Staging) -> bool:
+        """Loads a request's chunks; False if one failed (it and every later one are)."""
         t0 = _now()
         try:
-            self._load_chunks(job, staging)
+            return self._load_chunks(job, staging)
         finally:
             self.tally.observe("request_load_seconds", _now() - t0)
 
-    def _load_chunks(self, job: RequestJobs, staging: Staging) -> None:
+    def _load_chunks(self, job: RequestJobs, staging: Staging) -> bool:
         keys = self.keys(job.chunks)
         if self.pages.device.type == "cpu":  # GPU pages are loaded through pinned staging
             with self.store.reading(keys, self.chunk_bytes) as views:
                 if views is not None:
-                    self._scatter(job, views, staging)
-                    return
+                    return self._scatter(job, views, staging)
         for i, (chunk, key) in enumerate(zip(job.chunks, keys, strict=True)):
             t0 = _now()
             tier = self.store.read_chunk(key, [staging.view])
@@ -112,51 +120,61 @@ class ChunkMover:
                 # vLLM recomputes from the first failed block; later chunks of this
                 # request are not loaded (they would be recomputed anyway).
                 self._fail(job.chunks[i:])
-                self.tally.add("failed_chunks", len(job.chunks) - i)
-                return
+                return False
             src = staging.tensor[:, chunk.skip_blocks : chunk.skip_blocks + len(chunk.block_ids)]
             self.pages.scatter(self.pages.index(chunk.block_ids), src)
-            self.tally.add("loaded_bytes", self.chunk_bytes)
+            self.tally.add("loaded_bytes", self.pages.block_bytes * len(chunk.block_ids))
             self.tally.add("load_seconds", _now() - t0)
+        return True
 
     def _scatter(
         self, job: RequestJobs, views: Sequence[memoryview | None], staging: Staging
-    ) -> None:
+    ) -> bool:
         """Copy chunks kvtier lent in place into their blocks; from the first it could not
-        serve on, the request's blocks are failed."""
+        serve on, the request's blocks are failed (and False returned)."""
         t0 = _now()
+        loaded = True
         for i, (chunk, view) in enumerate(zip(job.chunks, views, strict=True)):
             if view is None:
                 self._fail(job.chunks[i:])
-                self.tally.add("failed_chunks", len(job.chunks) - i)
+                loaded = False
                 break
             src = staging.over(view) if not view.readonly else staging.filled_from(view)
             end = chunk.skip_blocks + len(chunk.block_ids)
             self.pages.scatter(self.pages.index(chunk.block_ids), src[:, chunk.skip_blocks : end])
-            self.tally.add("loaded_bytes", self.chunk_bytes)
+            self.tally.add("loaded_bytes", self.pages.block_bytes * len(chunk.block_ids))
         self.tally.add("load_seconds", _now() - t0)
+        return loaded
 
     def _fail(self, chunks: Sequence[ChunkCopy]) -> None:
+        self.tally.add("failed_chunks", len(chunks))
         with self._lock:
             self._failed |= {b for c in chunks for b in c.block_ids}
 
     def save(self, plan: StepPlan) -> None:
         """Copy the pages of every planned chunk into kvtier (lower tiers written later): the
         step's chunks of every request at once, so CPU pages take one PUT_LOCAL and one COMMIT
-        round trip per step, not per request."""
+        round trip per step, not per request. Dropped for SKIP_SAVE_STEPS steps once a load
+        of the engine's step failed."""
+        if self._skip_saves:
+            self._skip_saves -= 1
+            self.tally.add("skipped_saves", sum(len(job.chunks) for job in plan.saves))
+            return
         if not plan.saves:
             return
         if self.pages.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         t0 = _now()
         chunks = [c for job in plan.saves for c in job.chunks]
+        saved = 0
         for i in range(0, len(chunks), MAX_KEYS):  # a frame's key limit
-            self._save_chunks(chunks[i : i + MAX_KEYS])
-        self.tally.add("saved_bytes", self.chunk_bytes * len(chunks))
+            saved += self._save_chunks(chunks[i : i + MAX_KEYS])
+        self.tally.add("saved_bytes", self.chunk_bytes * saved)
         self.tally.add("save_seconds", _now() - t0)
         self.tally.observe("step_save_seconds", _now() - t0)
 
-    def _save_chunks(self, chunks: Sequence[ChunkCopy]) -> None:
+    def _save_chunks(self, chunks: Sequence[ChunkCopy]) -> int:
+        """Copies chunks into kvtier; how many it took (not those it holds already)."""
         keys = self.keys(chunks)
         if self.pages.device.type == "cpu":  # GPU pages go through pinned staging
             with self.store.writing(keys, self.chunk_bytes) as slots:
@@ -165,10 +183,11 @@ class ChunkMover:
                         if slot is not None:  # None: kvtier holds it already
                             index = self.pages.index(chunk.block_ids)
                             self.pages.gather(index, self._staging.over(slot))
-                    return
+                    return sum(slot is not None for slot in slots)
         for chunk, key in zip(chunks, keys, strict=True):
             self.pages.gather(self.pages.index(chunk.block_ids), self._staging.tensor)
             self.store.write_chunk(key, [self._staging.view])
+        return len(chunks)
 
     def take_failed(self) -> set[int]:
         """Block ids whose load failed since the last call."""
