@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ("kvtier.demo", "offline multi-turn conversation: TTFT with and without reuse"),
     "serve": ("kvtier.server.main", "run a shared cache server"),
     "inspect": ("kvtier.inspect", "list what a disk tier holds; --verify checks every checksum"),
+    "nodes": ("kvtier.nodes", "the node-local stores vLLM engines share here, with their stats"),
     "preheat": ("kvtier.preheat", "compute, store and pin the KV of a file of prompts"),
     "plan": ("kvtier.bench.plan", "how much DRAM and SSD a trace needs"),
     "gateway": ("kvtier.gateway.main", "OpenAI-compatible gateway with KV-aware routing"),

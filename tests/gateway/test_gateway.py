@@ -226,6 +226,22 @@ def test_many_concurrent_streams_all_complete(gateway: GatewayProcess) -> None:
     assert all(asyncio.run(main()))
 
 
+def test_workers_run_with_an_api_key_are_called_with_it() -> None:
+    """--worker-api-key goes to the workers (vLLM's --api-key), not to the clients."""
+    with (
+        SimProcess("--api-key", "worker-key") as sim,
+        GatewayProcess(sim.urls, "--worker-api-key", "worker-key") as gw,
+    ):
+        c = client(gw)
+        assert [m.id for m in c.models.list().data] == ["sim"]
+        assert chat(c, "hello").choices[0].message.content
+        stream = c.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True
+        )
+        assert len([ch for ch in stream if ch.choices]) >= 3
+        assert httpx.get(sim.url + "/v1/models").status_code == 401  # the key is needed
+
+
 def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error() -> None:
     """The client gets an error event and the stream ends: never a hang."""
     with SimProcess("--decode-ms-per-token", "100") as sim, GatewayProcess(sim.urls) as gw:

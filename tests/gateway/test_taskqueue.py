@@ -110,6 +110,20 @@ def test_submit_runs_to_done_with_the_completion(
     assert audit(r, "applied", task_id) == 1
 
 
+def test_an_engine_with_an_api_key_is_called_with_it(redis_server: RedisProcess) -> None:
+    """With --engine-api-key the worker's calls pass an engine run with --api-key; without
+    it, the engine's 401 is a permanent failure, not a retry."""
+    with SimProcess("--decode-ms-per-token", "1", "--api-key", "engine-key") as sim:
+        with QueueWorkerProcess(redis_server.url, sim.url, "w1", "--engine-api-key", "engine-key"):
+            task_id = submit(redis_server.url, chat(4))
+            done = wait_for(redis_server.url, task_id, is_(TaskState.DONE), 20)
+            assert done.completion is not None
+        with QueueWorkerProcess(redis_server.url, sim.url, "w2"):
+            task_id = submit(redis_server.url, chat(4))
+            failed = wait_for(redis_server.url, task_id, is_(TaskState.FAILED), 20)
+            assert failed.attempts == 1 and "401" in (failed.error or "")
+
+
 def test_status_is_tenant_scoped(redis_server: RedisProcess) -> None:
     """Another tenant's id, or a malformed one, reads as None (a 404), never as the task."""
     task_id = submit(redis_server.url, chat(4), tenant="acme")

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from kvtier.protocol import HEADER_BYTES, Op, pack_header, parse_header
+from kvtier.integrations.vllm.node import running_nodes
 
 PREFIX = "KVB "
 START_TIMEOUT_S = 600.0
@@ -136,27 +135,8 @@ def node_pending_writes(node_dir: str | None) -> int:
 
 
 def _node_stats(node_dir: str | None) -> Iterator[dict[str, Any]]:
-    for info_path in Path(node_dir).glob("*/node.json") if node_dir else []:
-        info = json.loads(info_path.read_text())
-        yield _server_stats(int(info["port"]), str(info["token"]))
-
-
-def _server_stats(port: int, token: str) -> dict[str, Any]:
-    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
-        f: BinaryIO = sock.makefile("rwb")  # type: ignore[assignment]
-        _call(f, Op.HELLO, token.encode())
-        stats: dict[str, Any] = json.loads(_call(f, Op.STATS, b""))
-        return stats
-
-
-def _call(f: BinaryIO, op: Op, payload: bytes) -> bytes:
-    f.write(pack_header(op, 1, 0, len(payload)) + payload)
-    f.flush()
-    header = parse_header(f.read(HEADER_BYTES))
-    body = f.read(header.body_bytes)
-    if header.status:
-        raise RuntimeError(f"kvtier node refused {op.name}: {body.decode(errors='replace')}")
-    return body
+    for _, stats in running_nodes(Path(node_dir)) if node_dir else []:
+        yield stats
 
 
 HOOKS = (

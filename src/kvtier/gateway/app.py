@@ -37,7 +37,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 def create_app(gateway: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway.session = upstream.new_session()
+        gateway.session = upstream.new_session(gateway.settings.worker_api_key)
         gateway.metrics.attach(gateway.pool)
         gateway.pool.start(gateway.session, gateway.settings.scrape_interval_s)
         await gateway.refresh_models()

@@ -58,6 +58,7 @@ class Settings:
     scrape_interval_s: float = 2.0
     salt_secret: str = ""
     stall_timeout_s: float = upstream.STALL_TIMEOUT_S
+    worker_api_key: str = ""
 
 
 class Caller(NamedTuple):

@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a stored response lives")  # fmt: skip
     arg("--salt-secret", default=env_default("KVTIER_SALT_SECRET", ""),
         help="key of the hash that turns a tenant into its cache_salt")  # fmt: skip
+    arg("--worker-api-key", default=env_default("KVTIER_WORKER_API_KEY", ""),
+        help="sent to every worker as `Authorization: Bearer KEY` (vLLM's --api-key)")  # fmt: skip
     arg("--stall-timeout", type=float, default=env_default("KVTIER_STALL_TIMEOUT", "60"),
         help="seconds a started stream may go silent before the client gets an error "
         "(a hung worker)")  # fmt: skip
@@ -107,6 +109,7 @@ def build(args: argparse.Namespace) -> Gateway:
         max_body_bytes=args.max_body,
         salt_secret=args.salt_secret,
         stall_timeout_s=args.stall_timeout,
+        worker_api_key=args.worker_api_key,
     )
     gateway = Gateway(pool, auth, affinities, responses, GatewayMetrics(), settings)
     gateway.gate = _gate(args)

@@ -39,10 +39,11 @@ def engine_body(body: dict[str, Any]) -> dict[str, Any]:
 class Engine:
     """One engine's OpenAI API through one pooled aiohttp session (open it in a loop)."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, api_key: str = "") -> None:
         self.url = url.rstrip("/") + "/v1/chat/completions"
         timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
-        self._session = aiohttp.ClientSession(timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._session = aiohttp.ClientSession(timeout=timeout, headers=headers)
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """The engine's completion of `body`; raises EngineError."""

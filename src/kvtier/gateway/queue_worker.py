@@ -63,6 +63,7 @@ class WorkerConfig:
     drain_s: float = 30.0
     result_ttl_s: int = RESULT_TTL_S
     audit: bool = False
+    engine_api_key: str = ""  # sent as `Authorization: Bearer` (vLLM's --api-key)
 
     def __post_init__(self) -> None:
         positive = {
@@ -116,7 +117,8 @@ class QueueWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.stop = stop
-        self.engine = Engine(self.config.engine_url, self.config.task_timeout_s)
+        config = self.config
+        self.engine = Engine(config.engine_url, config.task_timeout_s, config.engine_api_key)
         helpers = [
             asyncio.create_task(self._every(self.config.idle_timeout_s / 3, self._beat)),
             asyncio.create_task(self._every(self.config.claim_every_s, self._janitor)),
@@ -276,6 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         for name, (default, text) in options.items():
             env_name = name.upper().replace("-", "_")
             arg(f"--{name}", type=kind, default=env(env_name, default), help=text)
+    arg("--engine-api-key", default=env("ENGINE_API_KEY", ""),
+        help="sent to the engine as `Authorization: Bearer KEY` (vLLM's --api-key)")  # fmt: skip
     arg("--audit", action="store_true", help="count executions and effects per task (benches)")
 
 
@@ -284,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         config = WorkerConfig(
             args.redis, args.engine, args.name, args.stream, args.group, args.concurrency,
             args.idle_timeout_s, args.claim_every_s, args.max_deliveries, args.max_len,
-            args.task_timeout_s, args.drain_s, args.result_ttl_s, args.audit,
+            args.task_timeout_s, args.drain_s, args.result_ttl_s, args.audit, args.engine_api_key,
         )  # fmt: skip
     except ValueError as exc:
         print(f"kvtier queue-worker: {exc}", file=sys.stderr)

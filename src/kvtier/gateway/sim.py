@@ -148,6 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kvtier DRAM tier behind each worker, in tokens (0: off)")  # fmt: skip
     arg("--shared-tokens", type=int, default=_env("SHARED_TOKENS", 0),
         help="shared kvtier tier behind all workers here, in tokens (0: off)")  # fmt: skip
+    arg("--api-key", default=_env("API_KEY", ""),
+        help="as vLLM's --api-key: /v1 routes need `Authorization: Bearer KEY`")  # fmt: skip
     arg("--kv-events-port", type=int, default=_env("KV_EVENTS_PORT", None),
         help="publish vLLM KV events on 127.0.0.1 from this port (0: any free)")  # fmt: skip
     _add_timing(parser, d)
@@ -178,6 +180,7 @@ def _config(args: argparse.Namespace) -> SimConfig:
         dram_load_ms_per_token=args.dram_load_ms_per_token,
         shared_tokens=args.shared_tokens or None,
         shared_load_ms_per_token=args.shared_load_ms_per_token,
+        api_key=args.api_key,
     )
 
 

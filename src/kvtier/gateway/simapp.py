@@ -61,12 +61,23 @@ class _Handlers:
         self.created = int(time.time())
 
     async def chat(self, request: Request) -> Response:
-        return await self._complete(request, Kind.CHAT)
+        return self._refused(request) or await self._complete(request, Kind.CHAT)
 
     async def text(self, request: Request) -> Response:
-        return await self._complete(request, Kind.TEXT)
+        return self._refused(request) or await self._complete(request, Kind.TEXT)
+
+    def _refused(self, request: Request) -> Response | None:
+        """vLLM's 401 for a /v1 route called without the --api-key it was given."""
+        key = self.engine.config.api_key
+        if not key or request.headers.get("authorization") == f"Bearer {key}":
+            return None
+        return _json({"error": {"message": "Unauthorized", "type": "invalid_request_error",
+                                "param": None, "code": None}}, 401)  # fmt: skip
 
     async def models(self, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         model = {
             "id": self.engine.config.model,
             "object": "model",

@@ -45,6 +45,7 @@ class SimConfig:
     dram_load_ms_per_token: float = 0.01
     shared_tokens: int | None = None
     shared_load_ms_per_token: float = 0.02
+    api_key: str = ""  # as vLLM's --api-key: /v1 routes answer 401 without it
 
     def __post_init__(self) -> None:
         if self.block_tokens < 1:

@@ -40,12 +40,16 @@ class Unreachable(Exception):
     """The worker could not be reached or failed before answering."""
 
 
-def new_session() -> aiohttp.ClientSession:
+def new_session(api_key: str = "") -> aiohttp.ClientSession:
+    """The session to every worker; `api_key` is sent to them as vLLM's --api-key."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
     )
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 16)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, read_bufsize=1 << 16, headers=headers
+    )
 
 
 def fill_usage(usage: dict[str, Any] | None, cached_estimate: int) -> dict[str, Any] | None:

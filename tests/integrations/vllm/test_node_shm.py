@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -100,3 +101,32 @@ def test_engines_with_and_without_a_node_share_one_tier(tmp_path: Path, shared: 
         stop_nodes(node_dir)
         server.stop()
         backing.close()
+
+
+def test_kvtier_nodes_shows_a_running_nodes_stats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvtier nodes` finds the node an engine-side store started and reports its tiers as
+    they are now: the chunk saved, the hit and the miss."""
+    from kvtier.cli import main as cli_main
+
+    node_dir = tmp_path / "node"
+    store = kvtier.Store(engine_config(kvtier.StoreConfig(chunk_tokens=4, dram_bytes=8 << 20),
+                                       node_dir))  # fmt: skip
+    try:
+        store.write_chunk(b"k" * 16, [memoryview(b"z" * 4096)])
+        store.flush()
+        buf = memoryview(bytearray(4096))
+        assert store.read_chunk(b"k" * 16, [buf]) is not None
+        assert store.read_chunk(b"m" * 16, [buf]) is None
+        assert cli_main(["nodes", "--node-dir", str(node_dir), "--json"]) == 0
+        (node,) = json.loads(capsys.readouterr().out)
+        dram = node["tiers"]["dram"]
+        assert dram["chunks"] == 1 and dram["hits"] == 1 and dram["misses"] == 1
+        assert cli_main(["nodes", "--node-dir", str(node_dir)]) == 0
+        assert "dram" in capsys.readouterr().out
+    finally:
+        store.close()
+        stop_nodes(node_dir)
+    assert cli_main(["nodes", "--node-dir", str(node_dir)]) == 0
+    assert "no node-local kvtier process" in capsys.readouterr().out

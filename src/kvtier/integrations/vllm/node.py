@@ -28,14 +28,22 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from kvtier.config import StoreConfig
 from kvtier.errors import ConfigError
+from kvtier.protocol import HEADER_BYTES, Op, pack_header, parse_header
 
 START_TIMEOUT_S = 60.0
 IDLE_EXIT_S = 30.0
+STATS_TIMEOUT_S = 10.0
+
+
+def default_node_dir() -> Path:
+    return Path("/tmp") / f"kvtier-node-{os.getuid()}"
 
 
 def engine_config(config: StoreConfig, node_dir: Path | None = None) -> StoreConfig:
@@ -44,7 +52,7 @@ def engine_config(config: StoreConfig, node_dir: Path | None = None) -> StoreCon
     holds the run directories (default `/tmp/kvtier-node-<uid>`)."""
     if config.dram_bytes is None and config.disk_dir is None:
         return config
-    run_dir = _run_dir(config, node_dir or Path("/tmp") / f"kvtier-node-{os.getuid()}")
+    run_dir = _run_dir(config, node_dir or default_node_dir())
     port, token = _ensure_node(run_dir, config)
     _register(run_dir)
     return StoreConfig(
@@ -186,6 +194,38 @@ async def _serve(run_dir: Path, idle_exit_s: float) -> None:
         await server.stop()
         print(f"kvtier node: stats {json.dumps(store.stats().as_dict())}", flush=True)
     print("kvtier node: stopped", flush=True)
+
+
+def running_nodes(node_dir: Path | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each live node-local process under `node_dir` (default: this user's): its run
+    directory and its store's stats as it answers them now (the server's STATS: tiers,
+    pending writes, counters). A node that does not answer is left out."""
+    for info_path in sorted((node_dir or default_node_dir()).glob("*/node.json")):
+        try:
+            info = json.loads(info_path.read_text())
+            stats = node_stats(int(info["port"]), str(info["token"]))
+        except (OSError, ValueError, KeyError, RuntimeError):
+            continue
+        yield info_path.parent, {"pid": info["pid"], "port": info["port"], **stats}
+
+
+def node_stats(port: int, token: str) -> dict[str, Any]:
+    """The STATS answer of the node listening on 127.0.0.1:`port`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=STATS_TIMEOUT_S) as sock:
+        f: BinaryIO = sock.makefile("rwb")  # type: ignore[assignment]
+        _call(f, Op.HELLO, token.encode())
+        stats: dict[str, Any] = json.loads(_call(f, Op.STATS, b""))
+        return stats
+
+
+def _call(f: BinaryIO, op: Op, payload: bytes) -> bytes:
+    f.write(pack_header(op, 1, 0, len(payload)) + payload)
+    f.flush()
+    header = parse_header(f.read(HEADER_BYTES))
+    body = f.read(header.body_bytes)
+    if header.status:
+        raise RuntimeError(f"kvtier node refused {op.name}: {body.decode(errors='replace')}")
+    return body
 
 
 def stop_nodes(node_dir: Path, timeout_s: float = 30.0) -> int:
