@@ -13,9 +13,11 @@ that a client gone mid-stream still settles.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kvtier.gateway.errors import ApiError
 from kvtier.gateway.limits import Admitted, Limiter, Refused
@@ -42,6 +44,7 @@ class Gate:
     limiter: Limiter | None = None
     queue: AdmissionQueue | None = None
     send_priority: bool = False
+    prompts: Callable[[dict[str, Any]], list[np.ndarray]] = request_prompts  # as the gateway's
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def enter(
@@ -66,7 +69,7 @@ class Gate:
         if self.limiter is None:
             return None
         try:
-            prompt = sum(len(p) for p in request_prompts(body))
+            prompt = sum(len(p) for p in self.prompts(body))
         except ValueError as exc:
             param = "messages" if "messages" in body else "prompt"
             raise ApiError(400, str(exc), param=param) from exc

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
+import numpy as np
 
 from kvtier.gateway import upstream
 from kvtier.gateway.affinity import AffinityStore, Binding, affinity_key
@@ -93,6 +94,8 @@ class Gateway:
     tasks: TaskQueue | None = None
     session: aiohttp.ClientSession | None = None
     models: set[str] = field(default_factory=set)
+    # a request's prompts in tokens: 4 bytes a token, or the model's tokenizer (--tokenizer)
+    prompts: Callable[[dict[str, Any]], list[np.ndarray]] = request_prompts
     _models_at: float = 0.0
 
     def tenant(self, authorization: str | None) -> str:
@@ -163,7 +166,7 @@ class Gateway:
         worker is then bound to all of them and to `bind_as`."""
         body["cache_salt"] = self.salt(tenant)
         try:
-            prompts = request_prompts(body)
+            prompts = self.prompts(body)
         except ValueError as exc:
             raise ApiError(
                 400, str(exc), param="messages" if "messages" in body else "prompt"

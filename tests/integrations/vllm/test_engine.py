@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from tests.gateway.tiny_tokenizer import save_tokenizer
 
 import kvtier
 from kvtier.bench.remote_io import RedisProcess, free_port
@@ -27,6 +28,7 @@ from kvtier.cli import main as cli_main
 from kvtier.gateway import events
 from kvtier.gateway.pool import Pool
 from kvtier.gateway.routing import make_policy
+from kvtier.gateway.tokenizer import ModelTokenizer
 from kvtier.gateway.tokens import block_keys
 from kvtier.integrations.vllm.node import stop_nodes
 from kvtier.server.server import ServerThread
@@ -37,6 +39,13 @@ CHUNK_BYTES = CHUNK * 2 * 2 * 2 * 32 * 4  # tokens x layers x (K, V) x KV heads 
 RNG = np.random.default_rng(7)
 PROMPT = [int(t) for t in RNG.integers(1, 500, 600)]
 SHARED_300 = PROMPT[:300] + [int(t) for t in RNG.integers(1, 500, 100)]
+CHAT = [
+    {"role": "system", "content": " ".join(f"w{t % 400}" for t in PROMPT[:300])},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "w1 w2"}, {"type": "text", "text": "w3"}],
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +61,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     path = tmp_path_factory.mktemp("model")
     LlamaForCausalLM(config).save_pretrained(path)
+    save_tokenizer(path)
     return path
 
 
@@ -265,8 +275,10 @@ def test_openai_server_reuses_kvtier(
     """vLLM's OpenAI server loads the connector from --kv-transfer-config; after its own
     prefix cache is reset, a repeated prompt's cached tokens come from kvtier (reported in
     usage.prompt_tokens_details) and the completion is the same. Its KV events, read as the
-    gateway reads them, put the prompt's blocks under the gateway's own salted keys.
-    `kvtier preheat --vllm` through it pins every full chunk of its prompt in the node."""
+    gateway reads them, put the prompt's blocks under the gateway's own salted keys, for a
+    chat too when the gateway counts in the model's tokens (`--tokenizer`): the same ids as
+    the server's. `kvtier preheat --vllm` through it pins every full chunk of its prompt in
+    the node."""
     transfer = {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.integrations.vllm",
@@ -279,7 +291,7 @@ def test_openai_server_reuses_kvtier(
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--skip-tokenizer-init", "--enforce-eager", "--dtype", "float32", "--block-size", "32",
+        "--enforce-eager", "--dtype", "float32", "--block-size", "32",
         "--max-model-len", "2048", "--kv-cache-memory-bytes", str(32 << 20),
         "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details",
         "--kv-transfer-config", json.dumps(transfer),
@@ -299,6 +311,13 @@ def test_openai_server_reuses_kvtier(
         stored = subscriber.read_until(lambda evs: len(evs) >= 1)
         assert post(base + "/reset_prefix_cache", None) == {"success": True}
         second = post(base + "/v1/completions", body)
+        chat = {"model": str(model_dir), "messages": CHAT, "max_tokens": 2,
+                "temperature": 0, "return_token_ids": True, "cache_salt": "t-salt"}  # fmt: skip
+        chat_ids = post(base + "/v1/chat/completions", chat)["prompt_token_ids"]
+        tokens = ModelTokenizer(str(model_dir)).prompts(chat)[0]
+        blocks = len(tokens) // 32
+        chat_keys = block_keys(tokens, 32, "t-salt")
+        stored = subscriber.read_until(lambda evs: _indexed(evs, chat_keys) == blocks)
         prompts = work / "preheat.jsonl"
         prompts.write_text(json.dumps({"tokens": PROMPT}) + "\n")
         assert cli_main(["preheat", str(prompts), "--vllm", base, "--json"]) == 0
@@ -308,18 +327,27 @@ def test_openai_server_reuses_kvtier(
         server.terminate()
         server.wait(timeout=60)
         log.close()
-    pool = Pool(["http://engine"], make_policy("kvtier"), 32, 10_000)
-    for event in stored:
-        pool.apply_event(0, event)
     keys = block_keys(SHARED_300, 32, "t-salt")
-    assert pool.index.match(keys)[0].gpu == len(SHARED_300) // 32
-    assert pool.stats.events_unchained == pool.stats.events_wrong_block_size == 0
+    assert _indexed(stored, keys) == len(SHARED_300) // 32
+    assert tokens.tolist() == chat_ids
+    assert blocks >= 8
+    assert _indexed(stored, chat_keys) == blocks
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached == (len(SHARED_300) - 1) // CHUNK * CHUNK
     assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
     assert preheated["prompt_tokens"] == len(PROMPT)
     assert preheated["pinned_tokens"] == len(PROMPT) // CHUNK * CHUNK
+
+
+def _indexed(stored: list[events.Event], keys: list[int]) -> int:
+    """The leading blocks of `keys` a gateway's index holds on the worker after `stored`."""
+    pool = Pool(["http://engine"], make_policy("kvtier"), 32, 10_000)
+    for event in stored:
+        if isinstance(event, events.BlockStored):
+            pool.apply_event(0, event)
+    assert pool.stats.events_unchained == pool.stats.events_wrong_block_size == 0
+    return pool.index.match(keys)[0].gpu
 
 
 class EventsReader:
