@@ -13,7 +13,7 @@ that a client gone mid-stream still settles.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from kvtier.gateway.errors import ApiError
 from kvtier.gateway.limits import Admitted, Limiter, Refused
 from kvtier.gateway.limits_config import LimitsConfig
 from kvtier.gateway.priority import AdmissionQueue, QueueFull, Ticket, request_class, vllm_priority
-from kvtier.gateway.tokens import request_prompts
+from kvtier.gateway.tokens import byte_prompts
 
 DEFAULT_MAX_TOKENS = 256  # reserved for a request that does not say max_tokens
 
@@ -44,7 +44,7 @@ class Gate:
     limiter: Limiter | None = None
     queue: AdmissionQueue | None = None
     send_priority: bool = False
-    prompts: Callable[[dict[str, Any]], list[np.ndarray]] = request_prompts  # as the gateway's
+    prompts: Callable[[dict[str, Any]], Awaitable[list[np.ndarray]]] = byte_prompts  # as gateway's
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def enter(
@@ -69,7 +69,7 @@ class Gate:
         if self.limiter is None:
             return None
         try:
-            prompt = sum(len(p) for p in self.prompts(body))
+            prompt = sum(len(p) for p in await self.prompts(body))
         except ValueError as exc:
             param = "messages" if "messages" in body else "prompt"
             raise ApiError(400, str(exc), param=param) from exc

@@ -29,7 +29,7 @@ from kvtier.gateway.metrics import GatewayMetrics
 from kvtier.gateway.pool import Booking, Bound, Pool
 from kvtier.gateway.sessions import ResponseStore
 from kvtier.gateway.taskqueue import TaskQueue
-from kvtier.gateway.tokens import block_keys, request_prompts
+from kvtier.gateway.tokens import block_keys, byte_prompts
 from kvtier.server.auth import Auth
 
 T = TypeVar("T")
@@ -95,7 +95,7 @@ class Gateway:
     session: aiohttp.ClientSession | None = None
     models: set[str] = field(default_factory=set)
     # a request's prompts in tokens: 4 bytes a token, or the model's tokenizer (--tokenizer)
-    prompts: Callable[[dict[str, Any]], list[np.ndarray]] = request_prompts
+    prompts: Callable[[dict[str, Any]], Awaitable[list[np.ndarray]]] = byte_prompts
     _models_at: float = 0.0
 
     def tenant(self, authorization: str | None) -> str:
@@ -166,7 +166,7 @@ class Gateway:
         worker is then bound to all of them and to `bind_as`."""
         body["cache_salt"] = self.salt(tenant)
         try:
-            prompts = self.prompts(body)
+            prompts = await self.prompts(body)
         except ValueError as exc:
             raise ApiError(
                 400, str(exc), param="messages" if "messages" in body else "prompt"

@@ -118,7 +118,7 @@ def build(args: argparse.Namespace) -> Gateway:
     gateway = Gateway(pool, auth, affinities, responses, GatewayMetrics(), settings)
     gateway.gate = _gate(args)
     if args.tokenizer:
-        gateway.prompts = gateway.gate.prompts = ModelTokenizer(args.tokenizer).prompts
+        gateway.prompts = gateway.gate.prompts = ModelTokenizer(args.tokenizer).in_thread
     gateway.tasks = TaskQueue(args.redis) if args.redis else None
     return gateway
 

@@ -15,6 +15,7 @@ falls back on the gateway's own predictions and affinities.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,11 @@ class ModelTokenizer:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--tokenizer {path}: {exc}") from exc
+
+    async def in_thread(self, body: Mapping[str, Any]) -> list[np.ndarray]:
+        """`prompts` off the event loop: a long prompt takes milliseconds to encode, and
+        the Rust encoder lets the loop run meanwhile."""
+        return await asyncio.to_thread(self.prompts, body)
 
     def prompts(self, body: Mapping[str, Any]) -> list[np.ndarray]:
         if "messages" in body:

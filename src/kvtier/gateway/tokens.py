@@ -76,6 +76,11 @@ def tokenize(text: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u4").astype(np.int64)  # (T,)
 
 
+async def byte_prompts(body: Mapping[str, Any]) -> list[np.ndarray]:
+    """`request_prompts`, awaitable like a model tokenizer's (which runs in a thread)."""
+    return request_prompts(body)
+
+
 def prompt_tokens(body: Mapping[str, Any]) -> np.ndarray:
     """The prompt of a chat (`messages`) or completion (`prompt`: text or token ids) request
     with one prompt."""
