@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    nodes = [{"run_dir": str(d), **stats} for d, stats in running_nodes(args.node_dir)]
+    nodes = [{"run_dir": str(n.run_dir), **n.stats} for n in running_nodes(args.node_dir)]
     if args.json:
         print(json.dumps(nodes))
         return 0

@@ -240,6 +240,31 @@ def test_workers_run_with_an_api_key_are_called_with_it() -> None:
         )
         assert len([ch for ch in stream if ch.choices]) >= 3
         assert httpx.get(sim.url + "/v1/models").status_code == 401  # the key is needed
+        with GatewayProcess(sim.urls) as keyless:
+            resp = httpx.post(keyless.url + "/v1/chat/completions", json=CHAT_BODY)
+            assert resp.status_code == 503
+            assert "--worker-api-key" in resp.json()["error"]["message"]
+
+
+CHAT_BODY = {"model": "sim", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+
+
+def test_a_dead_worker_is_tried_once_per_request() -> None:
+    """When the only worker serving a model is gone, one attempt, then 503, not one per
+    worker in the pool."""
+    with (
+        SimProcess("--model", "ma") as a,
+        SimProcess("--model", "mb") as b,
+        GatewayProcess([a.url, b.url], "--policy", "round-robin") as gw,
+    ):
+        assert sorted(m.id for m in client(gw).models.list().data) == ["ma", "mb"]
+        a.kill()
+        body = {**CHAT_BODY, "model": "ma"}
+        assert httpx.post(gw.url + "/v1/chat/completions", json=body).status_code == 503
+        metrics = httpx.get(gw.url + "/metrics").text
+    name = "kvtier_gateway_upstream_errors_total"
+    errors = [ln for ln in metrics.splitlines() if ln.startswith(name)]
+    assert len(errors) == 1 and errors[0].endswith(" 1.0"), errors
 
 
 def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error() -> None:
@@ -258,8 +283,10 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error() -> None:
         assert len(got) >= 3 and time.monotonic() - started < TIMEOUT_S
 
 
-def test_a_worker_that_hangs_mid_stream_ends_the_stream_with_an_error() -> None:
-    """A stopped worker closes no socket: the stream errors after --stall-timeout."""
+@pytest.mark.parametrize("after", [1, 3])
+def test_a_worker_that_hangs_mid_stream_ends_the_stream_with_an_error(after: int) -> None:
+    """A stopped worker closes no socket: the stream errors after --stall-timeout, also when
+    it stops right after its first event."""
     with (
         SimProcess("--decode-ms-per-token", "100") as sim,
         GatewayProcess(sim.urls, "--stall-timeout", "1") as gw,
@@ -272,7 +299,7 @@ def test_a_worker_that_hangs_mid_stream_ends_the_stream_with_an_error() -> None:
             with pytest.raises(openai.APIError, match=r"mid-stream"):
                 for chunk in stream:
                     got.append(chunk)
-                    if len(got) == 3:
+                    if len(got) == after:
                         sim.proc.send_signal(signal.SIGSTOP)
                         stopped = time.monotonic()
             assert 0.9 < time.monotonic() - stopped < 5

@@ -43,12 +43,16 @@ def test_chats_and_texts_in_the_models_tokens(tokenizer_dir: Path) -> None:
     assert ids(t, {"prompt": ["w1", "w2 w3"]}) == [[w[1]], [w[2], w[3]]]
     assert ids(t, {"prompt": [7, 8]}) == [[7, 8]]
     assert ids(t, {"prompt": [[7], [8, 9]]}) == [[7], [8, 9]]
+    ignored = {"chat_template": "{% for i in range(3) %}w3 {% endfor %}", "tokenize": False,
+               "tools": [{"type": "function"}], "nested": {"a": 1}}  # fmt: skip
+    assert ids(t, {**chat, "chat_template_kwargs": ignored}) == ids(t, chat)  # never the client's
     for bad in ({"prompt": ["w1", [3]]}, {"messages": []}, {"messages": ["hi"]}, {"prompt": 3}):
         with pytest.raises(ValueError):
             t.prompts(bad)
 
 
 def test_a_missing_tokenizer_is_a_config_error(tmp_path: Path) -> None:
+    """A directory with no tokenizer is refused at start, naming the option."""
     with pytest.raises(ConfigError, match="--tokenizer"):
         ModelTokenizer(str(tmp_path / "none"))
 

@@ -135,8 +135,8 @@ def node_pending_writes(node_dir: str | None) -> int:
 
 
 def _node_stats(node_dir: str | None) -> Iterator[dict[str, Any]]:
-    for _, stats in running_nodes(Path(node_dir)) if node_dir else []:
-        yield stats
+    for node in running_nodes(Path(node_dir), strict=True) if node_dir else []:
+        yield node.stats
 
 
 HOOKS = (

@@ -69,12 +69,14 @@ class Gate:
         if self.limiter is None:
             return None
         try:
-            prompt = sum(len(p) for p in await self.prompts(body))
+            prompts = await self.prompts(body)
+            prompt = sum(len(p) for p in prompts)
         except ValueError as exc:
             param = "messages" if "messages" in body else "prompt"
             raise ApiError(400, str(exc), param=param) from exc
         wanted = body.get("max_tokens") or body.get("max_completion_tokens")
         wanted = wanted if isinstance(wanted, int) and wanted > 0 else DEFAULT_MAX_TOKENS
+        wanted *= len(prompts)  # each prompt of a batch gets its own answer
         decision = await self.limiter.admit(tenant, key, prompt, wanted)
         if isinstance(decision, Refused):
             raise _refusal(decision)

@@ -123,7 +123,10 @@ class Gateway:
             raise ApiError(400, "'model' is required", param="model")
         if model not in await self.known_models():
             if not self.models:  # no worker ever answered: nothing says the model is unknown
-                raise ApiError(503, "no worker has answered yet; try again")
+                raise ApiError(
+                    503, "no worker has listed its models yet (are they up, and do they "
+                    "need --worker-api-key?); try again"
+                )  # fmt: skip
             raise ApiError(404, f"the model {model!r} does not exist", "model", "model_not_found")
 
     async def known_models(self) -> set[str]:
@@ -218,9 +221,15 @@ class Gateway:
         call: Callable[[Route], Awaitable[T]],
     ) -> tuple[Route, T]:
         """`call` on the best worker that can be reached: an unreachable one is marked and
-        the next choice tried; a refusal or any other failure unbooks and propagates."""
+        the next choice tried (each worker once); a refusal or any other failure unbooks and
+        propagates."""
+        tried: set[int] = set()
         for _ in self.pool.workers:
             route = await self.route(tenant, body, *names)
+            if route.booking.worker in tried:  # every worker for this model failed already
+                self.pool.rejected(route.booking)
+                break
+            tried.add(route.booking.worker)
             try:
                 return route, await call(route)
             except upstream.Unreachable:

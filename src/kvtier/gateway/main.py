@@ -25,7 +25,6 @@ from kvtier.gateway.priority import AdmissionQueue
 from kvtier.gateway.routing import POLICIES, make_policy
 from kvtier.gateway.sessions import MemoryResponseStore, RedisResponseStore, ResponseStore
 from kvtier.gateway.taskqueue import TaskQueue
-from kvtier.gateway.tokenizer import ModelTokenizer
 from kvtier.server.auth import Auth
 
 
@@ -118,6 +117,10 @@ def build(args: argparse.Namespace) -> Gateway:
     gateway = Gateway(pool, auth, affinities, responses, GatewayMetrics(), settings)
     gateway.gate = _gate(args)
     if args.tokenizer:
+        try:
+            from kvtier.gateway.tokenizer import ModelTokenizer
+        except ImportError as exc:
+            raise ConfigError(f"--tokenizer needs transformers ({exc})") from exc
         gateway.prompts = gateway.gate.prompts = ModelTokenizer(args.tokenizer).in_thread
     gateway.tasks = TaskQueue(args.redis) if args.redis else None
     return gateway

@@ -16,10 +16,13 @@ falls back on the gateway's own predictions and affinities.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import jinja2
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from kvtier.errors import ConfigError
 from kvtier.gateway.tokens import TOKEN_ID_LIMIT, request_prompts
@@ -30,10 +33,8 @@ class ModelTokenizer:
     `tokens.request_prompts`)."""
 
     def __init__(self, path: str) -> None:
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as exc:
-            raise ConfigError("--tokenizer needs transformers: pip install transformers") from exc
+        from transformers import AutoTokenizer
+
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -65,16 +66,18 @@ class ModelTokenizer:
             raise ValueError("'messages' must be a non-empty list")
         if not all(isinstance(m, Mapping) for m in messages):
             raise ValueError("each message must be an object with 'role' and 'content'")
-        kwargs = body.get("chat_template_kwargs")
         continue_final = bool(body.get("continue_final_message", False))
         generation = body.get("add_generation_prompt", not continue_final) is not False
-        ids = self.tokenizer.apply_chat_template(
-            [{**m, "content": _text(m.get("content"))} for m in messages],
-            add_generation_prompt=generation,
-            continue_final_message=continue_final,
-            tokenize=True,
-            **(kwargs if isinstance(kwargs, dict) else {}),
-        )
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                [{**m, "content": _text(m.get("content"))} for m in messages],
+                add_generation_prompt=generation,
+                continue_final_message=continue_final,
+                tokenize=True,
+                **_template_variables(body.get("chat_template_kwargs")),
+            )
+        except (TypeError, KeyError, jinja2.TemplateError) as exc:
+            raise ValueError(f"the chat template failed on these messages: {exc}") from exc
         if isinstance(ids, Mapping):  # transformers 5 answers a BatchEncoding
             ids = ids["input_ids"]
         return self._ids(ids)
@@ -87,6 +90,24 @@ class ModelTokenizer:
         ):
             raise ValueError("the tokenizer gave no usable token ids for this prompt")
         return out
+
+
+# apply_chat_template's own parameters: a client must not choose the template, its tools or
+# documents, or how it encodes (a template a client sends would run here, in the gateway).
+_RESERVED = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+
+
+def _template_variables(kwargs: Any) -> dict[str, Any]:
+    """A request's `chat_template_kwargs` that may reach the template: plain variables
+    (`enable_thinking`, ...) with scalar values, none of apply_chat_template's parameters."""
+    if not isinstance(kwargs, Mapping):
+        return {}
+    scalars = (str, int, float, bool, type(None))
+    return {
+        k: v
+        for k, v in kwargs.items()
+        if isinstance(k, str) and k not in _RESERVED and isinstance(v, scalars)
+    }
 
 
 def _text(content: Any) -> str:

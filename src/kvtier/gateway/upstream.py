@@ -88,6 +88,9 @@ async def _post(
             payload = {}
         finally:
             resp.release()
+        if resp.status in (401, 403):  # the gateway's key, not the client's: not theirs to fix
+            raise ApiError(502, f"a worker refused the gateway (HTTP {resp.status}); its "
+                           "operator must set --worker-api-key")  # fmt: skip
         error = payload.get("error") if isinstance(payload, dict) else None
         error = error if isinstance(error, dict) else {}
         message = str(error.get("message") or f"the worker answered HTTP {resp.status}")
@@ -170,9 +173,15 @@ async def relay(
 
 
 def _read_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
-    """The longest wait between two reads from here on (aiohttp sets it anew per request)."""
-    if resp.connection is not None and resp.connection.protocol is not None:
-        resp.connection.protocol.read_timeout = seconds
+    """The longest wait for the worker's next bytes, from now on (aiohttp sets it anew per
+    request). Its timer is restarted now, else the one the last read started would run out
+    first; not once the answer has ended (then the connection may be reused, and aiohttp has
+    dropped the timer)."""
+    protocol = resp.connection.protocol if resp.connection is not None else None
+    if protocol is not None:
+        protocol.read_timeout = seconds
+        if not resp.content.is_eof():
+            protocol.start_timeout()
 
 
 class LineTooLong(Exception):

@@ -51,6 +51,7 @@ def test_extra_config_takes_store_fields_size_strings_and_kvtier_variables(
     ],
 )
 def test_bad_extra_config_is_refused_by_name(extra: dict[str, str], message: str) -> None:
+    """An unknown key, a bad load_async or an unparsable size is refused, naming it."""
     with pytest.raises(ConfigError, match=message):
         connector_config(extra)
 
@@ -88,6 +89,7 @@ def test_pipeline_and_context_parallelism_are_refused(
 def test_kv_caches_other_than_one_full_attention_group_are_refused(
     model_dir: Path, node_dir: Path, groups: list[KVCacheGroupSpec]
 ) -> None:
+    """Sliding-window-only, MLA and several groups are refused at start."""
     config = vllm_config(model_dir, node_dir, "specs", 96, False)
     with pytest.raises(ConfigError, match="one full-attention KV cache group"):
         KvtierConnector(config, KVConnectorRole.SCHEDULER, KVCacheConfig(64, [], groups))
@@ -113,7 +115,29 @@ def test_the_fingerprint_tells_every_page_format_apart() -> None:
     assert page_fingerprint(*base) == page_fingerprint(*base)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("field", "values"),
+    [("cache_dtype", ("fp8_e4m3", "fp8_e5m2")), ("quantization", (None, "awq")),
+     ("revision", (None, "v2"))],
+)  # fmt: skip
+def test_an_engine_configured_otherwise_has_another_fingerprint(
+    model_dir: Path, node_dir: Path, field: str, values: tuple[str | None, str | None]
+) -> None:
+    """The KV cache dtype as configured, the quantization and the revision reach the keys."""
+    prints = []
+    for value in values:
+        config = vllm_config(model_dir, node_dir, "variant", 96, False)
+        owner = config.cache_config if field == "cache_dtype" else config.model_config
+        object.__setattr__(owner, field, value)
+        kv_cache = KVCacheConfig(64, [], [KVCacheGroupSpec(LAYERS, SPEC)])
+        connector = KvtierConnector(config, KVConnectorRole.WORKER, kv_cache)
+        prints.append(connector.fingerprint)
+        connector.store.close()
+    assert prints[0] != prints[1]
+
+
 def test_each_tensor_parallel_rank_stores_under_its_own_keys() -> None:
+    """Every TP rank's keys differ from every other rank's; tp=1 keeps the chunk keys."""
     keys = [bytes([i]) * 16 for i in range(3)]
     assert rank_keys(keys, 0, 1) == keys
     ranks = [rank_keys(keys, r, 4) for r in range(4)]

@@ -45,6 +45,7 @@ TOKENS = list(range(200))
 
 
 def test_salt_and_adapter_are_in_every_key(planner: ChunkPlanner) -> None:
+    """Another cache_salt or LoRA adapter gives every chunk another key; the same, the same."""
     plain = _saved_keys(planner, _request("a", TOKENS))
     salted = _saved_keys(planner, _request("b", TOKENS, cache_salt="tenant"))
     lora = SimpleNamespace(lora_name="ad", lora_path="/p")
@@ -60,6 +61,7 @@ def test_salt_and_adapter_are_in_every_key(planner: ChunkPlanner) -> None:
 def test_multimodal_and_embedding_requests_bypass_kvtier(
     planner: ChunkPlanner, extra: dict[str, Any]
 ) -> None:
+    """A request with images or prompt embeddings is neither offered chunks nor saved."""
     request = _request("x", TOKENS, **extra)
     assert planner.matched(request, 0) == (0, False)
     assert _saved_keys(planner, request) == []

@@ -165,6 +165,34 @@ def test_a_failed_load_drops_the_saves_of_its_step_and_the_next(
     assert tally["saved_bytes"] == m.chunk_bytes
 
 
+def test_another_ranks_failed_load_drops_this_ranks_saves_too(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
+) -> None:
+    """With tensor parallelism the forward pass of every rank read one rank's unloaded
+    blocks: a rank whose own load succeeded drops its saves when any rank's load failed."""
+    m, _ = mover
+    asked: list[bool] = []
+
+    def any_rank(failed: bool) -> bool:
+        asked.append(failed)
+        return True  # another rank's load failed
+
+    m._any_rank = any_rank
+    keys = [_key(f"{request.node.name}-{i}") for i in range(2)]
+    m.save(StepPlan(saves=[RequestJobs("a", [ChunkCopy(keys[0], (0, 1))])]))
+    m.tally.drain()
+    plan = StepPlan(loads=[RequestJobs("b", [ChunkCopy(keys[0], (4, 5))])],
+                    saves=[RequestJobs("c", [ChunkCopy(keys[1], (6, 7))])])  # fmt: skip
+    m.load(plan)
+    m.save(plan)
+    assert asked == [False] and not m.take_failed()
+    assert m.store.locate(keys[1:]).chunks == 0
+    assert m.tally.drain()["skipped_saves"] == 1
+    m.load(StepPlan(loads=[RequestJobs("d", [ChunkCopy(keys[0], (8, 9))], async_load=True)]))
+    m.wait_for_loads(60.0)
+    assert asked == [False]  # background loads need no agreement: vLLM waits for them
+
+
 def test_a_background_load_is_waited_for_and_reported(
     mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
 ) -> None:

@@ -214,8 +214,9 @@ class KvtierConnector(KVConnectorBase_V1):
         pages = PagedKV(layers, self._page_bytes)
         rank = get_tensor_model_parallel_rank() if self.tp_size > 1 else 0
         self._mover = ChunkMover(
-            self.store, pages, self.geometry.blocks_per_chunk, (rank, self.tp_size)
-        )
+            self.store, pages, self.geometry.blocks_per_chunk, (rank, self.tp_size),
+            _any_tp_rank if self.tp_size > 1 else lambda failed: failed,
+        )  # fmt: skip
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -277,6 +278,18 @@ class KvtierConnector(KVConnectorBase_V1):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> KvtierPromMetrics:
         return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _any_tp_rank(failed: bool) -> bool:
+    """Whether `failed` holds on any tensor-parallel rank (an all-reduce on vLLM's CPU group
+    of the TP ranks; every rank calls it in the same steps)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    flag = torch.tensor([int(failed)], dtype=torch.int32)
+    torch.distributed.all_reduce(
+        flag, op=torch.distributed.ReduceOp.MAX, group=get_tp_group().cpu_group
+    )
+    return bool(flag.item())
 
 
 def _check_parallelism(vllm_config: VllmConfig) -> None:

@@ -25,16 +25,17 @@ import secrets
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from kvtier.config import StoreConfig
-from kvtier.errors import ConfigError
+from kvtier.errors import ConfigError, KvtierError
 from kvtier.protocol import HEADER_BYTES, Op, pack_header, parse_header
 
 START_TIMEOUT_S = 60.0
@@ -65,7 +66,11 @@ def engine_config(config: StoreConfig, node_dir: Path | None = None) -> StoreCon
 
 
 def _run_dir(config: StoreConfig, node_dir: Path) -> Path:
+    """One node per tier configuration, shared-tier credentials included: a node talks to
+    the shared tier with its own token, and engines with other tokens must not share it."""
     tiers = {k: v for k, v in _serialise(config).items() if k != "remote_token"}
+    if config.remote_token:
+        tiers["remote_token"] = hashlib.sha256(config.remote_token.encode()).hexdigest()
     digest = hashlib.blake2b(json.dumps(tiers, sort_keys=True).encode(), digest_size=8).hexdigest()
     node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _check_private(node_dir)
@@ -196,17 +201,24 @@ async def _serve(run_dir: Path, idle_exit_s: float) -> None:
     print("kvtier node: stopped", flush=True)
 
 
-def running_nodes(node_dir: Path | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Each live node-local process under `node_dir` (default: this user's): its run
-    directory and its store's stats as it answers them now (the server's STATS: tiers,
-    pending writes, counters). A node that does not answer is left out."""
+class RunningNode(NamedTuple):
+    run_dir: Path
+    stats: dict[str, Any]  # pid, port, and the node's STATS answer (tiers, pending writes)
+
+
+def running_nodes(node_dir: Path | None = None, strict: bool = False) -> Iterator[RunningNode]:
+    """Each live node-local process under `node_dir` (default: this user's), with its
+    store's stats as it answers them now. A node that does not answer is left out, or with
+    `strict` raises."""
     for info_path in sorted((node_dir or default_node_dir()).glob("*/node.json")):
         try:
             info = json.loads(info_path.read_text())
             stats = node_stats(int(info["port"]), str(info["token"]))
-        except (OSError, ValueError, KeyError, RuntimeError):
+        except (OSError, ValueError, KeyError, RuntimeError, struct.error, KvtierError):
+            if strict:
+                raise
             continue
-        yield info_path.parent, {"pid": info["pid"], "port": info["port"], **stats}
+        yield RunningNode(info_path.parent, {"pid": info["pid"], "port": info["port"], **stats})
 
 
 def node_stats(port: int, token: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ wrote the pages and before the one that reads them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from time import perf_counter as _now
@@ -41,8 +41,19 @@ SKIP_SAVE_STEPS = 2
 class ChunkMover:
     """Loads and saves chunks for one worker (one tensor-parallel rank)."""
 
-    def __init__(self, store: Store, pages: PagedKV, blocks_per_chunk: int, tp: tuple[int, int]):
+    def __init__(
+        self,
+        store: Store,
+        pages: PagedKV,
+        blocks_per_chunk: int,
+        tp: tuple[int, int],
+        any_rank: Callable[[bool], bool] = lambda failed: failed,
+    ) -> None:
+        """`any_rank(failed)`: whether a synchronous load of this step failed on any tensor-
+        parallel rank (a collective every rank calls in the same steps): after the all-reduce
+        every rank's forward pass read the unloaded blocks of one."""
         self.store = store
+        self._any_rank = any_rank
         self.pages = pages
         self.tp_rank, self.tp_size = tp
         self.chunk_bytes = pages.block_bytes * blocks_per_chunk
@@ -65,6 +76,7 @@ class ChunkMover:
     def load(self, plan: StepPlan) -> None:
         """Copy every planned chunk into its blocks (asynchronous loads in the background);
         failures are remembered by block."""
+        failed = False
         for job in plan.loads:
             if job.async_load:
                 future = self._loader.submit(self._load_in_background, job)
@@ -72,7 +84,10 @@ class ChunkMover:
                     self._loading.add(future)
                 future.add_done_callback(self._loaded)
             elif not self._load_request(job, self._staging):
-                self._skip_saves = SKIP_SAVE_STEPS
+                failed = True
+        # Every rank has the same plan, so all of them ask here, in the same steps.
+        if any(not job.async_load for job in plan.loads) and self._any_rank(failed):
+            self._skip_saves = SKIP_SAVE_STEPS
 
     def _loaded(self, future: Future[None]) -> None:
         with self._lock:
