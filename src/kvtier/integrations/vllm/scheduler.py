@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kvtier.errors import KvtierError
 from kvtier.integrations.vllm.plan import (
@@ -59,6 +59,14 @@ class Lookup:
     at: float  # time.monotonic()
 
 
+class PlannedLoad(NamedTuple):
+    """A load in a plan: its request's first chunk loaded, the jobs, the plan's number."""
+
+    first_chunk: int
+    jobs: RequestJobs
+    plan: int
+
+
 @dataclass(slots=True)
 class Tracked:
     request: Any
@@ -93,9 +101,9 @@ class ChunkPlanner:
         self._block_table = block_table
         self.load_async = load_async
         self._requests: dict[str, Tracked] = {}
-        # loads planned, by request: (first chunk, jobs, plan number); a synchronous one is
-        # kept for SYNC_REPORT_PLANS plans, as its failure may be reported that late
-        self._loading: dict[str, tuple[int, RequestJobs, int]] = {}
+        # loads planned, by request; a synchronous one is kept for SYNC_REPORT_PLANS plans,
+        # as its failure may be reported that late
+        self._loading: dict[str, PlannedLoad] = {}
         self._plans = 0
         self._running: set[str] = set()  # the last plan's batch, less requests finished since
         self.tally = Tally()
@@ -145,14 +153,14 @@ class ChunkPlanner:
         has run) for every request in the batch."""
         step = StepPlan()
         self._plans += 1
-        for req_id, (_, jobs, planned) in list(self._loading.items()):
-            if not jobs.async_load and self._plans - planned >= SYNC_REPORT_PLANS:
+        for req_id, load in list(self._loading.items()):
+            if not load.jobs.async_load and self._plans - load.plan >= SYNC_REPORT_PLANS:
                 del self._loading[req_id]
         for loading in self._requests.values():
             if loading.load_from is not None:
                 jobs = self._load_jobs(loading)
                 first = loading.load_from // self.geometry.chunk_tokens
-                self._loading[jobs.req_id] = (first, jobs, self._plans)
+                self._loading[jobs.req_id] = PlannedLoad(first, jobs, self._plans)
                 step.loads.append(jobs)
                 loading.load_from = None
         self._running = set()
