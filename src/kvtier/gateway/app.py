@@ -85,15 +85,20 @@ async def completion(gateway: Gateway, request: Request, path: str) -> Response:
     body = await read_json(request, gateway.settings.max_body_bytes)
     await gateway.check_model(body.get("model"))
     affinities = affinity_names(body)
-    gate = gateway.gate
-    entry = await gate.enter(caller.tenant, caller.key, body, request.headers.get(PRIORITY_HEADER))
+    prompts = await gateway.count(body)
+    gate, tenant = gateway.gate, caller.tenant
+    entry = await gate.enter(
+        tenant, caller.key, body, request.headers.get(PRIORITY_HEADER), prompts
+    )
     try:
         if body.get("stream"):
             usage: dict[str, Any] = {}
-            events = await gateway.stream(caller.tenant, path, body, affinities, None, usage.update)
+            events = await gateway.stream(
+                tenant, path, body, affinities, None, usage.update, prompts
+            )
             headers = {**SSE_HEADERS, **entry.headers}
             return EventStream(events, lambda: gate.leave(entry, usage), headers)
-        work = gateway.complete(caller.tenant, path, body, affinities)
+        work = gateway.complete(tenant, path, body, affinities, None, prompts)
         result = await until_disconnected(request, work)
     except BaseException:
         gate.leave(entry, None)

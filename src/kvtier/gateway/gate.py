@@ -48,9 +48,16 @@ class Gate:
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def enter(
-        self, tenant: str, key: str | None, body: dict[str, Any], priority_header: str | None
+        self,
+        tenant: str,
+        key: str | None,
+        body: dict[str, Any],
+        priority_header: str | None,
+        prompts: list[np.ndarray] | None = None,
     ) -> Pass:
-        admitted = await self._admit(tenant, key, body)
+        """Admits a request (`prompts`: its body's, if counted already) within its limits
+        and its class's share, or raises 429."""
+        admitted = await self._admit(tenant, key, body, prompts)
         headers = admitted.headers.as_dict() if admitted else {}
         ticket = None
         if self.config is not None:
@@ -65,15 +72,22 @@ class Gate:
         for the window, as its usage is never seen here."""
         await self._admit(tenant, key, body)
 
-    async def _admit(self, tenant: str, key: str | None, body: dict[str, Any]) -> Admitted | None:
+    async def _admit(
+        self,
+        tenant: str,
+        key: str | None,
+        body: dict[str, Any],
+        prompts: list[np.ndarray] | None = None,
+    ) -> Admitted | None:
         if self.limiter is None:
             return None
-        try:
-            prompts = await self.prompts(body)
-            prompt = sum(len(p) for p in prompts)
-        except ValueError as exc:
-            param = "messages" if "messages" in body else "prompt"
-            raise ApiError(400, str(exc), param=param) from exc
+        if prompts is None:
+            try:
+                prompts = await self.prompts(body)
+            except ValueError as exc:
+                param = "messages" if "messages" in body else "prompt"
+                raise ApiError(400, str(exc), param=param) from exc
+        prompt = sum(len(p) for p in prompts)
         wanted = body.get("max_tokens") or body.get("max_completion_tokens")
         wanted = wanted if isinstance(wanted, int) and wanted > 0 else DEFAULT_MAX_TOKENS
         wanted *= len(prompts)  # each prompt of a batch gets its own answer

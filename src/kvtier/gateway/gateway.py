@@ -157,23 +157,28 @@ class Gateway:
                 TypeError, AttributeError):  # fmt: skip
             return set()
 
-    async def route(
-        self,
-        tenant: str,
-        body: dict[str, Any],
-        affinities: tuple[str, ...],
-        bind_as: str | None = None,
-    ) -> Route:
-        """Salts the body, picks a worker and books the request on it. `affinities` name the
-        conversation to route with, the most specific first (the first one bound counts); the
-        worker is then bound to all of them and to `bind_as`."""
-        body["cache_salt"] = self.salt(tenant)
+    async def count(self, body: dict[str, Any]) -> list[np.ndarray]:
+        """A request's prompts in tokens (once per request: with --tokenizer it costs);
+        raises 400 for prompts that are not well formed."""
         try:
-            prompts = await self.prompts(body)
+            return await self.prompts(body)
         except ValueError as exc:
             raise ApiError(
                 400, str(exc), param="messages" if "messages" in body else "prompt"
             ) from exc
+
+    async def route(
+        self,
+        tenant: str,
+        body: dict[str, Any],
+        prompts: list[np.ndarray],
+        affinities: tuple[str, ...],
+        bind_as: str | None = None,
+    ) -> Route:
+        """Salts the body, picks a worker for its `prompts` and books the request on it.
+        `affinities` name the conversation to route with, the most specific first (the first
+        one bound counts); the worker is then bound to all of them and to `bind_as`."""
+        body["cache_salt"] = self.salt(tenant)
         tokens = prompts[0]  # a batch of prompts is routed by its first
         names = [affinity_key(tenant, n) for n in affinities]
         bound = await self._bound(names)
@@ -219,13 +224,15 @@ class Gateway:
         body: dict[str, Any],
         names: tuple[tuple[str, ...], str | None],
         call: Callable[[Route], Awaitable[T]],
+        prompts: list[np.ndarray] | None,
     ) -> tuple[Route, T]:
         """`call` on the best worker that can be reached: an unreachable one is marked and
         the next choice tried (each worker once); a refusal or any other failure unbooks and
         propagates."""
         tried: set[int] = set()
+        prompts = prompts if prompts is not None else await self.count(body)
         for _ in self.pool.workers:
-            route = await self.route(tenant, body, *names)
+            route = await self.route(tenant, body, prompts, *names)
             if route.booking.worker in tried:  # every worker for this model failed already
                 self.pool.rejected(route.booking)
                 break
@@ -250,15 +257,18 @@ class Gateway:
         body: dict[str, Any],
         affinities: tuple[str, ...],
         bind_as: str | None = None,
+        prompts: list[np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """A non-streamed completion from the best worker that answers."""
+        """A non-streamed completion from the best worker that answers (`prompts`: the
+        body's, if counted already)."""
         session = self.session
         assert session is not None
 
         def call(r: Route) -> Awaitable[dict[str, Any]]:
             return upstream.complete(session, r.url + path, body, r.cached_estimate)
 
-        route, result = await self._on_a_worker(tenant, body, (affinities, bind_as), call)
+        names = (affinities, bind_as)
+        route, result = await self._on_a_worker(tenant, body, names, call, prompts)
         self.pool.finished(route.booking)
         self.metrics.usage(result.get("usage"))
         await self.remember(route)
@@ -272,6 +282,7 @@ class Gateway:
         affinities: tuple[str, ...],
         bind_as: str | None = None,
         on_usage: Callable[[dict[str, Any]], None] | None = None,
+        prompts: list[np.ndarray] | None = None,
     ) -> AsyncIterator[bytes]:
         """Opens a stream on the best worker that answers; the iterator relays it (and gives
         the stream's usage to `on_usage`)."""
@@ -287,7 +298,8 @@ class Gateway:
             return upstream.open_stream(session, r.url + path, body)
 
         started = time.perf_counter()
-        route, resp = await self._on_a_worker(tenant, body, (affinities, bind_as), call)
+        names = (affinities, bind_as)
+        route, resp = await self._on_a_worker(tenant, body, names, call, prompts)
         relay = self._relay(route, resp, keep_usage, started, on_usage)
         # A client gone before the stream starts leaves `relay` never run: unbook on GC.
         weakref.finalize(relay, _abandon, self.pool, route.booking, resp)

@@ -75,15 +75,18 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
             await gateway.responses.put(record, gateway.settings.session_ttl_s)
 
     gate = gateway.gate
-    entry = await gate.enter(tenant, caller.key, chat, request.headers.get(PRIORITY_HEADER))
+    prompts = await gateway.count(chat)
+    entry = await gate.enter(
+        tenant, caller.key, chat, request.headers.get(PRIORITY_HEADER), prompts
+    )
     try:
         if req.stream:
             usage: dict[str, Any] = {}
-            events = await gateway.stream(tenant, CHAT, chat, names, bind_as, usage.update)
+            events = await gateway.stream(tenant, CHAT, chat, names, bind_as, usage.update, prompts)
             sse = stream_events(resp_id, req, _chunks(events), created_at, keep)
             headers = {**SSE_HEADERS, **entry.headers}
             return EventStream(sse, lambda: gate.leave(entry, usage), headers)
-        work = gateway.complete(tenant, CHAT, chat, names, bind_as)
+        work = gateway.complete(tenant, CHAT, chat, names, bind_as, prompts)
         completion = await until_disconnected(request, work)
     except BaseException:
         gate.leave(entry, None)
