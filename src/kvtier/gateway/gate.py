@@ -44,7 +44,8 @@ class Gate:
     limiter: Limiter | None = None
     queue: AdmissionQueue | None = None
     send_priority: bool = False
-    prompts: Callable[[dict[str, Any]], Awaitable[list[np.ndarray]]] = byte_prompts  # as gateway's
+    # a request's prompts in tokens: 4 bytes a token, or the model's tokenizer (--tokenizer)
+    prompts: Callable[[dict[str, Any]], Awaitable[list[np.ndarray]]] = byte_prompts
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def enter(
@@ -72,6 +73,14 @@ class Gate:
         for the window, as its usage is never seen here."""
         await self._admit(tenant, key, body)
 
+    async def count(self, body: dict[str, Any]) -> list[np.ndarray]:
+        """A request's prompts in tokens; raises 400 for prompts that are not well formed."""
+        try:
+            return await self.prompts(body)
+        except ValueError as exc:
+            param = "messages" if "messages" in body else "prompt"
+            raise ApiError(400, str(exc), param=param) from exc
+
     async def _admit(
         self,
         tenant: str,
@@ -82,11 +91,7 @@ class Gate:
         if self.limiter is None:
             return None
         if prompts is None:
-            try:
-                prompts = await self.prompts(body)
-            except ValueError as exc:
-                param = "messages" if "messages" in body else "prompt"
-                raise ApiError(400, str(exc), param=param) from exc
+            prompts = await self.count(body)
         prompt = sum(len(p) for p in prompts)
         wanted = body.get("max_tokens") or body.get("max_completion_tokens")
         wanted = wanted if isinstance(wanted, int) and wanted > 0 else DEFAULT_MAX_TOKENS

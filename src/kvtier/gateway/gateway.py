@@ -29,7 +29,7 @@ from kvtier.gateway.metrics import GatewayMetrics
 from kvtier.gateway.pool import Booking, Bound, Pool
 from kvtier.gateway.sessions import ResponseStore
 from kvtier.gateway.taskqueue import TaskQueue
-from kvtier.gateway.tokens import block_keys, byte_prompts
+from kvtier.gateway.tokens import block_keys
 from kvtier.server.auth import Auth
 
 T = TypeVar("T")
@@ -94,8 +94,6 @@ class Gateway:
     tasks: TaskQueue | None = None
     session: aiohttp.ClientSession | None = None
     models: set[str] = field(default_factory=set)
-    # a request's prompts in tokens: 4 bytes a token, or the model's tokenizer (--tokenizer)
-    prompts: Callable[[dict[str, Any]], Awaitable[list[np.ndarray]]] = byte_prompts
     _models_at: float = 0.0
 
     def tenant(self, authorization: str | None) -> str:
@@ -158,14 +156,9 @@ class Gateway:
             return set()
 
     async def count(self, body: dict[str, Any]) -> list[np.ndarray]:
-        """A request's prompts in tokens (once per request: with --tokenizer it costs);
-        raises 400 for prompts that are not well formed."""
-        try:
-            return await self.prompts(body)
-        except ValueError as exc:
-            raise ApiError(
-                400, str(exc), param="messages" if "messages" in body else "prompt"
-            ) from exc
+        """A request's prompts in tokens, as the gate counts them (once per request: with
+        --tokenizer it costs); raises 400 for prompts that are not well formed."""
+        return await self.gate.count(body)
 
     async def route(
         self,

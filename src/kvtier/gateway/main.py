@@ -121,7 +121,7 @@ def build(args: argparse.Namespace) -> Gateway:
             from kvtier.gateway.tokenizer import ModelTokenizer
         except ImportError as exc:
             raise ConfigError(f"--tokenizer needs transformers ({exc})") from exc
-        gateway.prompts = gateway.gate.prompts = ModelTokenizer(args.tokenizer).in_thread
+        gateway.gate.prompts = ModelTokenizer(args.tokenizer).in_thread
     gateway.tasks = TaskQueue(args.redis) if args.redis else None
     return gateway
 
