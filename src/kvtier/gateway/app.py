@@ -94,11 +94,11 @@ async def completion(gateway: Gateway, request: Request, path: str) -> Response:
         if body.get("stream"):
             usage: dict[str, Any] = {}
             events = await gateway.stream(
-                tenant, path, body, affinities, None, usage.update, prompts
+                tenant, path, body, prompts, affinities, None, usage.update
             )
             headers = {**SSE_HEADERS, **entry.headers}
             return EventStream(events, lambda: gate.leave(entry, usage), headers)
-        work = gateway.complete(tenant, path, body, affinities, None, prompts)
+        work = gateway.complete(tenant, path, body, prompts, affinities)
         result = await until_disconnected(request, work)
     except BaseException:
         gate.leave(entry, None)

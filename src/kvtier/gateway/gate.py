@@ -54,9 +54,9 @@ class Gate:
         key: str | None,
         body: dict[str, Any],
         priority_header: str | None,
-        prompts: list[np.ndarray] | None = None,
+        prompts: list[np.ndarray],
     ) -> Pass:
-        """Admits a request (`prompts`: its body's, if counted already) within its limits
+        """Admits a request (`prompts`: its body's, as `count` gives them) within its limits
         and its class's share, or raises 429."""
         admitted = await self._admit(tenant, key, body, prompts)
         headers = admitted.headers.as_dict() if admitted else {}

@@ -179,7 +179,7 @@ class Gateway:
         output = output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT_TOKENS
         started = time.perf_counter()
         keys = block_keys(tokens, self.settings.block_tokens, body["cache_salt"])
-        size = len(tokens) if len(prompts) == 1 else sum(len(p) for p in prompts)
+        size = sum(len(p) for p in prompts)
         booking = self.pool.route(keys, size, output * len(prompts), bound, body.get("model"))
         self.metrics.routed(self.pool, booking, time.perf_counter() - started)
         url = self.pool.workers[booking.worker].url
@@ -215,15 +215,14 @@ class Gateway:
         self,
         tenant: str,
         body: dict[str, Any],
+        prompts: list[np.ndarray],
         names: tuple[tuple[str, ...], str | None],
         call: Callable[[Route], Awaitable[T]],
-        prompts: list[np.ndarray] | None,
     ) -> tuple[Route, T]:
         """`call` on the best worker that can be reached: an unreachable one is marked and
         the next choice tried (each worker once); a refusal or any other failure unbooks and
         propagates."""
         tried: set[int] = set()
-        prompts = prompts if prompts is not None else await self.count(body)
         for _ in self.pool.workers:
             route = await self.route(tenant, body, prompts, *names)
             if route.booking.worker in tried:  # every worker for this model failed already
@@ -248,12 +247,12 @@ class Gateway:
         tenant: str,
         path: str,
         body: dict[str, Any],
+        prompts: list[np.ndarray],
         affinities: tuple[str, ...],
         bind_as: str | None = None,
-        prompts: list[np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """A non-streamed completion from the best worker that answers (`prompts`: the
-        body's, if counted already)."""
+        body's, as `count` gives them)."""
         session = self.session
         assert session is not None
 
@@ -261,7 +260,7 @@ class Gateway:
             return upstream.complete(session, r.url + path, body, r.cached_estimate)
 
         names = (affinities, bind_as)
-        route, result = await self._on_a_worker(tenant, body, names, call, prompts)
+        route, result = await self._on_a_worker(tenant, body, prompts, names, call)
         self.pool.finished(route.booking)
         self.metrics.usage(result.get("usage"))
         await self.remember(route)
@@ -272,10 +271,10 @@ class Gateway:
         tenant: str,
         path: str,
         body: dict[str, Any],
+        prompts: list[np.ndarray],
         affinities: tuple[str, ...],
         bind_as: str | None = None,
         on_usage: Callable[[dict[str, Any]], None] | None = None,
-        prompts: list[np.ndarray] | None = None,
     ) -> AsyncIterator[bytes]:
         """Opens a stream on the best worker that answers; the iterator relays it (and gives
         the stream's usage to `on_usage`)."""
@@ -292,7 +291,7 @@ class Gateway:
 
         started = time.perf_counter()
         names = (affinities, bind_as)
-        route, resp = await self._on_a_worker(tenant, body, names, call, prompts)
+        route, resp = await self._on_a_worker(tenant, body, prompts, names, call)
         relay = self._relay(route, resp, keep_usage, started, on_usage)
         # A client gone before the stream starts leaves `relay` never run: unbook on GC.
         weakref.finalize(relay, _abandon, self.pool, route.booking, resp)

@@ -19,6 +19,8 @@ from typing import Any
 
 import aiohttp
 
+from kvtier.gateway.upstream import bearer
+
 RETRYABLE_STATUS = frozenset({408, 429})
 CONNECT_TIMEOUT_S = 5.0
 
@@ -42,8 +44,7 @@ class Engine:
     def __init__(self, url: str, timeout_s: float, api_key: str = "") -> None:
         self.url = url.rstrip("/") + "/v1/chat/completions"
         timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self._session = aiohttp.ClientSession(timeout=timeout, headers=headers)
+        self._session = aiohttp.ClientSession(timeout=timeout, headers=bearer(api_key))
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """The engine's completion of `body`; raises EngineError."""

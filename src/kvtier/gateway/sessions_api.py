@@ -82,11 +82,11 @@ async def responses_endpoint(gateway: Gateway, request: Request) -> Response:
     try:
         if req.stream:
             usage: dict[str, Any] = {}
-            events = await gateway.stream(tenant, CHAT, chat, names, bind_as, usage.update, prompts)
+            events = await gateway.stream(tenant, CHAT, chat, prompts, names, bind_as, usage.update)
             sse = stream_events(resp_id, req, _chunks(events), created_at, keep)
             headers = {**SSE_HEADERS, **entry.headers}
             return EventStream(sse, lambda: gate.leave(entry, usage), headers)
-        work = gateway.complete(tenant, CHAT, chat, names, bind_as, prompts)
+        work = gateway.complete(tenant, CHAT, chat, prompts, names, bind_as)
         completion = await until_disconnected(request, work)
     except BaseException:
         gate.leave(entry, None)

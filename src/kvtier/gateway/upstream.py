@@ -40,15 +40,19 @@ class Unreachable(Exception):
     """The worker could not be reached or failed before answering."""
 
 
+def bearer(api_key: str) -> dict[str, str] | None:
+    """The headers that send `api_key` to a worker (vLLM's --api-key); None without one."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else None
+
+
 def new_session(api_key: str = "") -> aiohttp.ClientSession:
     """The session to every worker; `api_key` is sent to them as vLLM's --api-key."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
     )
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, read_bufsize=1 << 16, headers=headers
+        connector=connector, timeout=timeout, read_bufsize=1 << 16, headers=bearer(api_key)
     )
 
 
