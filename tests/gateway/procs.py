@@ -41,15 +41,16 @@ class GatewayProcess(BannerProcess):
 
 
 class SimProcess(BannerProcess):
-    """`kvtier worker-sim --port 0 --count N ARGS`: `urls` and `events` (endpoint or None),
-    one per worker."""
+    """`kvtier worker-sim --port 0 --count N ARGS`: `urls`, `events` and `replays` (KV event
+    and replay endpoints, or None), one per worker."""
 
-    banner = re.compile(r"^worker-sim (http://\S+)(?: events (tcp://\S+))?$")
+    banner = re.compile(r"^worker-sim (http://\S+)(?: events (tcp://\S+) replay (tcp://\S+))?$")
 
     def __init__(self, *args: str, count: int = 1) -> None:
         super().__init__(["worker-sim", "--port", "0", "--count", str(count), *args], count)
         self.urls = [m.group(1) for m in self.matches]
         self.events: list[str | None] = [m.group(2) for m in self.matches]
+        self.replays: list[str | None] = [m.group(3) for m in self.matches]
 
     @property
     def url(self) -> str:

@@ -447,3 +447,33 @@ def test_redis_down_means_no_affinity_and_503_for_sessions_never_a_stuck_request
                 if line.startswith("kvtier_gateway_worker_requests{")
             ]
             assert booked == [0.0]
+
+
+def _kv_events(gw: GatewayProcess) -> float:
+    lines = httpx.get(gw.url + "/metrics").text.splitlines()
+    line = next(ln for ln in lines if ln.startswith("kvtier_gateway_kv_events_total"))
+    return float(line.split()[-1])
+
+
+def test_a_gateway_started_late_replays_what_the_workers_hold() -> None:
+    """A gateway started after a worker cached a prompt (sent through another gateway, so
+    under the same tenant salt) reads those blocks from the worker's replay socket (vLLM's
+    replay_endpoint) and routes the prompt to it; one without --kv-events-replay hears
+    nothing until new blocks are stored."""
+    args = ("--kv-events-port", "0", "--prefill-ms-per-token", "0.02")
+    with SimProcess(*args, count=3) as sims:
+        events = ("--kv-events", ",".join(e or "" for e in sims.events))
+        replays = ("--kv-events-replay", ",".join(r or "" for r in sims.replays))
+        with GatewayProcess(sims.urls, *events) as first:
+            assert cached(chat(client(first), LONG)) == 0
+        with GatewayProcess(sims.urls, *events, *replays) as late:
+            deadline = time.monotonic() + TIMEOUT_S
+            while _kv_events(late) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            heard = _kv_events(late)
+            reply = chat(client(late), LONG)
+        with GatewayProcess(sims.urls, *events) as deaf:
+            time.sleep(0.5)
+            unheard = _kv_events(deaf)
+    assert heard > 0 and unheard == 0
+    assert cached(reply) >= 256  # routed to the one worker holding the prompt

@@ -14,7 +14,7 @@ import time
 from types import TracebackType
 
 START_TIMEOUT_S = 30.0
-_SIM = re.compile(r"^worker-sim (http://\S+)(?: events (tcp://\S+))?$")
+_SIM = re.compile(r"^worker-sim (http://\S+)(?: events (tcp://\S+) replay (tcp://\S+))?$")
 _GATEWAY = re.compile(r"^kvtier gateway: (http://\S+)")
 
 
@@ -102,7 +102,9 @@ def gateway(workers: Process, options: list[str]) -> Process:
     """`kvtier gateway` in front of every worker of `workers`, following their KV events."""
     urls = ",".join(m.group(1) for m in workers.matches)
     events = ",".join(m.group(2) or "" for m in workers.matches)
-    args = ["gateway", "--port", "0", "--workers", urls, "--kv-events", events]
+    replays = ",".join(m.group(3) or "" for m in workers.matches)
+    args = ["gateway", "--port", "0", "--workers", urls, "--kv-events", events,
+            "--kv-events-replay", replays]  # fmt: skip
     return Process([*args, *options], _GATEWAY, 1)
 
 

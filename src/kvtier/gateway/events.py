@@ -7,24 +7,39 @@ frames: topic, an 8-byte big-endian sequence number, and a msgpack `KVEventBatch
 (engine block hashes, parent hash, token ids, block size, medium, `extra_keys` with the
 `cache_salt`), `BlockRemoved` and `AllBlocksCleared`. These structs mirror that format, so
 `kvtier worker-sim` publishes what vLLM publishes and the gateway reads either.
+
+A PUB socket sends to whoever is connected: a gateway started after a worker never hears of
+the blocks the worker stored before, and one that falls behind loses batches. vLLM keeps its
+last batches for replay when given a `replay_endpoint` (a ROUTER socket): a client sends the
+first sequence number it wants (8 bytes, big-endian) and gets every buffered batch from it
+on, then an end marker (sequence -1). `subscribe` asks it for everything buffered when it
+starts and for what it missed when a sequence number is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import logging
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import zmq
 
+log = logging.getLogger(__name__)
+
 MEDIUM_GPU = "GPU"
 MEDIUM_CPU = "CPU"  # kvtier's DRAM behind the engine
 MEDIUM_DISK = "DISK"  # kvtier's local disk
 MEDIUM_SHARED = "SHARED"  # kvtier's shared cache server: loadable by every worker
+END_SEQ = (-1).to_bytes(8, "big", signed=True)  # vLLM's end of a replay
+REPLAY_BATCHES = 10_000  # batches kept for replay (vLLM's `buffer_steps` default)
+REPLAY_TIMEOUT_S = 2.0  # a replay socket silent this long is given up on...
+REPLAY_BACKOFF_S = 30.0  # ...and not asked again for this long
 
 
 class BlockStored(msgspec.Struct, tag=True):
@@ -84,9 +99,17 @@ def salt_of(event: BlockStored) -> str:
 
 
 class Publisher:
-    """A PUB socket bound on 127.0.0.1 (port 0: any free port), sending vLLM's frames."""
+    """A PUB socket bound on 127.0.0.1 (port 0: any free port), sending vLLM's frames; with
+    `replay_endpoint`, a ROUTER socket that replays the last `buffer_batches` as vLLM's does
+    (served by a thread of its own)."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:0", topic: str = "") -> None:
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:0",
+        topic: str = "",
+        replay_endpoint: str | None = None,
+        buffer_batches: int = REPLAY_BATCHES,
+    ) -> None:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -94,48 +117,186 @@ class Publisher:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._topic = topic.encode()
         self._seq = itertools.count()
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_batches)
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.replay_endpoint: str | None = None
+        self._replayer: threading.Thread | None = None
+        if replay_endpoint is not None:
+            router = self._ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            router.bind(replay_endpoint)
+            self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._replayer = threading.Thread(
+                target=self._serve_replays, args=(router,), name="kv-events-replay", daemon=True
+            )
+            self._replayer.start()
 
     def publish(self, events: list[Event]) -> None:
         if events:
-            seq = next(self._seq).to_bytes(8, "big")
-            self._sock.send_multipart((self._topic, seq, encode(events)), copy=False)
+            seq = next(self._seq)
+            payload = encode(events)
+            if self._replayer is not None:
+                with self._lock:
+                    self._buffer.append((seq, payload))
+            self._sock.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), copy=False)
+
+    def _serve_replays(self, router: zmq.Socket[bytes]) -> None:
+        try:
+            while not self._closing.is_set():
+                if not router.poll(100):
+                    continue
+                frames = router.recv_multipart()
+                if len(frames) != 3 or len(frames[2]) != 8:
+                    continue
+                client, first = frames[0], int.from_bytes(frames[2], "big")
+                with self._lock:
+                    batches = [(seq, payload) for seq, payload in self._buffer if seq >= first]
+                for seq, payload in batches:
+                    seq_bytes = seq.to_bytes(8, "big")
+                    router.send_multipart((client, b"", self._topic, seq_bytes, payload))
+                router.send_multipart((client, b"", b"", END_SEQ, b""))
+        finally:
+            router.close(linger=0)
 
     def close(self) -> None:
         self._sock.close(linger=0)
+        if self._replayer is not None:
+            self._closing.set()
+            self._replayer.join()
 
 
-async def subscribe(endpoint: str, ready: asyncio.Event | None = None) -> AsyncIterator[Event]:
-    """Every event published at `endpoint`; batches that do not decode are skipped.
+class _Reader:
+    """A ZeroMQ socket read without blocking the event loop, woken by its ZMQ_FD.
 
-    A plain socket read without blocking, woken by its ZMQ_FD on the event loop: zmq.asyncio
-    spends ~50 us of Python per message on futures and flag enums (a fifth of what a message
-    costs the gateway, the wake-up being most of the rest). Per ZMQ_FD's contract the socket
-    is read until EAGAIN before waiting again (the descriptor signals a change, not a message)."""
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    loop = asyncio.get_running_loop()
-    readable = asyncio.Event()
-    fd: int | None = None
-    try:
-        sock.connect(endpoint)
-        fd = sock.FD
-        loop.add_reader(fd, readable.set)
-        if ready is not None:
-            ready.set()
+    zmq.asyncio spends ~50 us of Python per message on futures and flag enums (a fifth of
+    what a message costs the gateway, the wake-up being most of the rest). Per ZMQ_FD's
+    contract the socket is read until EAGAIN before waiting again (the descriptor signals a
+    change, not a message)."""
+
+    def __init__(self, kind: int, endpoint: str) -> None:
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.SUB:
+            self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._loop = asyncio.get_running_loop()
+        self._readable = asyncio.Event()
+        self._fd: int | None = None
+        try:
+            self.sock.connect(endpoint)
+            self._fd = self.sock.FD
+            self._loop.add_reader(self._fd, self._readable.set)
+        except BaseException:
+            self.close()
+            raise
+
+    async def recv(self) -> list[bytes]:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                return self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                readable.clear()
-                await readable.wait()
+                self._readable.clear()
+                await self._readable.wait()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
+        self.sock.close(linger=0)
+
+
+async def _replayed(endpoint: str, first: int) -> AsyncIterator[tuple[int, bytes]]:
+    """(sequence, payload) of every batch the replay socket at `endpoint` holds from `first`
+    on. Raises TimeoutError if it stays silent REPLAY_TIMEOUT_S."""
+    dealer = _Reader(zmq.DEALER, endpoint)
+    try:
+        dealer.sock.send_multipart((b"", first.to_bytes(8, "big")))
+        while True:
+            frames = await asyncio.wait_for(dealer.recv(), REPLAY_TIMEOUT_S)
+            if len(frames) != 4:
                 continue
-            if len(frames) != 3:
-                continue
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                for event in decode(frames[2]).events:
-                    yield event
+            if frames[2] == END_SEQ:
+                return
+            yield int.from_bytes(frames[2], "big"), frames[3]
     finally:
-        if fd is not None:
-            loop.remove_reader(fd)
-        sock.close(linger=0)
+        dealer.close()
+
+
+def _events(payload: bytes) -> list[Event]:
+    """The events of one batch; none if it does not decode."""
+    try:
+        return decode(payload).events
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []
+
+
+class _Cursor:
+    """Where a subscription is in a worker's batch sequence, and its replays."""
+
+    def __init__(self, replay: str | None) -> None:
+        self.replay = replay
+        self.last: int | None = None  # the last batch yielded
+        self.replayed_from: int | None = None  # live batches from here to `last` are repeats
+        self._retry_at = 0.0
+
+    def can_replay(self) -> bool:
+        return self.replay is not None and time.monotonic() >= self._retry_at
+
+    async def catch_up(self, first: int) -> AsyncIterator[Event]:
+        """The events of the batches the replay socket holds from `first` on, past `last`."""
+        assert self.replay is not None
+        self.replayed_from = first
+        try:
+            async for seq, payload in _replayed(self.replay, first):
+                if self.last is None or seq > self.last:
+                    self.last = seq
+                    for event in _events(payload):
+                        yield event
+        except TimeoutError:
+            log.warning("KV event replay at %s did not answer; live events only", self.replay)
+            self._retry_at = time.monotonic() + REPLAY_BACKOFF_S
+
+    def repeated(self, seq: int) -> bool:
+        """A live batch a replay brought already."""
+        return self.replayed_from is not None and self.replayed_from <= seq <= (self.last or 0)
+
+
+async def subscribe(
+    endpoint: str, ready: asyncio.Event | None = None, replay: str | None = None
+) -> AsyncIterator[Event]:
+    """Every event published at `endpoint`; batches that do not decode are skipped.
+
+    With `replay` (the worker's replay endpoint), first every batch the worker still holds,
+    and again the batches missed whenever a sequence number is skipped; each batch once.
+    A sequence number that goes back means the worker restarted, with an empty prefix cache:
+    an `AllBlocksCleared` is yielded. A replay socket that does not answer is given up on for
+    REPLAY_BACKOFF_S (the live events go on)."""
+    sub = _Reader(zmq.SUB, endpoint)
+    cursor = _Cursor(replay)
+    try:
+        if ready is not None:
+            ready.set()
+        if cursor.can_replay():
+            async for event in cursor.catch_up(0):
+                yield event
+        while True:
+            frames = await sub.recv()
+            if len(frames) != 3 or len(frames[1]) != 8:
+                continue
+            seq = int.from_bytes(frames[1], "big")
+            last = cursor.last
+            if last is not None and seq <= last:
+                if cursor.repeated(seq):
+                    continue
+                yield AllBlocksCleared()  # the worker started over, from batch 0
+                last = cursor.last = -1
+            if last is not None and seq > last + 1 and cursor.can_replay():
+                async for event in cursor.catch_up(last + 1):
+                    yield event
+                if cursor.last is not None and seq <= cursor.last:
+                    continue  # the replay brought it
+            cursor.last, cursor.replayed_from = seq, None
+            for event in _events(frames[2]):
+                yield event
+    finally:
+        sub.close()

@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated ZeroMQ endpoints of the workers' KV events, one per worker in "
         "the order of --workers (empty for a worker without); without them the gateway "
         "indexes its own routing decisions")  # fmt: skip
+    arg("--kv-events-replay", default=env_default("KVTIER_KV_EVENTS_REPLAY"),
+        help="comma-separated replay endpoints of those events (vLLM's replay_endpoint), in "
+        "the same order: the gateway first reads the batches each worker still holds, and "
+        "those it missed")  # fmt: skip
     arg("--redis", default=env_default("KVTIER_REDIS"),
         help="redis://… for sessions and affinities shared by gateway replicas")  # fmt: skip
     arg("--auth-file", default=env_default("KVTIER_AUTH_FILE"), help="lines 'tenant key'")
@@ -85,11 +89,10 @@ def build(args: argparse.Namespace) -> Gateway:
     urls = [u.strip() for u in (args.workers or "").split(",") if u.strip()]
     if not urls:
         raise ConfigError("give the workers: --workers http://host:port,… (or KVTIER_WORKERS)")
-    endpoints: list[str | None] | None = None
-    if args.kv_events:
-        endpoints = [e.strip() or None for e in args.kv_events.split(",")]
-        if len(endpoints) != len(urls):
-            raise ConfigError("--kv-events needs one endpoint per worker (empty for none)")
+    endpoints = _per_worker(args.kv_events, urls, "--kv-events")
+    replays = _per_worker(args.kv_events_replay, urls, "--kv-events-replay")
+    if replays and not endpoints:
+        raise ConfigError("--kv-events-replay needs --kv-events")
     if args.block_tokens < 1 or args.worker_cache_tokens < args.block_tokens:
         raise ConfigError("--block-tokens must be >= 1 and --worker-cache-tokens >= it")
     if args.session_ttl < 1 or args.stall_timeout <= 0:
@@ -99,7 +102,8 @@ def build(args: argparse.Namespace) -> Gateway:
     auth = Auth.from_file(args.auth_file) if args.auth_file else Auth()
     priors = Priors(compute_s_per_token=args.prefill_ms_per_token / 1000)
     capacity = args.worker_cache_tokens // args.block_tokens
-    pool = Pool(urls, make_policy(args.policy), args.block_tokens, capacity, endpoints, priors)
+    policy = make_policy(args.policy)
+    pool = Pool(urls, policy, args.block_tokens, capacity, endpoints, priors, replays)
     affinities: AffinityStore
     responses: ResponseStore
     if args.redis:
@@ -124,6 +128,16 @@ def build(args: argparse.Namespace) -> Gateway:
         gateway.gate.prompts = ModelTokenizer(args.tokenizer).in_thread
     gateway.tasks = TaskQueue(args.redis) if args.redis else None
     return gateway
+
+
+def _per_worker(option: str | None, urls: list[str], name: str) -> list[str | None] | None:
+    """A comma-separated option with one entry per worker (empty for none)."""
+    if not option:
+        return None
+    entries = [e.strip() or None for e in option.split(",")]
+    if len(entries) != len(urls):
+        raise ConfigError(f"{name} needs one endpoint per worker (empty for none)")
+    return entries
 
 
 def _gate(args: argparse.Namespace) -> Gate:

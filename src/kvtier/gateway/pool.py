@@ -35,10 +35,11 @@ MEDIUM_TIERS = {None: GPU, "GPU": GPU, "CPU": DRAM, "DISK": DISK, "STORAGE": DIS
 
 @dataclass
 class Worker:
-    """One worker: its base URL, KV events endpoint, load, measured costs and health."""
+    """One worker: its base URL, KV events endpoints, load, measured costs and health."""
 
     url: str
     events_endpoint: str | None = None
+    replay_endpoint: str | None = None  # vLLM's replay socket for its KV events
     load: Load = field(default_factory=Load)
     costs: Costs = field(default_factory=Costs)
     healthy: bool = True
@@ -110,13 +111,15 @@ class Pool:
         capacity_blocks: int,
         events_endpoints: list[str | None] | None = None,
         priors: Priors | None = None,
+        replay_endpoints: list[str | None] | None = None,
     ) -> None:
         endpoints = events_endpoints or [None] * len(urls)
-        if len(endpoints) != len(urls):
+        replays = replay_endpoints or [None] * len(urls)
+        if len(endpoints) != len(urls) or len(replays) != len(urls):
             raise ValueError("give one KV events endpoint per worker (or none)")
         self.workers = [
-            Worker(url.rstrip("/"), ep, costs=Costs(priors or Priors()))
-            for url, ep in zip(urls, endpoints, strict=True)
+            Worker(url.rstrip("/"), ep, replay, costs=Costs(priors or Priors()))
+            for url, ep, replay in zip(urls, endpoints, replays, strict=True)
         ]
         self.policy = policy
         self.block_tokens = block_tokens
@@ -211,12 +214,13 @@ class Pool:
         self._tasks.clear()
 
     async def _follow_events(self, i: int) -> None:
-        """Reads worker i's events for ever, resubscribing after any failure."""
-        endpoint = self.workers[i].events_endpoint
+        """Reads worker i's events for ever (first those its replay socket still holds),
+        resubscribing after any failure."""
+        endpoint, replay = self.workers[i].events_endpoint, self.workers[i].replay_endpoint
         assert endpoint is not None
         while True:
             try:
-                async for event in events.subscribe(endpoint):
+                async for event in events.subscribe(endpoint, replay=replay):
                     self.stats.events += 1
                     self.apply_event(i, event)
             except asyncio.CancelledError:

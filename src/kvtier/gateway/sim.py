@@ -4,11 +4,13 @@ without a GPU (in the style of llm-d's inference simulator).
 Each worker stands in for a vLLM server running kvtier's connector: a prefix cache on GPU,
 optionally kvtier DRAM behind it and a shared kvtier tier behind several workers
 (`simcache`), a prefill lane and concurrent decode timed by per-token costs (`simengine`),
-vLLM's HTTP routes (`simapp`) and, optionally, vLLM's KV events on a ZeroMQ PUB socket.
+vLLM's HTTP routes (`simapp`) and, optionally, vLLM's KV events on a ZeroMQ PUB socket
+with a replay socket beside it.
 
 `--count K` runs K workers in one process on ports P..P+K-1 (port 0: any free ports), all
 behind one shared tier when `--shared-tokens` is set. Each prints one flushed line,
-`worker-sim http://HOST:PORT[ events tcp://127.0.0.1:EPORT]`. In-process use:
+`worker-sim http://HOST:PORT[ events tcp://127.0.0.1:EPORT replay tcp://127.0.0.1:RPORT]`
+(the replay port is any free one). In-process use:
 `sims = await start_sims(SimConfig(...), count)`, then `await sim.stop()` for each.
 """
 
@@ -33,6 +35,7 @@ from kvtier.gateway.simengine import SimConfig, SimEngine
 from kvtier.server.server import run_loop
 
 GRACEFUL_SHUTDOWN_S = 1
+ANY_PORT = "tcp://127.0.0.1:0"
 
 
 class _Server(uvicorn.Server):
@@ -45,19 +48,22 @@ class _Server(uvicorn.Server):
 
 @dataclass(frozen=True, slots=True)
 class RunningSim:
-    """One started worker: `url` (`http://host:port`, no `/v1`), `events_endpoint` (its
-    ZeroMQ PUB endpoint, None when events are off) and its `engine` (cache, counters)."""
+    """One started worker: `url` (`http://host:port`, no `/v1`), `events_endpoint` and
+    `replay_endpoint` (its ZeroMQ PUB and replay sockets, None when events are off) and its
+    `engine` (cache, counters)."""
 
     url: str
     events_endpoint: str | None
+    replay_endpoint: str | None
     engine: SimEngine
     server: _Server
     task: asyncio.Task[None]
 
     @property
     def banner(self) -> str:
-        events = f" events {self.events_endpoint}" if self.events_endpoint else ""
-        return f"worker-sim {self.url}{events}"
+        if self.events_endpoint is None:
+            return f"worker-sim {self.url}"
+        return f"worker-sim {self.url} events {self.events_endpoint} replay {self.replay_endpoint}"
 
     async def stop(self) -> None:
         """Stop serving (open streams get GRACEFUL_SHUTDOWN_S) and close the event socket."""
@@ -104,7 +110,9 @@ async def _start(
     except OSError:
         sock.close()
         raise
-    publisher = None if events_port is None else Publisher(f"tcp://127.0.0.1:{events_port}")
+    publisher = None
+    if events_port is not None:  # and a replay socket on any free port
+        publisher = Publisher(f"tcp://127.0.0.1:{events_port}", replay_endpoint=ANY_PORT)
     engine = SimEngine(config, shared, publisher)
     uv_config = uvicorn.Config(
         make_app(engine),
@@ -126,7 +134,8 @@ async def _start(
     bound = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
     endpoint = None if publisher is None else publisher.endpoint
-    return RunningSim(f"http://{url_host}:{bound}", endpoint, engine, server, task)
+    replay = None if publisher is None else publisher.replay_endpoint
+    return RunningSim(f"http://{url_host}:{bound}", endpoint, replay, engine, server, task)
 
 
 def _env(name: str, default: object) -> str | None:

@@ -4,6 +4,7 @@ output; salts never share; corrupt chunks and a dead server mean recomputation."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -288,6 +289,7 @@ def test_openai_server_reuses_kvtier(
     }
     port = free_port()
     events_endpoint = f"ipc://{work}/events-{port}"
+    replay_endpoint = f"ipc://{work}/replay-{port}"
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -296,7 +298,8 @@ def test_openai_server_reuses_kvtier(
         "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details",
         "--kv-transfer-config", json.dumps(transfer),
         "--kv-events-config", json.dumps(
-            {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": events_endpoint}
+            {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": events_endpoint,
+             "replay_endpoint": replay_endpoint}
         ),
     ]  # fmt: skip
     log = open(work / "openai.log", "wb")  # noqa: SIM115 (closed below)
@@ -318,6 +321,7 @@ def test_openai_server_reuses_kvtier(
         blocks = len(tokens) // 32
         chat_keys = block_keys(tokens, 32, "t-salt")
         stored = subscriber.read_until(lambda evs: _indexed(evs, chat_keys) == blocks)
+        late = asyncio.run(_late_subscriber(events_endpoint, replay_endpoint, chat_keys, blocks))
         prompts = work / "preheat.jsonl"
         prompts.write_text(json.dumps({"tokens": PROMPT}) + "\n")
         assert cli_main(["preheat", str(prompts), "--vllm", base, "--json"]) == 0
@@ -332,6 +336,8 @@ def test_openai_server_reuses_kvtier(
     assert tokens.tolist() == chat_ids
     assert blocks >= 8
     assert _indexed(stored, chat_keys) == blocks
+    assert _indexed(late, chat_keys) == blocks  # what the server held, from its replay socket
+    assert _indexed(late, keys) == len(SHARED_300) // 32
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached == (len(SHARED_300) - 1) // CHUNK * CHUNK
@@ -348,6 +354,27 @@ def _indexed(stored: list[events.Event], keys: list[int]) -> int:
             pool.apply_event(0, event)
     assert pool.stats.events_unchained == pool.stats.events_wrong_block_size == 0
     return pool.index.match(keys)[0].gpu
+
+
+async def _late_subscriber(
+    endpoint: str, replay: str, keys: list[int], blocks: int, timeout_s: float = 10.0
+) -> list[events.Event]:
+    """The events a gateway subscribing now reads, until `keys` has `blocks` indexed: no new
+    block is stored meanwhile, so they come from vLLM's replay socket."""
+    got: list[events.Event] = []
+
+    async def pump() -> None:
+        async for event in events.subscribe(endpoint, replay=replay):
+            got.append(event)
+
+    task = asyncio.create_task(pump())
+    deadline = time.monotonic() + timeout_s
+    while _indexed(got, keys) < blocks and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return got
 
 
 class EventsReader:
