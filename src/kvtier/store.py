@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvtier.admission import disk_admission
 from kvtier.cache import BoundCache
@@ -46,6 +46,9 @@ from kvtier.tiers.base import Tier, TierStats, Views, check_chunk_fits
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.dram import DramTier
 from kvtier.writebehind import WriteBehind
+
+if TYPE_CHECKING:
+    from kvtier.tiers.remote import Locator
 
 STAGING_SPARE = 2  # staging slots beyond one per I/O worker: one being copied, one queued
 
@@ -81,9 +84,16 @@ class Store(InPlace, Pinning, Promotion, WriteBehind):
     (`pin_keys`, `unpin_keys`) in `pins.py`, lower-tier reads and promotion into DRAM in
     `promotion.py`, saves and their background writes in `writebehind.py`."""
 
-    def __init__(self, config: StoreConfig | None = None, quotas: Quotas | None = None) -> None:
+    def __init__(
+        self,
+        config: StoreConfig | None = None,
+        quotas: Quotas | None = None,
+        locate_remote: Locator | None = None,
+    ) -> None:
         """`quotas`: bytes per key namespace in the DRAM and disk tiers, for a store whose
-        keys carry one (the cache server's tenants; `quota.py`)."""
+        keys carry one (the cache server's tenants; `quota.py`). `locate_remote`: for a
+        `kvtier://` remote tier of one server that may come back elsewhere (the node-local
+        process), where it is now: its URL and token (`tiers/link.py`)."""
         self.config = config = config or StoreConfig()
         lower: list[Tier] = []
         self._dram: DramTier | None = None
@@ -95,7 +105,7 @@ class Store(InPlace, Pinning, Promotion, WriteBehind):
                 # trimmed (if disk_bytes shrank) once its pinned chunks are held again
                 lower.append(DiskTier(config.disk_dir, size, quota=disk_quota, trim=False))
             if config.remote is not None:
-                lower.append(_open_remote(config))
+                lower.append(_open_remote(config, locate_remote))
             self._dram = _open_dram(config, dram_quota)
         except BaseException:
             for tier in lower:
@@ -367,12 +377,14 @@ def _open_dram(config: StoreConfig, quota: Ledger) -> DramTier | None:
     return DramTier(int(config.dram_bytes), shm_dir=shm, quota=quota)
 
 
-def _open_remote(config: StoreConfig) -> Tier:
+def _open_remote(config: StoreConfig, locate: Locator | None) -> Tier:
     url = config.remote_url
     assert url is not None
     ours = url.scheme in ("kvtier", "kvtiers")
+    if locate is not None and not ours:
+        raise ConfigError(f"only a kvtier:// server can be located again, not {url.scheme}://")
     module, cls = ("remote", "RemoteTier") if ours else ("redis", "RedisTier")
-    tls = {"ca": config.remote_ca} if ours else {}
+    tls: dict[str, Any] = {"ca": config.remote_ca, "locate": locate} if ours else {}
     try:
         tier: Tier = getattr(importlib.import_module(f"kvtier.tiers.{module}"), cls)(
             url, config.remote_token, **tls

@@ -278,3 +278,60 @@ def test_an_error_reply_closes_the_connection_but_does_not_back_off(tmp_path: Pa
         tier.close()
         handle.stop()
         handle.server.store.close()
+
+
+@pytest.mark.parametrize("squatter", [False, True])
+def test_a_located_server_that_moves_is_found_again(tmp_path: Path, squatter: bool) -> None:
+    """A store given `locate_remote` (as engines are, for the node-local process) follows
+    its server to a new port and token once the old one is gone, or once another server on
+    its old port rejects its token: misses meanwhile, never an exception; `locate` is not
+    asked while the server answers."""
+    from kvtier.server.auth import Auth
+
+    def serve(name: str, token: str, port: int = 0) -> ServerThread:
+        auth = Auth({hashlib.sha256(token.encode()).digest(): "engine"})
+        return ServerThread(server_store(tmp_path, name), auth, port=port)
+
+    old, new = serve("old", "token-old"), serve("new", "token-new")
+    servers = [old, new]
+    where = {"url": f"kvtier://127.0.0.1:{old.port}", "token": "token-old"}
+    asked = []
+
+    def locate() -> tuple[str, str]:
+        asked.append(time.monotonic())
+        return where["url"], where["token"]
+
+    cfg = kvtier.StoreConfig(
+        chunk_tokens=4, dram_bytes=None, remote=where["url"], remote_token=where["token"]
+    )
+    layout = kvtier.KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32")
+    kv = np.ones(layout.shape(8), np.float32)
+    try:
+        with kvtier.Store(cfg, locate_remote=locate) as store:
+            cache = store.bind("m", layout)
+            cache.save(range(8), kv)
+            store.flush()
+            assert cache.lookup(range(8)) == 8 and not asked
+            old.stop()
+            if squatter:
+                servers.append(serve("squatter", "token-squatter", old.port))
+            where.update(url=f"kvtier://127.0.0.1:{new.port}", token="token-new")
+            for _ in range(200):
+                if cache.lookup(range(8)) == 0:  # the old chunks are gone with their server
+                    cache.save(range(8), kv)
+                    store.flush()
+                if cache.lookup(range(8)) == 8:
+                    break
+                threading.Event().wait(0.02)
+            np.testing.assert_array_equal(cache.load(range(8)), kv)
+            assert new.server.store.stats().tier("dram").chunks == 2
+            assert asked
+    finally:
+        for handle in servers:
+            handle.stop()
+            handle.server.store.close()
+
+
+def test_only_a_single_kvtier_server_can_be_located(servers: list[ServerThread]) -> None:
+    with pytest.raises(kvtier.ConfigError, match="one server"):
+        kvtier.Store(kvtier.StoreConfig(remote=_url(servers)), locate_remote=lambda: ("", ""))

@@ -8,6 +8,11 @@ closes that connection only, without backoff; a TLS mismatch (`TLSError`) backs 
 pooled connection the server has closed (idle timeout) is noticed before it is used and
 replaced, without backoff.
 
+A server that may come back elsewhere (the node-local process, restarted on another port with
+another token) is given `locate`: whenever the link backs off (the token rejected included),
+a thread of its own asks `locate` where the server is now (which may start it); if it moved,
+the next attempt goes there at once.
+
 Same host: a link to a server on a loopback address asks MAP on each new connection and, if
 the DRAM file it names can be mapped read-only (`shm.py`), attaches that mapping to the
 connection (one mapping per server process; a restarted server has a new file). A server that
@@ -23,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.config import Endpoint, is_loopback
 from kvtier.errors import AuthError, KvtierError, ProtocolError, TLSError
@@ -174,11 +179,15 @@ class ServerLink:
         reply_timeout_s: float,
         local_map: bool = True,
         tls_context: ssl.SSLContext | None = None,
+        locate: Callable[[], tuple[Endpoint, str]] | None = None,
     ) -> None:
-        """`tls_context`: speak TLS to this server (`kvtiers://`), verified by that context."""
+        """`tls_context`: speak TLS to this server (`kvtiers://`), verified by that context.
+        `locate`: where the server is now, and its token (see the module's docstring)."""
         self.endpoint = endpoint
         self.where = f"{endpoint.host}:{endpoint.port}"
         self._token = token
+        self._locate = locate
+        self._locating = False
         self._tls = tls_context
         self._timeout_s = reply_timeout_s
         self._lock = threading.Lock()
@@ -224,28 +233,58 @@ class ServerLink:
         return not idle.closed_by_peer()
 
     def _connect(self) -> Connection:
+        with self._lock:
+            endpoint, where, token = self.endpoint, self.where, self._token
         try:
-            sock = socket.create_connection(self.endpoint, timeout=self._timeout_s)
+            sock = socket.create_connection(endpoint, timeout=self._timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
-                sock = tls.handshake(self._tls, sock, self.endpoint.host, self.where)
+                sock = tls.handshake(self._tls, sock, endpoint.host, where)
         except TLSError:
             self._down()
             raise
         except OSError as exc:
             self._down()
-            raise Unavailable(f"cannot connect to {self.where}: {exc}") from exc
-        conn = Connection(sock, self.where)
+            raise Unavailable(f"cannot connect to {where}: {exc}") from exc
+        conn = Connection(sock, where)
         try:
-            header = conn.call(Op.HELLO, [], [self._token.encode()])
+            header = conn.call(Op.HELLO, [], [token.encode()])
             conn.recv_bytes(header.payload_bytes)
         except (AuthError, TLSError):
-            self.broken(conn)
+            self.broken(conn)  # with `locate`, also looked for elsewhere
             raise
         except FAILURES as exc:
             self.broken(conn, exc)
             raise Unavailable(f"server {self.where} failed the handshake: {exc}") from exc
         return conn
+
+    def _relocate(self) -> None:
+        """With `locate`, find the server again in a thread of its own (once at a time)."""
+        if self._locate is None:
+            return
+        with self._lock:
+            if self._locating:
+                return
+            self._locating = True
+        threading.Thread(target=self._relocated, name="kvtier-locate", daemon=True).start()
+
+    def _relocated(self) -> None:
+        assert self._locate is not None
+        try:
+            endpoint, token = self._locate()
+        except Exception as exc:  # logged; the next failed connection asks again
+            log.warning("kvtier remote tier: cannot find server %s again: %s", self.where, exc)
+            with self._lock:
+                self._locating = False
+            return
+        with self._lock:
+            self._locating = False
+            if (endpoint, token) == (self.endpoint, self._token):
+                return  # where it was: down or hung, so the backoff stands
+            self.endpoint, self._token = endpoint, token
+            self.where = f"{endpoint.host}:{endpoint.port}"
+            self._retry_at, self._backoff_s = 0.0, BACKOFF_S[0]  # try it at once
+        log.warning("kvtier remote tier: the server is at %s now", self.where)
 
     def _mapped(self, conn: Connection) -> Connection:
         """Ask MAP on a new connection and attach the server's DRAM file, mapped; a server
@@ -314,6 +353,7 @@ class ServerLink:
             self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])
         for conn in idle:
             conn.close()
+        self._relocate()
 
     def close(self) -> None:
         with self._lock:

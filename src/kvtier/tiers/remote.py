@@ -32,13 +32,13 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import xxhash
 
-from kvtier.config import Endpoint, RemoteURL
-from kvtier.errors import AuthError, KvtierError, PinRefused, ProtocolError, TLSError
+from kvtier.config import Endpoint, RemoteURL, parse_remote
+from kvtier.errors import AuthError, ConfigError, KvtierError, PinRefused, ProtocolError, TLSError
 from kvtier.keys import Key
 from kvtier.protocol import COUNT, LIMITS, SIZE, TIER_CODES, Op, Status
 from kvtier.tiers.base import Counters, TierStats, Views, copy_views, total_bytes
@@ -64,6 +64,17 @@ def _seed(endpoint: Endpoint) -> int:
     return xxhash.xxh3_64_intdigest(f"{endpoint.host}:{endpoint.port}".encode())
 
 
+Locator = Callable[[], tuple[str, str]]  # () -> (kvtier:// URL of one server, its token)
+
+
+def _endpoint_of(locate: Locator) -> Callable[[], tuple[Endpoint, str]]:
+    def find() -> tuple[Endpoint, str]:
+        url, token = locate()
+        return parse_remote(url).endpoints[0], token
+
+    return find
+
+
 class RemoteTier:
     """The shared tier over a pool of kvtier servers; thread-safe; never raises on I/O."""
 
@@ -77,17 +88,22 @@ class RemoteTier:
         transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
         local_map: bool = True,
         ca: str | Path | None = None,
+        locate: Locator | None = None,
     ) -> None:
         """`local_map`: load from a same-host server's shared DRAM file when it offers one.
         `ca`: for `kvtiers://`, the PEM file of the CA that signed the servers' certificates
-        (None: the system's default CAs)."""
+        (None: the system's default CAs). `locate`: for a single server that may come back
+        elsewhere, its URL and token now (`link.py`)."""
         self.url = url
         self.max_chunk_bytes = LIMITS.max_chunk_bytes
         self._timeout_s = timeout_s
         self._transfer_s = max(timeout_s, transfer_timeout_s)
         tls = client_context(ca) if url.scheme == "kvtiers" else None
+        if locate is not None and len(url.endpoints) != 1:
+            raise ConfigError("a remote tier that is located again must have one server")
+        find = None if locate is None else _endpoint_of(locate)
         self._links = [
-            ServerLink(ep, token or "", timeout_s, local_map, tls) for ep in url.endpoints
+            ServerLink(ep, token or "", timeout_s, local_map, tls, find) for ep in url.endpoints
         ]
         self._lock = threading.Lock()
         self._count = Counters()

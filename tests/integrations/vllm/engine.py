@@ -2,13 +2,19 @@
 
 Usage: python engine.py '{"model": DIR, "extra": {...}, "jobs": [{"prompt": [...], "salt": null}]}'
 Each job's result: generated token ids, the sampled tokens' logprobs, num_cached_tokens.
+Other jobs, with no result: `{"reset": true}` empties vLLM's own prefix cache,
+`{"kill_node": true}` sends SIGKILL to the node-local kvtier process (`extra.node_dir`), and
+`{"wait_node": true}` waits (60 s at most) until another one is up.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -34,7 +40,22 @@ def main() -> None:
     )
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, detokenize=False)
     results = []
+    killed: set[int] = set()
     for job in spec["jobs"]:
+        if job.get("reset"):
+            llm.reset_prefix_cache()
+            continue
+        if job.get("kill_node"):
+            for pid in node_pids(spec["extra"]["node_dir"]):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            continue
+        if job.get("wait_node"):
+            deadline = time.monotonic() + 60
+            while not node_pids(spec["extra"]["node_dir"]) - killed:
+                assert time.monotonic() < deadline, "no node process came back"
+                time.sleep(0.05)
+            continue
         prompt = TokensPrompt(prompt_token_ids=job["prompt"])
         if job.get("salt"):
             prompt["cache_salt"] = job["salt"]
@@ -51,6 +72,19 @@ def main() -> None:
             }
         )
     print("RESULTS " + json.dumps(results), flush=True)
+
+
+def node_pids(node_dir: str) -> set[int]:
+    """The live node-local processes under `node_dir`."""
+    pids = set()
+    for path in Path(node_dir).glob("*/node.json"):
+        try:
+            pid = int(json.loads(path.read_text())["pid"])
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError):
+            continue
+        pids.add(pid)
+    return pids
 
 
 if __name__ == "__main__":

@@ -236,6 +236,27 @@ def test_corrupt_chunks_and_a_dead_server_mean_recomputation(
     same_output(result, first[0])
 
 
+def test_a_node_killed_mid_run_is_restarted_and_serves_its_disk(
+    model_dir: Path, work: Path
+) -> None:
+    """kill -9 of the node-local kvtier process under a running engine: the next request
+    finds it gone (a miss, recomputed) and the engine starts a new node, which serves what
+    the old one had written to disk, with the same tokens and logprobs. (The first request
+    once the node is back may still miss: each engine process finds the new node in a
+    thread of its own.)"""
+    extra = node(work, "k")
+    R = {"reset": True}
+    jobs = [{"prompt": PROMPT}, R, {"prompt": PROMPT}, {"kill_node": True}, R,
+            {"prompt": SHARED_300}, {"wait_node": True}, R, {"prompt": PROMPT}, R,
+            {"prompt": PROMPT}]  # fmt: skip
+    cold, warm, during, back, after = run_engine(model_dir, extra, jobs)
+    assert cold["cached"] == 0 and warm["cached"] == 599 // CHUNK * CHUNK
+    assert during["cached"] == 0  # the node is gone, and vLLM's own cache was reset
+    assert after["cached"] == 599 // CHUNK * CHUNK  # the new node: the first run's disk chunks
+    for result in (warm, back, after):
+        same_output(result, cold)
+
+
 def test_the_bench_engine_times_kvtiers_hooks(model_dir: Path, work: Path) -> None:
     """`kvtier bench vllm`'s engine process times kvtier's connector hooks on both sides
     (the scheduler's lookups, the worker's saves): time inside kvtier, apart from the rest

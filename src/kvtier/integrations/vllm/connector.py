@@ -33,12 +33,11 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from kvtier.config import StoreConfig
 from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.metrics import KvtierPromMetrics, KvtierStats
-from kvtier.integrations.vllm.node import engine_config
+from kvtier.integrations.vllm.node import engine_store
 from kvtier.integrations.vllm.pages import PagedKV
 from kvtier.integrations.vllm.plan import Geometry, StepPlan, page_fingerprint
 from kvtier.integrations.vllm.scheduler import ChunkPlanner
 from kvtier.integrations.vllm.worker import ChunkMover
-from kvtier.store import Store
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -132,7 +131,7 @@ class KvtierConnector(KVConnectorBase_V1):
         )
         self.model_id = str(options.get("model_id") or vllm_config.model_config.model)
         node_dir = options.get("node_dir")
-        self.store = Store(engine_config(config, Path(node_dir) if node_dir else None))
+        self.store = engine_store(config, Path(node_dir) if node_dir else None)
         self._page_bytes = spec.page_size_bytes
         self._planner: ChunkPlanner | None = None
         self._mover: ChunkMover | None = None

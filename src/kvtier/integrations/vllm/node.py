@@ -29,14 +29,17 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from kvtier.config import StoreConfig
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.protocol import HEADER_BYTES, Op, pack_header, parse_header
+
+if TYPE_CHECKING:
+    from kvtier.store import Store
 
 START_TIMEOUT_S = 60.0
 IDLE_EXIT_S = 30.0
@@ -51,15 +54,45 @@ def engine_config(config: StoreConfig, node_dir: Path | None = None) -> StoreCon
     """The config an engine process opens: a client of this node's kvtier process, started
     here if none is running; `config` itself when it has no node-local tier. `node_dir`
     holds the run directories (default `/tmp/kvtier-node-<uid>`)."""
-    if config.dram_bytes is None and config.disk_dir is None:
+    if not _node_local(config):
         return config
+    return _client_config(config, *_locator(config, node_dir)())
+
+
+def engine_store(config: StoreConfig, node_dir: Path | None = None) -> Store:
+    """The store of `engine_config`; one whose node process dies (kill -9, the OOM killer)
+    finds it again, or starts a new one (under the run directory's lock, so once per node),
+    the first time it cannot reach it: until then, and while the node restarts, its chunks
+    are misses. A restarted node has its disk chunks, not its DRAM ones."""
+    from kvtier.store import Store
+
+    if not _node_local(config):
+        return Store(config)
+    locate = _locator(config, node_dir)
+    return Store(_client_config(config, *locate()), locate_remote=locate)
+
+
+def _node_local(config: StoreConfig) -> bool:
+    return config.dram_bytes is not None or config.disk_dir is not None
+
+
+def _locator(config: StoreConfig, node_dir: Path | None) -> Callable[[], tuple[str, str]]:
+    """() -> the URL and token of this configuration's node process, started if needed."""
     run_dir = _run_dir(config, node_dir or default_node_dir())
-    port, token = _ensure_node(run_dir, config)
-    _register(run_dir)
+
+    def locate() -> tuple[str, str]:
+        port, token = _ensure_node(run_dir, config)
+        _register(run_dir)
+        return f"kvtier://127.0.0.1:{port}", token
+
+    return locate
+
+
+def _client_config(config: StoreConfig, url: str, token: str) -> StoreConfig:
     return StoreConfig(
         chunk_tokens=config.chunk_tokens,
         dram_bytes=None,
-        remote=f"kvtier://127.0.0.1:{port}",
+        remote=url,
         remote_token=token,
         io_workers=config.io_workers,
     )
