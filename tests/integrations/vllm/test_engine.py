@@ -244,12 +244,16 @@ def test_a_node_killed_mid_run_is_restarted_and_serves_its_disk(
     the old one had written to disk, with the same tokens and logprobs. (The first request
     once the node is back may still miss: each engine process finds the new node in a
     thread of its own.)"""
-    extra = node(work, "k")
+    node_dir = work / "node-k"  # its own: the job kills every node there
+    extra = node(work, "k", node_dir=str(node_dir))
     R = {"reset": True}
     jobs = [{"prompt": PROMPT}, R, {"prompt": PROMPT}, {"kill_node": True}, R,
             {"prompt": SHARED_300}, {"wait_node": True}, R, {"prompt": PROMPT}, R,
             {"prompt": PROMPT}]  # fmt: skip
-    cold, warm, during, back, after = run_engine(model_dir, extra, jobs)
+    try:
+        cold, warm, during, back, after = run_engine(model_dir, extra, jobs)
+    finally:
+        stop_nodes(node_dir)
     assert cold["cached"] == 0 and warm["cached"] == 599 // CHUNK * CHUNK
     assert during["cached"] == 0  # the node is gone, and vLLM's own cache was reset
     assert after["cached"] == 599 // CHUNK * CHUNK  # the new node: the first run's disk chunks
