@@ -336,7 +336,7 @@ def test_openai_server_reuses_kvtier(
         body = {"model": str(model_dir), "prompt": SHARED_300, "max_tokens": 4,
                 "temperature": 0, "return_token_ids": True, "cache_salt": "t-salt"}  # fmt: skip
         first = post(base + "/v1/completions", body)
-        stored = subscriber.read_until(lambda evs: len(evs) >= 1)
+        stored = subscriber.read_until(lambda evs: any(_in_dram(e) for e in evs))
         assert post(base + "/reset_prefix_cache", None) == {"success": True}
         second = post(base + "/v1/completions", body)
         chat = {"model": str(model_dir), "messages": CHAT, "max_tokens": 2,
@@ -358,6 +358,10 @@ def test_openai_server_reuses_kvtier(
         log.close()
     keys = block_keys(SHARED_300, 32, "t-salt")
     assert _indexed(stored, keys) == len(SHARED_300) // 32
+    # kvtier's saves, announced as vLLM's CPU offloading announces its own: a gateway that
+    # saw only them would credit the worker's DRAM with the prompt's whole chunks.
+    saved = [e for e in stored if _in_dram(e)]
+    assert _indexed(saved, keys, "dram") == len(SHARED_300) // CHUNK * CHUNK // 32
     assert tokens.tolist() == chat_ids
     assert blocks >= 8
     assert _indexed(stored, chat_keys) == blocks
@@ -371,14 +375,20 @@ def test_openai_server_reuses_kvtier(
     assert preheated["pinned_tokens"] == len(PROMPT) // CHUNK * CHUNK
 
 
-def _indexed(stored: list[events.Event], keys: list[int]) -> int:
-    """The leading blocks of `keys` a gateway's index holds on the worker after `stored`."""
+def _indexed(stored: list[events.Event], keys: list[int], tier: str = "gpu") -> int:
+    """The leading blocks of `keys` a gateway's index holds on the worker after `stored`,
+    in `tier` (`gpu`, `dram`)."""
     pool = Pool(["http://engine"], make_policy("kvtier"), 32, 10_000)
     for event in stored:
         if isinstance(event, events.BlockStored):
             pool.apply_event(0, event)
     assert pool.stats.events_unchained == pool.stats.events_wrong_block_size == 0
-    return pool.index.match(keys)[0].gpu
+    blocks: int = getattr(pool.index.match(keys)[0], tier)
+    return blocks
+
+
+def _in_dram(event: events.Event) -> bool:
+    return isinstance(event, events.BlockStored) and event.medium == events.MEDIUM_CPU
 
 
 async def _late_subscriber(

@@ -17,6 +17,7 @@ full chunks of its prompt pinned in the node when it finishes; its answer's
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from kvtier.config import StoreConfig
 from kvtier.errors import ConfigError
+from kvtier.integrations.vllm.kvevents import stored_events
 from kvtier.integrations.vllm.metrics import KvtierPromMetrics, KvtierStats
 from kvtier.integrations.vllm.node import engine_store
 from kvtier.integrations.vllm.pages import PagedKV
@@ -41,6 +43,7 @@ from kvtier.integrations.vllm.worker import ChunkMover
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -142,9 +145,11 @@ class KvtierConnector(KVConnectorBase_V1):
                     "kvtier cannot serve is recomputed instead of failing the request",
                     transfer.kv_load_failure_policy,
                 )
+            events = vllm_config.kv_events_config
             self._planner = ChunkPlanner(
                 self.store, self.geometry, self.model_id, self.fingerprint, self.tp_size,
                 self._block_table, options["load_async"],
+                record_saves=bool(events and events.enable_kv_cache_events),
             )  # fmt: skip
 
     @property
@@ -192,6 +197,14 @@ class KvtierConnector(KVConnectorBase_V1):
                 set(connector_output.invalid_block_ids),
                 set(connector_output.finished_recving or ()),
             )
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """`BlockStored` (medium `CPU`) for the chunks saved since the last call, when vLLM
+        publishes KV events (`kvevents.py`)."""
+        if self._planner is None:
+            return ()
+        saved = self._planner.take_saved()
+        return stored_events(saved, self.geometry) if saved else ()
 
     def request_finished(
         self, request: Request, block_ids: list[int]

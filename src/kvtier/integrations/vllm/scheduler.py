@@ -59,6 +59,14 @@ class Lookup:
     at: float  # time.monotonic()
 
 
+class SavedChunks(NamedTuple):
+    """Chunks `first` to `end` - 1 of a request, planned for saving."""
+
+    request: Any
+    first: int
+    end: int
+
+
 class PlannedLoad(NamedTuple):
     """A load in a plan: its request's first chunk loaded, the jobs, the plan's number."""
 
@@ -92,7 +100,10 @@ class ChunkPlanner:
         tp_size: int,
         block_table: Callable[[str], Sequence[int]],
         load_async: bool | None = None,
+        record_saves: bool = False,
     ) -> None:
+        """`record_saves`: keep every planned save for `take_saved` (the connector's KV
+        events)."""
         self.store = store
         self.geometry = geometry
         self.model_id = model_id
@@ -106,6 +117,7 @@ class ChunkPlanner:
         self._loading: dict[str, PlannedLoad] = {}
         self._plans = 0
         self._running: set[str] = set()  # the last plan's batch, less requests finished since
+        self._saved: list[SavedChunks] | None = [] if record_saves else None
         self.tally = Tally()
 
     # -- vLLM hooks ---------------------------------------------------------------------
@@ -214,6 +226,13 @@ class ChunkPlanner:
         self.tally.add("pinned_tokens", chunks * c)
         return chunks * c
 
+    def take_saved(self) -> list[SavedChunks]:
+        """The saves planned since the last call (none unless `record_saves`)."""
+        if not self._saved:
+            return []
+        saved, self._saved = self._saved, []
+        return saved
+
     def finished(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
         self._loading.pop(req_id, None)
@@ -288,6 +307,8 @@ class ChunkPlanner:
         for chunk in range(tracked.stored, full):
             blocks = self.geometry.chunk_blocks(table, chunk)
             jobs.chunks.append(ChunkCopy(keys[chunk], tuple(blocks)))
+        if self._saved is not None:
+            self._saved.append(SavedChunks(request, tracked.stored, full))
         tracked.stored = full
         return jobs
 
