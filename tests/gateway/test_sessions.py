@@ -92,7 +92,8 @@ def test_tenant_names_cannot_collide_in_keys(redis_server: RedisProcess) -> None
 
     run(check())
     keys = redis.Redis(port=redis_server.port).keys("*")
-    assert len(keys) == 1 and keys[0].startswith(b"kvtier:resp:")
+    assert len([k for k in keys if k.startswith(b"kvtier:resp:")]) == 1
+    assert all(k.startswith((b"kvtier:resp:", b"kvtier:msg:")) and b"x:" not in k for k in keys)
 
 
 def test_redis_entries_expire(redis_server: RedisProcess) -> None:
@@ -111,6 +112,82 @@ def test_redis_entries_expire(redis_server: RedisProcess) -> None:
         return time.monotonic() - start
 
     assert 0.5 < run(check()) < 3
+
+
+def _conversation(turns: int, turn_bytes: int, tenant: str = "acme") -> list[StoredResponse]:
+    """The responses of one conversation, each holding every turn so far."""
+    history: tuple[dict[str, str], ...] = ()
+    out = []
+    for t in range(turns):
+        user = {"role": "user", "content": f"question {t} " + "q" * turn_bytes}
+        answer = {"role": "assistant", "content": f"answer {t} " + "a" * turn_bytes}
+        history = (*history, user, answer)
+        out.append(response(tenant, answer["content"], history=history))
+    return out
+
+
+def test_redis_keeps_each_message_once(redis_server: RedisProcess) -> None:
+    """A 40-turn conversation's entries hold each message once: its bytes in Redis grow
+    with its turns, not their square, and every turn reads back whole."""
+    conversation = _conversation(40, 2000)
+    r = redis.Redis(port=redis_server.port)
+    r.flushall()
+
+    async def check() -> list[StoredResponse | None]:
+        store = RedisResponseStore(redis_server.url)
+        for turn in conversation:
+            await store.put(turn, ttl_s=60)
+        found = [await store.get(turn.tenant, turn.id) for turn in conversation]
+        await store.close()
+        return found
+
+    assert run(check()) == conversation
+    stored = sum(int(r.strlen(k)) for k in r.keys("*"))
+    messages = sum(len(m["content"]) for m in conversation[-1].history)
+    whole = sum(len(m["content"]) for turn in conversation for m in turn.history)
+    assert stored < 2 * messages < 0.1 * whole
+
+
+def test_a_message_lives_as_long_as_the_longest_lived_response_holding_it(
+    redis_server: RedisProcess,
+) -> None:
+    """A message held by a 60 s response and by a 1 s one outlives the 1 s one, whichever
+    was put first; a response one of whose messages is gone reads as None."""
+
+    async def check() -> tuple[bool, bool, StoredResponse | None]:
+        store = RedisResponseStore(redis_server.url)
+        first, second = _conversation(2, 10)
+        short_before = response(history=first.history)
+        await store.put(short_before, ttl_s=1)
+        await store.put(first, ttl_s=60)
+        await store.put(second, ttl_s=60)
+        await store.put(response(history=second.history), ttl_s=1)  # never shortens them
+        await asyncio.sleep(1.3)
+        kept = await store.get(first.tenant, first.id) == first
+        kept_second = await store.get(second.tenant, second.id) == second
+        gone = await store.get(short_before.tenant, short_before.id)
+        r = redis.Redis(port=redis_server.port)
+        r.delete(*r.keys("kvtier:msg:*")[:1])
+        broken = await store.get(second.tenant, second.id)
+        await store.close()
+        return kept and kept_second, gone is None, broken
+
+    kept, gone, broken = run(check())
+    assert kept and gone and broken is None
+
+
+def test_entries_of_older_gateways_still_read(redis_server: RedisProcess) -> None:
+    """A response stored whole (as gateways before the message ids did) reads back."""
+    r = response()
+    store = RedisResponseStore(redis_server.url)
+    redis.Redis(port=redis_server.port).set(store.key(r.tenant, r.id), r.to_json(), px=60_000)
+
+    async def get() -> StoredResponse | None:
+        found = await store.get(r.tenant, r.id)
+        await store.close()
+        return found
+
+    assert run(get()) == r
 
 
 def test_memory_entries_expire_and_stay_bounded() -> None:

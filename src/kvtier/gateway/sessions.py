@@ -11,8 +11,15 @@ every entry expires `ttl_s` after its put.
 Ids are tenant-scoped: the tenant is part of the key (hashed, so no tenant name can collide
 with another's key), and an id stored by tenant A reads as `None` for tenant B.
 
-Layout in Redis: `{prefix}resp:{blake2b-128(tenant) hex}:{resp_id}` -> the response as JSON.
-Redis 7.0 commands only (SET with PX, GET, DEL).
+Layout in Redis (7.0 commands only: SET with NX and PX, PEXPIRE with GT, GET, MGET, DEL):
+- `{prefix}resp:{tenant tag}:{resp_id}` -> the response as JSON, its history as message ids;
+- `{prefix}msg:{tenant tag}:{message id}` -> one message as JSON, its id a BLAKE2b-128 hash
+  of it, so a message is stored once however many responses of the conversation (or of
+  the tenant's other conversations) hold it. A conversation's bytes grow with its turns,
+  not their square. Each put extends the expiry of the messages its history holds (never
+  shortening one) before it writes its own entry, so a message lives at least as long as
+  every response that holds it; a response one of whose messages is gone reads as None.
+The tenant tag is a hash of the tenant name (`tenant_tag`).
 """
 
 from __future__ import annotations
@@ -151,6 +158,19 @@ class MemoryResponseStore:
         return len(self._entries)
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _message_json(message: dict[str, str]) -> str:
+    return _json({"role": message["role"], "content": message["content"]})
+
+
+def message_id(message_json: str) -> str:
+    """A message's id in Redis: 32 hex digits of the BLAKE2b hash of its JSON."""
+    return hashlib.blake2b(message_json.encode("utf-8"), digest_size=16).hexdigest()
+
+
 def tenant_tag(tenant: str) -> str:
     """The tenant as it appears in a key: 32 hex digits of its BLAKE2b hash."""
     return hashlib.blake2b(tenant.encode("utf-8"), digest_size=16).hexdigest()
@@ -168,16 +188,33 @@ class RedisResponseStore:
         """The Redis key of (`tenant`, `response_id`)."""
         return f"{self.prefix}resp:{tenant_tag(tenant)}:{response_id}"
 
+    def message_key(self, tenant: str, message_id: str) -> str:
+        """The Redis key of one of `tenant`'s messages."""
+        return f"{self.prefix}msg:{tenant_tag(tenant)}:{message_id}"
+
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         if not is_response_id(response_id):
             return None
         try:
             raw = await self._redis.get(self.key(tenant, response_id))
+            if raw is None:
+                return None
+            fields = json.loads(raw)
+            ids = fields.pop("history_ids", None)
+            if ids is not None:  # (entries of older gateways hold their history itself)
+                keys = [self.message_key(tenant, str(i)) for i in ids]
+                messages = await self._redis.mget(keys) if keys else []
+                history = [json.loads(m) for m in messages if m is not None]
+                if len(history) != len(keys):
+                    return None  # a message expired with its last other holder
+                fields["history"] = history
+                if fields.get("output_text") is None and history:  # its answer, stored once
+                    fields["output_text"] = history[-1].get("content")
         except RedisError as exc:
             raise StateUnavailable(f"Redis: {exc}") from exc
-        if raw is None:
-            return None
-        response = StoredResponse.from_json(raw)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a stored response: {exc}") from exc
+        response = StoredResponse.from_json(json.dumps(fields))
         return response if response.tenant == tenant and response.id == response_id else None
 
     async def put(self, response: StoredResponse, ttl_s: float) -> None:
@@ -186,9 +223,26 @@ class RedisResponseStore:
         if not is_response_id(response.id):
             raise ValueError(f"not a response id: {response.id!r}")
         ttl_ms = max(1, round(ttl_s * 1000))
-        key = self.key(response.tenant, response.id)
+        texts = [_message_json(m) for m in response.history]
+        ids = [message_id(text) for text in texts]
+        keys = [self.message_key(response.tenant, i) for i in ids]
+        record = {**asdict(response), "history_ids": ids}
+        del record["history"]
+        if response.history and response.output_text == response.history[-1]["content"]:
+            record["output_text"] = None  # the last message's: not stored twice
         try:
-            await self._redis.set(key, response.to_json(), px=ttl_ms)
+            # Messages that exist live on, at least as long as this entry; the others (new
+            # or gone meanwhile) are written with it, in one transaction, before it.
+            extend = self._redis.pipeline(transaction=False)
+            for key in keys:
+                extend.pexpire(key, ttl_ms, gt=True)
+            extended = await extend.execute() if keys else []
+            write = self._redis.pipeline(transaction=True)
+            for key, text, kept in zip(keys, texts, extended, strict=True):
+                if not kept:  # missing, or expiring later already: NX leaves the latter be
+                    write.set(key, text, px=ttl_ms, nx=True)
+            write.set(self.key(response.tenant, response.id), _json(record), px=ttl_ms)
+            await write.execute()
         except RedisError as exc:
             raise StateUnavailable(f"Redis: {exc}") from exc
 
