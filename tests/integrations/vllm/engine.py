@@ -1,6 +1,7 @@
 """Run a real vLLM engine with kvtier's connector over a list of prompts; print one JSON line.
 
 Usage: python engine.py '{"model": DIR, "extra": {...}, "jobs": [{"prompt": [...], "salt": null}]}'
+(optional: "tp": tensor-parallel size, "kv_cache_bytes").
 Each job's result: generated token ids, the sampled tokens' logprobs, num_cached_tokens.
 Other jobs, with no result: `{"reset": true}` empties vLLM's own prefix cache,
 `{"kill_node": true}` sends SIGKILL to the node-local kvtier process (`extra.node_dir`), and
@@ -37,6 +38,7 @@ def main() -> None:
         kv_cache_memory_bytes=spec.get("kv_cache_bytes", 32 << 20),
         kv_transfer_config=transfer,
         disable_log_stats=True,
+        tensor_parallel_size=spec.get("tp", 1),
     )
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, detokenize=False)
     results = []

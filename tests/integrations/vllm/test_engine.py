@@ -31,7 +31,7 @@ from kvtier.gateway.pool import Pool
 from kvtier.gateway.routing import make_policy
 from kvtier.gateway.tokenizer import ModelTokenizer
 from kvtier.gateway.tokens import block_keys
-from kvtier.integrations.vllm.node import stop_nodes
+from kvtier.integrations.vllm.node import running_nodes, stop_nodes
 from kvtier.server.server import ServerThread
 
 ENGINE = Path(__file__).with_name("engine.py")
@@ -83,9 +83,9 @@ def server(work: Path) -> Iterator[ServerThread]:
 
 
 def run_engine(
-    model: Path, extra: dict[str, Any], jobs: list[dict[str, Any]]
+    model: Path, extra: dict[str, Any], jobs: list[dict[str, Any]], tp: int = 1
 ) -> list[dict[str, Any]]:
-    spec = {"model": str(model), "extra": {"chunk_tokens": CHUNK, **extra}, "jobs": jobs}
+    spec = {"model": str(model), "extra": {"chunk_tokens": CHUNK, **extra}, "jobs": jobs, "tp": tp}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, str(ENGINE), json.dumps(spec)],
@@ -259,6 +259,25 @@ def test_a_node_killed_mid_run_is_restarted_and_serves_its_disk(
     assert after["cached"] == 599 // CHUNK * CHUNK  # the new node: the first run's disk chunks
     for result in (warm, back, after):
         same_output(result, cold)
+
+
+def test_tensor_parallel_ranks_save_and_load_their_own_shards(model_dir: Path, work: Path) -> None:
+    """A tensor-parallel engine (2 worker processes): each rank saves its own shard of every
+    chunk under its own keys, and after vLLM's own cache is reset both load them back (the
+    ranks agree on the step's loads through vLLM's CPU group) with the same output."""
+    node_dir = work / "node-tp"
+    extra = node(work, "tp", node_dir=str(node_dir))
+    try:
+        cold, warm = run_engine(model_dir, extra, [{"prompt": PROMPT}, {"reset": True},
+                                                   {"prompt": PROMPT}], tp=2)  # fmt: skip
+        (found,) = running_nodes(node_dir)
+    finally:
+        stop_nodes(node_dir)
+    assert cold["cached"] == 0 and warm["cached"] == 599 // CHUNK * CHUNK
+    same_output(warm, cold)
+    dram = found.stats["tiers"]["dram"]
+    assert dram["chunks"] == 2 * ((len(PROMPT) + 7) // CHUNK)  # a shard per rank
+    assert dram["hits"] == 2 * (599 // CHUNK)
 
 
 def test_the_bench_engine_times_kvtiers_hooks(model_dir: Path, work: Path) -> None:
