@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import zmq
@@ -230,3 +231,65 @@ def test_a_replay_socket_that_does_not_answer_leaves_the_live_events(
 
     got = numbers(asyncio.run(scenario()))
     assert [n for n in got if isinstance(n, int) and n < 1000] == [1, 2]
+
+
+def test_a_worker_restarted_after_a_replay_is_heard_from_its_first_batch() -> None:
+    """Batches a replay brought are skipped when the live stream repeats them, but a
+    restarted worker's batches under the same numbers are other batches: a clear, then all
+    of them."""
+
+    async def scenario() -> list[Event]:
+        worker = RawWorker()
+        try:
+            for seq in range(5):
+                worker.hold(seq, seq)
+            heard = Heard(subscribe(worker.endpoint, replay=worker.replay))
+            got = await heard.take(5)
+            worker.held.clear()  # the worker restarts: numbering starts over
+            seqs = itertools.count()
+            got += await heard.join(lambda k: worker.send(next(seqs), k))
+            await heard.close()
+            return got
+        finally:
+            worker.close()
+
+    got = numbers(asyncio.run(scenario()))
+    assert got[:6] == [0, 1, 2, 3, 4, "clear"]
+    probes = got[6:]
+    assert probes == list(range(1000, 1000 + len(probes)))  # from the first, none lost
+
+
+@pytest.mark.parametrize("publisher", ["kvtier", "vllm"])
+def test_a_replay_of_thousands_of_batches_arrives_whole(publisher: str, tmp_path: Path) -> None:
+    """A replay is sent all at once: 3,000 buffered batches (vLLM's own publisher, or
+    worker-sim's) all reach a late subscriber, in order, beyond ZeroMQ's default queue
+    limits of 1,000 messages."""
+    n = 3000
+
+    async def scenario() -> list[Event]:
+        if publisher == "vllm":
+            from vllm.distributed.kv_events import BlockStored as VllmStored
+            from vllm.distributed.kv_events import KVEventBatch, ZmqEventPublisher
+
+            endpoint, replay = f"ipc://{tmp_path}/pub", f"ipc://{tmp_path}/replay"
+            vllm_pub = ZmqEventPublisher(0, endpoint=endpoint, replay_endpoint=replay)
+            for i in range(n):
+                event = VllmStored([i], i - 1 if i else None, [i] * 4, 4, None, "GPU", None)
+                vllm_pub.publish(KVEventBatch(ts=0.0, events=[event]))
+            while len(vllm_pub._buffer) < n:  # published by its own thread
+                await asyncio.sleep(0.05)
+            close = vllm_pub.shutdown
+        else:
+            pub = Publisher(ANY, replay_endpoint=ANY)
+            for i in range(n):
+                pub.publish([stored(i)])
+            endpoint, replay, close = pub.endpoint, pub.replay_endpoint or "", pub.close
+        try:
+            heard = Heard(subscribe(endpoint, replay=replay))
+            got = await heard.take(n, timeout_s=10.0)
+            await heard.close()
+            return got
+        finally:
+            close()
+
+    assert numbers(asyncio.run(scenario())) == list(range(n))

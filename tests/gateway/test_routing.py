@@ -321,6 +321,23 @@ def test_a_restarted_worker_resets_the_baseline_instead_of_a_negative_rate() -> 
     assert c.compute_s(1) > 0 and c.load_s(DRAM, 1) > 0
 
 
+def test_a_worker_whose_counters_went_back_loses_its_gpu_entries() -> None:
+    """A scrape showing a restart (counters lower than before) clears the worker's GPU
+    entries, its DRAM ones kept; another worker's stay."""
+    pool = Pool(["http://a", "http://b"], make_policy("kvtier"), 4, 1000)
+    tokens = [int(t) for t in tokenize("z" * 4 * 8)]
+    for worker in (0, 1):
+        pool.apply_event(worker, events.BlockStored([1, 2], None, tokens, 4, medium="GPU"))
+    pool.apply_event(0, events.BlockStored([1, 2], None, tokens, 4, medium="CPU"))
+    pool.observe_metrics(0, _metrics(1000, 0, 1.0, {}, {}))
+    pool.observe_metrics(0, _metrics(2000, 0, 2.0, {}, {}))
+    keys = block_keys(tokens, 4)
+    assert pool.index.match(keys)[0] == Hits(2, 0, 0, 0)
+    pool.observe_metrics(0, _metrics(10, 0, 0.1, {}, {}))  # restarted
+    assert pool.index.match(keys)[0] == Hits(0, 2, 0, 0)
+    assert pool.index.match(keys)[1] == Hits(2, 0, 0, 0)
+
+
 def test_shared_and_remote_labels_are_one_tier_counted_once() -> None:
     """A scrape naming the shared tier both ways gives one sample over both."""
     c = Costs()

@@ -281,12 +281,17 @@ def test_an_error_reply_closes_the_connection_but_does_not_back_off(tmp_path: Pa
 
 
 @pytest.mark.parametrize("squatter", [False, True])
-def test_a_located_server_that_moves_is_found_again(tmp_path: Path, squatter: bool) -> None:
+def test_a_located_server_that_moves_is_found_again(
+    tmp_path: Path, squatter: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A store given `locate_remote` (as engines are, for the node-local process) follows
     its server to a new port and token once the old one is gone, or once another server on
-    its old port rejects its token: misses meanwhile, never an exception; `locate` is not
-    asked while the server answers."""
+    its old port rejects its token, at once (not after its backoff, made 30 s here): misses
+    meanwhile, never an exception; `locate` is not asked while the server answers."""
     from kvtier.server.auth import Auth
+    from kvtier.tiers import link
+
+    monkeypatch.setattr(link, "BACKOFF_S", (30.0, 30.0))
 
     def serve(name: str, token: str, port: int = 0) -> ServerThread:
         auth = Auth({hashlib.sha256(token.encode()).digest(): "engine"})

@@ -106,18 +106,20 @@ class Costs:
         prior = self.priors.load_s_per_token[tier - 1]
         return max([prior, *nearer]) if nearer else prior
 
-    def observe(self, metrics_text: str) -> None:
+    def observe(self, metrics_text: str) -> bool:
         """Updates the averages from one scrape of the worker's `/metrics`. A counter that
-        went backwards (the worker restarted) starts a new baseline instead of a sample."""
+        went backwards (the worker restarted) starts a new baseline instead of a sample, and
+        True is returned."""
         now = counters(parse_prometheus(metrics_text))
         last, self._last = self._last, now
         if not last:
-            return
+            return False
         delta = {k: v - last.get(k, 0.0) for k, v in now.items()}
         if any(d < 0 for d in delta.values()):
-            return
+            return True
         self._observe_compute(delta)
         self._observe_loads(delta)
+        return False
 
     def _observe_compute(self, delta: dict[str, float]) -> None:
         computed = delta["vllm:prompt_tokens_total"] - delta["vllm:prompt_tokens_cached_total"]

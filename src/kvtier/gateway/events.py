@@ -40,6 +40,7 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)  # vLLM's end of a replay
 REPLAY_BATCHES = 10_000  # batches kept for replay (vLLM's `buffer_steps` default)
 REPLAY_TIMEOUT_S = 2.0  # a replay socket silent this long is given up on...
 REPLAY_BACKOFF_S = 30.0  # ...and not asked again for this long
+REPLAY_ATTEMPTS = 5  # a replay cut short is asked again from where it stopped
 
 
 class BlockStored(msgspec.Struct, tag=True):
@@ -125,6 +126,7 @@ class Publisher:
         if replay_endpoint is not None:
             router = self._ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops what exceeds it
             router.bind(replay_endpoint)
             self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self._replayer = threading.Thread(
@@ -179,6 +181,8 @@ class _Reader:
         self.sock.setsockopt(zmq.LINGER, 0)
         if kind == zmq.SUB:
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        else:  # a replay comes all at once: queued here, never dropped by either side's limit
+            self.sock.setsockopt(zmq.RCVHWM, 0)
         self._loop = asyncio.get_running_loop()
         self._readable = asyncio.Event()
         self._fd: int | None = None
@@ -190,13 +194,30 @@ class _Reader:
             self.close()
             raise
 
-    async def recv(self) -> list[bytes]:
+    async def recv(self, timeout_s: float | None = None) -> list[bytes]:
+        """The next message; TimeoutError if none comes within `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
                 return self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 self._readable.clear()
+            # The descriptor signals edges only, and any send or recv may have consumed one:
+            # ZMQ_EVENTS says whether a message came meanwhile.
+            if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                continue
+            if deadline is None:
                 await self._readable.wait()
+                continue
+            # Not asyncio.wait_for: on Python < 3.12 it can swallow a cancellation that
+            # arrives as the wait ends, and a cancelled subscription would then live on.
+            waiter = asyncio.ensure_future(self._readable.wait())
+            try:
+                done, _ = await asyncio.wait({waiter}, timeout=deadline - time.monotonic())
+            finally:
+                waiter.cancel()
+            if not done:
+                raise TimeoutError
 
     def close(self) -> None:
         if self._fd is not None:
@@ -212,7 +233,7 @@ async def _replayed(endpoint: str, first: int) -> AsyncIterator[tuple[int, bytes
     try:
         dealer.sock.send_multipart((b"", first.to_bytes(8, "big")))
         while True:
-            frames = await asyncio.wait_for(dealer.recv(), REPLAY_TIMEOUT_S)
+            frames = await dealer.recv(REPLAY_TIMEOUT_S)
             if len(frames) != 4:
                 continue
             if frames[2] == END_SEQ:
@@ -236,29 +257,43 @@ class _Cursor:
     def __init__(self, replay: str | None) -> None:
         self.replay = replay
         self.last: int | None = None  # the last batch yielded
-        self.replayed_from: int | None = None  # live batches from here to `last` are repeats
+        # batches a replay brought that the live stream may bring again: sequence -> digest
+        self.replayed: dict[int, int] = {}
         self._retry_at = 0.0
 
     def can_replay(self) -> bool:
         return self.replay is not None and time.monotonic() >= self._retry_at
 
     async def catch_up(self, first: int) -> AsyncIterator[Event]:
-        """The events of the batches the replay socket holds from `first` on, past `last`."""
+        """The events of the batches the replay socket holds from `first` on, past `last`.
+        A replay cut short (silent before its end marker) is asked again from where it
+        stopped, REPLAY_ATTEMPTS times at most; one that brings nothing is given up on for
+        REPLAY_BACKOFF_S."""
         assert self.replay is not None
-        self.replayed_from = first
-        try:
-            async for seq, payload in _replayed(self.replay, first):
-                if self.last is None or seq > self.last:
-                    self.last = seq
-                    for event in _events(payload):
-                        yield event
-        except TimeoutError:
-            log.warning("KV event replay at %s did not answer; live events only", self.replay)
-            self._retry_at = time.monotonic() + REPLAY_BACKOFF_S
+        for _ in range(REPLAY_ATTEMPTS):
+            got = 0
+            try:
+                async for seq, payload in _replayed(self.replay, first):
+                    got += 1
+                    if self.last is None or seq > self.last:
+                        self.last = seq
+                        self.replayed[seq] = hash(payload)
+                        for event in _events(payload):
+                            yield event
+                return
+            except TimeoutError:
+                if not got:
+                    break
+                first = (self.last or 0) + 1
+                log.warning("KV event replay at %s was cut short; asking from %d", self.replay,
+                            first)  # fmt: skip
+        log.warning("KV event replay at %s did not answer; live events only", self.replay)
+        self._retry_at = time.monotonic() + REPLAY_BACKOFF_S
 
-    def repeated(self, seq: int) -> bool:
-        """A live batch a replay brought already."""
-        return self.replayed_from is not None and self.replayed_from <= seq <= (self.last or 0)
+    def repeated(self, seq: int, payload: bytes) -> bool:
+        """A live batch a replay brought already (a restarted worker's batch of the same
+        number is another batch)."""
+        return self.replayed.get(seq) == hash(payload)
 
 
 async def subscribe(
@@ -283,20 +318,22 @@ async def subscribe(
             frames = await sub.recv()
             if len(frames) != 3 or len(frames[1]) != 8:
                 continue
-            seq = int.from_bytes(frames[1], "big")
+            seq, payload = int.from_bytes(frames[1], "big"), frames[2]
             last = cursor.last
             if last is not None and seq <= last:
-                if cursor.repeated(seq):
+                if cursor.repeated(seq, payload):
                     continue
                 yield AllBlocksCleared()  # the worker started over, from batch 0
+                cursor.replayed.clear()
                 last = cursor.last = -1
             if last is not None and seq > last + 1 and cursor.can_replay():
                 async for event in cursor.catch_up(last + 1):
                     yield event
-                if cursor.last is not None and seq <= cursor.last:
+                if cursor.repeated(seq, payload):
                     continue  # the replay brought it
-            cursor.last, cursor.replayed_from = seq, None
-            for event in _events(frames[2]):
+            cursor.last = seq
+            cursor.replayed.clear()  # the live stream is past what the replays brought
+            for event in _events(payload):
                 yield event
     finally:
         sub.close()

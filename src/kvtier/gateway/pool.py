@@ -264,6 +264,14 @@ class Pool:
             known.popitem(last=False)
         self.index.add(holder, tier, keys)
 
+    def observe_metrics(self, i: int, text: str) -> None:
+        """Folds one scrape of worker i's `/metrics` into its costs. Counters that went back
+        mean it restarted, with an empty prefix cache: its GPU entries are cleared (its KV
+        events may not say so: a restart the event stream does not show)."""
+        if self.workers[i].costs.observe(text):
+            log.warning("worker %s restarted; forgetting its GPU cache", self.workers[i].url)
+            self.apply_event(i, events.AllBlocksCleared())
+
     async def _scrape(self, i: int, session: aiohttp.ClientSession, interval_s: float) -> None:
         w = self.workers[i]
         timeout = aiohttp.ClientTimeout(total=max(interval_s, 1.0))
@@ -273,7 +281,7 @@ class Pool:
                     text = await resp.text()
                     w.healthy = resp.status == 200
                     if w.healthy:
-                        w.costs.observe(text)
+                        self.observe_metrics(i, text)
             except asyncio.CancelledError:
                 raise
             except Exception:  # unreachable, or answers no scraper should die of

@@ -11,14 +11,16 @@ every entry expires `ttl_s` after its put.
 Ids are tenant-scoped: the tenant is part of the key (hashed, so no tenant name can collide
 with another's key), and an id stored by tenant A reads as `None` for tenant B.
 
-Layout in Redis (7.0 commands only: SET with NX and PX, PEXPIRE with GT, GET, MGET, DEL):
+Layout in Redis (7.0 commands only: SET with NX and PXAT, PEXPIREAT with GT, GET, MGET, DEL):
 - `{prefix}resp:{tenant tag}:{resp_id}` -> the response as JSON, its history as message ids;
 - `{prefix}msg:{tenant tag}:{message id}` -> one message as JSON, its id a BLAKE2b-128 hash
   of it, so a message is stored once however many responses of the conversation (or of
   the tenant's other conversations) hold it. A conversation's bytes grow with its turns,
-  not their square. Each put extends the expiry of the messages its history holds (never
-  shortening one) before it writes its own entry, so a message lives at least as long as
+  not their square (its commands still with their square: a put touches every message of
+  its history). Each put moves the expiry of the messages its history holds to its own
+  (never earlier) before it writes its own entry, so a message lives at least as long as
   every response that holds it; a response one of whose messages is gone reads as None.
+  Deleting a response deletes its entry only: its messages expire with their last holder.
 The tenant tag is a hash of the tenant name (`tenant_tag`).
 """
 
@@ -200,6 +202,8 @@ class RedisResponseStore:
             if raw is None:
                 return None
             fields = json.loads(raw)
+            if not isinstance(fields, dict):
+                raise TypeError(f"a JSON {type(fields).__name__}")
             ids = fields.pop("history_ids", None)
             if ids is not None:  # (entries of older gateways hold their history itself)
                 keys = [self.message_key(tenant, str(i)) for i in ids]
@@ -222,7 +226,9 @@ class RedisResponseStore:
             raise ValueError("ttl_s must be positive")
         if not is_response_id(response.id):
             raise ValueError(f"not a response id: {response.id!r}")
-        ttl_ms = max(1, round(ttl_s * 1000))
+        # One deadline for the entry and its messages (on this gateway's clock), so no
+        # message of it expires first.
+        deadline_ms = round(time.time() * 1000) + max(1, round(ttl_s * 1000))
         texts = [_message_json(m) for m in response.history]
         ids = [message_id(text) for text in texts]
         keys = [self.message_key(response.tenant, i) for i in ids]
@@ -235,13 +241,13 @@ class RedisResponseStore:
             # or gone meanwhile) are written with it, in one transaction, before it.
             extend = self._redis.pipeline(transaction=False)
             for key in keys:
-                extend.pexpire(key, ttl_ms, gt=True)
+                extend.pexpireat(key, deadline_ms, gt=True)
             extended = await extend.execute() if keys else []
             write = self._redis.pipeline(transaction=True)
             for key, text, kept in zip(keys, texts, extended, strict=True):
                 if not kept:  # missing, or expiring later already: NX leaves the latter be
-                    write.set(key, text, px=ttl_ms, nx=True)
-            write.set(self.key(response.tenant, response.id), _json(record), px=ttl_ms)
+                    write.set(key, text, pxat=deadline_ms, nx=True)
+            write.set(self.key(response.tenant, response.id), _json(record), pxat=deadline_ms)
             await write.execute()
         except RedisError as exc:
             raise StateUnavailable(f"Redis: {exc}") from exc

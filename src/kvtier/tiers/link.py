@@ -101,6 +101,7 @@ class Connection:
         self._timeout_s = sock.gettimeout()
         self.mapping: SharedMapping | None = None  # the server's DRAM file, when mapped
         self._unread: list[tuple[Op, int]] = []  # requests sent whose replies are not read
+        self.generation = 0  # its link's, when it connected (`ServerLink.locate`)
 
     def waiting(self, timeout_s: float) -> Connection:
         """Let each following send/recv wait at most `timeout_s`; returns self."""
@@ -194,7 +195,9 @@ class ServerLink:
         self._idle: list[Connection] = []
         self._retry_at = 0.0
         self._backoff_s = BACKOFF_S[0]
+        self._local_map = local_map
         self._map_wanted = local_map and is_loopback(endpoint.host)
+        self._generation = 0  # one more each time `locate` moves the link to another server
         self._mapping: SharedMapping | None = None
         self.local_writes = True  # until the server refuses PUT_LOCAL (or its slot can't map)
         self.locates = True  # until the server refuses LOCATE
@@ -235,18 +238,20 @@ class ServerLink:
     def _connect(self) -> Connection:
         with self._lock:
             endpoint, where, token = self.endpoint, self.where, self._token
+            generation = self._generation
         try:
             sock = socket.create_connection(endpoint, timeout=self._timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = tls.handshake(self._tls, sock, endpoint.host, where)
         except TLSError:
-            self._down()
+            self._down(generation)
             raise
         except OSError as exc:
-            self._down()
+            self._down(generation)
             raise Unavailable(f"cannot connect to {where}: {exc}") from exc
         conn = Connection(sock, where)
+        conn.generation = generation
         try:
             header = conn.call(Op.HELLO, [], [token.encode()])
             conn.recv_bytes(header.payload_bytes)
@@ -284,6 +289,16 @@ class ServerLink:
             self.endpoint, self._token = endpoint, token
             self.where = f"{endpoint.host}:{endpoint.port}"
             self._retry_at, self._backoff_s = 0.0, BACKOFF_S[0]  # try it at once
+            # Another server: what was learnt of the old one (its DRAM file, the requests
+            # it refused) is not this one's, and failures of the old one's sockets are not
+            # this one's to back off for.
+            self._generation += 1
+            idle, self._idle = self._idle, []
+            self._mapping = None
+            self._map_wanted = self._local_map and is_loopback(endpoint.host)
+            self.local_writes = self.locates = True
+        for conn in idle:
+            conn.close()
         log.warning("kvtier remote tier: the server is at %s now", self.where)
 
     def _mapped(self, conn: Connection) -> Connection:
@@ -333,6 +348,9 @@ class ServerLink:
         """Pool a connection after a complete exchange: the server answers, so the next
         failure backs off from the shortest wait again."""
         with self._lock:
+            if conn.generation != self._generation:  # to a server the link has left
+                conn.close()
+                return
             self._backoff_s = BACKOFF_S[0]
             if len(self._idle) < IDLE_SOCKETS:
                 self._idle.append(conn)
@@ -344,10 +362,14 @@ class ServerLink:
         (`Refused`), drop the idle ones too and back off."""
         conn.close()
         if not isinstance(exc, Refused):
-            self._down()
+            self._down(conn.generation)
 
-    def _down(self) -> None:
+    def _down(self, generation: int) -> None:
+        """Back off after a failure of the server of `generation` (none if the link has
+        moved on since)."""
         with self._lock:
+            if generation != self._generation:
+                return
             idle, self._idle = self._idle, []
             self._retry_at = time.monotonic() + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])

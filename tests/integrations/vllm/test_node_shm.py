@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,11 @@ import pytest
 from tests.server.conftest import read_frame
 
 import kvtier
+from kvtier.bench.remote_io import free_port
 from kvtier.errors import ConfigError
-from kvtier.integrations.vllm.node import engine_config, stop_nodes
+from kvtier.integrations.vllm.node import engine_config, engine_store, running_nodes, stop_nodes
 from kvtier.protocol import Op, Status, pack_header
+from kvtier.tiers import link
 
 
 def test_the_node_offers_its_dram_file_and_engines_load_through_it(tmp_path: Path) -> None:
@@ -130,3 +135,65 @@ def test_kvtier_nodes_shows_a_running_nodes_stats(
         stop_nodes(node_dir)
     assert cli_main(["nodes", "--node-dir", str(node_dir)]) == 0
     assert "no node-local kvtier process" in capsys.readouterr().out
+
+
+def _node_pid(node_dir: Path) -> int:
+    (info,) = [json.loads(p.read_text()) for p in node_dir.glob("*/node.json")]
+    return int(info["pid"])
+
+
+def test_a_hung_node_gets_no_second_node_beside_it(tmp_path: Path) -> None:
+    """A node that is alive but accepts no connection (stopped, its listener gone: here its
+    port in node.json is one nobody listens on) is still the node: the next engine is
+    pointed at it, and no second process starts over the same tiers."""
+    node_dir = tmp_path / "node"
+    config = kvtier.StoreConfig(chunk_tokens=4, dram_bytes=8 << 20)
+    engine_config(config, node_dir)
+    pid = _node_pid(node_dir)
+    (record,) = node_dir.glob("*/node.json")
+    dead_port = free_port()
+    record.write_text(json.dumps({**json.loads(record.read_text()), "port": dead_port}))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        again = engine_config(config, node_dir)
+        after = _node_pid(node_dir)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        stop_nodes(node_dir)
+    assert after == pid
+    assert again.remote == f"kvtier://127.0.0.1:{dead_port}"
+
+
+def test_an_engine_store_starts_a_killed_node_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of the node under an engine's store: misses while it is gone, then the store
+    starts a new node and moves to it at once (not after its backoff, made 30 s here), and
+    finds there what the old node had written to disk."""
+    monkeypatch.setattr(link, "BACKOFF_S", (30.0, 30.0))
+    node_dir = tmp_path / "node"
+    config = kvtier.StoreConfig(
+        chunk_tokens=4, dram_bytes=8 << 20, disk_dir=tmp_path / "disk", disk_bytes=32 << 20
+    )
+    layout = kvtier.KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32")
+    kv = np.ones(layout.shape(8), np.float32)
+    store = engine_store(config, node_dir)
+    try:
+        cache = store.bind("m", layout)
+        cache.save(range(8), kv)
+        store.flush()
+        (node,) = running_nodes(node_dir)  # written through to the node's disk
+        while node.stats["pending_writes"]:
+            (node,) = running_nodes(node_dir)
+        old = _node_pid(node_dir)
+        os.kill(old, signal.SIGKILL)
+        assert cache.lookup(range(8)) == 0  # gone: a miss, and the store looks for it
+        deadline = time.monotonic() + 20
+        while cache.lookup(range(8)) != 8:
+            assert time.monotonic() < deadline, "the store never reached a new node"
+            time.sleep(0.05)
+        assert _node_pid(node_dir) != old
+        assert np.array_equal(cache.load(range(8)), kv)
+    finally:
+        store.close()
+        stop_nodes(node_dir)

@@ -41,6 +41,7 @@ from kvtier.protocol import HEADER_BYTES, Op, pack_header, parse_header
 if TYPE_CHECKING:
     from kvtier.store import Store
 
+NODE_MODULE = "kvtier.integrations.vllm.node"
 START_TIMEOUT_S = 60.0
 IDLE_EXIT_S = 30.0
 STATS_TIMEOUT_S = 10.0
@@ -138,7 +139,7 @@ def _ensure_node(run_dir: Path, config: StoreConfig) -> tuple[int, str]:
             # The child forks again and exits: the node is nobody's descendant, so an engine
             # that kills its process tree on shutdown (vLLM does) cannot kill it unflushed.
             subprocess.run(
-                [sys.executable, "-m", "kvtier.integrations.vllm.node", str(run_dir)],
+                [sys.executable, "-m", NODE_MODULE, str(run_dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=False, timeout=30,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -154,14 +155,28 @@ def _ensure_node(run_dir: Path, config: StoreConfig) -> tuple[int, str]:
 
 
 def _live_node(run_dir: Path) -> tuple[int, str] | None:
+    """The port and token of the node `node.json` names, if it runs: its process is this
+    run directory's node (even if it does not answer now: a hung node must not get a second
+    one beside it), or, where that cannot be told, it accepts a connection."""
     try:
         info = json.loads((run_dir / "node.json").read_text())
-        os.kill(int(info["pid"]), 0)
-        with socket.create_connection(("127.0.0.1", int(info["port"])), timeout=1.0):
-            pass
+        pid, found = int(info["pid"]), (int(info["port"]), str(info["token"]))
+        os.kill(pid, 0)
     except (OSError, ValueError, KeyError):
         return None
-    return int(info["port"]), str(info["token"])
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        command = []
+    if command:
+        digest = os.fsencode(run_dir.name)  # (the directory may be named another way)
+        ours = NODE_MODULE.encode() in command and any(a.endswith(digest) for a in command)
+        return found if ours else None  # a dead node's pid, reused
+    try:
+        with socket.create_connection(("127.0.0.1", found[0]), timeout=1.0):
+            return found
+    except OSError:
+        return None
 
 
 def _alive(pid_file: Path) -> bool:
