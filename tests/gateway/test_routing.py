@@ -336,6 +336,13 @@ def test_a_worker_whose_counters_went_back_loses_its_gpu_entries() -> None:
     pool.observe_metrics(0, _metrics(10, 0, 0.1, {}, {}))  # restarted
     assert pool.index.match(keys)[0] == Hits(0, 2, 0, 0)
     assert pool.index.match(keys)[1] == Hits(2, 0, 0, 0)
+    # A restart the events showed already is not cleared again at the next scrape: the
+    # blocks the worker stored since stay.
+    pool.observe_metrics(1, _metrics(1000, 0, 1.0, {}, {}))
+    pool.apply_event(1, events.AllBlocksCleared())
+    pool.apply_event(1, events.BlockStored([1, 2], None, tokens, 4, medium="GPU"))
+    pool.observe_metrics(1, _metrics(10, 0, 0.1, {}, {}))
+    assert pool.index.match(keys)[1] == Hits(2, 0, 0, 0)
 
 
 def test_shared_and_remote_labels_are_one_tier_counted_once() -> None:

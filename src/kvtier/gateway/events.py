@@ -181,17 +181,15 @@ class _Reader:
         self.sock.setsockopt(zmq.LINGER, 0)
         if kind == zmq.SUB:
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        else:  # a replay comes all at once: queued here, never dropped by either side's limit
+        else:  # a replay comes all at once: queued here, not dropped by this side's limit
             self.sock.setsockopt(zmq.RCVHWM, 0)
         self._loop = asyncio.get_running_loop()
         self._readable = asyncio.Event()
-        self._fd: int | None = None
         try:
             self.sock.connect(endpoint)
-            self._fd = self.sock.FD
-            self._loop.add_reader(self._fd, self._readable.set)
+            self._fd: int = self.sock.FD
         except BaseException:
-            self.close()
+            self.sock.close(linger=0)
             raise
 
     async def recv(self, timeout_s: float | None = None) -> list[bytes]:
@@ -206,23 +204,26 @@ class _Reader:
             # ZMQ_EVENTS says whether a message came meanwhile.
             if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 continue
-            if deadline is None:
-                await self._readable.wait()
-                continue
-            # Not asyncio.wait_for: on Python < 3.12 it can swallow a cancellation that
-            # arrives as the wait ends, and a cancelled subscription would then live on.
-            waiter = asyncio.ensure_future(self._readable.wait())
+            # Watched only while waiting: a descriptor left readable while this socket is not
+            # read (the live one during a replay) would wake the loop on every pass.
+            self._loop.add_reader(self._fd, self._readable.set)
             try:
-                done, _ = await asyncio.wait({waiter}, timeout=deadline - time.monotonic())
+                if deadline is None:
+                    await self._readable.wait()
+                    continue
+                # Not asyncio.wait_for: on Python < 3.12 it can swallow a cancellation that
+                # arrives as the wait ends, and a cancelled subscription would then live on.
+                waiter = asyncio.ensure_future(self._readable.wait())
+                try:
+                    done, _ = await asyncio.wait({waiter}, timeout=deadline - time.monotonic())
+                finally:
+                    waiter.cancel()
+                if not done:
+                    raise TimeoutError
             finally:
-                waiter.cancel()
-            if not done:
-                raise TimeoutError
+                self._loop.remove_reader(self._fd)
 
     def close(self) -> None:
-        if self._fd is not None:
-            self._loop.remove_reader(self._fd)
-            self._fd = None
         self.sock.close(linger=0)
 
 
@@ -266,27 +267,32 @@ class _Cursor:
 
     async def catch_up(self, first: int) -> AsyncIterator[Event]:
         """The events of the batches the replay socket holds from `first` on, past `last`.
-        A replay cut short (silent before its end marker) is asked again from where it
-        stopped, REPLAY_ATTEMPTS times at most; one that brings nothing is given up on for
-        REPLAY_BACKOFF_S."""
+        A replay cut short (silent before its end marker, or missing batches after its
+        first: vLLM's replay socket drops what exceeds its queue limit) is asked again from
+        the first batch missing, as long as each try brings some; after REPLAY_ATTEMPTS
+        tries that bring nothing it is given up on for REPLAY_BACKOFF_S."""
         assert self.replay is not None
-        for _ in range(REPLAY_ATTEMPTS):
-            got = 0
+        fruitless = 0
+        while fruitless < REPLAY_ATTEMPTS:
+            got, cut = 0, False
             try:
                 async for seq, payload in _replayed(self.replay, first):
+                    if got and seq != first:  # a batch dropped on the way
+                        cut = True
+                        break
                     got += 1
+                    first = seq + 1
                     if self.last is None or seq > self.last:
                         self.last = seq
                         self.replayed[seq] = hash(payload)
                         for event in _events(payload):
                             yield event
-                return
             except TimeoutError:
-                if not got:
-                    break
-                first = (self.last or 0) + 1
-                log.warning("KV event replay at %s was cut short; asking from %d", self.replay,
-                            first)  # fmt: skip
+                cut = True
+            if not cut:
+                return
+            fruitless = 0 if got else fruitless + 1
+            log.info("KV event replay at %s was cut short; asking from %d", self.replay, first)
         log.warning("KV event replay at %s did not answer; live events only", self.replay)
         self._retry_at = time.monotonic() + REPLAY_BACKOFF_S
 

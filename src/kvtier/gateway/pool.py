@@ -44,6 +44,7 @@ class Worker:
     costs: Costs = field(default_factory=Costs)
     healthy: bool = True
     models: frozenset[str] = frozenset()  # what its /v1/models last listed
+    cleared: bool = False  # an AllBlocksCleared came since its last scrape
     # engine block hash -> the gateway's key, to chain and remove by engine hash (a hash
     # names the same tokens in every medium); bounded, the oldest forgotten first (an
     # OrderedDict: a plain dict's oldest key costs O(keys deleted since its last resize))
@@ -234,6 +235,7 @@ class Pool:
         """Folds one vLLM KV event from worker `i` into the index."""
         w = self.workers[i]
         if isinstance(event, events.AllBlocksCleared):  # vLLM's prefix cache reset: GPU only
+            w.cleared = True
             self.index.clear(i, GPU)
             self.index.clear(i, PREDICTED)
             return
@@ -268,9 +270,11 @@ class Pool:
         """Folds one scrape of worker i's `/metrics` into its costs. Counters that went back
         mean it restarted, with an empty prefix cache: its GPU entries are cleared (its KV
         events may not say so: a restart the event stream does not show)."""
-        if self.workers[i].costs.observe(text):
-            log.warning("worker %s restarted; forgetting its GPU cache", self.workers[i].url)
+        w = self.workers[i]
+        if w.costs.observe(text) and not w.cleared:  # (not again if its events said so)
+            log.warning("worker %s restarted; forgetting its GPU cache", w.url)
             self.apply_event(i, events.AllBlocksCleared())
+        w.cleared = False
 
     async def _scrape(self, i: int, session: aiohttp.ClientSession, interval_s: float) -> None:
         w = self.workers[i]

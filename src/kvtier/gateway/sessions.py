@@ -245,8 +245,10 @@ class RedisResponseStore:
             extended = await extend.execute() if keys else []
             write = self._redis.pipeline(transaction=True)
             for key, text, kept in zip(keys, texts, extended, strict=True):
-                if not kept:  # missing, or expiring later already: NX leaves the latter be
+                if not kept:  # missing, or expiring later already: NX leaves the latter be,
                     write.set(key, text, pxat=deadline_ms, nx=True)
+                    # and one another put wrote meanwhile lives to this deadline too
+                    write.pexpireat(key, deadline_ms, gt=True)
             write.set(self.key(response.tenant, response.id), _json(record), pxat=deadline_ms)
             await write.execute()
         except RedisError as exc:

@@ -308,7 +308,7 @@ class ServerLink:
             header = conn.call(Op.MAP, [], [])
             shared = parse_map_reply(conn.recv_bytes(header.payload_bytes))
         except Refused as exc:
-            self._map_wanted = False
+            self._unwanted(conn.generation)
             if exc.status == Status.UNSUPPORTED:
                 return conn
             conn.close()  # a server without MAP closes the connection on its opcode
@@ -316,10 +316,16 @@ class ServerLink:
         except FAILURES as exc:
             self.broken(conn, exc)
             raise Unavailable(f"server {self.where} failed MAP: {exc}") from exc
-        conn.mapping = self._mapping_of(shared)
+        conn.mapping = self._mapping_of(shared, conn.generation)
         return conn
 
-    def _mapping_of(self, shared: SharedFile) -> SharedMapping | None:
+    def _unwanted(self, generation: int) -> None:
+        """MAP is not asked of this server again (unless the link has moved on since)."""
+        with self._lock:
+            if generation == self._generation:
+                self._map_wanted = False
+
+    def _mapping_of(self, shared: SharedFile, generation: int) -> SharedMapping | None:
         """The mapping of `shared` (one per server process: a restarted server has a new
         file), or None when it cannot be mapped here."""
         with self._lock:
@@ -334,10 +340,11 @@ class ServerLink:
                 self.where,
                 exc,
             )
-            self._map_wanted = False
+            self._unwanted(generation)
             return None
         with self._lock:
-            self._mapping = mapping
+            if generation == self._generation:  # the link's server's, not a former one's
+                self._mapping = mapping
         return mapping
 
     def _idle_connection(self) -> Connection | None:

@@ -182,9 +182,10 @@ def test_an_engine_store_starts_a_killed_node_again(
         cache = store.bind("m", layout)
         cache.save(range(8), kv)
         store.flush()
-        (node,) = running_nodes(node_dir)  # written through to the node's disk
-        while node.stats["pending_writes"]:
-            (node,) = running_nodes(node_dir)
+        deadline = time.monotonic() + 20
+        while [n.stats["pending_writes"] for n in running_nodes(node_dir)] != [0]:
+            assert time.monotonic() < deadline, "the node never wrote the chunks to disk"
+            time.sleep(0.05)
         old = _node_pid(node_dir)
         os.kill(old, signal.SIGKILL)
         assert cache.lookup(range(8)) == 0  # gone: a miss, and the store looks for it

@@ -169,14 +169,25 @@ def _live_node(run_dir: Path) -> tuple[int, str] | None:
     except OSError:
         command = []
     if command:
-        digest = os.fsencode(run_dir.name)  # (the directory may be named another way)
-        ours = NODE_MODULE.encode() in command and any(a.endswith(digest) for a in command)
-        return found if ours else None  # a dead node's pid, reused
+        return found if _runs_node(pid, command, run_dir) else None  # else: a pid reused
     try:
         with socket.create_connection(("127.0.0.1", found[0]), timeout=1.0):
             return found
     except OSError:
         return None
+
+
+def _runs_node(pid: int, command: list[bytes], run_dir: Path) -> bool:
+    """Whether process `pid`, run as `command`, is the node of `run_dir` (named as its
+    starter named it, maybe relative to its working directory)."""
+    if NODE_MODULE.encode() not in command:
+        return False
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    here = run_dir.resolve()
+    return any((cwd / os.fsdecode(arg)).resolve() == here for arg in command[1:] if arg)
 
 
 def _alive(pid_file: Path) -> bool:
