@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,6 +77,18 @@ def test_prefix_over_several_servers_is_one_request_each(servers: list[ServerThr
     tier.close()
 
 
+def _save_until_found(store: kvtier.Store, cache: Any, kv: np.ndarray, wait_s: float) -> None:
+    """Saves `kv` for tokens 0-7 until the store finds all of them (200 tries), then checks
+    they load back."""
+    for _ in range(200):
+        if cache.lookup(range(8)) == 8:
+            break
+        cache.save(range(8), kv)
+        store.flush()
+        threading.Event().wait(wait_s)
+    np.testing.assert_array_equal(cache.load(range(8)), kv)
+
+
 def test_a_down_server_yields_misses_and_is_reconnected(tmp_path: Path) -> None:
     """While its server is down the tier misses without raising; it recovers once it is back."""
     port = free_port()
@@ -93,13 +106,7 @@ def test_a_down_server_yields_misses_and_is_reconnected(tmp_path: Path) -> None:
         assert store.stats().tier("remote").errors >= 1
         handle = ServerThread(server_store(tmp_path), port=port)
         try:
-            for _ in range(200):  # backoff is at most a few seconds
-                cache.save(range(8), kv)
-                store.flush()
-                if cache.lookup(range(8)) == 8:
-                    break
-                threading.Event().wait(0.05)
-            np.testing.assert_array_equal(cache.load(range(8)), kv)
+            _save_until_found(store, cache, kv, 0.05)  # backoff is at most a few seconds
         finally:
             handle.stop()
             handle.server.store.close()
@@ -321,14 +328,7 @@ def test_a_located_server_that_moves_is_found_again(
             if squatter:
                 servers.append(serve("squatter", "token-squatter", old.port))
             where.update(url=f"kvtier://127.0.0.1:{new.port}", token="token-new")
-            for _ in range(200):
-                if cache.lookup(range(8)) == 0:  # the old chunks are gone with their server
-                    cache.save(range(8), kv)
-                    store.flush()
-                if cache.lookup(range(8)) == 8:
-                    break
-                threading.Event().wait(0.02)
-            np.testing.assert_array_equal(cache.load(range(8)), kv)
+            _save_until_found(store, cache, kv, 0.02)  # the old chunks went with their server
             assert new.server.store.stats().tier("dram").chunks == 2
             assert asked
     finally:
