@@ -275,8 +275,9 @@ class _Cursor:
         fruitless = 0
         while fruitless < REPLAY_ATTEMPTS:
             got, cut = 0, False
+            replies = _replayed(self.replay, first)
             try:
-                async for seq, payload in _replayed(self.replay, first):
+                async for seq, payload in replies:
                     if got and seq != first:  # a batch dropped on the way
                         cut = True
                         break
@@ -289,6 +290,8 @@ class _Cursor:
                             yield event
             except TimeoutError:
                 cut = True
+            finally:
+                await replies.aclose()  # its socket closed now, not when collected
             if not cut:
                 return
             fruitless = 0 if got else fruitless + 1
