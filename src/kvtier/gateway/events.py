@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import msgspec
@@ -227,7 +227,7 @@ class _Reader:
         self.sock.close(linger=0)
 
 
-async def _replayed(endpoint: str, first: int) -> AsyncIterator[tuple[int, bytes]]:
+async def _replayed(endpoint: str, first: int) -> AsyncGenerator[tuple[int, bytes], None]:
     """(sequence, payload) of every batch the replay socket at `endpoint` holds from `first`
     on. Raises TimeoutError if it stays silent REPLAY_TIMEOUT_S."""
     dealer = _Reader(zmq.DEALER, endpoint)
