@@ -72,18 +72,25 @@ class StoredResponse:
 
     def to_json(self) -> str:
         """The response as one JSON object (`from_json` reads it back equal)."""
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        return _json(asdict(self))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> StoredResponse:
         """The response `to_json` wrote; raises `ValueError` on anything else."""
         try:
-            fields = json.loads(text)
+            return cls.from_fields(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a stored response: {exc}") from exc
+
+    @classmethod
+    def from_fields(cls, fields: Any) -> StoredResponse:
+        """The response of `to_json`'s fields, parsed; raises `ValueError` on anything else."""
+        try:
             history = tuple(
                 {"role": str(m["role"]), "content": str(m["content"])} for m in fields["history"]
             )
             return cls(**{**fields, "history": history})
-        except (TypeError, KeyError, json.JSONDecodeError) as exc:
+        except (TypeError, KeyError) as exc:
             raise ValueError(f"not a stored response: {exc}") from exc
 
 
@@ -218,7 +225,7 @@ class RedisResponseStore:
             raise StateUnavailable(f"Redis: {exc}") from exc
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a stored response: {exc}") from exc
-        response = StoredResponse.from_json(json.dumps(fields))
+        response = StoredResponse.from_fields(fields)
         return response if response.tenant == tenant and response.id == response_id else None
 
     async def put(self, response: StoredResponse, ttl_s: float) -> None:
