@@ -35,11 +35,15 @@ def test_extra_config_takes_store_fields_size_strings_and_kvtier_variables(
     config, options = connector_config({"dram_bytes": "32MiB", "model_id": "m"})
     assert config.chunk_tokens == 128 and config.dram_bytes == 32 << 20
     assert config.disk_dir == tmp_path and config.disk_bytes == 1 << 20
-    assert options == {"model_id": "m", "load_async": None}
+    assert options == {"model_id": "m", "load_async": None, "layerwise": True}
     config, options = connector_config({"chunk_tokens": "64", "disk_dir": "off",
-                                        "disk_bytes": None, "load_async": "true"})  # fmt: skip
+                                        "disk_bytes": None, "load_async": "true",
+                                        "layerwise": "false"})  # fmt: skip
     assert config.chunk_tokens == 64 and config.disk_dir is None
-    assert options["load_async"] is True
+    assert options["load_async"] is True and options["layerwise"] is False
+    # layer-wise loading waits in the attention hooks: vLLM must keep piecewise CUDA graphs
+    assert KvtierConnector.requires_piecewise_for_cudagraph({})
+    assert not KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": False})
 
 
 @pytest.mark.parametrize(
@@ -47,11 +51,13 @@ def test_extra_config_takes_store_fields_size_strings_and_kvtier_variables(
     [
         ({"dram_byte": "1GiB"}, "unknown keys"),
         ({"load_async": "sometimes"}, "load_async"),
+        ({"layerwise": "maybe"}, "layerwise"),
         ({"dram_bytes": "lots"}, "dram_bytes"),
     ],
 )
 def test_bad_extra_config_is_refused_by_name(extra: dict[str, str], message: str) -> None:
-    """An unknown key, a bad load_async or an unparsable size is refused, naming it."""
+    """An unknown key, a bad load_async or layerwise, or an unparsable size is refused,
+    naming it."""
     with pytest.raises(ConfigError, match=message):
         connector_config(extra)
 

@@ -5,7 +5,9 @@ or in the background), a missing chunk failing its blocks and every later one.""
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,7 @@ def test_saved_chunks_load_back_into_other_blocks(
         loads=[RequestJobs("b", [ChunkCopy(keys[0], (6, 7)), ChunkCopy(keys[1], (9,), 1)])]
     )
     m.load(load)
+    m.finish_loads()
     assert not m.take_failed()
     got = _blocks(caches, [6, 7, 9])
     for layer in range(len(LAYERS)):
@@ -85,6 +88,56 @@ def test_saved_chunks_load_back_into_other_blocks(
     for a, b in zip(_blocks(caches, untouched), before, strict=True):
         assert torch.equal(a, b)
     assert m.tally.drain()["saved_bytes"] == 2 * m.chunk_bytes
+
+
+def test_a_steps_loads_arrive_layer_by_layer_and_are_released_after(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Layer-wise loading: `wait_for_layer(0)` returns once layer 0 is in while layer 1 is
+    still being copied (held here at a gate); the chunks kvtier lent stay borrowed until
+    `finish_loads`, which waits for every layer."""
+    m, caches = mover
+    keys = [_key(f"{request.node.name}-{i}") for i in range(2)]
+    m.save(
+        StepPlan(saves=[RequestJobs("a", [ChunkCopy(keys[0], (0, 1)), ChunkCopy(keys[1], (2, 3))])])
+    )
+    want = _blocks(caches, [0, 1, 2, 3])
+    gate, copying = threading.Event(), m.pages.scatter_layer
+
+    def gated(layer: int, idx: torch.Tensor, src: torch.Tensor) -> None:
+        if layer == 1:
+            gate.wait(10)
+        copying(layer, idx, src)
+
+    monkeypatch.setattr(m.pages, "scatter_layer", gated)
+    released: list[bool] = []
+    reading = m.store.reading
+
+    @contextmanager
+    def lent(ks: list[bytes], nbytes: int) -> Iterator[object]:
+        with reading(ks, nbytes) as views:
+            yield views
+        released.append(True)
+
+    monkeypatch.setattr(m.store, "reading", lent)
+    m.load(
+        StepPlan(loads=[RequestJobs("b", [ChunkCopy(keys[0], (6, 7)), ChunkCopy(keys[1], (8, 9))])])
+    )
+    m.wait_for_layer(0)
+    got = _blocks(caches, [6, 7, 8, 9])
+    assert torch.equal(got[0], want[0])  # layer 0 is in ...
+    assert not torch.equal(got[1], want[1])  # ... layer 1 is not yet
+    assert not released
+    gate.set()
+    m.wait_for_layer(len(LAYERS) - 1)
+    assert not released  # lent until the step's loads are finished
+    m.finish_loads()
+    assert released == [True]
+    got = _blocks(caches, [6, 7, 8, 9])
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert not m.take_failed()
 
 
 def test_a_steps_saves_of_several_requests_take_one_reservation(
@@ -124,6 +177,7 @@ def test_a_steps_saves_of_several_requests_take_one_reservation(
             ]
         )
     )
+    m.finish_loads()
     assert not m.take_failed()
     got = _blocks(caches, [4, 5, 8, 9, 6, 7])
     for layer in range(len(LAYERS)):

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.vllm")
-_OPTIONS = ("model_id", "node_dir", "load_async")
+_OPTIONS = ("model_id", "node_dir", "load_async", "layerwise")
 PIN_PARAM = "kvtier_pin"  # kv_transfer_params: pin the prompt's chunks once it has run
 IDLE_WAIT_S = 0.05  # an empty step waits at most this long for a background load
 
@@ -66,7 +66,7 @@ class KvtierMetadata(KVConnectorMetadata):
 def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]]:
     """`kv_connector_extra_config` as a StoreConfig (its field names; KVTIER_* variables
     fill what it leaves out) and the connector's own options (`model_id`, `node_dir`,
-    `load_async`)."""
+    `load_async`, `layerwise`)."""
     fields = set(StoreConfig.__dataclass_fields__)
     unknown = set(extra) - fields - set(_OPTIONS)
     if unknown:
@@ -90,6 +90,12 @@ def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]
             f"kv_connector_extra_config: load_async must be auto, true or false, got {flag}"
         )
     options["load_async"] = None if flag == "auto" else flag in ("true", "1")
+    layers = str(options.get("layerwise", "true")).lower()
+    if layers not in ("true", "false", "1", "0"):
+        raise ConfigError(
+            f"kv_connector_extra_config: layerwise must be true or false, got {layers}"
+        )
+    options["layerwise"] = layers in ("true", "1")
     return replace(StoreConfig.from_env(), **changes), options
 
 
@@ -121,6 +127,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         layout = kv_cache_config.kv_cache_layout or vllm_config.cache_config.kv_cache_layout
         self._layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
+        self._layer_index = {name: i for i, name in enumerate(self._layer_names)}
+        self._layerwise = bool(options["layerwise"])
         model = vllm_config.model_config
         self.fingerprint = page_fingerprint(
             str(layout),
@@ -151,6 +159,13 @@ class KvtierConnector(KVConnectorBase_V1):
                 self._block_table, options["load_async"],
                 record_saves=bool(events and events.enable_kv_cache_events),
             )  # fmt: skip
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise loading (the default) waits in each attention layer's hook, which a full
+        CUDA graph replays without calling; `"layerwise": false` keeps full graphs, and a
+        step's loads are then in before its forward starts."""
+        return bool(connector_config(dict(extra_config or {}))[1]["layerwise"])
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -227,7 +242,7 @@ class KvtierConnector(KVConnectorBase_V1):
         rank = get_tensor_model_parallel_rank() if self.tp_size > 1 else 0
         self._mover = ChunkMover(
             self.store, pages, self.geometry.blocks_per_chunk, (rank, self.tp_size),
-            _any_tp_rank if self.tp_size > 1 else lambda failed: failed,
+            _any_tp_rank if self.tp_size > 1 else lambda failed: failed, self._layerwise,
         )  # fmt: skip
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -236,7 +251,9 @@ class KvtierConnector(KVConnectorBase_V1):
             self._mover.load(meta.plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        layer = self._layer_index.get(layer_name)
+        if self._mover is not None and layer is not None:
+            self._mover.wait_for_layer(layer)
 
     def save_kv_layer(
         self,
@@ -248,13 +265,17 @@ class KvtierConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
+        if self._mover is None:
+            return
+        self._mover.finish_loads()
         meta = self._get_connector_metadata()
-        if self._mover is not None and isinstance(meta, KvtierMetadata):
+        if isinstance(meta, KvtierMetadata):
             self._mover.save(meta.plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._mover is None:
             return None, None
+        self._mover.finish_loads()  # where vLLM defers wait_for_save past this
         meta = self._get_connector_metadata()
         if isinstance(meta, KvtierMetadata) and meta.plan.idle:
             # The engine would only spin through empty steps (holding the GIL the loader

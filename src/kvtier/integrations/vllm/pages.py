@@ -90,32 +90,42 @@ class PagedKV:
     def index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)
 
-    def gather(self, idx: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy the pages of blocks `idx` into `out`, shape (L, len(idx), P), on any device."""
+    def gather(self, idx: torch.Tensor, out: torch.Tensor, non_blocking: bool = False) -> None:
+        """Copy the pages of blocks `idx` into `out`, shape (L, len(idx), P), on any device
+        (`non_blocking`: a GPU-to-host copy the caller synchronises before reading `out`)."""
         if self._all is not None:
             if out.device == self.device:
                 torch.index_select(self._all, 1, idx, out=out)  # (L, k, P)
             else:
-                out.copy_(torch.index_select(self._all, 1, idx))
+                out.copy_(torch.index_select(self._all, 1, idx), non_blocking=non_blocking)
             return
         for layer, pages in enumerate(self._layers):
-            out[layer].copy_(torch.index_select(pages, 0, idx))
+            out[layer].copy_(torch.index_select(pages, 0, idx), non_blocking=non_blocking)
 
     def scatter(self, idx: torch.Tensor, src: torch.Tensor) -> None:
         """Copy `src`, shape (L, len(idx), P), into the pages of blocks `idx`."""
-        src = _wide(src.to(self.device))
+        src = src.to(self.device)
         if self._all is not None:
-            _wide(self._all).index_copy_(1, idx, src)
+            dst, src = _wide(self._all, src)
+            dst.index_copy_(1, idx, src)
             return
-        for layer, pages in enumerate(self._layers):
-            _wide(pages).index_copy_(0, idx, src[layer])
+        for layer in range(self.num_layers):
+            self.scatter_layer(layer, idx, src[layer])
+
+    def scatter_layer(self, layer: int, idx: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy `src`, shape (len(idx), P) on this device, into layer `layer`'s pages of
+        blocks `idx`."""
+        pages = self._all[layer] if self._all is not None else self._layers[layer]
+        dst, src = _wide(pages, src)
+        dst.index_copy_(0, idx, src)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """The same bytes as int64 where they allow it: torch's index_copy_ moves 8-byte
+def _wide(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same bytes as int64 where all of them allow it: torch's index_copy_ moves 8-byte
     elements about 5x faster than single bytes."""
-    if t.shape[-1] % 8 or t.stride(-1) != 1 or t.data_ptr() % 8:
-        return t
-    if any(stride % 8 for stride in t.stride()[:-1]):
-        return t
-    return t.view(torch.int64)
+    for t in tensors:
+        if t.shape[-1] % 8 or t.stride(-1) != 1 or t.data_ptr() % 8:
+            return tensors
+        if any(stride % 8 for stride in t.stride()[:-1]):
+            return tensors
+    return tuple(t.view(torch.int64) for t in tensors)

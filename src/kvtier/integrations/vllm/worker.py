@@ -1,14 +1,17 @@
 """The worker side of the connector: copies whole chunks between kvtier and vLLM's pages.
 
-Loads run before the forward pass that needs them (vLLM calls `start_load_kv` first when a
-step has loads); a chunk kvtier cannot serve marks its blocks, and every later block of that
-request's load, as failed, so vLLM recomputes them. Saves copy the pages of newly completed
-chunks into kvtier in `wait_for_save`, at the end of the step that computed them: once it
-returns the blocks may be freed or reused, and the store writes its lower tiers in the
-background. CPU pages are gathered straight into the DRAM slots kvtier lends (the node
-process's shared memory: one copy, two round trips per step); GPU pages through
-a pinned staging buffer. Copies run on the engine's current stream, after the forward that
-wrote the pages and before the one that reads them.
+Loads are planned before the forward pass that needs them (vLLM calls `start_load_kv` first
+when a step has loads): the step's chunks are borrowed from kvtier's DRAM in place (one
+round trip to the node process for all of them), a chunk kvtier cannot serve marks its
+blocks, and every later block of that request's load, as failed, so vLLM recomputes them,
+and the rest are copied layer by layer (`loads.PageLoad`): the attention of layer `l`
+waits for layer `l` only (`wait_for_layer`), so loading overlaps the forward. Saves copy the
+pages of newly completed chunks into slots kvtier lends in its DRAM, in `wait_for_save`, at
+the end of the step that computed them: once it returns the blocks may be freed or reused,
+and the store writes its lower tiers in the background. GPU pages copy to and from that DRAM
+directly (registered with CUDA, `hostmem.py`), on a copy stream that follows the compute
+stream's queued work; where kvtier cannot lend (no DRAM tier on this host) a chunk goes
+through a staging buffer instead, one at a time.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from time import perf_counter as _now
 
 import torch
 
+from kvtier.integrations.vllm.hostmem import HostMemory
+from kvtier.integrations.vllm.loads import PageLoad
 from kvtier.integrations.vllm.pages import PagedKV
 from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan, Tally, rank_keys
 from kvtier.keys import Key
@@ -48,21 +53,34 @@ class ChunkMover:
         blocks_per_chunk: int,
         tp: tuple[int, int],
         any_rank: Callable[[bool], bool] = lambda failed: failed,
+        layerwise: bool = True,
     ) -> None:
         """`any_rank(failed)`: whether a synchronous load of this step failed on any tensor-
         parallel rank (a collective every rank calls in the same steps): after the all-reduce
-        every rank's forward pass read the unloaded blocks of one."""
+        every rank's forward pass read the unloaded blocks of one. `layerwise`: the engine
+        calls `wait_for_layer` before each layer's attention (else a step's loads are in
+        before its forward starts)."""
         self.store = store
         self._any_rank = any_rank
         self.pages = pages
         self.tp_rank, self.tp_size = tp
         self.chunk_bytes = pages.block_bytes * blocks_per_chunk
-        shape = (pages.num_layers, blocks_per_chunk, pages.page_bytes)  # (L, k, P)
+        self._shape = (pages.num_layers, blocks_per_chunk, pages.page_bytes)  # (L, k, P)
         cuda = pages.device.type == "cuda"
-        self._staging = Staging(shape, pin=cuda)  # the engine thread's
-        self._async_staging = Staging(shape, pin=cuda)  # the background loader's
+        self._host = HostMemory(cuda)
+        self._staging = Staging(self._shape, pin=cuda)  # the engine thread's
+        self._async_staging = Staging(self._shape, pin=cuda)  # the background loader's
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
-        self._stream = torch.cuda.Stream(pages.device) if cuda else None  # type: ignore[no-untyped-call]
+        self._layer_thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-layers")
+            if layerwise and not cuda
+            else None
+        )
+        new_stream = torch.cuda.Stream if cuda else None
+        self._copy_stream = new_stream(pages.device) if new_stream else None  # type: ignore[no-untyped-call]
+        self._stream = new_stream(pages.device) if new_stream else None  # type: ignore[no-untyped-call]
+        self._layerwise = layerwise
+        self._step: PageLoad | None = None  # this step's synchronous loads
         self.tally = Tally()
         self._failed: set[int] = set()
         self._received: set[str] = set()
@@ -74,20 +92,99 @@ class ChunkMover:
         return rank_keys([c.key for c in chunks], self.tp_rank, self.tp_size)
 
     def load(self, plan: StepPlan) -> None:
-        """Copy every planned chunk into its blocks (asynchronous loads in the background);
-        failures are remembered by block."""
-        failed = False
+        """Start every planned load: the step's own in place, layer by layer (`wait_for_layer`,
+        `finish_loads`), asynchronous ones in the background; failures are remembered by
+        block."""
+        self.finish_loads()  # the previous step's, if the engine skipped wait_for_save
         for job in plan.loads:
             if job.async_load:
-                future = self._loader.submit(self._load_in_background, job)
+                # The loader's stream starts after the work queued so far (nothing queued
+                # later touches these blocks: the request is not scheduled until it ends).
+                queued = None
+                if self._stream is not None:
+                    queued = torch.cuda.current_stream().record_event()
+                future = self._loader.submit(self._load_in_background, job, queued)
                 with self._lock:
                     self._loading.add(future)
                 future.add_done_callback(self._loaded)
-            elif not self._load_request(job, self._staging):
-                failed = True
+        jobs = [job for job in plan.loads if not job.async_load]
+        if not jobs:
+            return
+        t0 = _now()
+        failed = self._start_step_loads(jobs)
+        for _ in jobs:
+            self.tally.observe("request_load_seconds", _now() - t0)
         # Every rank has the same plan, so all of them ask here, in the same steps.
-        if any(not job.async_load for job in plan.loads) and self._any_rank(failed):
+        if self._any_rank(failed):
             self._skip_saves = SKIP_SAVE_STEPS
+
+    def _start_step_loads(self, jobs: Sequence[RequestJobs]) -> bool:
+        """Borrow the step's chunks and start copying them; True if one could not be served."""
+        after = torch.cuda.current_stream().record_event() if self._copy_stream else None
+        thread = self._layer_thread
+        started = self._start(jobs, self._copy_stream, after, thread)
+        if started is None:  # kvtier cannot lend: through the staging buffer, chunk by chunk
+            return not all([self._load_chunks(job, self._staging) for job in jobs])
+        self._step, failed = started
+        if self._step is not None and not self._layerwise:
+            self._step.wait_all()
+        return failed
+
+    def _start(
+        self,
+        jobs: Sequence[RequestJobs],
+        stream: torch.cuda.Stream | None,
+        after: torch.cuda.Event | None,
+        thread: ThreadPoolExecutor | None,
+    ) -> tuple[PageLoad | None, bool] | None:
+        """The copies of `jobs` from chunks kvtier lends in place, started (None when it
+        cannot lend), and whether a chunk was missing (it and the rest of its request are
+        failed)."""
+        keys = [k for job in jobs for k in self.keys(job.chunks)]
+        borrowed = ExitStack()
+        try:
+            views: list[memoryview | None] = []
+            for i in range(0, len(keys), MAX_KEYS):  # a frame's key limit
+                lent = borrowed.enter_context(
+                    self.store.reading(keys[i : i + MAX_KEYS], self.chunk_bytes)
+                )
+                if lent is None:
+                    borrowed.close()
+                    return None
+                views += lent
+            copies, failed, at = [], False, 0
+            for job in jobs:
+                for i, (chunk, view) in enumerate(zip(job.chunks, views[at:], strict=False)):
+                    if view is None:
+                        self._fail(job.chunks[i:])
+                        failed = True
+                        break
+                    copies.append((chunk, self._host.tensor(view, self._shape)))
+                at += len(job.chunks)
+            if not copies:
+                borrowed.close()
+                return None, failed
+            load = PageLoad(self.pages, copies, borrowed.close, stream, after, thread)
+        except BaseException:
+            if stream is not None:
+                stream.synchronize()  # no copy may still read what is given back
+            borrowed.close()
+            raise
+        self.tally.add("loaded_bytes", load.nbytes)
+        return load, failed
+
+    def wait_for_layer(self, layer: int) -> None:
+        """Before layer `layer`'s attention reads its pages: this step's loads of that layer
+        are in (or, on a GPU, the compute stream waits for them)."""
+        if self._step is not None:
+            self._step.wait(layer)
+
+    def finish_loads(self) -> None:
+        """Wait for this step's loads to end and give kvtier its chunks back."""
+        load, self._step = self._step, None
+        if load is not None:
+            load.finish()
+            self.tally.add("load_seconds", load.seconds)
 
     def _loaded(self, future: Future[None]) -> None:
         with self._lock:
@@ -100,35 +197,33 @@ class ChunkMover:
         if loading:
             wait(loading, timeout_s, FIRST_COMPLETED)
 
-    def _load_in_background(self, job: RequestJobs) -> None:
+    def _load_in_background(self, job: RequestJobs, queued: torch.cuda.Event | None) -> None:
+        t0 = _now()
         try:
-            stream = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
-            with stream:
-                self._load_request(job, self._async_staging)
-            if self._stream is not None:
-                self._stream.synchronize()  # the pages are written before vLLM hears of it
+            started = self._start([job], self._stream, queued, None)
+            if started is None:
+                stream = torch.cuda.stream(self._stream) if self._stream else nullcontext()
+                with stream:
+                    if self._stream is not None and queued is not None:
+                        self._stream.wait_event(queued)
+                    self._load_chunks(job, self._async_staging)
+                if self._stream is not None:
+                    self._stream.synchronize()  # the pages are written before vLLM hears of it
+            elif started[0] is not None:
+                started[0].finish()
+                self.tally.add("load_seconds", started[0].seconds)
         except Exception:
             self._fail(job.chunks)
             raise
         finally:
+            self.tally.observe("request_load_seconds", _now() - t0)
             with self._lock:
                 self._received.add(job.req_id)
 
-    def _load_request(self, job: RequestJobs, staging: Staging) -> bool:
-        """Loads a request's chunks; False if one failed (it and every later one are)."""
-        t0 = _now()
-        try:
-            return self._load_chunks(job, staging)
-        finally:
-            self.tally.observe("request_load_seconds", _now() - t0)
-
     def _load_chunks(self, job: RequestJobs, staging: Staging) -> bool:
-        keys = self.keys(job.chunks)
-        if self.pages.device.type == "cpu":  # GPU pages are loaded through pinned staging
-            with self.store.reading(keys, self.chunk_bytes) as views:
-                if views is not None:
-                    return self._scatter(job, views, staging)
-        for i, (chunk, key) in enumerate(zip(job.chunks, keys, strict=True)):
+        """Loads a request's chunks through `staging`, one at a time; False if one failed (it
+        and every later one are)."""
+        for i, (chunk, key) in enumerate(zip(job.chunks, self.keys(job.chunks), strict=True)):
             t0 = _now()
             tier = self.store.read_chunk(key, [staging.view])
             if tier is None:
@@ -142,25 +237,6 @@ class ChunkMover:
             self.tally.add("load_seconds", _now() - t0)
         return True
 
-    def _scatter(
-        self, job: RequestJobs, views: Sequence[memoryview | None], staging: Staging
-    ) -> bool:
-        """Copy chunks kvtier lent in place into their blocks; from the first it could not
-        serve on, the request's blocks are failed (and False returned)."""
-        t0 = _now()
-        loaded = True
-        for i, (chunk, view) in enumerate(zip(job.chunks, views, strict=True)):
-            if view is None:
-                self._fail(job.chunks[i:])
-                loaded = False
-                break
-            src = staging.over(view) if not view.readonly else staging.filled_from(view)
-            end = chunk.skip_blocks + len(chunk.block_ids)
-            self.pages.scatter(self.pages.index(chunk.block_ids), src[:, chunk.skip_blocks : end])
-            self.tally.add("loaded_bytes", self.pages.block_bytes * len(chunk.block_ids))
-        self.tally.add("load_seconds", _now() - t0)
-        return loaded
-
     def _fail(self, chunks: Sequence[ChunkCopy]) -> None:
         self.tally.add("failed_chunks", len(chunks))
         with self._lock:
@@ -168,7 +244,7 @@ class ChunkMover:
 
     def save(self, plan: StepPlan) -> None:
         """Copy the pages of every planned chunk into kvtier (lower tiers written later): the
-        step's chunks of every request at once, so CPU pages take one PUT_LOCAL and one COMMIT
+        step's chunks of every request at once, so they take one PUT_LOCAL and one COMMIT
         round trip per step, not per request. Dropped for SKIP_SAVE_STEPS steps once a load
         of the engine's step failed."""
         if self._skip_saves:
@@ -177,8 +253,6 @@ class ChunkMover:
             return
         if not plan.saves:
             return
-        if self.pages.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
         t0 = _now()
         chunks = [c for job in plan.saves for c in job.chunks]
         saved = 0
@@ -191,14 +265,16 @@ class ChunkMover:
     def _save_chunks(self, chunks: Sequence[ChunkCopy]) -> int:
         """Copies chunks into kvtier; how many it took (not those it holds already)."""
         keys = self.keys(chunks)
-        if self.pages.device.type == "cpu":  # GPU pages go through pinned staging
-            with self.store.writing(keys, self.chunk_bytes) as slots:
-                if slots is not None:
-                    for chunk, slot in zip(chunks, slots, strict=True):
-                        if slot is not None:  # None: kvtier holds it already
-                            index = self.pages.index(chunk.block_ids)
-                            self.pages.gather(index, self._staging.over(slot))
-                    return sum(slot is not None for slot in slots)
+        cuda = self.pages.device.type == "cuda"
+        with self.store.writing(keys, self.chunk_bytes) as slots:
+            if slots is not None:
+                for chunk, slot in zip(chunks, slots, strict=True):
+                    if slot is not None:  # None: kvtier holds it already
+                        out = self._host.tensor(slot, self._shape)
+                        self.pages.gather(self.pages.index(chunk.block_ids), out, cuda)
+                if cuda:  # the copies (queued after the forward) are in before the commit
+                    torch.cuda.current_stream().synchronize()
+                return sum(slot is not None for slot in slots)
         for chunk, key in zip(chunks, keys, strict=True):
             self.pages.gather(self.pages.index(chunk.block_ids), self._staging.tensor)
             self.store.write_chunk(key, [self._staging.view])
@@ -218,7 +294,11 @@ class ChunkMover:
         return received
 
     def close(self) -> None:
+        self.finish_loads()
         self._loader.shutdown(wait=True)
+        if self._layer_thread is not None:
+            self._layer_thread.shutdown(wait=True)
+        self._host.close()
 
 
 class Staging:
