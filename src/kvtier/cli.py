@@ -23,6 +23,7 @@ COMMANDS = {
 }
 BENCHMARKS = {
     "io": ("kvtier.bench.io", "each tier against the raw hardware path"),
+    "gpu": ("kvtier.bench.gpu", "the vLLM connector on a CUDA GPU: ordering, bandwidth, TTFT"),
     "load": ("kvtier.bench.load", "many concurrent clients against a cache server"),
     "chat": ("kvtier.bench.workload", "multi-turn chat workload"),
     "agent": ("kvtier.bench.workload", "ReAct agent workload"),
