@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import secrets
 import statistics
 import sys
 import tempfile
@@ -337,7 +338,8 @@ def connector_bandwidth(
         v.normal_()
     page_bytes = _page_bytes(shape["kv_heads"], shape["head_dim"], dtype)
     nbytes = chunks * k * page_bytes * shape["layers"]
-    keys = [_key(f"bw-{i}") for i in range(chunks)]
+    run = secrets.token_hex(8)  # fresh keys: a node kept from an earlier call holds others
+    keys = [_key(f"bw-{run}-{i}") for i in range(chunks)]
     save = StepPlan(
         saves=[
             RequestJobs(
@@ -357,10 +359,12 @@ def connector_bandwidth(
             )
         ]
     )
-    dram = f"{nbytes * 2 >> 20}MiB"
+    dram = f"{max(nbytes * 2, 64 << 20) >> 20}MiB"
     with _mover(views, page_bytes, chunk_tokens, node_dir, dram) as (mover, _):
         # The first copy registers kvtier's DRAM with CUDA (once per worker): not timed.
-        mover.save(StepPlan(saves=[RequestJobs("w", [ChunkCopy(_key("warm"), tuple(range(k)))])]))
+        mover.save(
+            StepPlan(saves=[RequestJobs("w", [ChunkCopy(_key(f"warm-{run}"), tuple(range(k)))])])
+        )
         _sync(device)
         t0 = time.perf_counter()
         mover.save(save)
