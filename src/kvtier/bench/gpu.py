@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from kvtier.config import StoreConfig, env_default
+from kvtier.integrations.vllm.hostmem import HostMemory
 from kvtier.integrations.vllm.node import engine_store, stop_nodes
 from kvtier.integrations.vllm.pages import PagedKV
 from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan
@@ -86,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
                 layout: check_ordering(layout, device, node_dir)
                 for layout in ("LBNHC", "BLNHC", "per-layer")
             }
+            if device.type == "cuda":  # the compute on a stream of its own, as well
+                with torch.cuda.stream(torch.cuda.Stream(device)):  # type: ignore[no-untyped-call]
+                    result["ordering"]["LBNHC, side stream"] = check_ordering(
+                        "LBNHC", device, node_dir, "side"
+                    )
+                result["ordering"]["registration"] = check_registration(device)
             _say(f"ordering: {result['ordering']}")
             result["raw"] = raw_copies(device, 1 << 30)
             _say(f"raw copies: {result['raw']}")
@@ -181,7 +188,29 @@ def _key(text: str) -> bytes:
 # -- 1. ordering --------------------------------------------------------------------------
 
 
-def check_ordering(layout: str, device: torch.device, node_dir: Path) -> dict[str, bool]:
+def check_registration(device: torch.device) -> dict[str, bool]:
+    """A mapping that cannot be registered (here: registered already) is copied from all the
+    same, and leaves no CUDA error behind for torch's next kernel to report as its own."""
+    mapped = mmap.mmap(-1, 64 << 20)
+    first, second = HostMemory(device), HostMemory(device)
+    try:
+        view = memoryview(mapped)[: 1 << 20]
+        first.tensor(view, (1 << 20,)).fill_(3)
+        again = second.tensor(view, (1 << 20,))  # cudaHostRegister fails: registered already
+        on_gpu = again.to(device) * 2  # a kernel launched after the failure
+        torch.cuda.synchronize(device)
+        ok = bool((on_gpu == 6).all())
+        del view, again
+        return {"failed_registration_leaves_no_cuda_error": ok}
+    finally:
+        second.close()
+        first.close()
+        mapped.close()
+
+
+def check_ordering(
+    layout: str, device: torch.device, node_dir: Path, tag: str = ""
+) -> dict[str, bool]:
     """Each copy with a busy kernel queued before it on the compute stream, checked byte for
     byte once the stream is drained."""
     k = 4  # blocks per chunk
@@ -191,7 +220,7 @@ def check_ordering(layout: str, device: torch.device, node_dir: Path) -> dict[st
         v.copy_(torch.randn(v.shape, device=device).to(dtype))
     page_bytes = _page_bytes(heads, dim, dtype)
     src, dst, late = range(0, k), range(4, 4 + k), range(8, 8 + k)
-    key, missing = _key(f"{layout}-saved"), _key(f"{layout}-missing")
+    key, missing = _key(f"{layout}-{tag}-saved"), _key(f"{layout}-{tag}-missing")
     untouched = [b for b in range(16) if b not in (*src, *dst, *late)]
 
     def blocks(ids: range | list[int]) -> list[torch.Tensor]:

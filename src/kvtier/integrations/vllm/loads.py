@@ -22,6 +22,23 @@ import torch
 from kvtier.integrations.vllm.pages import PagedKV
 from kvtier.integrations.vllm.plan import ChunkCopy
 
+BUFFER_BYTES = 64 << 20  # a GPU load's device buffer, whatever the step loads
+
+
+def _groups(sizes: Sequence[int], most: int) -> list[tuple[int, int, list[int]]]:
+    """Consecutive chunks (block counts `sizes`) in groups of at most `most` blocks (a larger
+    chunk alone): (first block, end block, chunk indexes) of each."""
+    groups: list[tuple[int, int, list[int]]] = []
+    start = 0
+    for i, size in enumerate(sizes):
+        if groups and groups[-1][1] - groups[-1][0] + size <= most:
+            first, _, members = groups[-1]
+            groups[-1] = (first, start + size, [*members, i])
+        else:
+            groups.append((start, start + size, [i]))
+        start += size
+    return groups
+
 
 class PageLoad:
     """Copies `(chunk, source)` pairs into `pages`; `release` runs once they are done."""
@@ -41,6 +58,7 @@ class PageLoad:
         self.pages = pages
         self.nbytes = pages.block_bytes * sum(len(c.block_ids) for c, _ in copies)
         self.seconds = 0.0
+        self.waited: set[int] = set()  # layers `wait` was called for
         self._release = release
         self._stream = stream
         self._error: BaseException | None = None
@@ -63,21 +81,25 @@ class PageLoad:
                 self._future = thread.submit(self._copy, copies)
 
     def _queue(self, copies: Sequence[tuple[ChunkCopy, torch.Tensor]]) -> None:
-        """GPU: per layer, every chunk's slice into one device buffer, then one indexed copy."""
+        """GPU: per layer and group of chunks, each chunk's slice into one device buffer (of
+        at most BUFFER_BYTES, reused in stream order), then one indexed copy into the pages."""
         pages = self.pages
-        idx = pages.index([b for chunk, _ in copies for b in chunk.block_ids])
-        buffer = torch.empty(
-            (idx.numel(), pages.page_bytes), dtype=torch.uint8, device=pages.device
+        groups = _groups(
+            [len(chunk.block_ids) for chunk, _ in copies], BUFFER_BYTES // pages.page_bytes
         )
+        idx = pages.index([b for chunk, _ in copies for b in chunk.block_ids], non_blocking=True)
+        rows = max(stop - start for start, stop, _ in groups)
+        buffer = torch.empty((rows, pages.page_bytes), dtype=torch.uint8, device=pages.device)
         self._timing[0].record()
         for layer, event in enumerate(self._events):
-            at = 0
-            for chunk, src in copies:
-                n = len(chunk.block_ids)
-                part = src[layer, chunk.skip_blocks : chunk.skip_blocks + n]
-                buffer[at : at + n].copy_(part, non_blocking=True)
-                at += n
-            pages.scatter_layer(layer, idx, buffer)  # stream order: before the next layer's
+            for start, stop, members in groups:
+                at = 0
+                for chunk, src in (copies[i] for i in members):
+                    n = len(chunk.block_ids)
+                    part = src[layer, chunk.skip_blocks : chunk.skip_blocks + n]
+                    buffer[at : at + n].copy_(part, non_blocking=True)
+                    at += n
+                pages.scatter_layer(layer, idx[start:stop], buffer[:at])
             event.record()
         self._timing[1].record()
 
@@ -102,6 +124,7 @@ class PageLoad:
     def wait(self, layer: int) -> None:
         """Layer `layer`'s pages are in before the engine reads them: the compute stream waits
         for them (GPU), or this call does (CPU)."""
+        self.waited.add(layer)
         if self._stream is not None:
             torch.cuda.current_stream().wait_event(self._events[layer])
             return

@@ -87,8 +87,15 @@ class PagedKV:
         """Bytes of one block across all layers."""
         return self.num_layers * self.page_bytes
 
-    def index(self, block_ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+    def index(self, block_ids: Sequence[int], non_blocking: bool = False) -> torch.Tensor:
+        """Block ids as an index on this device; `non_blocking` on a GPU: queued on the
+        current stream from pinned memory, so the host does not wait for that stream."""
+        ids = torch.tensor(block_ids, dtype=torch.long)
+        if self.device.type != "cuda":
+            return ids
+        if non_blocking:
+            ids = ids.pin_memory()  # torch's pinned pool keeps it until the copy has run
+        return ids.to(self.device, non_blocking=non_blocking)
 
     def gather(self, idx: torch.Tensor, out: torch.Tensor, non_blocking: bool = False) -> None:
         """Copy the pages of blocks `idx` into `out`, shape (L, len(idx), P), on any device

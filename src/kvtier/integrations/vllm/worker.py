@@ -16,6 +16,7 @@ through a staging buffer instead, one at a time.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -33,6 +34,7 @@ from kvtier.protocol import Limits
 from kvtier.store import Store
 from kvtier.tiers.base import copy_views
 
+log = logging.getLogger("kvtier.vllm")
 MAX_KEYS = Limits().max_keys
 # Steps whose saves are dropped after a load of the engine's own step failed: that step's
 # forward read the unloaded blocks (the failed request's, and any request's that shares
@@ -67,7 +69,7 @@ class ChunkMover:
         self.chunk_bytes = pages.block_bytes * blocks_per_chunk
         self._shape = (pages.num_layers, blocks_per_chunk, pages.page_bytes)  # (L, k, P)
         cuda = pages.device.type == "cuda"
-        self._host = HostMemory(cuda)
+        self._host = HostMemory(pages.device)
         self._staging = Staging(self._shape, pin=cuda)  # the engine thread's
         self._async_staging = Staging(self._shape, pin=cuda)  # the background loader's
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
@@ -80,7 +82,9 @@ class ChunkMover:
         self._copy_stream = new_stream(pages.device) if new_stream else None  # type: ignore[no-untyped-call]
         self._stream = new_stream(pages.device) if new_stream else None  # type: ignore[no-untyped-call]
         self._layerwise = layerwise
+        self._warned = False  # a step's layers ran without their wait (logged once)
         self._step: PageLoad | None = None  # this step's synchronous loads
+        self._step_requests = (0, 0.0)  # their requests, and the seconds to start them
         self.tally = Tally()
         self._failed: set[int] = set()
         self._received: set[str] = set()
@@ -112,8 +116,11 @@ class ChunkMover:
             return
         t0 = _now()
         failed = self._start_step_loads(jobs)
-        for _ in jobs:
-            self.tally.observe("request_load_seconds", _now() - t0)
+        if self._step is not None:
+            self._step_requests = (len(jobs), _now() - t0)  # observed once the copies end
+        else:  # copied already (through the staging buffer), or nothing to copy
+            for _ in jobs:
+                self.tally.observe("request_load_seconds", _now() - t0)
         # Every rank has the same plan, so all of them ask here, in the same steps.
         if self._any_rank(failed):
             self._skip_saves = SKIP_SAVE_STEPS
@@ -182,9 +189,21 @@ class ChunkMover:
     def finish_loads(self) -> None:
         """Wait for this step's loads to end and give kvtier its chunks back."""
         load, self._step = self._step, None
-        if load is not None:
-            load.finish()
-            self.tally.add("load_seconds", load.seconds)
+        if load is None:
+            return
+        load.finish()
+        self.tally.add("load_seconds", load.seconds)
+        requests, started_s = self._step_requests
+        for _ in range(requests):  # each request of the step waited for all of it
+            self.tally.observe("request_load_seconds", started_s + load.seconds)
+        missed = self.pages.num_layers - len(load.waited)
+        if self._layerwise and missed and not self._warned:
+            self._warned = True  # the engine read those layers' pages without waiting
+            log.warning(
+                "kvtier: the engine ran %d of %d layers without wait_for_layer_load in a step "
+                'with loads; set "layerwise": false in kv_connector_extra_config',
+                missed, self.pages.num_layers,
+            )  # fmt: skip
 
     def _loaded(self, future: Future[None]) -> None:
         with self._lock:
@@ -268,12 +287,14 @@ class ChunkMover:
         cuda = self.pages.device.type == "cuda"
         with self.store.writing(keys, self.chunk_bytes) as slots:
             if slots is not None:
-                for chunk, slot in zip(chunks, slots, strict=True):
-                    if slot is not None:  # None: kvtier holds it already
-                        out = self._host.tensor(slot, self._shape)
-                        self.pages.gather(self.pages.index(chunk.block_ids), out, cuda)
-                if cuda:  # the copies (queued after the forward) are in before the commit
-                    torch.cuda.current_stream().synchronize()
+                try:
+                    for chunk, slot in zip(chunks, slots, strict=True):
+                        if slot is not None:  # None: kvtier holds it already
+                            out = self._host.tensor(slot, self._shape)
+                            self.pages.gather(self.pages.index(chunk.block_ids), out, cuda)
+                finally:
+                    if cuda:  # the copies (queued after the forward) end before the commit,
+                        torch.cuda.current_stream().synchronize()  # or before an abort
                 return sum(slot is not None for slot in slots)
         for chunk, key in zip(chunks, keys, strict=True):
             self.pages.gather(self.pages.index(chunk.block_ids), self._staging.tensor)
