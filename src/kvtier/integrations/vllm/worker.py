@@ -32,7 +32,6 @@ from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan, Tall
 from kvtier.keys import Key
 from kvtier.protocol import Limits
 from kvtier.store import Store
-from kvtier.tiers.base import copy_views
 
 log = logging.getLogger("kvtier.vllm")
 MAX_KEYS = Limits().max_keys
@@ -329,12 +328,3 @@ class Staging:
         self.shape = shape
         self.tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
         self.view = memoryview(self.tensor.numpy()).cast("B")  # type: ignore[arg-type]
-
-    def over(self, slot: memoryview) -> torch.Tensor:
-        """A chunk-shaped tensor over a writable view kvtier lent (no copy)."""
-        return torch.frombuffer(slot, dtype=torch.uint8).view(self.shape)
-
-    def filled_from(self, view: memoryview) -> torch.Tensor:
-        """This buffer, holding a copy of a read-only view (torch wants writable memory)."""
-        copy_views([view], [self.view])
-        return self.tensor
