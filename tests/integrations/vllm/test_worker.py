@@ -5,6 +5,11 @@ or in the background), a missing chunk failing its blocks and every later one.""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +38,8 @@ from kvtier.integrations.vllm.worker import ChunkMover
 from kvtier.store import Store
 
 BLOCK = 16
+ROOT = Path(__file__).parents[3]
+TP_RANKS = Path(__file__).with_name("tp_ranks.py")
 BLOCKS_PER_CHUNK = 2
 __all__ = ["model_dir", "node_dir"]  # fixtures of test_scheduler's, used here too
 
@@ -312,3 +319,42 @@ def test_an_empty_step_waits_for_its_background_load(
     for name in layers:
         assert torch.equal(caches[name][4:6], caches[name][0:2])
     worker.shutdown()
+
+
+def test_tensor_parallel_ranks_agree_on_a_failed_load(node_dir: Path) -> None:
+    """Two ranks joined through vLLM's own process groups (gloo): rank 1's load fails (it
+    never saved its shard) while rank 0's succeeds; through the real all-reduce both drop
+    the saves of that step and the next one, and save again the step after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(TP_RANKS), str(rank), str(port), str(node_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    results = {}
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            assert proc.returncode == 0 and lines, err[-3000:]
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            results[result["rank"]] = result
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert results[0]["failed"] == [[], [], []]
+    assert results[1]["failed"] == [[4, 5], [], []]
+    for rank in (0, 1):  # rank 0's own load succeeded: it drops its saves all the same
+        assert results[rank]["skipped_saves"] == 2
+        assert results[rank]["held"] == [0, 0, 1]
