@@ -77,9 +77,9 @@ class ChunkMover:
             if layerwise and not cuda
             else None
         )
-        new_stream = torch.cuda.Stream if cuda else None
-        self._copy_stream = new_stream(pages.device) if new_stream else None  # type: ignore[no-untyped-call]
-        self._stream = new_stream(pages.device) if new_stream else None  # type: ignore[no-untyped-call]
+        stream = torch.cuda.Stream
+        self._copy_stream = stream(pages.device) if cuda else None  # type: ignore[no-untyped-call]
+        self._stream = stream(pages.device) if cuda else None  # type: ignore[no-untyped-call]
         self._layerwise = layerwise
         self._warned = False  # a step's layers ran without their wait (logged once)
         self._step: PageLoad | None = None  # this step's synchronous loads
@@ -126,7 +126,8 @@ class ChunkMover:
 
     def _start_step_loads(self, jobs: Sequence[RequestJobs]) -> bool:
         """Borrow the step's chunks and start copying them; True if one could not be served."""
-        after = torch.cuda.current_stream().record_event() if self._copy_stream else None
+        cuda = self._copy_stream is not None
+        after = torch.cuda.current_stream().record_event() if cuda else None
         thread = self._layer_thread
         started = self._start(jobs, self._copy_stream, after, thread)
         if started is None:  # kvtier cannot lend: through the staging buffer, chunk by chunk
@@ -220,7 +221,8 @@ class ChunkMover:
         try:
             started = self._start([job], self._stream, queued, None)
             if started is None:
-                stream = torch.cuda.stream(self._stream) if self._stream else nullcontext()
+                gpu = self._stream is not None
+                stream = torch.cuda.stream(self._stream) if gpu else nullcontext()
                 with stream:
                     if self._stream is not None and queued is not None:
                         self._stream.wait_event(queued)
