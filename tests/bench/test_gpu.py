@@ -24,6 +24,8 @@ def test_cpu_dry_run_checks_ordering_and_copies_byte_exact(
     assert result["connector"]["byte_exact"] and result["connector"]["failed_blocks"] == 0
     (row,) = result["ttft"]
     assert row["tokens"] == 256 and row["hit_tokens"] == 192 and row["byte_exact"]
+    disk = result["disk"]  # saved to the node's disk, loaded after a restart, in the background
+    assert disk["tokens"] == 192 and disk["byte_exact"] and disk["failed_blocks"] == 0
     assert json.loads((tmp_path / "gpu.json").read_text()) == result
 
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--chunk-tokens", type=int, default=256)
     add("--model-size", choices=["8b", "tiny"], default="8b", help="tiny: a dry run on CPU")
     add("--skip-ttft", action="store_true", help="ordering and bandwidth only")
+    add(
+        "--disk-dir", type=Path, default=None, help="where the disk tier goes (default: a temp dir)"
+    )
     add("--json", action="store_true", help="print one JSON object")
     add("--out", type=Path, default=env_default("KVTIER_BENCH_OUT", "results"))
 
@@ -102,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
             _say(f"connector: {result['connector']}")
             if not args.skip_ttft:
                 result["ttft"] = ttft(shape, tokens, args.chunk_tokens, device, node_dir)
+            disk = Path(tempfile.mkdtemp(prefix="kvtier-gpu-disk-", dir=args.disk_dir or work))
+            try:
+                result["disk"] = disk_bandwidth(
+                    shape, max(tokens) - 1, args.chunk_tokens, device, disk
+                )
+            finally:
+                shutil.rmtree(disk, ignore_errors=True)
+            _say(f"disk: {result['disk']}")
         finally:
             stop_nodes(node_dir)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,9 +177,14 @@ def _page_bytes(kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
 
 @contextmanager
 def _mover(
-    views: list[torch.Tensor], page_bytes: int, chunk_tokens: int, node_dir: Path, dram: str
+    views: list[torch.Tensor],
+    page_bytes: int,
+    chunk_tokens: int,
+    node_dir: Path,
+    dram: str,
+    **tiers: Any,
 ) -> Iterator[tuple[ChunkMover, Store]]:
-    config = StoreConfig(chunk_tokens=chunk_tokens, dram_bytes=dram)  # type: ignore[arg-type]
+    config = StoreConfig(chunk_tokens=chunk_tokens, dram_bytes=dram, **tiers)  # type: ignore[arg-type]
     store = engine_store(config, node_dir)
     pages = PagedKV(
         [(f"model.layers.{i}.self_attn.attn", v) for i, v in enumerate(views)], page_bytes
@@ -435,6 +453,91 @@ def connector_bandwidth(
     }
 
 
+# -- 4. the disk tier ----------------------------------------------------------------------
+
+
+def disk_bandwidth(
+    shape: dict[str, int], tokens: int, chunk_tokens: int, device: torch.device, work: Path
+) -> dict[str, Any]:
+    """The whole chunks of `tokens` tokens saved through the node into its disk tier (the node
+    then stopped, flushing, and its files dropped from the page cache), then loaded as vLLM
+    loads chunks kvtier holds on disk: in the background (`async_load`), promoted into the
+    restarted node's DRAM and copied to the GPU; against reading the same files raw."""
+    chunks = tokens // chunk_tokens
+    k = chunk_tokens // BLOCK
+    dtype = torch.bfloat16
+    heads, dim = shape["kv_heads"], shape["head_dim"]
+    views = paged_views("LBNHC", shape["layers"], 2 * chunks * k, heads, dim, dtype, device)
+    for v in views:
+        v.normal_()
+    page_bytes = _page_bytes(heads, dim, dtype)
+    nbytes = chunks * k * page_bytes * shape["layers"]
+    keys = [_key(f"disk-{secrets.token_hex(8)}-{i}") for i in range(chunks)]
+    save = [ChunkCopy(key, tuple(range(i * k, (i + 1) * k))) for i, key in enumerate(keys)]
+    load = [ChunkCopy(key, tuple(range((chunks + i) * k, (chunks + i + 1) * k)))
+            for i, key in enumerate(keys)]  # fmt: skip
+    node_dir, disk = work / "node", work / "tier"
+    tiers = {"disk_dir": disk, "disk_bytes": f"{(nbytes * 2 >> 20) + 64}MiB"}
+    dram = f"{max(nbytes * 2, 64 << 20) >> 20}MiB"  # room for all of them once promoted
+    with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
+        mover.save(StepPlan(saves=[RequestJobs("s", save)]))
+    stop_nodes(node_dir)  # flushes its DRAM to disk; a restarted node serves the disk
+    files = [f for f in disk.rglob("*") if f.is_file()]
+    _drop_cache(files)
+    with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
+        _sync(device)
+        t0 = time.perf_counter()
+        mover.load(StepPlan(loads=[RequestJobs("l", load, async_load=True)]))
+        deadline = time.monotonic() + 600
+        while "l" not in mover.take_received() and time.monotonic() < deadline:
+            mover.wait_for_loads(0.05)
+        _sync(device)
+        load_s = time.perf_counter() - t0
+        failed = mover.take_failed()
+    stop_nodes(node_dir)
+    exact = all(
+        torch.equal(v[: chunks * k].view(torch.uint8), v[chunks * k :].view(torch.uint8))
+        for v in views
+    )
+    _drop_cache(files)
+    t0 = time.perf_counter()
+    raw = sum(len(f.read_bytes()) for f in files)
+    raw_s = time.perf_counter() - t0
+    return {
+        "tokens": chunks * chunk_tokens,
+        "bytes": nbytes,
+        "filesystem": _filesystem(disk),
+        "load_gbps": round(nbytes / load_s / 1e9, 2),
+        "load_seconds": round(load_s, 4),
+        "raw_read_gbps": round(raw / raw_s / 1e9, 2),
+        "failed_blocks": len(failed),
+        "byte_exact": exact,
+    }
+
+
+def _drop_cache(files: list[Path]) -> None:
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem `path` is on (tmpfs would make a disk figure a DRAM one)."""
+    best, kind = "", "unknown"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if (
+            len(parts) > 2
+            and str(path.resolve()).startswith(parts[1])
+            and len(parts[1]) > len(best)
+        ):
+            best, kind = parts[1], parts[2]
+    return kind
+
+
 # -- 3. time to first token ---------------------------------------------------------------
 
 
@@ -559,6 +662,8 @@ def _table(result: dict[str, Any]) -> str:
         ]
     lines.append("raw copies (GB/s): " + ", ".join(f"{k}={v}" for k, v in result["raw"].items()))
     lines.append("connector: " + ", ".join(f"{k}={v}" for k, v in result["connector"].items()))
+    if "disk" in result:
+        lines.append("disk: " + ", ".join(f"{k}={v}" for k, v in result["disk"].items()))
     for row in result.get("ttft", []):
         lines.append(
             f"  {row['tokens']:>6} tokens: recompute {row['recompute_ttft_s'] * 1e3:8.1f} ms, "

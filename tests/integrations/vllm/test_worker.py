@@ -279,6 +279,38 @@ def test_a_background_load_is_waited_for_and_reported(
     assert m.take_failed() == {8, 9, 10, 11}
 
 
+def test_a_background_load_borrows_in_batches(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A background load borrows BACKGROUND_BYTES of chunks at a time (the node promotes
+    each batch from its disk before it answers, within its reply timeout): here one chunk
+    per batch. A chunk missing from the second batch fails its blocks and every later
+    chunk's, which are not asked for; the first batch's chunk is loaded."""
+    m, caches = mover
+    monkeypatch.setattr(worker, "BACKGROUND_BYTES", m.chunk_bytes)
+    keys = [_key(f"{request.node.name}-{i}") for i in range(3)]
+    m.save(StepPlan(saves=[RequestJobs("a", [ChunkCopy(keys[0], (0, 1)),
+                                             ChunkCopy(keys[2], (2, 3))])]))  # fmt: skip
+    want = _blocks(caches, [0, 1])
+    borrowed: list[int] = []
+    reading = m.store.reading
+
+    def counted(ks: list[bytes], nbytes: int) -> object:
+        borrowed.append(len(ks))
+        return reading(ks, nbytes)
+
+    monkeypatch.setattr(m.store, "reading", counted)
+    chunks = [ChunkCopy(keys[0], (4, 5)), ChunkCopy(keys[1], (6, 7)), ChunkCopy(keys[2], (8, 9))]
+    m.load(StepPlan(loads=[RequestJobs("b", chunks, async_load=True)]))
+    m.wait_for_loads(60.0)
+    assert m.take_received() == {"b"}
+    assert borrowed == [1, 1]
+    assert m.take_failed() == {6, 7, 8, 9}
+    assert all(torch.equal(a, b) for a, b in zip(_blocks(caches, [4, 5]), want, strict=True))
+
+
 def test_an_empty_step_waits_for_its_background_load(
     model_dir: Path, node_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

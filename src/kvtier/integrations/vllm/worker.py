@@ -35,6 +35,7 @@ from kvtier.store import Store
 
 log = logging.getLogger("kvtier.vllm")
 MAX_KEYS = Limits().max_keys
+BACKGROUND_BYTES = 64 << 20  # borrowed at a time by a background load (promoted from disk)
 # Steps whose saves are dropped after a load of the engine's own step failed: that step's
 # forward read the unloaded blocks (the failed request's, and any request's that shares
 # them through vLLM's prefix cache), and with async scheduling so did the next step, planned
@@ -217,21 +218,27 @@ class ChunkMover:
             wait(loading, timeout_s, FIRST_COMPLETED)
 
     def _load_in_background(self, job: RequestJobs, queued: torch.cuda.Event | None) -> None:
+        """A request's chunks kvtier holds on disk or a remote server, borrowed and copied
+        BACKGROUND_BYTES at a time: the node promotes each batch into its DRAM before it
+        answers, and a batch is quick enough for its reply timeout."""
         t0 = _now()
+        per = max(1, BACKGROUND_BYTES // self.chunk_bytes)
         try:
-            started = self._start([job], self._stream, queued, None)
-            if started is None:
-                gpu = self._stream is not None
-                stream = torch.cuda.stream(self._stream) if gpu else nullcontext()
-                with stream:
-                    if self._stream is not None and queued is not None:
-                        self._stream.wait_event(queued)
-                    self._load_chunks(job, self._async_staging)
-                if self._stream is not None:
-                    self._stream.synchronize()  # the pages are written before vLLM hears of it
-            elif started[0] is not None:
-                started[0].finish()
-                self.tally.add("load_seconds", started[0].seconds)
+            for i in range(0, len(job.chunks), per):
+                batch = RequestJobs(job.req_id, job.chunks[i : i + per], async_load=True)
+                started = self._start([batch], self._stream, queued, None)
+                if started is None:  # kvtier cannot lend: the rest through the staging buffer
+                    rest = RequestJobs(job.req_id, job.chunks[i:], async_load=True)
+                    self._load_through_staging(rest, queued)
+                    break
+                queued = None  # later batches follow on the same stream
+                load, failed = started
+                if load is not None:
+                    load.finish()
+                    self.tally.add("load_seconds", load.seconds)
+                if failed:  # the rest of the request is recomputed from the first failure
+                    self._fail(job.chunks[i + per :])
+                    break
         except Exception:
             self._fail(job.chunks)
             raise
@@ -239,6 +246,15 @@ class ChunkMover:
             self.tally.observe("request_load_seconds", _now() - t0)
             with self._lock:
                 self._received.add(job.req_id)
+
+    def _load_through_staging(self, job: RequestJobs, queued: torch.cuda.Event | None) -> None:
+        gpu = self._stream is not None
+        with torch.cuda.stream(self._stream) if gpu else nullcontext():
+            if self._stream is not None and queued is not None:
+                self._stream.wait_event(queued)
+            self._load_chunks(job, self._async_staging)
+        if self._stream is not None:
+            self._stream.synchronize()  # the pages are written before vLLM hears of it
 
     def _load_chunks(self, job: RequestJobs, staging: Staging) -> bool:
         """Loads a request's chunks through `staging`, one at a time; False if one failed (it
