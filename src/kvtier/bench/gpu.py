@@ -479,22 +479,29 @@ def disk_bandwidth(
     node_dir, disk = work / "node", work / "tier"
     tiers = {"disk_dir": disk, "disk_bytes": f"{(nbytes * 2 >> 20) + 64}MiB"}
     dram = f"{max(nbytes * 2, 64 << 20) >> 20}MiB"  # room for all of them once promoted
-    with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
-        mover.save(StepPlan(saves=[RequestJobs("s", save)]))
-    stop_nodes(node_dir)  # flushes its DRAM to disk; a restarted node serves the disk
-    files = [f for f in disk.rglob("*") if f.is_file()]
-    _drop_cache(files)
-    with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
-        _sync(device)
-        t0 = time.perf_counter()
-        mover.load(StepPlan(loads=[RequestJobs("l", load, async_load=True)]))
-        deadline = time.monotonic() + 600
-        while "l" not in mover.take_received() and time.monotonic() < deadline:
-            mover.wait_for_loads(0.05)
-        _sync(device)
-        load_s = time.perf_counter() - t0
-        failed = mover.take_failed()
-    stop_nodes(node_dir)
+    try:
+        with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
+            mover.save(StepPlan(saves=[RequestJobs("s", save)]))
+        stop_nodes(node_dir)  # flushes its DRAM to disk; a restarted node serves the disk
+        files = [f for f in disk.rglob("*") if f.is_file()]
+        _drop_cache(files)
+        with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
+            # Registering the restarted node's DRAM with CUDA (once per worker): not timed.
+            warm = ChunkCopy(_key(f"warm-{secrets.token_hex(8)}"), tuple(range(k)))
+            mover.save(StepPlan(saves=[RequestJobs("w", [warm])]))
+            _sync(device)
+            t0 = time.perf_counter()
+            mover.load(StepPlan(loads=[RequestJobs("l", load, async_load=True)]))
+            deadline = time.monotonic() + 600
+            received = False
+            while not received and time.monotonic() < deadline:
+                mover.wait_for_loads(0.05)
+                received = "l" in mover.take_received()
+            _sync(device)
+            load_s = time.perf_counter() - t0
+            failed = mover.take_failed()
+    finally:
+        stop_nodes(node_dir)
     exact = all(
         torch.equal(v[: chunks * k].view(torch.uint8), v[chunks * k :].view(torch.uint8))
         for v in views
@@ -506,6 +513,7 @@ def disk_bandwidth(
     return {
         "tokens": chunks * chunk_tokens,
         "bytes": nbytes,
+        "received": received,
         "filesystem": _filesystem(disk),
         "load_gbps": round(nbytes / load_s / 1e9, 2),
         "load_seconds": round(load_s, 4),
@@ -519,6 +527,7 @@ def _drop_cache(files: list[Path]) -> None:
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages are not dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -526,14 +535,10 @@ def _drop_cache(files: list[Path]) -> None:
 
 def _filesystem(path: Path) -> str:
     """The type of the filesystem `path` is on (tmpfs would make a disk figure a DRAM one)."""
-    best, kind = "", "unknown"
+    best, kind, where = "", "unknown", path.resolve()
     for line in Path("/proc/mounts").read_text().splitlines():
         parts = line.split()
-        if (
-            len(parts) > 2
-            and str(path.resolve()).startswith(parts[1])
-            and len(parts[1]) > len(best)
-        ):
+        if len(parts) > 2 and where.is_relative_to(parts[1]) and len(parts[1]) > len(best):
             best, kind = parts[1], parts[2]
     return kind
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -353,7 +354,7 @@ def test_an_empty_step_waits_for_its_background_load(
     worker.shutdown()
 
 
-def test_tensor_parallel_ranks_agree_on_a_failed_load(node_dir: Path) -> None:
+def test_tensor_parallel_ranks_agree_on_a_failed_load(node_dir: Path, tmp_path: Path) -> None:
     """Two ranks joined through vLLM's own process groups (gloo): rank 1's load fails (it
     never saved its shard) while rank 0's succeeds; through the real all-reduce both drop
     the saves of that step and the next one, and save again the step after."""
@@ -364,27 +365,34 @@ def test_tensor_parallel_ranks_agree_on_a_failed_load(node_dir: Path) -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(TP_RANKS), str(rank), str(port), str(node_dir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for rank in (0, 1)
-    ]
-    results = {}
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(TP_RANKS), str(rank), str(port), str(node_dir)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
     try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=240)
-            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-            assert proc.returncode == 0 and lines, err[-3000:]
-            result = json.loads(lines[-1].removeprefix("RESULT "))
-            results[result["rank"]] = result
+        deadline = time.monotonic() + 200
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # one rank failed: the other would wait for it in gloo
+            time.sleep(0.2)
     finally:
         for proc in procs:
             proc.kill()
+            proc.wait()
+    results = {}
+    for proc, log in zip(procs, logs, strict=True):
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, log.read_text()[-3000:]
+        result = json.loads(lines[-1].removeprefix("RESULT "))
+        results[result["rank"]] = result
     assert results[0]["failed"] == [[], [], []]
     assert results[1]["failed"] == [[4, 5], [], []]
     for rank in (0, 1):  # rank 0's own load succeeded: it drops its saves all the same
