@@ -214,7 +214,9 @@ def check_registration(device: torch.device) -> dict[str, bool]:
     try:
         view = memoryview(mapped)[: 1 << 20]
         first.tensor(view, (1 << 20,)).fill_(3)
+        first.wait()
         again = second.tensor(view, (1 << 20,))  # cudaHostRegister fails: registered already
+        second.wait()
         on_gpu = again.to(device) * 2  # a kernel launched after the failure
         torch.cuda.synchronize(device)
         ok = bool((on_gpu == 6).all())
@@ -412,6 +414,7 @@ def connector_bandwidth(
         mover.save(
             StepPlan(saves=[RequestJobs("w", [ChunkCopy(_key(f"warm-{run}"), tuple(range(k)))])])
         )
+        mover.wait_registered()
         _sync(device)
         t0 = time.perf_counter()
         mover.save(save)
@@ -489,6 +492,7 @@ def disk_bandwidth(
             # Registering the restarted node's DRAM with CUDA (once per worker): not timed.
             warm = ChunkCopy(_key(f"warm-{secrets.token_hex(8)}"), tuple(range(k)))
             mover.save(StepPlan(saves=[RequestJobs("w", [warm])]))
+            mover.wait_registered()
             _sync(device)
             t0 = time.perf_counter()
             mover.load(StepPlan(loads=[RequestJobs("l", load, async_load=True)]))

@@ -321,6 +321,11 @@ class ChunkMover:
             self.store.write_chunk(key, [self._staging.view])
         return len(chunks)
 
+    def wait_registered(self) -> None:
+        """Until the kvtier DRAM seen so far is registered with CUDA (in the background; the
+        copies before run at pageable speed)."""
+        self._host.wait()
+
     def take_failed(self) -> set[int]:
         """Block ids whose load failed since the last call."""
         with self._lock:
