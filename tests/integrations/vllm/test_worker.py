@@ -68,6 +68,19 @@ def _blocks(caches: dict[str, torch.Tensor], ids: list[int]) -> list[torch.Tenso
     return [caches[name][ids].clone() for name in LAYERS]
 
 
+def _count_keys(monkeypatch: pytest.MonkeyPatch, store: object, method: str) -> list[int]:
+    """The number of keys of each call to `store.method(keys, nbytes)` from now on."""
+    counts: list[int] = []
+    original = getattr(store, method)
+
+    def counted(keys: list[bytes], nbytes: int) -> object:
+        counts.append(len(keys))
+        return original(keys, nbytes)
+
+    monkeypatch.setattr(store, method, counted)
+    return counts
+
+
 def test_saved_chunks_load_back_into_other_blocks(
     mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
 ) -> None:
@@ -159,14 +172,7 @@ def test_a_steps_saves_of_several_requests_take_one_reservation(
     m, caches = mover
     keys = [_key(f"{request.node.name}-{i}") for i in range(3)]
     m.save(StepPlan(saves=[RequestJobs("x", [ChunkCopy(keys[2], (10, 11))])]))
-    reservations: list[int] = []
-    writing = m.store.writing
-
-    def counted(ks: list[bytes], nbytes: int) -> object:
-        reservations.append(len(ks))
-        return writing(ks, nbytes)
-
-    monkeypatch.setattr(m.store, "writing", counted)
+    reservations = _count_keys(monkeypatch, m.store, "writing")
     m.save(
         StepPlan(
             saves=[
@@ -295,14 +301,7 @@ def test_a_background_load_borrows_in_batches(
     m.save(StepPlan(saves=[RequestJobs("a", [ChunkCopy(keys[0], (0, 1)),
                                              ChunkCopy(keys[2], (2, 3))])]))  # fmt: skip
     want = _blocks(caches, [0, 1])
-    borrowed: list[int] = []
-    reading = m.store.reading
-
-    def counted(ks: list[bytes], nbytes: int) -> object:
-        borrowed.append(len(ks))
-        return reading(ks, nbytes)
-
-    monkeypatch.setattr(m.store, "reading", counted)
+    borrowed = _count_keys(monkeypatch, m.store, "reading")
     chunks = [ChunkCopy(keys[0], (4, 5)), ChunkCopy(keys[1], (6, 7)), ChunkCopy(keys[2], (8, 9))]
     m.load(StepPlan(loads=[RequestJobs("b", chunks, async_load=True)]))
     m.wait_for_loads(60.0)
