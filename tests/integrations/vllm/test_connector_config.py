@@ -41,6 +41,8 @@ def test_extra_config_takes_store_fields_size_strings_and_kvtier_variables(
                                         "layerwise": "false"})  # fmt: skip
     assert config.chunk_tokens == 64 and config.disk_dir is None
     assert options["load_async"] is True and options["layerwise"] is False
+    _, options = connector_config({"load_tiers": "dram, remote"})
+    assert options["load_tiers"] == {"dram", "remote"}
     # layer-wise loading waits in the attention hooks: vLLM must keep piecewise CUDA graphs
     assert KvtierConnector.requires_piecewise_for_cudagraph({})
     assert not KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": False})
@@ -52,12 +54,13 @@ def test_extra_config_takes_store_fields_size_strings_and_kvtier_variables(
         ({"dram_byte": "1GiB"}, "unknown keys"),
         ({"load_async": "sometimes"}, "load_async"),
         ({"layerwise": "maybe"}, "layerwise"),
+        ({"load_tiers": "dram,ssd"}, "load_tiers"),
         ({"dram_bytes": "lots"}, "dram_bytes"),
     ],
 )
 def test_bad_extra_config_is_refused_by_name(extra: dict[str, str], message: str) -> None:
-    """An unknown key, a bad load_async or layerwise, or an unparsable size is refused,
-    naming it."""
+    """An unknown key, a bad load_async, layerwise or load_tiers, or an unparsable size is
+    refused, naming it."""
     with pytest.raises(ConfigError, match=message):
         connector_config(extra)
 

@@ -670,3 +670,31 @@ def test_auto_loads_dram_hits_now_and_disk_hits_in_the_background(
     assert stats.data["hit_tokens/disk"] == 3 * CHUNK
     assert engine.worker.failed_loads == 0
     assert_no_leaks(engine)
+
+
+def test_load_tiers_leaves_a_slow_tiers_chunks_to_be_recomputed(
+    make_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
+    """With `load_tiers: dram` (a disk slower than recomputing), a prompt whose chunks are on
+    the node's disk only is not loaded: vLLM computes it whole, and kvtier, which holds those
+    chunks, does not save them again."""
+    engine = make_engine(
+        load_async=None, dram_bytes=f"{8 * CHUNK_BYTES}", disk_dir=str(tmp_path),
+        disk_bytes="64MiB", load_tiers="dram",
+    )  # fmt: skip
+    tokens = prompt(200, seed=7)
+    keys = store_in_kvtier_only(engine, tokens)
+    engine.scheduler.reset_prefix_cache()
+    for seed in range(100, 104):  # 4 x 3 new chunks push the first three out of DRAM
+        engine.add(f"other{seed}", prompt(200, seed=seed), max_tokens=1)
+        engine.run()
+        engine.scheduler.reset_prefix_cache()
+    assert engine.connector.store.locate(keys).tiers[:3] == ("disk",) * 3
+    engine.add("slow", tokens, max_tokens=1)
+    step = engine.step()
+    assert not step.plan.loads and "slow" in step.output.num_scheduled_tokens
+    engine.run()
+    assert not [job for s in engine.steps for job in s.plan.loads if job.req_id == "slow"]
+    assert not saved(engine, "slow")  # kvtier holds them (on disk)
+    assert engine.worker.failed_loads == 0
+    assert_no_leaks(engine)

@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.vllm")
-_OPTIONS = ("model_id", "node_dir", "load_async", "layerwise")
+_OPTIONS = ("model_id", "node_dir", "load_async", "layerwise", "load_tiers")
+TIERS = ("dram", "disk", "remote")  # the node's tiers, as its lookups name them
 PIN_PARAM = "kvtier_pin"  # kv_transfer_params: pin the prompt's chunks once it has run
 IDLE_WAIT_S = 0.05  # an empty step waits at most this long for a background load
 
@@ -66,7 +67,7 @@ class KvtierMetadata(KVConnectorMetadata):
 def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]]:
     """`kv_connector_extra_config` as a StoreConfig (its field names; KVTIER_* variables
     fill what it leaves out) and the connector's own options (`model_id`, `node_dir`,
-    `load_async`, `layerwise`)."""
+    `load_async`, `layerwise`, `load_tiers`)."""
     fields = set(StoreConfig.__dataclass_fields__)
     unknown = set(extra) - fields - set(_OPTIONS)
     if unknown:
@@ -96,6 +97,14 @@ def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]
             f"kv_connector_extra_config: layerwise must be true or false, got {layers}"
         )
     options["layerwise"] = layers in ("true", "1")
+    if "load_tiers" in options:  # else every tier
+        names = str(options["load_tiers"]).lower()
+        tiers = frozenset(t.strip() for t in names.split(",") if t.strip())
+        if not tiers <= set(TIERS):
+            raise ConfigError(
+                f"kv_connector_extra_config: load_tiers takes tiers of {list(TIERS)}, got {names!r}"
+            )
+        options["load_tiers"] = tiers
     return replace(StoreConfig.from_env(), **changes), options
 
 
@@ -156,7 +165,7 @@ class KvtierConnector(KVConnectorBase_V1):
             events = vllm_config.kv_events_config
             self._planner = ChunkPlanner(
                 self.store, self.geometry, self.model_id, self.fingerprint, self.tp_size,
-                self._block_table, options["load_async"],
+                self._block_table, options["load_async"], options.get("load_tiers"),
                 record_saves=bool(events and events.enable_kv_cache_events),
             )  # fmt: skip
 

@@ -100,10 +100,12 @@ class ChunkPlanner:
         tp_size: int,
         block_table: Callable[[str], Sequence[int]],
         load_async: bool | None = None,
+        load_tiers: frozenset[str] | None = None,
         record_saves: bool = False,
     ) -> None:
-        """`record_saves`: keep every planned save for `take_saved` (the connector's KV
-        events)."""
+        """`load_tiers`: the tiers chunks are loaded from (None: all); a hit stops at the
+        first chunk held only elsewhere, and the rest is recomputed. `record_saves`: keep
+        every planned save for `take_saved` (the connector's KV events)."""
         self.store = store
         self.geometry = geometry
         self.model_id = model_id
@@ -111,6 +113,7 @@ class ChunkPlanner:
         self.tp_size = tp_size
         self._block_table = block_table
         self.load_async = load_async
+        self.load_tiers = load_tiers
         self._requests: dict[str, Tracked] = {}
         # loads planned, by request; a synchronous one is kept for SYNC_REPORT_PLANS plans,
         # as its failure may be reported that late
@@ -134,6 +137,8 @@ class ChunkPlanner:
         c = self.geometry.chunk_tokens
         hit, tiers = self._lookup(tracked, request.num_tokens // c)
         tracked.stored = max(tracked.stored, hit)  # a full chunk kvtier holds is not saved again
+        if self.load_tiers is not None:  # a slow tier's chunks are recomputed instead
+            hit = next((i for i, t in enumerate(tiers) if t not in self.load_tiers), hit)
         tracked.claimed = min(hit, self.geometry.loadable_chunks(request.num_tokens))
         tracked.tiers = tiers[: tracked.claimed]
         tokens = max(tracked.claimed * c - num_computed_tokens, 0)
