@@ -17,8 +17,12 @@ views), against a real node process (shared DRAM), as in an engine:
 3. TTFT: an 8B-class Llama with random bf16 weights: prefill of N tokens (recompute) against
    loading the whole chunks of N-1 tokens through the connector plus the forward of the rest
    over that cache (a hit, as vLLM runs it: the last token is always computed). The two
-   halves of a hit are measured separately and added; transformers' SDPA attention stands in
-   for vLLM's kernels.
+   halves of a hit are measured one after the other, and together ("layer-wise": the
+   forward's attention layers wait for their layer's load, as vLLM's do); transformers' SDPA
+   attention stands in for vLLM's kernels.
+4. disk: the chunks of the longest prompt saved to the node's disk (the node restarted, the
+   page cache dropped), then loaded in the background as vLLM loads chunks on disk, against
+   reading the same files raw (`--disk-dir`: put it on the disk to measure, not tmpfs).
 """
 
 from __future__ import annotations
