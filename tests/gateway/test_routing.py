@@ -153,6 +153,20 @@ def test_costs_come_from_counter_deltas() -> None:
     assert c.load_s(GPU, 100) == 0.0
 
 
+def test_a_tier_the_worker_does_not_load_from_costs_its_recompute() -> None:
+    """A worker whose connector leaves the disk out (`load_tiers`, exported as
+    `kvtier_vllm_load_tier{tier="disk"} 0`) recomputes what its disk holds: a disk prefix
+    there costs what computing it costs, while its DRAM keeps its load cost."""
+    c = Costs(Priors(compute_s_per_token=1.0, load_s_per_token=(0.1, 0.2, 0.3)))
+    gauge = "kvtier_vllm_load_tier"
+    c.observe(f'{gauge}{{tier="dram"}} 1\n{gauge}{{tier="disk"}} 0\n{gauge}{{tier="remote"}} 1')
+    assert c.load_s(DISK, 10) == c.compute_s(10) == 10.0
+    assert c.load_s(DRAM, 10) == pytest.approx(1.0)
+    assert c.load_s(SHARED_TIER, 10) == pytest.approx(3.0)
+    c.observe(f'{gauge}{{tier="disk"}} 1')  # loaded again
+    assert c.load_s(DISK, 10) == pytest.approx(2.0)
+
+
 def test_unlabelled_load_seconds_are_averaged_over_all_hits() -> None:
     """vLLM's connector does not label load seconds by tier: one average for every tier."""
     c = Costs()

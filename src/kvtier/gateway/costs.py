@@ -61,6 +61,19 @@ WATCHED = (
     "kvtier_vllm_load_seconds_total",
 )
 _TIER_LABEL = re.compile(r'tier="([^"]*)"')
+LOAD_TIER = "kvtier_vllm_load_tier"  # gauge: 0 for a tier the worker recomputes (load_tiers)
+
+
+def unloaded_tiers(samples: dict[str, float]) -> frozenset[int]:
+    """The tiers a worker's connector does not load from (`load_tiers`): their chunks are
+    recomputed there, so a prefix in them is worth nothing on that worker."""
+    tiers = set()
+    for key, value in samples.items():
+        base, _, labels = key.partition("{")
+        found = _TIER_LABEL.search(labels)
+        if base == LOAD_TIER and value == 0 and found and found.group(1) in TIER_LABELS:
+            tiers.add(TIER_LABELS[found.group(1)])
+    return frozenset(tiers)
 
 
 def counters(samples: dict[str, float]) -> dict[str, float]:
@@ -86,6 +99,7 @@ class Costs:
     priors: Priors = field(default_factory=Priors)
     compute_s_per_token: float | None = None
     load_s_per_token: dict[int, float] = field(default_factory=dict)  # tier -> s/token
+    unloaded: frozenset[int] = frozenset()  # tiers the worker recomputes instead
     _last: dict[str, float] = field(default_factory=dict)
 
     def compute_s(self, tokens: int) -> float:
@@ -96,6 +110,8 @@ class Costs:
         """Seconds to load `tokens` from a kvtier tier (DRAM, DISK or SHARED_TIER)."""
         if tier == GPU or tokens == 0:
             return 0.0
+        if tier in self.unloaded:  # the worker recomputes what this tier holds
+            return self.compute_s(tokens)
         return tokens * self._load_rate(tier)
 
     def _load_rate(self, tier: int) -> float:
@@ -110,7 +126,9 @@ class Costs:
         """Updates the averages from one scrape of the worker's `/metrics`. A counter that
         went backwards (the worker restarted) starts a new baseline instead of a sample, and
         True is returned."""
-        now = counters(parse_prometheus(metrics_text))
+        samples = parse_prometheus(metrics_text)
+        self.unloaded = unloaded_tiers(samples)
+        now = counters(samples)
         last, self._last = self._last, now
         if not last:
             return False

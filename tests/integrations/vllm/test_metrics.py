@@ -30,7 +30,9 @@ def test_stats_add_up_and_reduce_to_rates() -> None:
     assert total.is_empty()
 
 
-def _prom_metrics(registry: CollectorRegistry) -> KvtierPromMetrics:
+def _prom_metrics(
+    registry: CollectorRegistry, extra: dict[str, Any] | None = None
+) -> KvtierPromMetrics:
     """The connector's metrics as vLLM builds them, in `registry`, for two engines."""
 
     def bound(cls: type) -> type:
@@ -41,7 +43,7 @@ def _prom_metrics(registry: CollectorRegistry) -> KvtierPromMetrics:
         return Bound
 
     return KvtierConnector.build_prom_metrics(
-        SimpleNamespace(kv_transfer_config=None),
+        SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra)),
         {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)},
         ["model_name", "engine"],
         {0: ["m", "0"], 1: ["m", "1"]},
@@ -87,3 +89,19 @@ def test_request_times_fill_histograms_on_the_shared_buckets() -> None:
     assert value("kvtier_vllm_request_load_seconds_bucket", {**engine0, "le": "0.0025"}) == 1
     assert value("kvtier_vllm_step_save_seconds_count", engine0) == 1
     assert value("kvtier_vllm_loaded_bytes_total", engine0) == 15
+
+
+def test_the_tiers_the_connector_loads_from_are_exported() -> None:
+    """`kvtier_vllm_load_tier{tier}` is 1 for a tier the connector loads hits from and 0 for
+    one `load_tiers` leaves out (a router reads it: such chunks are recomputed there)."""
+    for extra, want in [(None, (1, 1, 1)), ({"load_tiers": "dram,remote"}, (1, 0, 1))]:
+        registry = CollectorRegistry()
+        _prom_metrics(registry, extra)
+        for engine in ("0", "1"):
+            got = tuple(
+                registry.get_sample_value(
+                    "kvtier_vllm_load_tier", {"model_name": "m", "engine": engine, "tier": tier}
+                )
+                for tier in ("dram", "disk", "remote")
+            )
+            assert got == want

@@ -319,7 +319,13 @@ class KvtierConnector(KVConnectorBase_V1):
         labelnames: list[str],
         per_engine_labelvalues: dict[int, list[object]],
     ) -> KvtierPromMetrics:
-        return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        transfer = getattr(vllm_config, "kv_transfer_config", None)
+        extra = dict(getattr(transfer, "kv_connector_extra_config", None) or {})
+        loaded = connector_config(extra)[1].get("load_tiers")
+        tiers = {tier: loaded is None or tier in loaded for tier in TIERS}
+        return KvtierPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues, tiers
+        )
 
 
 def _any_tp_rank(failed: bool) -> bool:

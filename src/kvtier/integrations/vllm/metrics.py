@@ -76,8 +76,20 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         metric_types: dict[type, type],
         labelnames: list[str],
         per_engine_labelvalues: dict[int, list[object]],
+        load_tiers: dict[str, bool] | None = None,
     ) -> None:
+        """`load_tiers`: whether the connector loads hits from each tier (`load_tiers`),
+        exported as `kvtier_vllm_load_tier{tier}` 1 or 0 so that a router does not credit a
+        worker with chunks it would recompute."""
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        loads = self._gauge_cls(
+            name="kvtier_vllm_load_tier",
+            documentation="1 if the connector loads hits from this tier, 0 if it recomputes them",
+            labelnames=[*labelnames, "tier"],
+        )
+        for labels in per_engine_labelvalues.values():
+            for tier, loaded in (load_tiers or {}).items():
+                loads.labels(*labels, tier).set(int(loaded))
         counter = self._counter_cls
         self._hits = counter(
             name="kvtier_vllm_hit_tokens_total",
