@@ -38,7 +38,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +364,53 @@ def _shm_copies(mapped: mmap.mmap, gpu: torch.Tensor, device: torch.device) -> d
     return out  # `host` goes before the mapping is closed
 
 
+@dataclass
+class _Pages:
+    """Random KV of whole chunks in LBNHC pages of twice their blocks, under fresh keys (a
+    node kept from an earlier call holds others): `save` copies the first half's chunks out,
+    `load` the same chunks into the second half."""
+
+    views: list[torch.Tensor]
+    page_bytes: int
+    nbytes: int  # of one half
+    blocks_per_chunk: int
+    save: list[ChunkCopy]
+    load: list[ChunkCopy]
+
+    @property
+    def dram(self) -> str:
+        """A DRAM tier holding both halves (and more)."""
+        return f"{max(self.nbytes * 2, 64 << 20) >> 20}MiB"
+
+    def byte_exact(self) -> bool:
+        half = len(self.save) * self.blocks_per_chunk
+        return all(
+            torch.equal(v[:half].view(torch.uint8), v[half:].view(torch.uint8)) for v in self.views
+        )
+
+    def warm(self, mover: ChunkMover) -> None:
+        """Have kvtier's DRAM registered with CUDA (once per worker), so timings leave it out."""
+        key = _key(f"warm-{secrets.token_hex(8)}")
+        mover.save(StepPlan(saves=[RequestJobs("w", [ChunkCopy(key, self.save[0].block_ids)])]))
+        mover.wait_registered()
+
+
+def _pages(shape: dict[str, int], chunks: int, chunk_tokens: int, device: torch.device) -> _Pages:
+    k = chunk_tokens // BLOCK
+    heads, dim, dtype = shape["kv_heads"], shape["head_dim"], torch.bfloat16
+    views = paged_views("LBNHC", shape["layers"], 2 * chunks * k, heads, dim, dtype, device)
+    for v in views:
+        v.normal_()
+    page_bytes = _page_bytes(heads, dim, dtype)
+    run = secrets.token_hex(8)
+    keys = [_key(f"chunk-{run}-{i}") for i in range(chunks)]
+    save = [ChunkCopy(key, tuple(range(i * k, (i + 1) * k))) for i, key in enumerate(keys)]
+    load = [ChunkCopy(key, tuple(range((chunks + i) * k, (chunks + i + 1) * k)))
+            for i, key in enumerate(keys)]  # fmt: skip
+    nbytes = chunks * k * page_bytes * shape["layers"]
+    return _Pages(views, page_bytes, nbytes, k, save, load)
+
+
 def connector_bandwidth(
     shape: dict[str, int],
     tokens: int,
@@ -376,49 +424,12 @@ def connector_bandwidth(
     a forward pass run during the load, calling `wait(layer)` before each layer's attention
     as vLLM does (timed: the load overlapped with it)."""
     chunks = tokens // chunk_tokens
-    k = chunk_tokens // BLOCK
-    dtype = torch.bfloat16
-    views = paged_views(
-        "LBNHC",
-        shape["layers"],
-        2 * chunks * k,
-        shape["kv_heads"],
-        shape["head_dim"],
-        dtype,
-        device,
-    )
-    for v in views:
-        v.normal_()
-    page_bytes = _page_bytes(shape["kv_heads"], shape["head_dim"], dtype)
-    nbytes = chunks * k * page_bytes * shape["layers"]
-    run = secrets.token_hex(8)  # fresh keys: a node kept from an earlier call holds others
-    keys = [_key(f"bw-{run}-{i}") for i in range(chunks)]
-    save = StepPlan(
-        saves=[
-            RequestJobs(
-                "s",
-                [ChunkCopy(key, tuple(range(i * k, (i + 1) * k))) for i, key in enumerate(keys)],
-            )
-        ]
-    )
-    load = StepPlan(
-        loads=[
-            RequestJobs(
-                "l",
-                [
-                    ChunkCopy(key, tuple(range((chunks + i) * k, (chunks + i + 1) * k)))
-                    for i, key in enumerate(keys)
-                ],
-            )
-        ]
-    )
-    dram = f"{max(nbytes * 2, 64 << 20) >> 20}MiB"
-    with _mover(views, page_bytes, chunk_tokens, node_dir, dram) as (mover, _):
-        # The first copy registers kvtier's DRAM with CUDA (once per worker): not timed.
-        mover.save(
-            StepPlan(saves=[RequestJobs("w", [ChunkCopy(_key(f"warm-{run}"), tuple(range(k)))])])
-        )
-        mover.wait_registered()
+    pages = _pages(shape, chunks, chunk_tokens, device)
+    save = StepPlan(saves=[RequestJobs("s", pages.save)])
+    load = StepPlan(loads=[RequestJobs("l", pages.load)])
+    nbytes = pages.nbytes
+    with _mover(pages.views, pages.page_bytes, chunk_tokens, node_dir, pages.dram) as (mover, _):
+        pages.warm(mover)
         _sync(device)
         t0 = time.perf_counter()
         mover.save(save)
@@ -428,7 +439,7 @@ def connector_bandwidth(
             _sync(device)
             t0 = time.perf_counter()
             mover.load(load)
-            for layer in range(len(views)):
+            for layer in range(len(pages.views)):
                 mover.wait_for_layer(layer)
             mover.finish_loads()
             _sync(device)
@@ -443,10 +454,6 @@ def connector_bandwidth(
             _sync(device)
             overlapped.append(time.perf_counter() - t0)
         failed = mover.take_failed()
-        exact = all(
-            torch.equal(v[: chunks * k].view(torch.uint8), v[chunks * k :].view(torch.uint8))
-            for v in views
-        )
     return {
         "tokens": chunks * chunk_tokens,
         "bytes": nbytes,
@@ -455,7 +462,7 @@ def connector_bandwidth(
         "load_gbps": round(nbytes / min(times) / 1e9, 2),
         "load_seconds": round(min(times), 4),
         "failed_blocks": len(failed),
-        "byte_exact": exact,
+        "byte_exact": pages.byte_exact(),
         **({"load_with_forward_seconds": round(min(overlapped), 4)} if overlapped else {}),
     }
 
@@ -471,35 +478,26 @@ def disk_bandwidth(
     loads chunks kvtier holds on disk: in the background (`async_load`), promoted into the
     restarted node's DRAM and copied to the GPU; against reading the same files raw."""
     chunks = tokens // chunk_tokens
-    k = chunk_tokens // BLOCK
-    dtype = torch.bfloat16
-    heads, dim = shape["kv_heads"], shape["head_dim"]
-    views = paged_views("LBNHC", shape["layers"], 2 * chunks * k, heads, dim, dtype, device)
-    for v in views:
-        v.normal_()
-    page_bytes = _page_bytes(heads, dim, dtype)
-    nbytes = chunks * k * page_bytes * shape["layers"]
-    keys = [_key(f"disk-{secrets.token_hex(8)}-{i}") for i in range(chunks)]
-    save = [ChunkCopy(key, tuple(range(i * k, (i + 1) * k))) for i, key in enumerate(keys)]
-    load = [ChunkCopy(key, tuple(range((chunks + i) * k, (chunks + i + 1) * k)))
-            for i, key in enumerate(keys)]  # fmt: skip
+    pages = _pages(shape, chunks, chunk_tokens, device)
+    nbytes = pages.nbytes
     node_dir, disk = work / "node", work / "tier"
-    tiers = {"disk_dir": disk, "disk_bytes": f"{(nbytes * 2 >> 20) + 64}MiB"}
-    dram = f"{max(nbytes * 2, 64 << 20) >> 20}MiB"  # room for all of them once promoted
+    disk_bytes = f"{(nbytes * 2 >> 20) + 64}MiB"
+
+    def node() -> AbstractContextManager[tuple[ChunkMover, Store]]:
+        return _mover(pages.views, pages.page_bytes, chunk_tokens, node_dir, pages.dram,
+                      disk_dir=disk, disk_bytes=disk_bytes)  # fmt: skip
+
     try:
-        with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
-            mover.save(StepPlan(saves=[RequestJobs("s", save)]))
+        with node() as (mover, _):
+            mover.save(StepPlan(saves=[RequestJobs("s", pages.save)]))
         stop_nodes(node_dir)  # flushes its DRAM to disk; a restarted node serves the disk
         files = [f for f in disk.rglob("*") if f.is_file()]
         _drop_cache(files)
-        with _mover(views, page_bytes, chunk_tokens, node_dir, dram, **tiers) as (mover, _):
-            # Registering the restarted node's DRAM with CUDA (once per worker): not timed.
-            warm = ChunkCopy(_key(f"warm-{secrets.token_hex(8)}"), tuple(range(k)))
-            mover.save(StepPlan(saves=[RequestJobs("w", [warm])]))
-            mover.wait_registered()
+        with node() as (mover, _):
+            pages.warm(mover)  # the restarted node's DRAM
             _sync(device)
             t0 = time.perf_counter()
-            mover.load(StepPlan(loads=[RequestJobs("l", load, async_load=True)]))
+            mover.load(StepPlan(loads=[RequestJobs("l", pages.load, async_load=True)]))
             deadline = time.monotonic() + 600
             received = False
             while not received and time.monotonic() < deadline:
@@ -510,10 +508,6 @@ def disk_bandwidth(
             failed = mover.take_failed()
     finally:
         stop_nodes(node_dir)
-    exact = all(
-        torch.equal(v[: chunks * k].view(torch.uint8), v[chunks * k :].view(torch.uint8))
-        for v in views
-    )
     _drop_cache(files)
     t0 = time.perf_counter()
     raw = sum(len(f.read_bytes()) for f in files)
@@ -527,7 +521,7 @@ def disk_bandwidth(
         "load_seconds": round(load_s, 4),
         "raw_read_gbps": round(raw / raw_s / 1e9, 2),
         "failed_blocks": len(failed),
-        "byte_exact": exact,
+        "byte_exact": pages.byte_exact(),
     }
 
 
