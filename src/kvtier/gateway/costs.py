@@ -70,10 +70,16 @@ def unloaded_tiers(samples: dict[str, float]) -> frozenset[int]:
     tiers = set()
     for key, value in samples.items():
         base, _, labels = key.partition("{")
-        found = _TIER_LABEL.search(labels)
-        if base == LOAD_TIER and value == 0 and found and found.group(1) in TIER_LABELS:
-            tiers.add(TIER_LABELS[found.group(1)])
+        tier = _tier(labels)
+        if base == LOAD_TIER and value == 0 and tier is not None:
+            tiers.add(tier)
     return frozenset(tiers)
+
+
+def _tier(labels: str) -> int | None:
+    """The cost tier a sample's `tier` label names (None: none, or one not kvtier's)."""
+    found = _TIER_LABEL.search(labels)
+    return TIER_LABELS.get(found.group(1)) if found else None
 
 
 def counters(samples: dict[str, float]) -> dict[str, float]:
@@ -85,9 +91,9 @@ def counters(samples: dict[str, float]) -> dict[str, float]:
         if base not in out:
             continue
         out[base] += value
-        found = _TIER_LABEL.search(labels)
-        if found and found.group(1) in TIER_LABELS:
-            per_tier = f"{base}/{TIER_LABELS[found.group(1)]}"
+        tier = _tier(labels)
+        if tier is not None:
+            per_tier = f"{base}/{tier}"
             out[per_tier] = out.get(per_tier, 0.0) + value
     return out
 

@@ -351,6 +351,5 @@ class Staging:
     """A host buffer for one chunk, (L, k, P) bytes, and the byte view kvtier copies through."""
 
     def __init__(self, shape: tuple[int, int, int], pin: bool) -> None:
-        self.shape = shape
         self.tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
         self.view = memoryview(self.tensor.numpy()).cast("B")  # type: ignore[arg-type]
