@@ -201,6 +201,14 @@ def _alive(pid_file: Path) -> bool:
     return True
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` whole or does not exist: a reader never sees it half-written."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
 def _register(run_dir: Path) -> None:
     (run_dir / "clients" / str(os.getpid())).touch()
 
@@ -237,10 +245,8 @@ async def _serve(run_dir: Path, idle_exit_s: float) -> None:
         # with no node-local tier finds what this node wrote to a shared tier, and the reverse.
         server = CacheServer(store, auth, local_writes=True, namespaced=False)
         port = await server.start("127.0.0.1", 0)
-        tmp = run_dir / f"node.json.{os.getpid()}"
-        tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "token": token}))
-        tmp.chmod(0o600)
-        tmp.replace(run_dir / "node.json")
+        info = {"pid": os.getpid(), "port": port, "token": token}
+        _write_atomic(run_dir / "node.json", json.dumps(info))
         print(f"kvtier node: serving {config} on 127.0.0.1:{port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -326,7 +332,7 @@ def main() -> None:
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
-    (run_dir / "node.pid").write_text(str(os.getpid()))
+    _write_atomic(run_dir / "node.pid", str(os.getpid()))  # read while the starter waits
     asyncio.run(_serve(run_dir, float(sys.argv[2]) if len(sys.argv) > 2 else IDLE_EXIT_S))
 
 
