@@ -144,11 +144,51 @@ def test_slo_rate_is_sustainable_and_monotone() -> None:
     assert rep.p90_at_rate([0.5] * 10, 1, 2.5, 2000) > 2.0  # beyond capacity: unbounded
 
 
+def test_the_measured_rate_search_brackets_the_slo() -> None:
+    """From a start that passes it climbs until a rate fails, from one that fails it
+    descends, then narrows the gap; the answer lies between the highest passing rate and
+    the lowest failing one, interpolated by their p90s, and every measurement is reported."""
+
+    def p90_at(rate: float) -> float:  # within the SLO (1 s) up to 7 req/s
+        return rate / 7.0
+
+    up, tried = rep.highest_rate(p90_at, 1.0, 2.0, 6)
+    assert [r for r, _ in tried[:5]] == [2.0, 3.0, 4.5, 6.75, 10.125]  # x1.5 until one fails
+    assert math.isclose(tried[5][0], math.sqrt(6.75 * 10.125))  # then the middle
+    assert math.isclose(up, 7.0)  # p90 is linear in the rate here: interpolation is exact
+    down, tried = rep.highest_rate(p90_at, 1.0, 20.0, 4)
+    assert [round(r, 2) for r, _ in tried[:4]] == [20.0, 13.33, 8.89, 5.93]
+    assert math.isclose(down, 7.0)
+    assert rep.highest_rate(p90_at, 1.0, 1.0, 2) == (1.5, [(1.0, 1 / 7), (1.5, 1.5 / 7)])
+    assert rep.highest_rate(lambda rate: 9.0, 1.0, 1.0, 3)[0] == 0.0  # none passed
+    noisy = {4.0: 0.5, 6.0: 2.0, 9.0: 0.8}  # a pass above a failure is not believed
+    assert rep.highest_rate(noisy.__getitem__, 1.0, 4.0, 0)[0] == 0.0
+    tried = list(noisy.items())
+    assert rep._bracket(tried, 1.0) == ((4.0, 0.5), (6.0, 2.0))
+
+
+def test_the_slo_ratio_is_the_measured_one_when_both_were_measured() -> None:
+    """With both configurations' rates measured the SLO ratio is theirs (the modelled one is
+    kept beside it); with either missing it is the modelled one."""
+    base = [record(0, "a", 1000, 0, 1.0), record(1, "a", 1100, 0, 1.0, turn=1)]
+    mine = [record(0, "a", 1000, 0, 1.0), record(1, "a", 1100, 960, 0.25, turn=1)]
+    passes = {"agent": {"vllm": base, "kvtier": mine}}
+    summaries = {"agent": {n: rep.summary(r, 2.0, 3000) for n, r in passes["agent"].items()}}
+    modelled = rep.headline(passes, summaries, 32)["throughput_ratio_at_slo"]
+    summaries["agent"]["vllm"]["slo_rate_measured_rps"] = 2.0
+    assert rep.headline(passes, summaries, 32)["throughput_ratio_at_slo"] == modelled
+    summaries["agent"]["kvtier"]["slo_rate_measured_rps"] = 5.0
+    h = rep.headline(passes, summaries, 32)
+    assert h["throughput_ratio_at_slo"] == h["throughput_ratio_at_slo_agent"] == 2.5
+    assert h["throughput_ratio_at_slo_modelled_agent"] == modelled != 2.5
+
+
 def test_json_fields_and_markdown(tmp_path: Any) -> None:
     """The result carries the judged fields as numbers and the markdown names the SLO and
     the break-even bandwidth."""
     base = [record(0, "a", 1000, 0, 2.0), record(1, "a", 1100, 0, 2.0, turn=1)]
     summaries = {"chat": {"vllm": rep.summary(base, 4.0, 3000)}}
+    summaries["chat"]["vllm"].update(slo_rate_measured_rps=1.5, slo_probes=[(1.5, 0.9), (2.25, 4)])
     result = {
         "model": {"name": "m", "kv_bytes_per_token": 8192}, "device": "CPU: 2 cores",
         "sizing": {}, "slo_ms": 3000.0, "summaries": summaries, "wall_s": 1.0,
@@ -157,6 +197,7 @@ def test_json_fields_and_markdown(tmp_path: Any) -> None:
     }  # fmt: skip
     text = rep.markdown(result)
     assert "8.2 MB/s" in text and "3000 ms" in text
+    assert "| 1.500 / " in text and "1.50 -> 900, 2.25 -> 4000" in text
     rep.plot(tmp_path / "p.png", result)
     assert (tmp_path / "p.png").stat().st_size > 0
 

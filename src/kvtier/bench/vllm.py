@@ -8,7 +8,9 @@ are readable): `vllm` (vLLM alone, its prefix cache on), `kvtier` (the connector
 DRAM + disk), `shared` (two engines, each with its own node-local DRAM + disk, and a kvtier
 server behind both; requests go to the engines round-robin, no session routing).
 
-Requests run one at a time in arrival order (TTFT is the service time). The no-reuse workload
+Requests run one at a time in arrival order (TTFT is the service time). Then, for the
+single-engine configurations, the same requests are sent again at a rate, a few times, to
+measure the highest rate each sustains within the TTFT SLO (`--slo-probes`). The no-reuse workload
 measures throughput: a batch of fresh prompts per round, `vllm` and `kvtier` engines both up and
 taking turns (the order alternates each round), the throughput that of each one's median batch,
 so a burst of load from elsewhere on the machine or a drift over the run weighs on neither.
@@ -88,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cap on generated tokens per request (default: the workload's answer lengths)",
     )
     add("--slo-ms", type=float, default=env_default("KVTIER_BENCH_SLO_MS", "1500"))
+    add(
+        "--slo-probes",
+        type=int,
+        default=env_default("KVTIER_BENCH_SLO_PROBES", "4"),
+        help="runs at a rate per configuration to measure its rate at the SLO (0: modelled only)",
+    )
     add("--workloads", default=env_default("KVTIER_BENCH_WORKLOADS", "chat,agent,noreuse"))
     add("--seed", type=int, default=env_default("KVTIER_BENCH_SEED", "0"))
     add("--json", action="store_true", help="print one JSON object")
@@ -153,7 +161,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-vllm-", dir=args.work_dir) as tmp:
         root = Path(tmp)
         model = describe(Path(args.model)) if args.model else build_default(root, DEFAULT_MODEL)
-        total = sum(len(reqs) * (2 if w == "noreuse" else 3) for w, reqs in works.items())
+        probes = max(0, int(args.slo_probes))
+        total = sum(len(reqs) * (2 if w == "noreuse" else 3 + 2 * probes)
+                    for w, reqs in works.items())  # fmt: skip
         passes: dict[str, dict[str, list[rep.Record]]] = {}
         summaries: dict[str, dict[str, dict[str, Any]]] = {}
         sizes: dict[str, Any] = {}
@@ -175,9 +185,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     pass_dir = root / f"{work}-{config}"
                     pass_dir.mkdir()
                     with Fleet(config, spec, pass_dir, int(args.chunk_tokens), kv_bytes) as fleet:
-                        recs, wall = _pass(fleet, work, reqs, model.vocab_size, args, bar)
+                        recs, wall, prompts = _pass(fleet, work, reqs, model.vocab_size, args, bar)
+                        s = rep.summary(recs, wall, float(args.slo_ms))
+                        if probes and len(fleet.engines) == 1:
+                            bar.set_description(f"{work} {config} at rates")
+                            rate, tried = _rate_at_slo(fleet, reqs, prompts, recs, s, args, bar)
+                            s["slo_rate_measured_rps"], s["slo_probes"] = rate, tried
                     passes[work][config] = recs
-                    summaries[work][config] = rep.summary(recs, wall, float(args.slo_ms))
+                    summaries[work][config] = s
     return _result(args, model, works, passes, summaries, sizes, time.perf_counter() - start)
 
 
@@ -188,15 +203,17 @@ def _pass(
     vocab: int,
     args: argparse.Namespace,
     bar: tqdm[Any],
-) -> tuple[list[rep.Record], float]:
+) -> tuple[list[rep.Record], float, list[list[int]]]:
     """Requests one at a time in arrival order, round-robin over the fleet's engines; the
-    records and the engines' busy time."""
+    records, the engines' busy time and the prompts sent."""
     records = []
+    prompts: list[list[int]] = []
     wall = 0.0
     answers = Answers(requests)
     for i, r in enumerate(requests):
         engine = i % len(fleet.engines)
         prompt = (answers.prompt(i) % vocab).tolist()
+        prompts.append(prompt)
         job = {"id": f"{i}", "prompt": prompt, "max_tokens": _gen_tokens(r, args.gen_tokens)}
         reply = fleet.engines[engine].run([job])
         answers.answered(i, reply["results"][0]["tokens"])
@@ -204,7 +221,43 @@ def _pass(
         records.append(_record(f"{i}", r, engine, reply, 0, True))
         records[-1]["connector_s"] = reply.get("connector_s", 0.0)
         bar.update()
-    return records, wall
+    return records, wall, prompts
+
+
+def _rate_at_slo(
+    fleet: Fleet,
+    requests: list[wl.Request],
+    prompts: list[list[int]],
+    records: list[rep.Record],
+    summary: dict[str, Any],
+    args: argparse.Namespace,
+    bar: tqdm[Any],
+) -> tuple[float, list[tuple[float, float]]]:
+    """The highest rate at which the fleet's engine kept TTFT p90 within the SLO, measured
+    (`rep.highest_rate`, from the modelled rate): the pass's prompts again, each generating
+    as many tokens as in the pass, arriving at the workload's arrival times scaled to the
+    rate, all under a salt of that run (no hit on an earlier run's KV, in vLLM's cache or
+    kvtier's). After each run the node writes back what it saved before the next starts."""
+    offsets = np.array([r.arrival_s for r in requests]) - requests[0].arrival_s
+    span = float(offsets[-1]) or 1.0
+    runs = 0
+
+    def p90_at(rate: float) -> float:
+        nonlocal runs
+        runs += 1
+        scale = len(requests) / rate / span
+        jobs = [
+            {"id": f"r{i}", "prompt": prompt, "max_tokens": len(rec["tokens"]),
+             "at_s": float(offsets[i] * scale), "salt": f"rate-run-{runs}"}
+            for i, (prompt, rec) in enumerate(zip(prompts, records, strict=True))
+        ]  # fmt: skip
+        reply = fleet.engines[0].run(jobs)
+        fleet.settle()
+        bar.update(len(jobs))
+        return float(np.percentile([x["ttft_s"] for x in reply["results"]], 90))
+
+    start = summary["slo_rate_rps"] or len(requests) / span
+    return rep.highest_rate(p90_at, float(args.slo_ms) / 1000.0, start, int(args.slo_probes))
 
 
 def _gen_tokens(r: wl.Request, cap: int | None) -> int:
@@ -356,9 +409,12 @@ def _result(
         "chunk_tokens": int(args.chunk_tokens),
         "gen_tokens": "answer lengths" if args.gen_tokens is None else int(args.gen_tokens),
         "slo_ms": float(args.slo_ms),
-        "slo_method": "modelled from measured service times: 2,000 Poisson arrivals, the "
-        "pass's service times cycled in order, round-robin over its engines, one request at a "
-        "time per engine (FIFO); highest rate with TTFT p90 <= SLO",
+        "slo_method": "measured (when slo_probes > 0): the pass's requests sent again to "
+        "its engine at a rate (workload arrival times scaled, a fresh cache salt per run), "
+        f"{int(args.slo_probes)} runs searching from the modelled rate; highest rate with TTFT "
+        "p90 <= SLO. Modelled: 2,000 Poisson arrivals, the pass's service times cycled in "
+        "order, round-robin over its engines, one request at a time per engine (FIFO)",
+        "slo_probes": int(args.slo_probes),
         "sizing": sizes,
         "break_even": {
             "prefill_tokens_s": prefill,

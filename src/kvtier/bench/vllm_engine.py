@@ -6,8 +6,10 @@ SPEC: model, dtype, block_size, max_model_len, kv_cache_bytes and `extra` (the c
 `kv_connector_extra_config`, or null for vLLM alone). The engine core runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the timing is one loop around `LLMEngine.step()` and
 the connector's counters are readable. Each stdin line `{"requests": [...]}` (id, prompt,
-max_tokens) adds the requests at once and steps until all finish; the reply (one stdout line
-starting "KVB ") gives each request's TTFT (add -> first output token), generated tokens and
+max_tokens; optional `at_s`, its arrival in seconds after the line is read, and `salt`, its
+`cache_salt`) adds each request when it arrives and steps until all finish; the reply (one
+stdout line starting "KVB ") gives each request's TTFT (arrival -> first output token, so
+the time it queued is in it), generated tokens and
 cached prompt tokens, plus the kvtier tokens loaded, the node tiers' chunk hits and the
 seconds the engine spent inside the connector's hooks (`connector_s`: kvtier's own work on the
 engine's path, apart from what the node process's background writes take from the cores).
@@ -206,13 +208,21 @@ def _serve(
     first: dict[str, float] = {}
     done: dict[str, dict[str, Any]] = {}
     ours: dict[str, str] = {}  # vLLM may append a suffix to an id
-    for r in requests:
-        params = SamplingParams(
-            max_tokens=r["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True
-        )
-        prompt = TokensPrompt(prompt_token_ids=r["prompt"])
-        ours[engine.add_request(r["id"], prompt, params)] = ours[r["id"]] = r["id"]
-    while engine.has_unfinished_requests():
+    arrived = {r["id"]: float(r.get("at_s", 0.0)) for r in requests}
+    due = sorted(requests, key=lambda r: arrived[r["id"]])
+    while due or engine.has_unfinished_requests():
+        while due and arrived[due[0]["id"]] <= time.perf_counter() - start:
+            r = due.pop(0)
+            params = SamplingParams(
+                max_tokens=r["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True
+            )
+            prompt = TokensPrompt(prompt_token_ids=r["prompt"])
+            if r.get("salt"):
+                prompt["cache_salt"] = r["salt"]
+            ours[engine.add_request(r["id"], prompt, params)] = ours[r["id"]] = r["id"]
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, arrived[due[0]["id"]] - (time.perf_counter() - start)))
+            continue
         for out in engine.step():
             now, rid = time.perf_counter() - start, ours[out.request_id]
             if out.outputs and out.outputs[0].token_ids and rid not in first:
@@ -220,7 +230,7 @@ def _serve(
             if out.finished:
                 done[rid] = {
                     "id": rid,
-                    "ttft_s": first.get(rid, now),
+                    "ttft_s": first.get(rid, now) - arrived[rid],
                     "done_s": now,
                     "tokens": list(out.outputs[0].token_ids),
                     "cached": int(out.num_cached_tokens or 0),

@@ -300,6 +300,31 @@ def test_the_bench_engine_times_kvtiers_hooks(model_dir: Path, work: Path) -> No
     assert 0 < reply["connector_s"] < reply["wall_s"]
 
 
+def test_the_bench_engine_adds_requests_when_they_arrive(model_dir: Path, work: Path) -> None:
+    """`kvtier bench vllm`'s rate runs: a request is added at its `at_s`, its TTFT counts
+    from then, and its `salt` is its cache_salt (a salted copy misses the unsalted prompt's
+    KV and hits its own salt's)."""
+    from kvtier.bench.vllm_engine import EngineProcess
+
+    spec = {"model": str(model_dir), "dtype": "float32", "block_size": 32,
+            "max_model_len": 2048, "kv_cache_bytes": 32 << 20, "extra": None}  # fmt: skip
+    engine = EngineProcess(spec, work / "arrivals.log")
+    try:
+        reply = engine.run([
+            {"id": "late", "prompt": PROMPT, "max_tokens": 2, "at_s": 1.0, "salt": "s"},
+            {"id": "plain", "prompt": PROMPT, "max_tokens": 2},
+            {"id": "salted", "prompt": PROMPT, "max_tokens": 2, "at_s": 0.5, "salt": "s"},
+        ])  # fmt: skip
+    finally:
+        engine.close()
+    late, plain, salted = reply["results"]
+    assert plain["cached"] == 0 and salted["cached"] == 0
+    assert late["cached"] >= 512
+    assert salted["done_s"] >= 0.5 and late["done_s"] >= 1.0
+    assert salted["ttft_s"] <= salted["done_s"] - 0.5 and late["ttft_s"] <= late["done_s"] - 1.0
+    assert late["tokens"] == salted["tokens"] == plain["tokens"]
+
+
 def test_engines_share_through_redis(model_dir: Path, work: Path, tmp_path: Path) -> None:
     """An engine with Redis as its only tier (no node-local process) saves into it; an
     engine on another node, with its own DRAM and disk and Redis behind them, finds it."""
