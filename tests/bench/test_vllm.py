@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from kvtier.bench import vllm as bench
 from kvtier.bench import vllm_report as rep
@@ -54,7 +55,7 @@ class FakeEngine:
 
     def run(self, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         self.log.append(self.name)
-        results = [{"ttft_s": 0.1, "tokens": [1], "cached": 0} for _ in jobs]
+        results = [{"ttft_s": 0.1, "done_s": 0.1, "tokens": [1], "cached": 0} for _ in jobs]
         inside = 0.05 if self.name == "kvtier" else 0.0
         return {"results": results, "wall_s": self.walls.pop(0), "kvtier_tokens": 0,
                 "tier_chunks": {}, "connector_s": inside}  # fmt: skip
@@ -102,6 +103,47 @@ def test_noreuse_rounds_alternate_and_take_the_median_batch(tmp_path: Any) -> No
     assert math.isclose(h["connector_share_noreuse"], 5 * 0.05 / (4 * 1.25 + 0.1))
 
 
+def test_rate_runs_scale_the_arrivals_and_salt_each_run(tmp_path: Any) -> None:
+    """Each run at a rate sends the pass's prompts with their answer lengths, arriving at the
+    workload's times scaled to that rate, under a salt no other run uses; the node settles
+    after each; the measured rate and every run's figures land in the summary."""
+    reqs = bench.workloads(args(workloads="agent"))["agent"][:12]
+    sent: list[list[dict[str, Any]]] = []
+
+    class RateEngine(FakeEngine):
+        def run(self, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+            sent.append(jobs)
+            rate = len(jobs) / jobs[-1]["at_s"]
+            ttft = 0.2 if rate <= 3.0 else 4.0  # the SLO (1.5 s) holds up to 3 req/s
+            results = [{"ttft_s": ttft, "done_s": ttft, "tokens": [1], "cached": 0}] * len(jobs)
+            self.log.append(self.name)
+            return {"results": results, "wall_s": 1.0, "kvtier_tokens": 7, "tier_chunks": {}}
+
+    log: list[str] = []
+    fleet = FakeFleet(tmp_path, RateEngine("kvtier", [], log))
+    recs = [record(i, r.session, len(r.tokens), 0, 0.1, tokens=[5] * (i + 1))
+            for i, r in enumerate(reqs)]  # fmt: skip
+    summary = {"slo_rate_rps": 8.0, "slo_rate_serial_rps": 2.0}
+    prompts = [[i] for i in range(len(reqs))]
+    with tqdm(disable=True) as bar:
+        bench._rate_at_slo(fleet, reqs, prompts, recs, summary, args(slo_probes=4), bar)
+    tried = summary["slo_probes"]
+    assert tried[0][0] == 4.0  # between the modelled rates
+    passed = max(r for r, p90 in tried if p90 <= 1.5)
+    failed = min(r for r, p90 in tried if p90 > 1.5)
+    assert 2.9 < passed <= 3.0 < failed < 3.3  # bracketed
+    assert passed < summary["slo_rate_measured_rps"] < failed
+    assert len({jobs[0]["salt"] for jobs in sent}) == len(sent) == 4
+    assert log == ["kvtier", "settled"] * 4
+    first = sent[0]
+    assert [j["prompt"] for j in first] == prompts
+    assert [j["max_tokens"] for j in first] == list(range(1, len(reqs) + 1))
+    span = reqs[-1].arrival_s - reqs[0].arrival_s
+    gaps = [reqs[i].arrival_s - reqs[0].arrival_s for i in range(len(reqs))]
+    assert np.allclose([j["at_s"] for j in first], np.array(gaps) * len(reqs) / 4.0 / span)
+    assert [run["kvtier_tokens"] for run in summary["slo_runs"]] == [7] * 4
+
+
 def test_returning_turns_are_those_vllm_evicted() -> None:
     """A turn returns when vLLM alone's own hit fell short of the session's previous prompt
     (whole blocks); a session's first turn never does."""
@@ -135,13 +177,18 @@ def test_ratios_and_differing_tokens() -> None:
 
 def test_slo_rate_is_sustainable_and_monotone() -> None:
     """The SLO rate never exceeds the engines' capacity, doubles with twice the engines or
-    half the service time (roughly), and is 0 when service alone misses the SLO."""
+    half the service time (roughly), drops when each request holds its engine longer than
+    its first token takes, and is 0 when service alone misses the SLO."""
     one = rep.slo_rate([0.5] * 10, 1, 2.0)
     assert 0.0 < one < 2.0
     assert rep.slo_rate([0.25] * 10, 1, 2.0) > 1.8 * one
     assert rep.slo_rate([0.5] * 10, 2, 2.0) > 1.8 * one
     assert rep.slo_rate([3.0] * 10, 1, 2.0) == 0.0
     assert rep.p90_at_rate([0.5] * 10, 1, 2.5, 2000) > 2.0  # beyond capacity: unbounded
+    # an engine busy until a request's last token (twice its first here) sustains less
+    serial = rep.slo_rate([0.5] * 10, 1, 2.0, busy_s=[1.0] * 10)
+    assert 0.3 * one < serial < 0.6 * one
+    assert rep.slo_rate([0.5] * 10, 1, 2.0, busy_s=[0.5] * 10) == one
 
 
 def test_the_measured_rate_search_brackets_the_slo() -> None:
@@ -168,19 +215,24 @@ def test_the_measured_rate_search_brackets_the_slo() -> None:
 
 
 def test_the_slo_ratio_is_the_measured_one_when_both_were_measured() -> None:
-    """With both configurations' rates measured the SLO ratio is theirs (the modelled one is
-    kept beside it); with either missing it is the modelled one."""
+    """With both configurations' rates measured on a workload the SLO ratio is theirs (the
+    modelled one kept beside it), and a workload measured outweighs one only modelled;
+    with none measured it is the lower modelled one."""
     base = [record(0, "a", 1000, 0, 1.0), record(1, "a", 1100, 0, 1.0, turn=1)]
     mine = [record(0, "a", 1000, 0, 1.0), record(1, "a", 1100, 960, 0.25, turn=1)]
-    passes = {"agent": {"vllm": base, "kvtier": mine}}
-    summaries = {"agent": {n: rep.summary(r, 2.0, 3000) for n, r in passes["agent"].items()}}
-    modelled = rep.headline(passes, summaries, 32)["throughput_ratio_at_slo"]
+    passes = {w: {"vllm": base, "kvtier": mine} for w in ("chat", "agent")}
+    summaries = {w: {n: rep.summary(r, 2.0, 3000) for n, r in passes[w].items()} for w in passes}
+    modelled = rep.headline(passes, summaries, 32)
+    assert modelled["throughput_ratio_at_slo_is"] == "modelled"
     summaries["agent"]["vllm"]["slo_rate_measured_rps"] = 2.0
-    assert rep.headline(passes, summaries, 32)["throughput_ratio_at_slo"] == modelled
+    assert rep.headline(passes, summaries, 32)["throughput_ratio_at_slo_is"] == "modelled"
     summaries["agent"]["kvtier"]["slo_rate_measured_rps"] = 5.0
     h = rep.headline(passes, summaries, 32)
     assert h["throughput_ratio_at_slo"] == h["throughput_ratio_at_slo_agent"] == 2.5
-    assert h["throughput_ratio_at_slo_modelled_agent"] == modelled != 2.5
+    assert h["throughput_ratio_at_slo_is"] == "measured"
+    assert "throughput_ratio_at_slo_chat" not in h
+    want = modelled["throughput_ratio_at_slo"]
+    assert h["throughput_ratio_at_slo_modelled_chat"] == want != 2.5
 
 
 def test_json_fields_and_markdown(tmp_path: Any) -> None:

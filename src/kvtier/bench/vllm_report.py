@@ -12,11 +12,14 @@ hits (tokens by tier: gpu = vLLM's own prefix cache, dram, disk, remote).
   time first come first served; the highest R whose p90 TTFT (wait + service) stays within
   the SLO, found by bisection. A rate beyond an engine's capacity grows its queue without
   bound over 2,000 arrivals, so the answer is a sustainable rate, not a burst.
+  `slo_rate_serial_rps` is the same with each engine busy until the request's last token (no
+  batching): measured rates fall between the two.
 - SLO rate (measured): the pass's requests (the prompts it sent, the answer lengths it
   generated) sent again to the same engine at rate R, each arriving at its workload arrival
   time scaled so the pass lasts N / R seconds (sessions keep their order and their bursts),
   under a salt of their own so nothing of earlier runs hits; the engine batches them as it
-  does under load. `highest_rate` searches R from the modelled rate; the figure is the
+  does under load. `highest_rate` searches R from the geometric mean of the two modelled
+  rates; the figure is the
   R at which the measured TTFT p90 reaches the SLO, interpolated between the nearest
   measured rates on either side of it.
 """
@@ -71,27 +74,43 @@ def differing_tokens(base: Sequence[Record], other: Sequence[Record]) -> int:
     return total
 
 
-def p90_at_rate(service_s: Sequence[float], engines: int, rate: float, arrivals: int) -> float:
-    """p90 TTFT of `arrivals` Poisson arrivals at `rate`, round-robin over FIFO engines."""
+def p90_at_rate(
+    service_s: Sequence[float],
+    engines: int,
+    rate: float,
+    arrivals: int,
+    busy_s: Sequence[float] | None = None,
+) -> float:
+    """p90 TTFT of `arrivals` Poisson arrivals at `rate`, round-robin over FIFO engines; a
+    request's first token comes `service_s` after it starts, and its engine is free for the
+    next `busy_s` after (default: at once)."""
+    busy = service_s if busy_s is None else busy_s
     gaps = np.random.default_rng(0).exponential(1.0 / rate, arrivals)
     free = [0.0] * engines
     ttft = np.empty(arrivals)
     for i, at in enumerate(np.cumsum(gaps)):
-        engine = i % engines
-        done = max(at, free[engine]) + service_s[i % len(service_s)]
-        free[engine] = done
-        ttft[i] = done - at
+        engine, n = i % engines, i % len(service_s)
+        begin = max(at, free[engine])
+        free[engine] = begin + busy[n]
+        ttft[i] = begin + service_s[n] - at
     return float(np.percentile(ttft, 90))
 
 
-def slo_rate(service_s: Sequence[float], engines: int, slo_s: float, arrivals: int = 2000) -> float:
+def slo_rate(
+    service_s: Sequence[float],
+    engines: int,
+    slo_s: float,
+    arrivals: int = 2000,
+    busy_s: Sequence[float] | None = None,
+) -> float:
     """The highest Poisson arrival rate (req/s) whose p90 TTFT stays within `slo_s`."""
     if not service_s or float(np.percentile(service_s, 90)) > slo_s:
         return 0.0
-    low, high = 0.0, engines / float(np.mean(service_s))  # beyond `high` queues grow forever
+    busy = service_s if busy_s is None else busy_s
+    low, high = 0.0, engines / float(np.mean(busy))  # beyond `high` queues grow forever
     for _ in range(20):
         mid = (low + high) / 2
-        if mid > 0 and p90_at_rate(service_s, engines, mid, arrivals) <= slo_s:
+        if mid > 0 and p90_at_rate(service_s, engines, mid, arrivals, busy) <= slo_s:
             low = mid
         else:
             high = mid
@@ -142,7 +161,9 @@ def summary(records: Sequence[Record], wall_s: float, slo_ms: float) -> dict[str
     """One pass's figures: TTFT, throughput over its wall time, hits by tier, SLO rate."""
     tokens = sum(r["prompt_tokens"] for r in records)
     engines = len({r["engine"] for r in records})
-    rate = slo_rate([r["ttft_s"] for r in records], engines, slo_ms / 1000.0)
+    ttft = [r["ttft_s"] for r in records]
+    rate = slo_rate(ttft, engines, slo_ms / 1000.0)
+    whole = [r["done_s"] if "done_s" in r else r["ttft_s"] for r in records]
     turns = sorted({r["turn"] for r in records})
     return {
         "requests": len(records),
@@ -158,6 +179,8 @@ def summary(records: Sequence[Record], wall_s: float, slo_ms: float) -> dict[str
         "throughput_rps": len(records) / wall_s if wall_s else 0.0,
         "throughput_tokens_s": tokens / wall_s if wall_s else 0.0,
         "slo_rate_rps": rate,
+        # the same model, an engine busy until the request's last token: no batching at all
+        "slo_rate_serial_rps": slo_rate(ttft, engines, slo_ms / 1000.0, busy_s=whole),
     }
 
 
@@ -179,11 +202,12 @@ def headline(
     block_tokens: int,
 ) -> dict[str, Any]:
     """The judged figures: kvtier / vLLM alone on returning turns (chat and agent pooled),
-    on the no-reuse workload, and at the SLO (the lower of chat and agent)."""
+    on the no-reuse workload, and at the SLO (the lower of the workloads whose rates were
+    measured; of both modelled ones if none was)."""
     out: dict[str, Any] = {}
     pooled: dict[str, list[Record]] = {}
     ids: set[str] = set()
-    slo = []
+    slo: dict[str, list[float]] = {"measured": [], "modelled": []}
     for work in ("chat", "agent"):
         if work not in passes:
             continue
@@ -199,16 +223,18 @@ def headline(
         s = summaries[work]
         modelled = _ratio(s["kvtier"]["slo_rate_rps"], s[BASE]["slo_rate_rps"])
         out[f"throughput_ratio_at_slo_modelled_{work}"] = modelled
-        measured = "slo_rate_measured_rps" in s["kvtier"] and "slo_rate_measured_rps" in s[BASE]
-        if measured:
-            slo.append(_ratio(s["kvtier"]["slo_rate_measured_rps"],
-                              s[BASE]["slo_rate_measured_rps"]))  # fmt: skip
-        else:
-            slo.append(modelled)
-        out[f"throughput_ratio_at_slo_{work}"] = slo[-1]
+        slo["modelled"].append(modelled)
+        if "slo_rate_measured_rps" in s["kvtier"] and "slo_rate_measured_rps" in s[BASE]:
+            out[f"throughput_ratio_at_slo_{work}"] = _ratio(
+                s["kvtier"]["slo_rate_measured_rps"], s[BASE]["slo_rate_measured_rps"]
+            )
+            slo["measured"].append(out[f"throughput_ratio_at_slo_{work}"])
         out[f"connector_share_{work}"] = connector_share(s["kvtier"])
     out["ttft_p50_ratio_returning"] = p50_ratio(pooled, ids, "kvtier") if ids else math.nan
-    out["throughput_ratio_at_slo"] = min(slo) if slo else math.nan
+    # the lower over the workloads measured at rates; modelled only when none was
+    how = "measured" if slo["measured"] else "modelled"
+    out["throughput_ratio_at_slo"] = min(slo[how]) if slo[how] else math.nan
+    out["throughput_ratio_at_slo_is"] = how
     if "noreuse" in summaries:
         s = summaries["noreuse"]
         out["throughput_ratio_noreuse"] = _ratio(
@@ -260,13 +286,14 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 
 def plot(path: Path, result: Mapping[str, Any]) -> list[Path]:
-    """TTFT p50 by turn per workload and configuration; hit tokens by tier per pass. The path
-    written, or none without matplotlib."""
+    """TTFT p50 by turn per workload and configuration; hit tokens by tier per pass; TTFT
+    p90 against the request rate in the measured runs. The path written, or none without
+    matplotlib."""
     return plots.save({path: lambda plt: _figure(plt, result)})
 
 
 def _figure(plt: Any, result: Mapping[str, Any]) -> Any:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right, rates) = plt.subplots(1, 3, figsize=(18, 4.5))
     names = []
     for work, configs in result["summaries"].items():
         for name, s in configs.items():
@@ -288,7 +315,16 @@ def _figure(plt: Any, result: Mapping[str, Any]) -> Any:
              title=f"{result['device']}; break-even load {bw:.0f} MB/s")  # fmt: skip
     right.set_xticks(range(len(names)), names, fontsize=7)
     right.set(ylabel="prompt tokens not computed, by tier")
-    for ax in (left, right):
+    for work, configs in result["summaries"].items():
+        for name, s in configs.items():
+            probes = sorted(s.get("slo_probes", []))
+            if probes:
+                rates.plot([r for r, _ in probes], [p90 * 1000 for _, p90 in probes],
+                           marker="o", label=f"{work} {name}")  # fmt: skip
+    rates.axhline(result["slo_ms"], color="k", linestyle=":", label="SLO")
+    rates.set(xlabel="request rate, req/s (measured runs)", ylabel="TTFT p90 ms",
+              xscale="log", yscale="log", title="rate at the SLO")  # fmt: skip
+    for ax in (left, right, rates):
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # none on the left with no-reuse runs only
             ax.legend(fontsize=7)

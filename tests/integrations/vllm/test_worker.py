@@ -86,7 +86,7 @@ def test_saved_chunks_load_back_into_other_blocks(
 ) -> None:
     """Chunks saved from blocks (0,1) and (2,3) load byte-exact into blocks (6,7) and,
     skipping the first block, (9,); no other block changes; both go through the node's
-    shared DRAM in place (no PUT, no GET over the socket)."""
+    shared DRAM in place (no PUT, no GET over the socket, no staging buffer)."""
     m, caches = mover
     keys = [_key(f"{request.node.name}-{i}") for i in range(2)]
     save = StepPlan(
@@ -109,6 +109,8 @@ def test_saved_chunks_load_back_into_other_blocks(
     for a, b in zip(_blocks(caches, untouched), before, strict=True):
         assert torch.equal(a, b)
     assert m.tally.drain()["saved_bytes"] == 2 * m.chunk_bytes
+    for staging in (m._staging, m._async_staging):  # in place: no staging buffer allocated
+        assert "tensor" not in vars(staging)
 
 
 def test_a_steps_loads_arrive_layer_by_layer_and_are_released_after(

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, nullcontext
+from functools import cached_property
 from time import perf_counter as _now
 
 import torch
@@ -348,8 +349,17 @@ class ChunkMover:
 
 
 class Staging:
-    """A host buffer for one chunk, (L, k, P) bytes, and the byte view kvtier copies through."""
+    """A host buffer for one chunk, (L, k, P) bytes, and the byte view kvtier copies through;
+    allocated when first used (only a store that cannot lend its DRAM uses it: on a GPU,
+    the pinned memory of two chunks would otherwise be held for nothing)."""
 
     def __init__(self, shape: tuple[int, int, int], pin: bool) -> None:
-        self.tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        self.view = memoryview(self.tensor.numpy()).cast("B")  # type: ignore[arg-type]
+        self._shape, self._pin = shape, pin
+
+    @cached_property
+    def tensor(self) -> torch.Tensor:
+        return torch.empty(self._shape, dtype=torch.uint8, pin_memory=self._pin)
+
+    @cached_property
+    def view(self) -> memoryview:
+        return memoryview(self.tensor.numpy()).cast("B")  # type: ignore[arg-type]
