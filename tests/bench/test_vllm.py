@@ -134,7 +134,8 @@ def test_rate_runs_scale_the_arrivals_and_salt_each_run(tmp_path: Any) -> None:
     assert 2.9 < passed <= 3.0 < failed < 3.3  # bracketed
     assert passed < summary["slo_rate_measured_rps"] < failed
     assert len({jobs[0]["salt"] for jobs in sent}) == len(sent) == 4
-    assert log == ["kvtier", "settled"] * 4
+    assert log == ["settled", "kvtier"] * 4  # the pass's write-back ends before the first
+    assert summary["slo_rate_bracketed"]
     first = sent[0]
     assert [j["prompt"] for j in first] == prompts
     assert [j["max_tokens"] for j in first] == list(range(1, len(reqs) + 1))
@@ -142,6 +143,10 @@ def test_rate_runs_scale_the_arrivals_and_salt_each_run(tmp_path: Any) -> None:
     gaps = [reqs[i].arrival_s - reqs[0].arrival_s for i in range(len(reqs))]
     assert np.allclose([j["at_s"] for j in first], np.array(gaps) * len(reqs) / 4.0 / span)
     assert [run["kvtier_tokens"] for run in summary["slo_runs"]] == [7] * 4
+    assert sum(j["after"] is None for j in first) == len({r.session for r in reqs}) > 1
+    for i, j in enumerate(first):  # every later turn follows its session's previous turn
+        earlier = [k for k in range(i) if reqs[k].session == reqs[i].session]
+        assert j["after"] == (f"r{earlier[-1]}" if earlier else None)
 
 
 def test_returning_turns_are_those_vllm_evicted() -> None:
@@ -208,10 +213,9 @@ def test_the_measured_rate_search_brackets_the_slo() -> None:
     assert math.isclose(down, 7.0)
     assert rep.highest_rate(p90_at, 1.0, 1.0, 2) == (1.5, [(1.0, 1 / 7), (1.5, 1.5 / 7)])
     assert rep.highest_rate(lambda rate: 9.0, 1.0, 1.0, 3)[0] == 0.0  # none passed
-    noisy = {4.0: 0.5, 6.0: 2.0, 9.0: 0.8}  # a pass above a failure is not believed
-    assert rep.highest_rate(noisy.__getitem__, 1.0, 4.0, 0)[0] == 0.0
-    tried = list(noisy.items())
-    assert rep._bracket(tried, 1.0) == ((4.0, 0.5), (6.0, 2.0))
+    noisy = [(4.0, 0.5), (6.0, 2.0), (9.0, 0.8)]  # a pass above a failure is not believed
+    assert rep.bracket(noisy, 1.0) == ((4.0, 0.5), (6.0, 2.0))
+    assert rep.bracket(noisy[:1], 1.0) == ((4.0, 0.5), None)
 
 
 def test_the_slo_ratio_is_the_measured_one_when_both_were_measured() -> None:
@@ -227,8 +231,12 @@ def test_the_slo_ratio_is_the_measured_one_when_both_were_measured() -> None:
     summaries["agent"]["vllm"]["slo_rate_measured_rps"] = 2.0
     assert rep.headline(passes, summaries, 32)["throughput_ratio_at_slo_is"] == "modelled"
     summaries["agent"]["kvtier"]["slo_rate_measured_rps"] = 5.0
+    summaries["agent"]["vllm"]["slo_rate_bracketed"] = True
     h = rep.headline(passes, summaries, 32)
     assert h["throughput_ratio_at_slo"] == h["throughput_ratio_at_slo_agent"] == 2.5
+    assert h["throughput_ratio_at_slo_is"] == "measured, not bracketed: agent"  # kvtier's
+    summaries["agent"]["kvtier"]["slo_rate_bracketed"] = True
+    h = rep.headline(passes, summaries, 32)
     assert h["throughput_ratio_at_slo_is"] == "measured"
     assert "throughput_ratio_at_slo_chat" not in h
     want = modelled["throughput_ratio_at_slo"]

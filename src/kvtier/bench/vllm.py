@@ -245,25 +245,34 @@ def _rate_at_slo(
     bar: tqdm[Any],
 ) -> None:
     """Measures the rate at which the fleet's engine keeps TTFT p90 within the SLO, into
-    `summary` (`slo_rate_measured_rps`; `slo_probes`: each run's rate and p90; `slo_runs`:
-    each run's figures): `rep.highest_rate` from between the two modelled rates. A run sends
-    the pass's prompts again, each generating as many tokens as in the pass, arriving at the
-    workload's arrival times scaled to the rate, all under a salt of that run (no hit on an
-    earlier run's KV, in vLLM's cache or kvtier's). After each run the node writes back what
-    it saved before the next starts."""
+    `summary`: `slo_rate_measured_rps`; `slo_rate_bracketed`, whether a run passed and a
+    faster one failed; `slo_probes`, each run's rate and p90; `slo_runs`, each run's figures.
+    `rep.highest_rate` searches from between the two modelled rates. A run sends the pass's
+    prompts again, each generating as many tokens as in the pass, arriving at the workload's
+    arrival times scaled to the rate, or when the session's previous turn ends if that is
+    later (a client sends its next turn after the answer), all under a salt of that run (no
+    hit on an earlier run's KV, in vLLM's cache or kvtier's). The node writes back what it
+    saved before each run starts."""
     offsets = np.array([r.arrival_s for r in requests]) - requests[0].arrival_s
     span = float(offsets[-1]) or 1.0
     runs: list[dict[str, Any]] = []
+
+    previous: dict[str, int] = {}
+    follows: list[int | None] = []  # the index of the session's previous turn
+    for i, r in enumerate(requests):
+        follows.append(previous.get(r.session))
+        previous[r.session] = i
 
     def p90_at(rate: float) -> float:
         scale = len(requests) / rate / span
         jobs = [
             {"id": f"r{i}", "prompt": prompt, "max_tokens": len(rec["tokens"]),
-             "at_s": float(offsets[i] * scale), "salt": f"rate-run-{len(runs)}"}
+             "at_s": float(offsets[i] * scale), "salt": f"rate-run-{len(runs)}",
+             "after": None if follows[i] is None else f"r{follows[i]}"}
             for i, (prompt, rec) in enumerate(zip(prompts, records, strict=True))
         ]  # fmt: skip
+        fleet.settle()  # no write-back of the pass or an earlier run runs into this one
         reply = fleet.engines[0].run(jobs)
-        fleet.settle()
         bar.update(len(jobs))
         results = reply["results"]
         p90 = float(np.percentile([x["ttft_s"] for x in results], 90))
@@ -277,7 +286,10 @@ def _rate_at_slo(
     modelled = [summary["slo_rate_rps"], summary["slo_rate_serial_rps"]]
     start = math.sqrt(modelled[0] * modelled[1]) if all(modelled) else len(requests) / span
     rate, tried = rep.highest_rate(p90_at, float(args.slo_ms) / 1000.0, start, int(args.slo_probes))
-    summary.update(slo_rate_measured_rps=rate, slo_probes=tried, slo_runs=runs)
+    bracketed = None not in rep.bracket(tried, float(args.slo_ms) / 1000.0)
+    summary.update(
+        slo_rate_measured_rps=rate, slo_rate_bracketed=bracketed, slo_probes=tried, slo_runs=runs
+    )
 
 
 def _gen_tokens(r: wl.Request, cap: int | None) -> int:

@@ -131,14 +131,14 @@ def highest_rate(
     rate = start
     for _ in range(probes):
         tried.append((rate, p90_at(rate)))
-        low, high = _bracket(tried, slo_s)
+        low, high = bracket(tried, slo_s)
         if high is None:
             rate = (low[0] if low else rate) * step
         elif low is None:
             rate = high[0] / step
         else:
             rate = math.sqrt(low[0] * high[0])
-    low, high = _bracket(tried, slo_s)
+    low, high = bracket(tried, slo_s)
     if low is None:
         return 0.0, tried
     if high is None:
@@ -147,7 +147,7 @@ def highest_rate(
     return low[0] + share * (high[0] - low[0]), tried
 
 
-def _bracket(
+def bracket(
     tried: list[tuple[float, float]], slo_s: float
 ) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
     """The lowest (rate, p90) that missed the SLO, and the highest below it that met it."""
@@ -207,7 +207,7 @@ def headline(
     out: dict[str, Any] = {}
     pooled: dict[str, list[Record]] = {}
     ids: set[str] = set()
-    slo: dict[str, list[float]] = {"measured": [], "modelled": []}
+    slo: dict[str, list[Any]] = {"measured": [], "modelled": [], "unbracketed": []}
     for work in ("chat", "agent"):
         if work not in passes:
             continue
@@ -229,12 +229,16 @@ def headline(
                 s["kvtier"]["slo_rate_measured_rps"], s[BASE]["slo_rate_measured_rps"]
             )
             slo["measured"].append(out[f"throughput_ratio_at_slo_{work}"])
+            if not (s["kvtier"].get("slo_rate_bracketed") and s[BASE].get("slo_rate_bracketed")):
+                slo["unbracketed"].append(work)
         out[f"connector_share_{work}"] = connector_share(s["kvtier"])
     out["ttft_p50_ratio_returning"] = p50_ratio(pooled, ids, "kvtier") if ids else math.nan
     # the lower over the workloads measured at rates; modelled only when none was
     how = "measured" if slo["measured"] else "modelled"
     out["throughput_ratio_at_slo"] = min(slo[how]) if slo[how] else math.nan
     out["throughput_ratio_at_slo_is"] = how
+    if slo["unbracketed"]:  # a rate no run exceeded (a lower bound) or none passed (0)
+        out["throughput_ratio_at_slo_is"] += f", not bracketed: {','.join(slo['unbracketed'])}"
     if "noreuse" in summaries:
         s = summaries["noreuse"]
         out["throughput_ratio_noreuse"] = _ratio(
