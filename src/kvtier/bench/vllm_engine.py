@@ -6,12 +6,10 @@ SPEC: model, dtype, block_size, max_model_len, kv_cache_bytes and `extra` (the c
 `kv_connector_extra_config`, or null for vLLM alone). The engine core runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the timing is one loop around `LLMEngine.step()` and
 the connector's counters are readable. Each stdin line `{"requests": [...]}` (id, prompt,
-max_tokens; optional `at_s`, its arrival in seconds after the line is read, `after`, the
-id of a request it must follow, as a chat turn follows the previous answer, and `salt`, its
-`cache_salt`) adds each request when it arrives (at `at_s`, or when the request it follows
-ends if that is later) and steps until all finish; the reply (one stdout line starting
-"KVB ") gives each request's TTFT (arrival -> first output token, so the time it queued is
-in it), generated tokens and
+max_tokens; optional `at_s`, its arrival in seconds after the line is read, and `salt`, its
+`cache_salt`) adds each request when it arrives and steps until all finish; the reply (one
+stdout line starting "KVB ") gives each request's TTFT (arrival -> first output token, so
+the time it queued is in it), generated tokens and
 cached prompt tokens, plus the kvtier tokens loaded, the node tiers' chunk hits and the
 seconds the engine spent inside the connector's hooks (`connector_s`: kvtier's own work on the
 engine's path, apart from what the node process's background writes take from the cores).
@@ -22,7 +20,6 @@ engine's path, apart from what the node process's background writes take from th
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -212,14 +209,10 @@ def _serve(
     done: dict[str, dict[str, Any]] = {}
     ours: dict[str, str] = {}  # vLLM may append a suffix to an id
     arrived = {r["id"]: float(r.get("at_s", 0.0)) for r in requests}
-    after = {r["id"]: r["after"] for r in requests if r.get("after") in arrived}
-    waiting = sorted(requests, key=lambda r: arrived[r["id"]])
-    while waiting or engine.has_unfinished_requests():
-        now = time.perf_counter() - start
-        for r in [r for r in waiting if _due(r["id"], arrived, after, done, now)]:
-            waiting.remove(r)
-            if r["id"] in after:  # it arrived at its time or when its predecessor ended
-                arrived[r["id"]] = max(arrived[r["id"]], done[after[r["id"]]]["done_s"])
+    due = sorted(requests, key=lambda r: arrived[r["id"]])
+    while due or engine.has_unfinished_requests():
+        while due and arrived[due[0]["id"]] <= time.perf_counter() - start:
+            r = due.pop(0)
             params = SamplingParams(
                 max_tokens=r["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True
             )
@@ -227,11 +220,8 @@ def _serve(
             if r.get("salt"):
                 prompt["cache_salt"] = r["salt"]
             ours[engine.add_request(r["id"], prompt, params)] = ours[r["id"]] = r["id"]
-        if not engine.has_unfinished_requests():  # idle until the next one not blocked
-            free = [
-                arrived[r["id"]] for r in waiting if _due(r["id"], arrived, after, done, math.inf)
-            ]
-            time.sleep(max(0.0, min(free, default=now) - now))
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, arrived[due[0]["id"]] - (time.perf_counter() - start)))
             continue
         for out in engine.step():
             now, rid = time.perf_counter() - start, ours[out.request_id]
@@ -254,18 +244,6 @@ def _serve(
         "connector_s": clock.seconds - inside,
         "connector_calls": _delta(clock.calls, calls),
     }
-
-
-def _due(
-    rid: str,
-    arrived: dict[str, float],
-    after: dict[str, str],
-    done: dict[str, dict[str, Any]],
-    now: float,
-) -> bool:
-    """Whether request `rid` is to be added now: its time has come and the request it
-    follows (`after`, the previous turn of its session) has ended."""
-    return arrived[rid] <= now and (rid not in after or after[rid] in done)
 
 
 def main() -> None:
