@@ -9,13 +9,13 @@ DRAM + disk), `shared` (two engines, each with its own node-local DRAM + disk, a
 server behind both; requests go to the engines round-robin, no session routing).
 
 Requests run one at a time in arrival order (TTFT is the service time). Then, for the
-single-engine configurations, the same requests are sent again at a rate, a few times, to
-measure the highest rate each sustains within the TTFT SLO (`--slo-probes`). The no-reuse workload
-measures throughput: a batch of fresh prompts per round, `vllm` and `kvtier` engines both up and
-taking turns (the order alternates each round), the throughput that of each one's median batch,
-so a burst of load from elsewhere on the machine or a drift over the run weighs on neither.
-The default model is a random-weight Llama built here (CPU, float32); `--model DIR` serves a
-real checkpoint (e.g. on a GPU).
+single-engine configurations of the workloads named by `--slo-workloads`, the same requests
+are sent again at a rate, `--slo-probes` times, to measure the highest rate each sustains
+within the TTFT SLO. The no-reuse workload measures throughput: a batch of fresh prompts per
+round, `vllm` and `kvtier` engines both up and taking turns (the order alternates each round),
+the throughput that of each one's median batch, so a burst of load from elsewhere on the
+machine or a drift over the run weighs on neither. The default model is a random-weight Llama
+built here (CPU, float32); `--model DIR` serves a real checkpoint (e.g. on a GPU).
 """
 
 from __future__ import annotations

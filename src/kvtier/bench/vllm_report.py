@@ -13,15 +13,14 @@ hits (tokens by tier: gpu = vLLM's own prefix cache, dram, disk, remote).
   the SLO, found by bisection. A rate beyond an engine's capacity grows its queue without
   bound over 2,000 arrivals, so the answer is a sustainable rate, not a burst.
   `slo_rate_serial_rps` is the same with each engine busy until the request's last token (no
-  batching): measured rates fall between the two.
+  batching). Every measured rate so far fell between the two.
 - SLO rate (measured): the pass's requests (the prompts it sent, the answer lengths it
   generated) sent again to the same engine at rate R, each arriving at its workload arrival
   time scaled so the pass lasts N / R seconds (sessions keep their order and their bursts),
   under a salt of their own so nothing of earlier runs hits; the engine batches them as it
   does under load. `highest_rate` searches R from the geometric mean of the two modelled
-  rates; the figure is the
-  R at which the measured TTFT p90 reaches the SLO, interpolated between the nearest
-  measured rates on either side of it.
+  rates; the figure is the R at which the measured TTFT p90 reaches the SLO, interpolated
+  between the nearest measured rates on either side of it.
 """
 
 from __future__ import annotations
