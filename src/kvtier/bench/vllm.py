@@ -273,18 +273,19 @@ def _rate_at_slo(
         reply = fleet.engines[0].run(jobs)
         bar.update(len(jobs))
         results = reply["results"]
-        p90 = float(np.percentile([x["ttft_s"] for x in results], 90))
+        ttft = [x["ttft_s"] for x in results]
         runs.append({
-            "rate_rps": rate, "ttft_ms": percentiles_ms([x["ttft_s"] for x in results]),
-            "wall_s": reply["wall_s"], "cached_tokens": sum(x["cached"] for x in results),
+            "rate_rps": rate, "ttft_ms": percentiles_ms(ttft), "wall_s": reply["wall_s"],
+            "cached_tokens": sum(x["cached"] for x in results),
             "kvtier_tokens": reply["kvtier_tokens"],
         })  # fmt: skip
-        return p90
+        return float(np.percentile(ttft, 90))
 
     modelled = [summary["slo_rate_rps"], summary["slo_rate_serial_rps"]]
     start = math.sqrt(modelled[0] * modelled[1]) if all(modelled) else len(requests) / span
-    rate, tried = rep.highest_rate(p90_at, float(args.slo_ms) / 1000.0, start, int(args.slo_probes))
-    bracketed = None not in rep.bracket(tried, float(args.slo_ms) / 1000.0)
+    slo_s = float(args.slo_ms) / 1000.0
+    rate, tried = rep.highest_rate(p90_at, slo_s, start, int(args.slo_probes))
+    bracketed = None not in rep.bracket(tried, slo_s)
     summary.update(
         slo_rate_measured_rps=rate, slo_rate_bracketed=bracketed, slo_probes=tried, slo_runs=runs
     )
