@@ -35,7 +35,7 @@ def test_extra_config_takes_store_fields_size_strings_and_kvtier_variables(
     config, options = connector_config({"dram_bytes": "32MiB", "model_id": "m"})
     assert config.chunk_tokens == 128 and config.dram_bytes == 32 << 20
     assert config.disk_dir == tmp_path and config.disk_bytes == 1 << 20
-    assert options == {"model_id": "m", "load_async": None, "layerwise": True}
+    assert options == {"model_id": "m", "load_async": None, "layerwise": True, "load_tiers": None}
     config, options = connector_config({"chunk_tokens": "64", "disk_dir": "off",
                                         "disk_bytes": None, "load_async": "true",
                                         "layerwise": "false"})  # fmt: skip
@@ -43,6 +43,7 @@ def test_extra_config_takes_store_fields_size_strings_and_kvtier_variables(
     assert options["load_async"] is True and options["layerwise"] is False
     _, options = connector_config({"load_tiers": "dram, remote"})
     assert options["load_tiers"] == {"dram", "remote"}
+    assert connector_config({"load_tiers": "Auto"})[1]["load_tiers"] is None  # measured choice
     # layer-wise loading waits in the attention hooks: vLLM must keep piecewise CUDA graphs
     assert KvtierConnector.requires_piecewise_for_cudagraph({})
     assert not KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": False})

@@ -91,6 +91,15 @@ def test_request_times_fill_histograms_on_the_shared_buckets() -> None:
     assert value("kvtier_vllm_loaded_bytes_total", engine0) == 15
 
 
+def _load_tiers(registry: CollectorRegistry, engine: str) -> tuple[float | None, ...]:
+    return tuple(
+        registry.get_sample_value(
+            "kvtier_vllm_load_tier", {"model_name": "m", "engine": engine, "tier": tier}
+        )
+        for tier in ("dram", "disk", "remote")
+    )
+
+
 def test_the_tiers_the_connector_loads_from_are_exported() -> None:
     """`kvtier_vllm_load_tier{tier}` is 1 for a tier the connector loads hits from and 0 for
     one `load_tiers` leaves out (a router reads it: such chunks are recomputed there)."""
@@ -98,10 +107,15 @@ def test_the_tiers_the_connector_loads_from_are_exported() -> None:
         registry = CollectorRegistry()
         _prom_metrics(registry, extra)
         for engine in ("0", "1"):
-            got = tuple(
-                registry.get_sample_value(
-                    "kvtier_vllm_load_tier", {"model_name": "m", "engine": engine, "tier": tier}
-                )
-                for tier in ("dram", "disk", "remote")
-            )
-            assert got == want
+            assert _load_tiers(registry, engine) == want
+
+
+def test_the_export_follows_the_measured_tier_choice() -> None:
+    """Under `load_tiers: auto` the scheduler reports a tier it leaves out (+1) and one it
+    loads again (-1); the gauge of that engine follows, whatever the stats interval adds up."""
+    registry = CollectorRegistry()
+    metrics = _prom_metrics(registry)
+    metrics.observe({"left_out/disk": 1, "hit_tokens/dram": 64})
+    assert _load_tiers(registry, "0") == (1, 0, 1) and _load_tiers(registry, "1") == (1, 1, 1)
+    metrics.observe({"left_out/disk": -1 + 1 - 1, "left_out/remote": 1})  # three changes
+    assert _load_tiers(registry, "0") == (1, 1, 0)

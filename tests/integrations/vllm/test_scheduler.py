@@ -39,6 +39,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from kvtier.integrations.vllm import scheduler as scheduler_module
+from kvtier.integrations.vllm import tierchoice
 from kvtier.integrations.vllm.connector import KvtierConnector, KvtierMetadata
 from kvtier.integrations.vllm.metrics import KvtierStats
 from kvtier.integrations.vllm.node import stop_nodes
@@ -123,6 +124,7 @@ class FakeWorker:
     lost: set[Key] = field(default_factory=set)  # chunks that fail to load
     dropped: set[Key] = field(default_factory=set)  # saves the store drops
     failed_loads: int = 0
+    report: dict[str, float] = field(default_factory=dict)  # the next step's worker counters
 
     def run(self, plan: StepPlan) -> tuple[set[int], set[str]]:
         """Do the plan's loads, then its saves; the block ids whose load failed, and the
@@ -206,14 +208,18 @@ class Engine:
         failed, received = self.worker.run(plan)
         ids = list(output.num_scheduled_tokens)
         sampled = [[] if scheduler.requests[r].is_prefill_chunk else [SAMPLED] for r in ids]
+        report = self.worker.report
         result = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled,
             kv_connector_output=KVConnectorOutput(
-                invalid_block_ids=failed, finished_recving=received or None
+                invalid_block_ids=failed,
+                finished_recving=received or None,
+                kv_connector_stats=KvtierStats(data=dict(report)) if report else None,
             ),
         )
+        self.worker.report.clear()
         for outputs in scheduler.update_from_output(output, result).values():
             stats = outputs.scheduler_stats
             if stats is not None and stats.kv_connector_stats:
@@ -672,6 +678,57 @@ def test_auto_loads_dram_hits_now_and_disk_hits_in_the_background(
     assert_no_leaks(engine)
 
 
+def _on_disk_only(engine: Engine, tokens: list[int]) -> None:
+    """`tokens` run once, then pushed out of vLLM's cache and kvtier's DRAM by others: kvtier
+    holds their first three chunks on disk only."""
+    keys = store_in_kvtier_only(engine, tokens)
+    for seed in range(100, 104):  # 4 x 3 new chunks push the first three out of DRAM
+        engine.add(f"other{seed}", prompt(200, seed=seed), max_tokens=1)
+        engine.run()
+        engine.scheduler.reset_prefix_cache()
+    assert engine.connector.store.locate(keys).tiers[:3] == ("disk",) * 3
+
+
+def test_by_default_a_tier_measured_slower_than_recomputing_is_left_out(
+    make_engine: Callable[..., Engine], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`load_tiers: auto` (the default): the connector times this engine's prefill steps and
+    the loads its workers report by tier. Once the disk reports loads slower than
+    recomputing, a prompt kvtier holds on disk only is computed whole (counted as
+    `slow_tier_tokens`, and reported as `left_out/disk`); PROBE_S after that measurement
+    it is loaded from disk again."""
+    engine = make_engine(
+        load_async=None, dram_bytes=f"{8 * CHUNK_BYTES}", disk_dir=str(tmp_path),
+        disk_bytes="64MiB",
+    )  # fmt: skip
+    tokens = prompt(200, seed=7)
+    _on_disk_only(engine, tokens)
+    choice = engine.connector._planner.tiers  # type: ignore[union-attr]
+    assert choice.compute_s_per_token is not None  # from the steps so far
+    engine.worker.report.update({"tier_load_seconds/disk": 60.0, "tier_load_blocks/disk": 1})
+    engine.add("tick", prompt(10, seed=1), max_tokens=1)
+    engine.run()  # its output carries the report
+    assert choice.slower_than_compute("disk")
+    assert engine.connector_stats[-1].get("left_out/disk") == 1  # the gauge follows it
+    first = len(engine.connector_stats)
+    engine.add("slow", tokens, max_tokens=1)
+    engine.run()
+    assert not [job for s in engine.steps for job in s.plan.loads if job.req_id == "slow"]
+    assert not saved(engine, "slow")  # kvtier holds them (on disk)
+    stats = KvtierStats()
+    for data in engine.connector_stats[first:]:
+        stats.aggregate(KvtierConnector.build_kv_connector_stats(data))
+    assert stats.reduce()["slow_tier_tokens"] == 3 * CHUNK
+    engine.scheduler.reset_prefix_cache()
+    monkeypatch.setattr(tierchoice, "PROBE_S", 0.0)
+    engine.add("probe", tokens, max_tokens=1)
+    engine.run()
+    (job,) = [job for s in engine.steps for job in s.plan.loads if job.req_id == "probe"]
+    assert len(job.chunks) == 3 and job.tier == "disk"
+    assert engine.worker.failed_loads == 0
+    assert_no_leaks(engine)
+
+
 def test_load_tiers_leaves_a_slow_tiers_chunks_to_be_recomputed(
     make_engine: Callable[..., Engine], tmp_path: Path
 ) -> None:
@@ -683,13 +740,7 @@ def test_load_tiers_leaves_a_slow_tiers_chunks_to_be_recomputed(
         disk_bytes="64MiB", load_tiers="dram",
     )  # fmt: skip
     tokens = prompt(200, seed=7)
-    keys = store_in_kvtier_only(engine, tokens)
-    engine.scheduler.reset_prefix_cache()
-    for seed in range(100, 104):  # 4 x 3 new chunks push the first three out of DRAM
-        engine.add(f"other{seed}", prompt(200, seed=seed), max_tokens=1)
-        engine.run()
-        engine.scheduler.reset_prefix_cache()
-    assert engine.connector.store.locate(keys).tiers[:3] == ("disk",) * 3
+    _on_disk_only(engine, tokens)
     engine.add("slow", tokens, max_tokens=1)
     step = engine.step()
     assert not step.plan.loads and "slow" in step.output.num_scheduled_tokens

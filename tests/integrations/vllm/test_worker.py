@@ -399,3 +399,29 @@ def test_tensor_parallel_ranks_agree_on_a_failed_load(node_dir: Path, tmp_path: 
     for rank in (0, 1):  # rank 0's own load succeeded: it drops its saves all the same
         assert results[rank]["skipped_saves"] == 2
         assert results[rank]["held"] == [0, 0, 1]
+
+
+def test_whole_loads_are_timed_by_their_farthest_tier(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]], request: pytest.FixtureRequest
+) -> None:
+    """Each load that ends whole reports its seconds and blocks under the tier the plan
+    names (the scheduler weighs them against recomputing); a load with a missing chunk
+    reports none, in the step or in the background."""
+    m, _ = mover
+    key = _key(request.node.name)
+    m.save(StepPlan(saves=[RequestJobs("a", [ChunkCopy(key, (0, 1))])]))
+    m.tally.drain()
+    m.load(StepPlan(loads=[RequestJobs("b", [ChunkCopy(key, (4, 5))])]))
+    m.finish_loads()
+    m.load(StepPlan(loads=[RequestJobs("c", [ChunkCopy(key, (6,), 1)], True, tier="disk")]))
+    m.wait_for_loads(60.0)
+    tally = m.tally.drain()
+    assert tally["tier_load_blocks/dram"] == 2 and tally["tier_load_blocks/disk"] == 1
+    assert tally["tier_load_seconds/dram"] > 0 and tally["tier_load_seconds/disk"] > 0
+    lost = [ChunkCopy(key, (8, 9)), ChunkCopy(_key("never saved"), (10, 11))]
+    m.load(StepPlan(loads=[RequestJobs("d", lost)]))
+    m.finish_loads()
+    m.load(StepPlan(loads=[RequestJobs("e", lost, async_load=True, tier="disk")]))
+    m.wait_for_loads(60.0)
+    assert m.take_failed() == {10, 11}
+    assert not [name for name in m.tally.drain() if name.startswith("tier_load")]

@@ -37,7 +37,7 @@ from kvtier.integrations.vllm.kvevents import stored_events
 from kvtier.integrations.vllm.metrics import KvtierPromMetrics, KvtierStats
 from kvtier.integrations.vllm.node import engine_store
 from kvtier.integrations.vllm.pages import PagedKV
-from kvtier.integrations.vllm.plan import Geometry, StepPlan, page_fingerprint
+from kvtier.integrations.vllm.plan import TIERS, Geometry, StepPlan, page_fingerprint
 from kvtier.integrations.vllm.scheduler import ChunkPlanner
 from kvtier.integrations.vllm.worker import ChunkMover
 
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvtier.vllm")
 _OPTIONS = ("model_id", "node_dir", "load_async", "layerwise", "load_tiers")
-TIERS = ("dram", "disk", "remote")  # the node's tiers, as its lookups name them
 PIN_PARAM = "kvtier_pin"  # kv_transfer_params: pin the prompt's chunks once it has run
 IDLE_WAIT_S = 0.05  # an empty step waits at most this long for a background load
 
@@ -97,12 +96,15 @@ def connector_config(extra: dict[str, Any]) -> tuple[StoreConfig, dict[str, Any]
             f"kv_connector_extra_config: layerwise must be true or false, got {layers}"
         )
     options["layerwise"] = layers in ("true", "1")
-    if "load_tiers" in options:  # else every tier
-        names = str(options["load_tiers"]).lower()
+    names = str(options.get("load_tiers", "auto")).lower()
+    if names == "auto":  # each tier while it loads faster than recomputing (`tierchoice`)
+        options["load_tiers"] = None
+    else:
         tiers = frozenset(t.strip() for t in names.split(",") if t.strip())
         if not tiers <= set(TIERS):
             raise ConfigError(
-                f"kv_connector_extra_config: load_tiers takes tiers of {list(TIERS)}, got {names!r}"
+                f"kv_connector_extra_config: load_tiers takes auto or tiers of {list(TIERS)}, "
+                f"got {names!r}"
             )
         options["load_tiers"] = tiers
     return replace(StoreConfig.from_env(), **changes), options
@@ -165,7 +167,7 @@ class KvtierConnector(KVConnectorBase_V1):
             events = vllm_config.kv_events_config
             self._planner = ChunkPlanner(
                 self.store, self.geometry, self.model_id, self.fingerprint, self.tp_size,
-                self._block_table, options["load_async"], options.get("load_tiers"),
+                self._block_table, options["load_async"], options["load_tiers"],
                 record_saves=bool(events and events.enable_kv_cache_events),
             )  # fmt: skip
 
@@ -212,7 +214,10 @@ class KvtierConnector(KVConnectorBase_V1):
             for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True)
         ]
         plan = self._planner.plan(scheduled, scheduler_output.finished_req_ids)
-        plan.idle = scheduler_output.total_num_scheduled_tokens == 0
+        total = scheduler_output.total_num_scheduled_tokens
+        plan.idle = total == 0
+        prefill = sum(n for n in tokens.values() if n > 1)  # decodes schedule one token
+        self._planner.step_planned(prefill, total)
         return KvtierMetadata(plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -221,6 +226,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 set(connector_output.invalid_block_ids),
                 set(connector_output.finished_recving or ()),
             )
+            stats = connector_output.kv_connector_stats
+            self._planner.step_returned(stats.data if stats is not None else {})
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         """`BlockStored` (medium `CPU`) for the chunks saved since the last call, when vLLM
@@ -321,7 +328,7 @@ class KvtierConnector(KVConnectorBase_V1):
     ) -> KvtierPromMetrics:
         transfer = getattr(vllm_config, "kv_transfer_config", None)
         extra = dict(getattr(transfer, "kv_connector_extra_config", None) or {})
-        loaded = connector_config(extra)[1].get("load_tiers")
+        loaded = connector_config(extra)[1]["load_tiers"]
         tiers = {tier: loaded is None or tier in loaded for tier in TIERS}
         return KvtierPromMetrics(
             vllm_config, metric_types, labelnames, per_engine_labelvalues, tiers

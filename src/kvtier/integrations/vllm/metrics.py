@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 from kvtier.integrations.vllm.plan import HIT_PREFIX
+from kvtier.integrations.vllm.tierchoice import LEFT_OUT
 from kvtier.metrics import OP_BUCKETS
 
 _COUNTERS = {
@@ -30,6 +31,8 @@ _COUNTERS = {
     "skipped_saves": "Chunks not saved: a load of their step, or of the step before, failed",
     "pinned_tokens": "Prompt tokens pinned for requests that asked (kvtier_pin)",
     "pin_failures": "Requests whose pin was refused or could not reach the node",
+    "slow_tier_tokens": "Tokens kvtier held but left to vLLM: their tier loads slower than "
+    "this engine recomputes (load_tiers auto)",
 }
 _HISTOGRAMS = {
     "request_load_seconds": "Seconds to load one request's chunks",
@@ -59,7 +62,7 @@ class KvtierStats(KVConnectorStats):
             seconds = d.get(f"{kind}_seconds", 0.0)
             out[f"{kind}_GBps"] = round(d.get(moved, 0) / seconds / 1e9, 3) if seconds else 0.0
         counted = ("lookups", "failed_chunks", "skipped_saves", "loaded_bytes", "saved_bytes")
-        for name in (*counted, "pinned_tokens"):
+        for name in (*counted, "pinned_tokens", "slow_tier_tokens"):
             out[name] = d.get(name, 0)
         return out
 
@@ -80,16 +83,17 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
     ) -> None:
         """`load_tiers`: whether the connector loads hits from each tier (`load_tiers`),
         exported as `kvtier_vllm_load_tier{tier}` 1 or 0 so that a router does not credit a
-        worker with chunks it would recompute."""
+        worker with chunks it would recompute. Under `load_tiers: auto` every tier starts
+        at 1 and follows the scheduler's choice (`left_out/<tier>` changes)."""
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        loads = self._gauge_cls(
+        self._load_tier = self._gauge_cls(
             name="kvtier_vllm_load_tier",
             documentation="1 if the connector loads hits from this tier, 0 if it recomputes them",
             labelnames=[*labelnames, "tier"],
         )
         for labels in per_engine_labelvalues.values():
             for tier, loaded in (load_tiers or {}).items():
-                loads.labels(*labels, tier).set(int(loaded))
+                self._load_tier.labels(*labels, tier).set(int(loaded))
         counter = self._counter_cls
         self._hits = counter(
             name="kvtier_vllm_hit_tokens_total",
@@ -124,5 +128,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                         histogram.observe(sample)
             elif name.startswith(HIT_PREFIX):
                 self._hits.labels(*labels, name.removeprefix(HIT_PREFIX)).inc(value)
+            elif name.startswith(LEFT_OUT):  # load_tiers auto left a tier out (+1) or back
+                self._load_tier.labels(*labels, name.removeprefix(LEFT_OUT)).dec(value)
             elif name in self._counters:
                 self._counters[name].labels(*labels).inc(value)

@@ -63,6 +63,14 @@ class ChunkCopy:
     skip_blocks: int = 0
 
 
+TIERS = ("dram", "disk", "remote")  # the node's tiers, nearest first, as its lookups name them
+
+
+def farthest(tiers: Sequence[str]) -> str:
+    """The farthest of `tiers` (TIERS' order; "dram" when none)."""
+    return max(tiers, key=lambda t: TIERS.index(t) if t in TIERS else len(TIERS), default="dram")
+
+
 @dataclass(slots=True)
 class RequestJobs:
     """One request's copies in one step."""
@@ -70,6 +78,7 @@ class RequestJobs:
     req_id: str
     chunks: list[ChunkCopy] = field(default_factory=list)
     async_load: bool = False  # load in the background; the request waits, others run
+    tier: str = "dram"  # a load's farthest tier (its time is charged to it: `tierchoice`)
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -26,8 +26,10 @@ from kvtier.integrations.vllm.plan import (
     RequestJobs,
     StepPlan,
     Tally,
+    farthest,
     rank_keys,
 )
+from kvtier.integrations.vllm.tierchoice import LEFT_OUT, TierChoice
 from kvtier.keys import Key, root_key, salt_bytes
 from kvtier.store import Store
 
@@ -85,6 +87,7 @@ class Tracked:
     tiers: tuple[str, ...] = ()  # the tier of each claimed chunk, at lookup
     lookup: Lookup | None = None  # the last one, reused while the request waits
     async_load: bool = False  # the pending load runs in the background
+    recomputed: int = 0  # tokens the last lookup left to vLLM for their tier's slowness
 
 
 class ChunkPlanner:
@@ -103,9 +106,10 @@ class ChunkPlanner:
         load_tiers: frozenset[str] | None = None,
         record_saves: bool = False,
     ) -> None:
-        """`load_tiers`: the tiers chunks are loaded from (None: all); a hit stops at the
-        first chunk held only elsewhere, and the rest is recomputed. `record_saves`: keep
-        every planned save for `take_saved` (the connector's KV events)."""
+        """`load_tiers`: the tiers chunks are loaded from (None: each tier while it loads
+        faster than this engine recomputes, `tierchoice`); a hit stops at the first chunk
+        held only elsewhere, and the rest is recomputed. `record_saves`: keep every planned
+        save for `take_saved` (the connector's KV events)."""
         self.store = store
         self.geometry = geometry
         self.model_id = model_id
@@ -113,7 +117,7 @@ class ChunkPlanner:
         self.tp_size = tp_size
         self._block_table = block_table
         self.load_async = load_async
-        self.load_tiers = load_tiers
+        self.tiers = TierChoice(geometry.block_size, geometry.chunk_tokens, load_tiers)
         self._requests: dict[str, Tracked] = {}
         # loads planned, by request; a synchronous one is kept for SYNC_REPORT_PLANS plans,
         # as its failure may be reported that late
@@ -137,9 +141,11 @@ class ChunkPlanner:
         c = self.geometry.chunk_tokens
         hit, tiers = self._lookup(tracked, request.num_tokens // c)
         tracked.stored = max(tracked.stored, hit)  # a full chunk kvtier holds is not saved again
-        if self.load_tiers is not None:  # a slow tier's chunks are recomputed instead
-            hit = next((i for i, t in enumerate(tiers) if t not in self.load_tiers), hit)
-        tracked.claimed = min(hit, self.geometry.loadable_chunks(request.num_tokens))
+        loadable = min(hit, self.geometry.loadable_chunks(request.num_tokens))
+        first = num_computed_tokens // c  # vLLM holds the chunks before it
+        cut = next((i for i in range(first, loadable) if not self.tiers.allows(tiers[i])), None)
+        tracked.claimed = loadable if cut is None else cut  # a slow tier's are recomputed
+        tracked.recomputed = (loadable - tracked.claimed) * c
         tracked.tiers = tiers[: tracked.claimed]
         tokens = max(tracked.claimed * c - num_computed_tokens, 0)
         loading = tracked.tiers[num_computed_tokens // c :]
@@ -155,6 +161,8 @@ class ChunkPlanner:
             return
         if tracked.lookup is not None:  # not again when an async load has ended
             self.tally.add("lookups")
+            if tracked.recomputed:
+                self.tally.add("slow_tier_tokens", tracked.recomputed)
         tracked.lookup = None  # admitted: a later lookup (after preemption) asks afresh
         if num_external_tokens <= 0:
             return
@@ -208,6 +216,15 @@ class ChunkPlanner:
                 tracked.lookup = None
             if jobs.async_load and req_id in received:
                 del self._loading[req_id]
+
+    def step_planned(self, prefill_tokens: int, tokens: int) -> None:
+        self.tiers.step_planned(prefill_tokens, tokens)
+
+    def step_returned(self, worker_stats: Mapping[str, object]) -> None:
+        """A step's output, with the workers' counters: the tier choice's figures, and its
+        changes counted (`left_out/<tier>`: the gauge `kvtier_vllm_load_tier` follows them)."""
+        for tier, change in self.tiers.step_returned(worker_stats).items():
+            self.tally.add(LEFT_OUT + tier, change)
 
     def pin(self, request: Any) -> int:
         """Pin the full chunks of a finished request's prompt that kvtier holds (every TP
@@ -293,8 +310,13 @@ class ChunkPlanner:
         g = self.geometry
         table = self._block_table(tracked.request.request_id)
         keys = tracked.chain.keys
-        jobs = RequestJobs(tracked.request.request_id, async_load=tracked.async_load)
-        for chunk in range(tracked.load_from // g.chunk_tokens, tracked.claimed):
+        first = tracked.load_from // g.chunk_tokens
+        jobs = RequestJobs(
+            tracked.request.request_id,
+            async_load=tracked.async_load,
+            tier=farthest(tracked.tiers[first : tracked.claimed]),
+        )
+        for chunk in range(first, tracked.claimed):
             blocks = g.chunk_blocks(table, chunk, tracked.load_from)
             jobs.chunks.append(
                 ChunkCopy(keys[chunk], tuple(blocks), g.blocks_per_chunk - len(blocks))

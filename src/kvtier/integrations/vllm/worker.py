@@ -23,13 +23,22 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, nullcontext
 from functools import cached_property
 from time import perf_counter as _now
+from typing import NamedTuple
 
 import torch
 
 from kvtier.integrations.vllm.hostmem import HostMemory
 from kvtier.integrations.vllm.loads import PageLoad
 from kvtier.integrations.vllm.pages import PagedKV
-from kvtier.integrations.vllm.plan import ChunkCopy, RequestJobs, StepPlan, Tally, rank_keys
+from kvtier.integrations.vllm.plan import (
+    ChunkCopy,
+    RequestJobs,
+    StepPlan,
+    Tally,
+    farthest,
+    rank_keys,
+)
+from kvtier.integrations.vllm.tierchoice import LOAD_BLOCKS, LOAD_SECONDS
 from kvtier.keys import Key
 from kvtier.protocol import Limits
 from kvtier.store import Store
@@ -44,6 +53,16 @@ BACKGROUND_BYTES = 64 << 20  # borrowed at a time by a background load (promoted
 # chunks are saved once recomputed. A save kvtier already holds is never overwritten, so a
 # chunk computed over garbage must never be saved.
 SKIP_SAVE_STEPS = 2
+
+
+class StepLoads(NamedTuple):
+    """A step's synchronous loads: requests, seconds to start them, farthest tier, blocks
+    (0 when one failed: no sample of the tier then)."""
+
+    requests: int
+    started_s: float
+    tier: str
+    blocks: int
 
 
 class ChunkMover:
@@ -85,7 +104,7 @@ class ChunkMover:
         self._layerwise = layerwise
         self._warned = False  # a step's layers ran without their wait (logged once)
         self._step: PageLoad | None = None  # this step's synchronous loads
-        self._step_requests = (0, 0.0)  # their requests, and the seconds to start them
+        self._step_requests = StepLoads(0, 0.0, "dram", 0)
         self.tally = Tally()
         self._failed: set[int] = set()
         self._received: set[str] = set()
@@ -117,11 +136,14 @@ class ChunkMover:
             return
         t0 = _now()
         failed = self._start_step_loads(jobs)
-        if self._step is not None:
-            self._step_requests = (len(jobs), _now() - t0)  # observed once the copies end
+        tier = farthest([job.tier for job in jobs])
+        blocks = 0 if failed else sum(len(c.block_ids) for job in jobs for c in job.chunks)
+        if self._step is not None:  # observed once the copies end
+            self._step_requests = StepLoads(len(jobs), _now() - t0, tier, blocks)
         else:  # copied already (through the staging buffer), or nothing to copy
             for _ in jobs:
                 self.tally.observe("request_load_seconds", _now() - t0)
+            self._tier_sample(tier, blocks, _now() - t0)
         # Every rank has the same plan, so all of them ask here, in the same steps.
         if self._any_rank(failed):
             self._skip_saves = SKIP_SAVE_STEPS
@@ -195,9 +217,10 @@ class ChunkMover:
             return
         load.finish()
         self.tally.add("load_seconds", load.seconds)
-        requests, started_s = self._step_requests
+        requests, started_s, tier, blocks = self._step_requests
         for _ in range(requests):  # each request of the step waited for all of it
             self.tally.observe("request_load_seconds", started_s + load.seconds)
+        self._tier_sample(tier, blocks, started_s + load.seconds)
         missed = self.pages.num_layers - len(load.waited)
         if self._layerwise and missed and not self._warned:
             self._warned = True  # the engine read those layers' pages without waiting
@@ -226,13 +249,14 @@ class ChunkMover:
         t0 = _now()
         per = max(1, BACKGROUND_BYTES // self.chunk_bytes)
         i = 0
+        whole = False  # every chunk loaded
         try:
             for i in range(0, len(job.chunks), per):
                 batch = RequestJobs(job.req_id, job.chunks[i : i + per], async_load=True)
                 started = self._start([batch], self._stream, queued, None)
                 if started is None:  # kvtier cannot lend: the rest through the staging buffer
                     rest = RequestJobs(job.req_id, job.chunks[i:], async_load=True)
-                    self._load_through_staging(rest, queued)
+                    whole = self._load_through_staging(rest, queued)
                     break
                 queued = None  # later batches follow on the same stream
                 load, failed = started
@@ -242,23 +266,29 @@ class ChunkMover:
                 if failed:  # the rest of the request is recomputed from the first failure
                     self._fail(job.chunks[i + per :])
                     break
+            else:
+                whole = True
         except Exception:
             log.exception("kvtier: a background load of %s failed", job.req_id)
             self._fail(job.chunks[i:])  # the batches before it are in
             raise
         finally:
             self.tally.observe("request_load_seconds", _now() - t0)
+            if whole:
+                self._tier_sample(job.tier, sum(len(c.block_ids) for c in job.chunks), _now() - t0)
             with self._lock:
                 self._received.add(job.req_id)
 
-    def _load_through_staging(self, job: RequestJobs, queued: torch.cuda.Event | None) -> None:
+    def _load_through_staging(self, job: RequestJobs, queued: torch.cuda.Event | None) -> bool:
+        """`_load_chunks` on the loader's stream; False if a chunk failed."""
         gpu = self._stream is not None
         with torch.cuda.stream(self._stream) if gpu else nullcontext():
             if self._stream is not None and queued is not None:
                 self._stream.wait_event(queued)
-            self._load_chunks(job, self._async_staging)
+            whole = self._load_chunks(job, self._async_staging)
         if self._stream is not None:
             self._stream.synchronize()  # the pages are written before vLLM hears of it
+        return whole
 
     def _load_chunks(self, job: RequestJobs, staging: Staging) -> bool:
         """Loads a request's chunks through `staging`, one at a time; False if one failed (it
@@ -276,6 +306,13 @@ class ChunkMover:
             self.tally.add("loaded_bytes", self.pages.block_bytes * len(chunk.block_ids))
             self.tally.add("load_seconds", _now() - t0)
         return True
+
+    def _tier_sample(self, tier: str, blocks: int, seconds: float) -> None:
+        """A load that ended whole: its seconds and blocks, charged to its farthest tier (the
+        scheduler weighs each tier against recomputing: `tierchoice`)."""
+        if blocks:
+            self.tally.add(LOAD_SECONDS + tier, seconds)
+            self.tally.add(LOAD_BLOCKS + tier, blocks)
 
     def _fail(self, chunks: Sequence[ChunkCopy]) -> None:
         self.tally.add("failed_chunks", len(chunks))
