@@ -84,10 +84,10 @@ class Promotion:
                 return Acquired(view, tier.name)
         return None
 
-    def _read_lower(self, key: Key, dst: Views) -> str | None:
+    def _read_lower(self, key: Key, dst: Views, promote: bool = True) -> str | None:
         """Serve a DRAM miss from the lower tiers: through DRAM (promoting), or straight
-        into `dst` when there is no DRAM tier or no room in it."""
-        if self._dram is not None:
+        into `dst` when there is no DRAM tier, no room in it, or `promote` is False."""
+        if self._dram is not None and promote:
             got = self._from_lower(key, total_bytes(dst))
             if got is not None:
                 try:

@@ -189,15 +189,15 @@ class Store(InPlace, Pinning, Promotion, WriteBehind):
                 break
         return Located(len(names), tuple(names))
 
-    def read_chunk(self, key: Key, dst: Views) -> str | None:
-        """Copy a chunk into `dst`, promoting a lower-tier hit to DRAM; the serving tier's name,
-        or None if no tier could serve it."""
+    def read_chunk(self, key: Key, dst: Views, promote: bool = True) -> str | None:
+        """Copy a chunk into `dst`, promoting a lower-tier hit to DRAM (unless `promote` is
+        False); the serving tier's name, or None if no tier could serve it."""
         self._enter()
         try:
             if self._dram is not None and self._dram.get_into(key, dst):
                 self._dram_hit(key)
                 return self._dram.name
-            return self._read_lower(key, dst)
+            return self._read_lower(key, dst, promote)
         finally:
             self._leave()
 

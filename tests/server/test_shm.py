@@ -219,7 +219,8 @@ def test_another_tenant_cannot_get_local_a_chunk(shm_server: ServerThread) -> No
 
 def test_evicted_and_unknown_chunks_are_misses(tmp_path: Path) -> None:
     """Without a disk tier, a chunk evicted from DRAM, and a key never stored, are counted
-    misses of GET_LOCAL; the chunks still held load correctly."""
+    misses (each GET_LOCAL miss asked again with GET, in case the server had no DRAM room to
+    promote it); the chunks still held load correctly, over the mapping alone."""
     handle = _serve(tmp_path, _store(tmp_path, dram_chunks=4, disk=False))
     try:
         tier = _tier(handle)
@@ -232,7 +233,7 @@ def test_evicted_and_unknown_chunks_are_misses(tmp_path: Path) -> None:
         assert np.array_equal(out, _chunk(5))
         stats = tier.stats()
         assert (stats.hits, stats.misses, stats.errors) == (1, 2, 0)
-        assert handle.server.counters["requests_get"] == 0
+        assert handle.server.counters["requests_get"] == 2
         tier.close()
         handle.server.store.check_integrity()
     finally:
@@ -240,11 +241,12 @@ def test_evicted_and_unknown_chunks_are_misses(tmp_path: Path) -> None:
         handle.server.store.close()
 
 
-def test_a_chunk_on_disk_is_promoted_and_one_that_cannot_be_pinned_is_a_miss(
+def test_a_chunk_on_disk_is_promoted_or_copied_when_dram_is_pinned_full(
     tmp_path: Path,
 ) -> None:
     """GET_LOCAL of a chunk evicted to disk promotes it into DRAM and serves it from the
-    mapping; while every DRAM slot is pinned by another client, it is a miss instead."""
+    mapping; while every DRAM slot is pinned by another client it cannot, and the GET asked
+    after that miss serves a copy read straight from disk."""
     handle = _serve(tmp_path, _store(tmp_path, dram_chunks=2))
     try:
         tier = _tier(handle)
@@ -256,7 +258,11 @@ def test_a_chunk_on_disk_is_promoted_and_one_that_cannot_be_pinned_is_a_miss(
         assert np.array_equal(out, _chunk(0))
         hog = RawClient(handle)
         assert hog.get_local([_key(0), _key(1)])[:2] == b"\x01\x01"  # both slots pinned
-        assert not tier.get_into(_key(2), [memoryview(out)])
+        gets = handle.server.counters["requests_get"]
+        assert tier.get_into(_key(2), [memoryview(out)])
+        assert np.array_equal(out, _chunk(2))
+        assert handle.server.counters["requests_get"] == gets + 1
+        assert handle.server.store.acquire_chunk(_key(2), CHUNK, promote=False) is None
         hog.sock.close()
         tier.close()
     finally:

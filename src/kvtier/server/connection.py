@@ -289,6 +289,8 @@ class Connection(LocalPath, asyncio.BufferedProtocol):
             self.server.limits.check_reply(sizes)
             views = await run(ex, self.server.acquire, keys, sizes)
             try:
+                if None in views:
+                    await run(ex, self.server.copy_misses, keys, sizes, views)
                 flags = bytes(v is not None for v in views)
                 found = [v for v in views if v is not None]
                 if self._tls:  # TLS copies what it is given: hand it a piece at a time

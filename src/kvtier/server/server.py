@@ -219,9 +219,21 @@ class CacheServer:
         self.store.touch([k for k, v in zip(keys, views, strict=True) if v is not None])
         return views
 
+    def copy_misses(
+        self, keys: list[Key], sizes: list[int], views: list[memoryview | None]
+    ) -> None:
+        """Fill in, as private copies, the chunks `acquire` found no DRAM room to promote
+        (pinned full by the chunks of this very GET, or by others'): read straight from a
+        lower tier. `release` leaves such copies alone."""
+        for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
+            if views[i] is None:
+                copy = memoryview(bytearray(size))
+                if self.store.read_chunk(key, [copy], promote=False) is not None:
+                    views[i] = copy
+
     def release(self, keys: list[Key], views: list[memoryview | None]) -> None:
         for key, view in zip(keys, views, strict=False):
-            if view is not None:
+            if view is not None and not isinstance(view.obj, bytearray):  # not a private copy
                 self.store.release_chunk(key)
 
     def put(self, keys: list[Key], data: list[memoryview]) -> bytes:

@@ -76,6 +76,8 @@ class DramTier:
         if view is None:
             return False
         try:
+            if view.nbytes != total_bytes(dst):  # stored at another size: it cannot serve
+                return False
             copy_views([view], dst)
         finally:
             self.release(key)

@@ -202,13 +202,16 @@ class RemoteTier:
     def _get_local(self, conn: Connection, mapping: SharedMapping, key: Key, dst: Views) -> bool:
         """GET_LOCAL: copy the chunk out of the server's DRAM file while the server holds it
         pinned for this connection, then RELEASE it (closing the connection on any error
-        releases it too). The server handles a connection's frames in order, so the next
-        request on it comes after the unpin whether or not its reply was read."""
+        releases it too). A miss asks again with GET, which the server answers with a copy
+        read straight from its lower tiers when its DRAM has no room to promote the chunk
+        (pinned full), at the cost of a second round trip for a chunk held nowhere. The
+        server handles a connection's frames in order, so the next request on it comes after
+        the unpin whether or not its reply was read."""
         size = total_bytes(dst)
         header = conn.waiting(self._timeout_s).call(Op.GET_LOCAL, [key], [SIZE.pack(size)])
         reply = conn.recv_bytes(header.payload_bytes)
-        if reply == b"\x00":
-            return False
+        if reply == b"\x00":  # absent, or no DRAM room to promote it into: GET copies it
+            return self._get(conn, key, dst)
         if len(reply) != 1 + SIZE.size or reply[0] != 1:
             raise ProtocolError(f"server {conn.where} sent a garbled GET_LOCAL reply")
         (offset,) = SIZE.unpack_from(reply, 1)

@@ -425,3 +425,41 @@ def test_whole_loads_are_timed_by_their_farthest_tier(
     m.wait_for_loads(60.0)
     assert m.take_failed() == {10, 11}
     assert not [name for name in m.tally.drain() if name.startswith("tier_load")]
+
+
+def test_chunks_the_node_cannot_lend_are_read_through_staging(
+    mover: tuple[ChunkMover, dict[str, torch.Tensor]],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk the node holds but does not lend in place (its DRAM pinned full by the step's
+    other chunks while it promotes from disk) is read through the staging buffer instead of
+    failing, in the step and in the background; one no tier holds still fails with every
+    later chunk of its request."""
+    m, caches = mover
+    keys = [_key(f"{request.node.name}-{i}") for i in range(2)]
+    m.save(StepPlan(saves=[RequestJobs("a", [ChunkCopy(keys[0], (0, 1)),
+                                             ChunkCopy(keys[1], (2, 3))])]))  # fmt: skip
+    want = _blocks(caches, [0, 1, 2, 3])
+    reading = m.store.reading
+
+    @contextmanager
+    def first_not_lent(keys: list[bytes], nbytes: int) -> Iterator[list[memoryview | None]]:
+        with reading(keys, nbytes) as views:
+            assert views is not None
+            yield [None, *views[1:]]
+
+    monkeypatch.setattr(m.store, "reading", first_not_lent)
+    lost = _key("never saved")
+    for async_load, blocks in ((False, [4, 5, 6, 7]), (True, [8, 9, 10, 11])):
+        chunks = [ChunkCopy(keys[0], tuple(blocks[:2])), ChunkCopy(keys[1], tuple(blocks[2:]))]
+        m.load(StepPlan(loads=[RequestJobs("b", chunks, async_load)]))
+        m.finish_loads()
+        m.wait_for_loads(60.0)
+        assert not m.take_failed()
+        got = _blocks(caches, blocks)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    chunks = [ChunkCopy(lost, (4, 5)), ChunkCopy(keys[1], (6, 7))]
+    m.load(StepPlan(loads=[RequestJobs("c", chunks)]))
+    m.finish_loads()
+    assert m.take_failed() == {4, 5, 6, 7}

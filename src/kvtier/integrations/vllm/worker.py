@@ -55,6 +55,9 @@ BACKGROUND_BYTES = 64 << 20  # borrowed at a time by a background load (promoted
 SKIP_SAVE_STEPS = 2
 
 
+Unlent = tuple[RequestJobs, Sequence[ChunkCopy]]  # a request's job, its chunks not lent
+
+
 class StepLoads(NamedTuple):
     """A step's synchronous loads: requests, seconds to start them, farthest tier, blocks
     (0 when one failed: no sample of the tier then)."""
@@ -155,11 +158,12 @@ class ChunkMover:
         thread = self._layer_thread
         started = self._start(jobs, self._copy_stream, after, thread)
         if started is None:  # kvtier cannot lend: through the staging buffer, chunk by chunk
-            return not all([self._load_chunks(job, self._staging) for job in jobs])
-        self._step, failed = started
+            return not self._read_unlent([(job, job.chunks) for job in jobs], self._staging)
+        self._step, unlent = started
+        whole = self._read_unlent(unlent, self._staging)
         if self._step is not None and not self._layerwise:
             self._step.wait_all()
-        return failed
+        return not whole
 
     def _start(
         self,
@@ -167,10 +171,11 @@ class ChunkMover:
         stream: torch.cuda.Stream | None,
         after: torch.cuda.Event | None,
         thread: ThreadPoolExecutor | None,
-    ) -> tuple[PageLoad | None, bool] | None:
+    ) -> tuple[PageLoad | None, list[Unlent]] | None:
         """The copies of `jobs` from chunks kvtier lends in place, started (None when it
-        cannot lend), and whether a chunk was missing (it and the rest of its request are
-        failed)."""
+        cannot lend), and the chunks it did not lend, by request: held nowhere, or not in
+        DRAM at once with the rest (the node promotes from disk into a DRAM it may not
+        have room in): the caller reads them through a staging buffer (`_read_unlent`)."""
         keys = [k for job in jobs for k in self.keys(job.chunks)]
         borrowed = ExitStack()
         try:
@@ -183,18 +188,21 @@ class ChunkMover:
                     borrowed.close()
                     return None
                 views += lent
-            copies, failed, at = [], False, 0
+            copies, at = [], 0
+            unlent: list[Unlent] = []
             for job in jobs:
-                for i, (chunk, view) in enumerate(zip(job.chunks, views[at:], strict=False)):
+                missing: list[ChunkCopy] = []
+                for chunk, view in zip(job.chunks, views[at : at + len(job.chunks)], strict=True):
                     if view is None:
-                        self._fail(job.chunks[i:])
-                        failed = True
-                        break
-                    copies.append((chunk, self._host.tensor(view, self._shape)))
+                        missing.append(chunk)
+                    else:
+                        copies.append((chunk, self._host.tensor(view, self._shape)))
+                if missing:
+                    unlent.append((job, missing))
                 at += len(job.chunks)
             if not copies:
                 borrowed.close()
-                return None, failed
+                return None, unlent
             load = PageLoad(self.pages, copies, borrowed.close, stream, after, thread)
         except BaseException:
             if stream is not None:
@@ -202,7 +210,7 @@ class ChunkMover:
             borrowed.close()
             raise
         self.tally.add("loaded_bytes", load.nbytes)
-        return load, failed
+        return load, unlent
 
     def wait_for_layer(self, layer: int) -> None:
         """Before layer `layer`'s attention reads its pages: this step's loads of that layer
@@ -249,26 +257,26 @@ class ChunkMover:
         t0 = _now()
         per = max(1, BACKGROUND_BYTES // self.chunk_bytes)
         i = 0
-        whole = False  # every chunk loaded
+        whole = True  # every chunk loaded
         try:
             for i in range(0, len(job.chunks), per):
                 batch = RequestJobs(job.req_id, job.chunks[i : i + per], async_load=True)
                 started = self._start([batch], self._stream, queued, None)
                 if started is None:  # kvtier cannot lend: the rest through the staging buffer
-                    rest = RequestJobs(job.req_id, job.chunks[i:], async_load=True)
-                    whole = self._load_through_staging(rest, queued)
+                    whole = self._load_through_staging([(job, job.chunks[i:])], queued)
                     break
                 queued = None  # later batches follow on the same stream
-                load, failed = started
+                load, unlent = started
                 if load is not None:
                     load.finish()
                     self.tally.add("load_seconds", load.seconds)
-                if failed:  # the rest of the request is recomputed from the first failure
+                if unlent and not self._load_through_staging(unlent, None):
+                    # the rest of the request is recomputed from the first failure
+                    whole = False
                     self._fail(job.chunks[i + per :])
                     break
-            else:
-                whole = True
         except Exception:
+            whole = False
             log.exception("kvtier: a background load of %s failed", job.req_id)
             self._fail(job.chunks[i:])  # the batches before it are in
             raise
@@ -279,33 +287,36 @@ class ChunkMover:
             with self._lock:
                 self._received.add(job.req_id)
 
-    def _load_through_staging(self, job: RequestJobs, queued: torch.cuda.Event | None) -> bool:
-        """`_load_chunks` on the loader's stream; False if a chunk failed."""
+    def _load_through_staging(self, unlent: list[Unlent], queued: torch.cuda.Event | None) -> bool:
+        """`_read_unlent` on the loader's stream (after `queued`); False if a chunk failed."""
         gpu = self._stream is not None
         with torch.cuda.stream(self._stream) if gpu else nullcontext():
             if self._stream is not None and queued is not None:
                 self._stream.wait_event(queued)
-            whole = self._load_chunks(job, self._async_staging)
+            whole = self._read_unlent(unlent, self._async_staging)
         if self._stream is not None:
             self._stream.synchronize()  # the pages are written before vLLM hears of it
         return whole
 
-    def _load_chunks(self, job: RequestJobs, staging: Staging) -> bool:
-        """Loads a request's chunks through `staging`, one at a time; False if one failed (it
-        and every later one are)."""
-        for i, (chunk, key) in enumerate(zip(job.chunks, self.keys(job.chunks), strict=True)):
-            t0 = _now()
-            tier = self.store.read_chunk(key, [staging.view])
-            if tier is None:
-                # vLLM recomputes from the first failed block; later chunks of this
-                # request are not loaded (they would be recomputed anyway).
-                self._fail(job.chunks[i:])
-                return False
-            src = staging.tensor[:, chunk.skip_blocks : chunk.skip_blocks + len(chunk.block_ids)]
-            self.pages.scatter(self.pages.index(chunk.block_ids), src)
-            self.tally.add("loaded_bytes", self.pages.block_bytes * len(chunk.block_ids))
-            self.tally.add("load_seconds", _now() - t0)
-        return True
+    def _read_unlent(self, unlent: list[Unlent], staging: Staging) -> bool:
+        """Reads chunks through `staging`, one at a time, for each (request's job, its chunks
+        to read); False if one failed: no tier served it, and it and every later chunk of
+        its request are failed (vLLM recomputes from there)."""
+        whole = True
+        for job, chunks in unlent:
+            for chunk, key in zip(chunks, self.keys(chunks), strict=True):
+                t0 = _now()
+                if self.store.read_chunk(key, [staging.view]) is None:
+                    self._fail(job.chunks[job.chunks.index(chunk) :])
+                    whole = False
+                    break
+                src = staging.tensor[
+                    :, chunk.skip_blocks : chunk.skip_blocks + len(chunk.block_ids)
+                ]
+                self.pages.scatter(self.pages.index(chunk.block_ids), src)
+                self.tally.add("loaded_bytes", self.pages.block_bytes * len(chunk.block_ids))
+                self.tally.add("load_seconds", _now() - t0)
+        return whole
 
     def _tier_sample(self, tier: str, blocks: int, seconds: float) -> None:
         """A load that ended whole: its seconds and blocks, charged to its farthest tier (the
