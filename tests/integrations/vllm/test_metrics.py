@@ -5,8 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kvtier.gateway.costs import counters, parse_prometheus
+from kvtier.gateway.index import DISK
 from kvtier.integrations.vllm.connector import KvtierConnector
 from kvtier.integrations.vllm.metrics import KvtierPromMetrics, KvtierStats
 from kvtier.integrations.vllm.plan import Tally
@@ -65,6 +67,22 @@ def test_prometheus_counters_per_engine_and_tier() -> None:
     assert value("kvtier_vllm_loaded_bytes_total", engine0) == 1000
     assert value("kvtier_vllm_failed_chunks_total", engine0) == 1
     assert value("kvtier_vllm_saved_bytes_total", {"model_name": "m", "engine": "1"}) == 5
+
+
+def test_load_seconds_are_exported_by_tier_as_the_gateway_reads_them() -> None:
+    """Each whole load's seconds, by its farthest tier, are `kvtier_vllm_load_seconds_total
+    {tier}`; `kvtier gateway` prices a worker's prefix in each tier from them."""
+    registry = CollectorRegistry()
+    metrics = _prom_metrics(registry)
+    metrics.observe({"tier_load_seconds/disk": 0.5, "tier_load_blocks/disk": 4,
+                     "tier_load_seconds/dram": 0.01, "hit_tokens/disk": 128})  # fmt: skip
+    engine0 = {"model_name": "m", "engine": "0"}
+    value = registry.get_sample_value
+    assert value("kvtier_vllm_load_seconds_total", {**engine0, "tier": "disk"}) == 0.5
+    assert value("kvtier_vllm_load_seconds_total", {**engine0, "tier": "dram"}) == 0.01
+    seen = counters(parse_prometheus(generate_latest(registry).decode()))
+    assert seen[f"kvtier_vllm_load_seconds_total/{DISK}"] == 0.5
+    assert seen[f"kvtier_vllm_hit_tokens_total/{DISK}"] == 128
 
 
 def test_request_times_fill_histograms_on_the_shared_buckets() -> None:

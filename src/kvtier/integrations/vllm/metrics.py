@@ -18,14 +18,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 from kvtier.integrations.vllm.plan import HIT_PREFIX
-from kvtier.integrations.vllm.tierchoice import LEFT_OUT
+from kvtier.integrations.vllm.tierchoice import LEFT_OUT, LOAD_SECONDS
 from kvtier.metrics import OP_BUCKETS
 
 _COUNTERS = {
     "lookups": "Requests kvtier looked up",
     "failed_chunks": "Chunks a worker could not load (recomputed by vLLM)",
     "loaded_bytes": "Bytes loaded into vLLM's KV cache",
-    "load_seconds": "Seconds spent loading",
     "saved_bytes": "Bytes saved from vLLM's KV cache",
     "save_seconds": "Seconds spent saving (the copy the engine waits for)",
     "skipped_saves": "Chunks not saved: a load of their step, or of the step before, failed",
@@ -100,6 +99,12 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             documentation="Prompt tokens kvtier supplied beyond vLLM's own prefix cache",
             labelnames=[*labelnames, "tier"],
         )
+        self._load_seconds = counter(
+            name="kvtier_vllm_load_seconds_total",
+            documentation="Seconds from the start of each whole load to its last page in, by "
+            "its farthest tier (the node's promotion from disk or a server included)",
+            labelnames=[*labelnames, "tier"],
+        )
         self._counters = {
             name: counter(
                 name=f"kvtier_vllm_{name}_total", documentation=doc, labelnames=labelnames
@@ -128,6 +133,8 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                         histogram.observe(sample)
             elif name.startswith(HIT_PREFIX):
                 self._hits.labels(*labels, name.removeprefix(HIT_PREFIX)).inc(value)
+            elif name.startswith(LOAD_SECONDS):
+                self._load_seconds.labels(*labels, name.removeprefix(LOAD_SECONDS)).inc(value)
             elif name.startswith(LEFT_OUT):  # load_tiers auto left a tier out (+1) or back
                 self._load_tier.labels(*labels, name.removeprefix(LEFT_OUT)).dec(value)
             elif name in self._counters:
