@@ -14,11 +14,10 @@ The scheduler measures both where it runs, from the engine's own steps:
 A tier measured slower than recomputing is left out: a hit stops at its first chunk there,
 and vLLM computes the rest. PROBE_S after its last measurement one lookup may load from it
 all the same, so that its figure follows the tier (a disk that was busy, a server that came
-nearer). Until
-both figures exist every tier is loaded, as with no choice at all. The errors lean the same
-way: a step's synchronous loads and its decodes count as compute time, so recomputing
-looks dearer and a tier is kept, never dropped, by them. `load_tiers` given as a list of
-tiers fixes the choice instead.
+nearer). Until both figures exist every tier is loaded, as with no choice at all. The
+errors lean the same way: a step's synchronous loads and its decodes count as compute
+time, so recomputing looks dearer and a tier is kept, never dropped, by them. `load_tiers`
+given as a list of tiers fixes the choice instead.
 """
 
 from __future__ import annotations
