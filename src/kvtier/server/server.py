@@ -224,9 +224,11 @@ class CacheServer:
     ) -> None:
         """Fill in, as private copies, the chunks `acquire` found no DRAM room to promote
         (pinned full by the chunks of this very GET, or by others'): read straight from a
-        lower tier. `release` leaves such copies alone."""
+        lower tier into a buffer of their own (the rare path: only chunks some tier holds
+        get one). `release` leaves such copies alone: DRAM views are over an mmap, never a
+        bytearray."""
         for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
-            if views[i] is None:
+            if views[i] is None and self.store.locate([key]).chunks:  # no buffer for a miss
                 copy = memoryview(bytearray(size))
                 if self.store.read_chunk(key, [copy], promote=False) is not None:
                     views[i] = copy

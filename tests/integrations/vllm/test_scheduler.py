@@ -44,6 +44,7 @@ from kvtier.integrations.vllm.connector import KvtierConnector, KvtierMetadata
 from kvtier.integrations.vllm.metrics import KvtierStats
 from kvtier.integrations.vllm.node import stop_nodes
 from kvtier.integrations.vllm.plan import ChunkCopy, StepPlan
+from kvtier.integrations.vllm.tierchoice import STEP
 from kvtier.keys import Key, chain_keys, root_key
 
 BLOCK = 32
@@ -208,7 +209,7 @@ class Engine:
         failed, received = self.worker.run(plan)
         ids = list(output.num_scheduled_tokens)
         sampled = [[] if scheduler.requests[r].is_prefill_chunk else [SAMPLED] for r in ids]
-        report = self.worker.report
+        report = {STEP: plan.number, **self.worker.report}  # as TP rank 0's worker does
         result = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
@@ -216,7 +217,7 @@ class Engine:
             kv_connector_output=KVConnectorOutput(
                 invalid_block_ids=failed,
                 finished_recving=received or None,
-                kv_connector_stats=KvtierStats(data=dict(report)) if report else None,
+                kv_connector_stats=KvtierStats(data=report),
             ),
         )
         self.worker.report.clear()
@@ -424,7 +425,8 @@ def test_stats_count_lookups_and_hit_tokens_by_tier(make_engine: Callable[..., E
     stats = KvtierStats()
     for data in engine.connector_stats[first:]:
         stats.aggregate(KvtierConnector.build_kv_connector_stats(data))
-    assert stats.data == {"lookups": 2, "hit_tokens/dram": 64 + 2 * CHUNK}
+    counted = {k: v for k, v in stats.data.items() if k != STEP}  # plan numbers, summed
+    assert counted == {"lookups": 2, "hit_tokens/dram": 64 + 2 * CHUNK}
     assert stats.reduce()["hit_tokens"] == 64 + 2 * CHUNK
 
 

@@ -453,12 +453,16 @@ def test_chunks_the_node_cannot_lend_are_read_through_staging(
     lost = _key("never saved")
     for async_load, blocks in ((False, [4, 5, 6, 7]), (True, [8, 9, 10, 11])):
         chunks = [ChunkCopy(keys[0], tuple(blocks[:2])), ChunkCopy(keys[1], tuple(blocks[2:]))]
-        m.load(StepPlan(loads=[RequestJobs("b", chunks, async_load)]))
+        m.tally.drain()
+        m.load(StepPlan(loads=[RequestJobs("b", chunks, async_load, tier="disk")]))
         m.finish_loads()
         m.wait_for_loads(60.0)
         assert not m.take_failed()
         got = _blocks(caches, blocks)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        # In the step, a chunk read through staging came from elsewhere than the lookup
+        # said: no sample of the tier; a background load is one (its tier is not DRAM).
+        assert m.tally.drain().get("tier_load_blocks/disk") == (4 if async_load else None)
     chunks = [ChunkCopy(lost, (4, 5)), ChunkCopy(keys[1], (6, 7))]
     m.load(StepPlan(loads=[RequestJobs("c", chunks)]))
     m.finish_loads()

@@ -39,6 +39,7 @@ from kvtier.integrations.vllm.node import engine_store
 from kvtier.integrations.vllm.pages import PagedKV
 from kvtier.integrations.vllm.plan import TIERS, Geometry, StepPlan, page_fingerprint
 from kvtier.integrations.vllm.scheduler import ChunkPlanner
+from kvtier.integrations.vllm.tierchoice import STEP
 from kvtier.integrations.vllm.worker import ChunkMover
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ class KvtierConnector(KVConnectorBase_V1):
         total = scheduler_output.total_num_scheduled_tokens
         plan.idle = total == 0
         prefill = sum(n for n in tokens.values() if n > 1)  # decodes schedule one token
-        self._planner.step_planned(prefill, total)
+        self._planner.tiers.step_planned(plan.number, prefill)
         return KvtierMetadata(plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -312,6 +313,11 @@ class KvtierConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KvtierStats | None:
         side = self._planner or self._mover
         data = side.tally.drain() if side is not None else {}
+        mover = self._mover
+        if mover is not None and mover.tp_rank == 0 and self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            if isinstance(meta, KvtierMetadata):  # the step these counters close
+                data[STEP] = meta.plan.number
         return KvtierStats(data=data) if data else None
 
     @classmethod

@@ -83,7 +83,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         """`load_tiers`: whether the connector loads hits from each tier (`load_tiers`),
         exported as `kvtier_vllm_load_tier{tier}` 1 or 0 so that a router does not credit a
         worker with chunks it would recompute. Under `load_tiers: auto` every tier starts
-        at 1 and follows the scheduler's choice (`left_out/<tier>` changes)."""
+        at 1 and follows the scheduler's choice (`left_out/<tier>` states)."""
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._load_tier = self._gauge_cls(
             name="kvtier_vllm_load_tier",
@@ -135,7 +135,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                 self._hits.labels(*labels, name.removeprefix(HIT_PREFIX)).inc(value)
             elif name.startswith(LOAD_SECONDS):
                 self._load_seconds.labels(*labels, name.removeprefix(LOAD_SECONDS)).inc(value)
-            elif name.startswith(LEFT_OUT):  # load_tiers auto left a tier out (+1) or back
-                self._load_tier.labels(*labels, name.removeprefix(LEFT_OUT)).dec(value)
+            elif name.startswith(LEFT_OUT):  # load_tiers auto: 1 left out, -1 loaded
+                self._load_tier.labels(*labels, name.removeprefix(LEFT_OUT)).set(int(value < 0))
             elif name in self._counters:
                 self._counters[name].labels(*labels).inc(value)

@@ -88,6 +88,7 @@ class StepPlan:
     loads: list[RequestJobs] = field(default_factory=list)
     saves: list[RequestJobs] = field(default_factory=list)
     idle: bool = False  # nothing computes this step: the workers may wait for their loads
+    number: int = 0  # the planner's count; TP rank 0's worker echoes it (`tierchoice.STEP`)
 
 
 class KeyChain:
@@ -154,6 +155,14 @@ class Tally:
             total = self._data.get(name, 0)
             assert not isinstance(total, list)
             self._data[name] = total + value
+
+    def add_all(self, values: dict[str, float]) -> None:
+        """`add` for each, at once: a `drain` takes all of them or none."""
+        with self._lock:
+            for name, value in values.items():
+                total = self._data.get(name, 0)
+                assert not isinstance(total, list)
+                self._data[name] = total + value
 
     def observe(self, name: str, value: float) -> None:
         """One sample (a request's load time) for the histogram `name`."""

@@ -143,7 +143,8 @@ class ChunkPlanner:
         tracked.stored = max(tracked.stored, hit)  # a full chunk kvtier holds is not saved again
         loadable = min(hit, self.geometry.loadable_chunks(request.num_tokens))
         first = num_computed_tokens // c  # vLLM holds the chunks before it
-        cut = next((i for i in range(first, loadable) if not self.tiers.allows(tiers[i])), None)
+        allowed = self.tiers.allowed(tiers[first:loadable])
+        cut = next((i for i in range(first, loadable) if tiers[i] not in allowed), None)
         tracked.claimed = loadable if cut is None else cut  # a slow tier's are recomputed
         tracked.recomputed = (loadable - tracked.claimed) * c
         tracked.tiers = tiers[: tracked.claimed]
@@ -176,8 +177,8 @@ class ChunkPlanner:
     ) -> StepPlan:
         """This step's copies. `scheduled`: (request id, tokens computed once this step
         has run) for every request in the batch."""
-        step = StepPlan()
         self._plans += 1
+        step = StepPlan(number=self._plans)
         for req_id, load in list(self._loading.items()):
             if not load.jobs.async_load and self._plans - load.plan >= SYNC_REPORT_PLANS:
                 del self._loading[req_id]
@@ -217,14 +218,12 @@ class ChunkPlanner:
             if jobs.async_load and req_id in received:
                 del self._loading[req_id]
 
-    def step_planned(self, prefill_tokens: int, tokens: int) -> None:
-        self.tiers.step_planned(prefill_tokens, tokens)
-
     def step_returned(self, worker_stats: Mapping[str, object]) -> None:
-        """A step's output, with the workers' counters: the tier choice's figures, and its
-        changes counted (`left_out/<tier>`: the gauge `kvtier_vllm_load_tier` follows them)."""
-        for tier, change in self.tiers.step_returned(worker_stats).items():
-            self.tally.add(LEFT_OUT + tier, change)
+        """A step's output, with the workers' counters: the tier choice's figures, and each
+        measured tier's state (`left_out/<tier>`, 1 or -1: never 0, which vLLM would not
+        send), which the gauge `kvtier_vllm_load_tier` follows in every API server."""
+        for tier, out in self.tiers.step_returned(worker_stats).items():
+            self.tally.add(LEFT_OUT + tier, 1 if out else -1)
 
     def pin(self, request: Any) -> int:
         """Pin the full chunks of a finished request's prompt that kvtier holds (every TP

@@ -138,9 +138,12 @@ class ChunkMover:
         if not jobs:
             return
         t0 = _now()
-        failed = self._start_step_loads(jobs)
+        failed, staged = self._start_step_loads(jobs)
         tier = farthest([job.tier for job in jobs])
-        blocks = 0 if failed else sum(len(c.block_ids) for job in jobs for c in job.chunks)
+        # A load that failed, or went partly through staging (from a tier other than the
+        # lookup's), is no sample of its tier.
+        whole = not failed and not staged
+        blocks = sum(len(c.block_ids) for job in jobs for c in job.chunks) if whole else 0
         if self._step is not None:  # observed once the copies end
             self._step_requests = StepLoads(len(jobs), _now() - t0, tier, blocks)
         else:  # copied already (through the staging buffer), or nothing to copy
@@ -151,19 +154,21 @@ class ChunkMover:
         if self._any_rank(failed):
             self._skip_saves = SKIP_SAVE_STEPS
 
-    def _start_step_loads(self, jobs: Sequence[RequestJobs]) -> bool:
-        """Borrow the step's chunks and start copying them; True if one could not be served."""
+    def _start_step_loads(self, jobs: Sequence[RequestJobs]) -> tuple[bool, bool]:
+        """Borrow the step's chunks and start copying them; whether one could not be served,
+        and whether some went through the staging buffer."""
         cuda = self._copy_stream is not None
         after = torch.cuda.current_stream().record_event() if cuda else None
         thread = self._layer_thread
         started = self._start(jobs, self._copy_stream, after, thread)
         if started is None:  # kvtier cannot lend: through the staging buffer, chunk by chunk
-            return not self._read_unlent([(job, job.chunks) for job in jobs], self._staging)
-        self._step, unlent = started
+            unlent: list[Unlent] = [(job, job.chunks) for job in jobs]
+        else:
+            self._step, unlent = started
         whole = self._read_unlent(unlent, self._staging)
         if self._step is not None and not self._layerwise:
             self._step.wait_all()
-        return not whole
+        return not whole, bool(unlent)
 
     def _start(
         self,
@@ -265,16 +270,17 @@ class ChunkMover:
                 if started is None:  # kvtier cannot lend: the rest through the staging buffer
                     whole = self._load_through_staging([(job, job.chunks[i:])], queued)
                     break
-                queued = None  # later batches follow on the same stream
                 load, unlent = started
-                if load is not None:
+                if load is not None:  # its copies followed `queued` on the loader's stream
                     load.finish()
                     self.tally.add("load_seconds", load.seconds)
-                if unlent and not self._load_through_staging(unlent, None):
+                    queued = None
+                if unlent and not self._load_through_staging(unlent, queued):
                     # the rest of the request is recomputed from the first failure
                     whole = False
                     self._fail(job.chunks[i + per :])
                     break
+                queued = None  # later batches follow on the same stream
         except Exception:
             whole = False
             log.exception("kvtier: a background load of %s failed", job.req_id)
@@ -320,10 +326,10 @@ class ChunkMover:
 
     def _tier_sample(self, tier: str, blocks: int, seconds: float) -> None:
         """A load that ended whole: its seconds and blocks, charged to its farthest tier (the
-        scheduler weighs each tier against recomputing: `tierchoice`)."""
-        if blocks:
-            self.tally.add(LOAD_SECONDS + tier, seconds)
-            self.tally.add(LOAD_BLOCKS + tier, blocks)
+        scheduler weighs each tier against recomputing: `tierchoice`); TP rank 0's only, so
+        that the figures are one rank's, as `kvtier_vllm_load_seconds_total` exports them."""
+        if blocks and self.tp_rank == 0:
+            self.tally.add_all({LOAD_SECONDS + tier: seconds, LOAD_BLOCKS + tier: blocks})
 
     def _fail(self, chunks: Sequence[ChunkCopy]) -> None:
         self.tally.add("failed_chunks", len(chunks))
