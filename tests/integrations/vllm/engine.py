@@ -2,7 +2,8 @@
 
 Usage: python engine.py '{"model": DIR, "extra": {...}, "jobs": [{"prompt": [...], "salt": null}]}'
 (optional: "tp": tensor-parallel size, "kv_cache_bytes").
-Each job's result: generated token ids, the sampled tokens' logprobs, num_cached_tokens.
+Each job's result: generated token ids, the sampled tokens' logprobs, num_cached_tokens; a job
+`{"batch": [[...], ...]}` generates its prompts together, with a result for each.
 Other jobs, with no result: `{"reset": true}` empties vLLM's own prefix cache,
 `{"kill_node": true}` sends SIGKILL to the node-local kvtier process (`extra.node_dir`), and
 `{"wait_node": true}` waits (60 s at most) until another one is up.
@@ -58,21 +59,23 @@ def main() -> None:
                 assert time.monotonic() < deadline, "no node process came back"
                 time.sleep(0.05)
             continue
-        prompt = TokensPrompt(prompt_token_ids=job["prompt"])
-        if job.get("salt"):
-            prompt["cache_salt"] = job["salt"]
-        out = llm.generate([prompt], params, use_tqdm=False)[0]
-        sample = out.outputs[0]
-        logprobs = [
-            step[tok].logprob for step, tok in zip(sample.logprobs, sample.token_ids, strict=True)
-        ]
-        results.append(
-            {
-                "tokens": list(sample.token_ids),
-                "logprobs": logprobs,
-                "cached": out.num_cached_tokens,
-            }
-        )
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in job.get("batch", [job.get("prompt")])]
+        for prompt in prompts:
+            if job.get("salt"):
+                prompt["cache_salt"] = job["salt"]
+        for out in llm.generate(prompts, params, use_tqdm=False):
+            sample = out.outputs[0]
+            logprobs = [
+                step[tok].logprob
+                for step, tok in zip(sample.logprobs, sample.token_ids, strict=True)
+            ]
+            results.append(
+                {
+                    "tokens": list(sample.token_ids),
+                    "logprobs": logprobs,
+                    "cached": out.num_cached_tokens,
+                }
+            )
     print("RESULTS " + json.dumps(results), flush=True)
 
 
