@@ -140,8 +140,8 @@ class ChunkMover:
         t0 = _now()
         failed, staged = self._start_step_loads(jobs)
         tier = farthest([job.tier for job in jobs])
-        # A load that failed, or went partly through staging (from a tier other than the
-        # lookup's), is no sample of its tier.
+        # A load that failed, or that the node lent only in part (the rest read from its
+        # disk, whatever the lookup said), is no sample of its tier.
         whole = not failed and not staged
         blocks = sum(len(c.block_ids) for job in jobs for c in job.chunks) if whole else 0
         if self._step is not None:  # observed once the copies end
@@ -156,7 +156,8 @@ class ChunkMover:
 
     def _start_step_loads(self, jobs: Sequence[RequestJobs]) -> tuple[bool, bool]:
         """Borrow the step's chunks and start copying them; whether one could not be served,
-        and whether some went through the staging buffer."""
+        and whether the node lent some but not others (those came through the staging
+        buffer, not from DRAM: the node had no room to promote them)."""
         cuda = self._copy_stream is not None
         after = torch.cuda.current_stream().record_event() if cuda else None
         thread = self._layer_thread
@@ -168,7 +169,7 @@ class ChunkMover:
         whole = self._read_unlent(unlent, self._staging)
         if self._step is not None and not self._layerwise:
             self._step.wait_all()
-        return not whole, bool(unlent)
+        return not whole, started is not None and bool(unlent)
 
     def _start(
         self,
