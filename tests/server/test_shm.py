@@ -219,8 +219,9 @@ def test_another_tenant_cannot_get_local_a_chunk(shm_server: ServerThread) -> No
 
 def test_evicted_and_unknown_chunks_are_misses(tmp_path: Path) -> None:
     """Without a disk tier, a chunk evicted from DRAM, and a key never stored, are counted
-    misses (each GET_LOCAL miss asked again with GET, in case the server had no DRAM room to
-    promote it); the chunks still held load correctly, over the mapping alone."""
+    misses, once each (after a GET_LOCAL miss the client asks whether the server holds the
+    chunk at all, and, as it does not, sends no GET); the chunks still held load correctly,
+    over the mapping alone."""
     handle = _serve(tmp_path, _store(tmp_path, dram_chunks=4, disk=False))
     try:
         tier = _tier(handle)
@@ -233,7 +234,8 @@ def test_evicted_and_unknown_chunks_are_misses(tmp_path: Path) -> None:
         assert np.array_equal(out, _chunk(5))
         stats = tier.stats()
         assert (stats.hits, stats.misses, stats.errors) == (1, 2, 0)
-        assert handle.server.counters["requests_get"] == 2
+        assert handle.server.counters["requests_get"] == 0
+        assert handle.server.store.stats().tier("dram").misses == 2
         tier.close()
         handle.server.store.check_integrity()
     finally:

@@ -202,16 +202,18 @@ class RemoteTier:
     def _get_local(self, conn: Connection, mapping: SharedMapping, key: Key, dst: Views) -> bool:
         """GET_LOCAL: copy the chunk out of the server's DRAM file while the server holds it
         pinned for this connection, then RELEASE it (closing the connection on any error
-        releases it too). A miss asks again with GET, which the server answers with a copy
-        read straight from its lower tiers when its DRAM has no room to promote the chunk
-        (pinned full), at the cost of a second round trip for a chunk held nowhere. The
-        server handles a connection's frames in order, so the next request on it comes after
-        the unpin whether or not its reply was read."""
+        releases it too). After a miss, EXISTS_PREFIX asks whether the server holds the
+        chunk at all (a second round trip, counted as no second miss); if it does, its DRAM
+        had no room to promote it (pinned full), and GET gets a copy read straight from its
+        lower tiers. The server handles a connection's frames in order, so the next request
+        on it comes after the unpin whether or not its reply was read."""
         size = total_bytes(dst)
         header = conn.waiting(self._timeout_s).call(Op.GET_LOCAL, [key], [SIZE.pack(size)])
         reply = conn.recv_bytes(header.payload_bytes)
-        if reply == b"\x00":  # absent, or no DRAM room to promote it into: GET copies it
-            return self._get(conn, key, dst)
+        if reply == b"\x00":  # absent, or held where no DRAM room was left to promote it
+            conn.waiting(self._timeout_s).call(Op.EXISTS_PREFIX, [key], [])
+            (held,) = COUNT.unpack(conn.recv_bytes(COUNT.size))
+            return bool(held) and self._get(conn, key, dst)  # GET copies it from there
         if len(reply) != 1 + SIZE.size or reply[0] != 1:
             raise ProtocolError(f"server {conn.where} sent a garbled GET_LOCAL reply")
         (offset,) = SIZE.unpack_from(reply, 1)
