@@ -215,8 +215,7 @@ class KvtierConnector(KVConnectorBase_V1):
             for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True)
         ]
         plan = self._planner.plan(scheduled, scheduler_output.finished_req_ids)
-        total = scheduler_output.total_num_scheduled_tokens
-        plan.idle = total == 0
+        plan.idle = scheduler_output.total_num_scheduled_tokens == 0
         prefill = sum(n for n in tokens.values() if n > 1)  # decodes schedule one token
         self._planner.tiers.step_planned(plan.number, prefill)
         return KvtierMetadata(plan)

@@ -152,17 +152,18 @@ class Tally:
 
     def add(self, name: str, value: float = 1) -> None:
         with self._lock:
-            total = self._data.get(name, 0)
-            assert not isinstance(total, list)
-            self._data[name] = total + value
+            self._add(name, value)
 
     def add_all(self, values: dict[str, float]) -> None:
         """`add` for each, at once: a `drain` takes all of them or none."""
         with self._lock:
             for name, value in values.items():
-                total = self._data.get(name, 0)
-                assert not isinstance(total, list)
-                self._data[name] = total + value
+                self._add(name, value)
+
+    def _add(self, name: str, value: float) -> None:
+        total = self._data.get(name, 0)
+        assert not isinstance(total, list)
+        self._data[name] = total + value
 
     def observe(self, name: str, value: float) -> None:
         """One sample (a request's load time) for the histogram `name`."""
