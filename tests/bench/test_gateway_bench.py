@@ -38,4 +38,10 @@ def test_quick_run_completes_every_configuration(tmp_path: Path) -> None:
     assert keys <= set(head)
     assert head["streams_1000_errors"] == 0
     assert result["overhead"]["gateway_alive_after_burst"]
+    for mode in ("paced", "lockstep"):  # each with its single-stream floor, nothing failed
+        check = result["overhead"][mode]
+        assert check["failed"] == 0
+        assert check["one_stream_direct_ttft_ms"]["p50"] > 0
+        assert isinstance(check["direct_controlled"], bool)
+    assert result["overhead"]["paced"]["spread"] and not result["overhead"]["lockstep"]["spread"]
     assert all((tmp_path / name).exists() for name in ("gateway.json", "gateway.md", "gateway.png"))
