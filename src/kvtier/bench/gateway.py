@@ -12,8 +12,8 @@ DRAM, where crediting it pays (elsewhere it is a recompute).
 The sweep (kvtier and round-robin, 8 workers, tiers off) raises the load on the trace to
 find each policy's knee (`gateway_report`). Then: gateway overhead against calling workers
 directly (64 concurrent streams, sims with no prefill time: paced at 20 ms a token with the
-streams desynchronised, the judged figure, and 1 ms a token in lockstep), 1,000 concurrent streams
-through the gateway, and the routing decision timed in process (`gateway_route`).
+streams desynchronised, the judged figure, and 1 ms a token in lockstep), 1,000 concurrent
+streams through the gateway, and the routing decision timed in process (`gateway_route`).
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ class OverheadMode(NamedTuple):
     spread: bool
 
 
-# Judged: a GPU batch's inter-token time (15-30 ms for a batch of 64 on one H100), streams
+# Judged: a GPU batch's inter-token time (tens of ms for a large batch; not measured here), streams
 # desynchronised, as independent clients are. Also reported: 1 ms tokens in lockstep, where
 # 64 requests land together every 10 ms and the check measures the gateway's throughput.
 PACED = OverheadMode(20.0, 16, spread=True)
