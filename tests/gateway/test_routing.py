@@ -11,7 +11,15 @@ from kvtier.gateway.costs import SHARED_TIER, Costs, Priors
 from kvtier.gateway.index import DISK, DRAM, GPU, SHARED, Hits, PrefixIndex
 from kvtier.gateway.masks import SCALAR
 from kvtier.gateway.pool import Bound, Pool
-from kvtier.gateway.routing import Candidate, Load, Request, expected_ttft_s, make_policy
+from kvtier.gateway.routing import (
+    GUARD,
+    GUARD_MIN_REQUESTS,
+    Candidate,
+    Load,
+    Request,
+    expected_ttft_s,
+    make_policy,
+)
 from kvtier.gateway.tokens import block_keys, chain_keys, root_key, tokenize
 
 
@@ -202,13 +210,27 @@ def test_kvtier_policy_credits_tiers_by_cost_and_yields_to_load() -> None:
     assert expected_ttft_s(req, cands[1]) == pytest.approx(10.0)
 
 
-def test_kvtier_guard_keeps_a_worker_under_one_and_a_half_times_the_mean() -> None:
+def test_kvtier_guard_keeps_a_worker_under_twice_the_mean() -> None:
     """A cache-rich worker holding most in-flight tokens is skipped, even if it is fastest."""
     policy = make_policy("kvtier")
     req = Request(1600, 16)
-    loads = [Load(), Load(), Load(requests=4, tokens=9000)]
+    loads = [Load(), Load(), Load(requests=GUARD_MIN_REQUESTS, tokens=9000)]
     cands = _candidates([Hits(0, 0, 0, 0), Hits(0, 0, 0, 0), Hits(100, 0, 0, 0)], loads)
+    assert GUARD * 3000 < 9000
     assert policy.pick(req, cands).worker != 2
+
+
+def test_kvtier_keeps_a_small_burst_of_one_family_on_its_worker() -> None:
+    """A few siblings already sent to the worker that holds their prefix (over GUARD x a mean
+    the idle workers keep small) do not trip the guard: the next sibling still goes there
+    rather than recomputing the prefix elsewhere."""
+    policy = make_policy("kvtier")
+    req = Request(1600, 16)
+    home = Load(requests=GUARD_MIN_REQUESTS - 1, tokens=1400, prefill_s=0.2)
+    loads = [Load(), Load(), home]
+    cands = _candidates([Hits(0, 0, 0, 0), Hits(0, 0, 0, 0), Hits(90, 0, 0, 0)], loads)
+    assert home.tokens > GUARD * sum(load.tokens for load in loads) / len(loads)
+    assert policy.pick(req, cands).worker == 2
 
 
 def test_ties_rotate_so_misses_spread() -> None:

@@ -16,7 +16,10 @@ and its measured costs, and returns a worker. Four policies, for side-by-side be
   time (`costs.py`), not a fixed weight. That is "sticky while the worker has room": the
   cache-rich worker wins until its queue costs more than recomputing elsewhere. A guard on
   top keeps any worker from holding more than `GUARD` times the mean in-flight tokens (peers
-  without one sent all traffic to one worker: sglang #32983, vllm-router #179).
+  without one sent all traffic to one worker: sglang #32983, vllm-router #179). The cost
+  already balances load, so the guard is a backstop for costs gone wrong: it waits for
+  `GUARD_MIN_REQUESTS` in flight, so a burst of one prompt family does not trip it while the
+  other workers' mean is still small (each trip recomputes a prefix elsewhere).
 
 Ties go to the next worker in turn, so misses never pile onto worker 0.
 """
@@ -30,8 +33,8 @@ from typing import NamedTuple, Protocol
 from kvtier.gateway.costs import SHARED_TIER, Costs
 from kvtier.gateway.index import DISK, DRAM, Hits
 
-GUARD = 1.5  # no worker above this many times the mean in-flight tokens...
-GUARD_MIN_REQUESTS = 4  # ...once it has at least this many requests in flight
+GUARD = 2.0  # no worker above this many times the mean in-flight tokens...
+GUARD_MIN_REQUESTS = 8  # ...once it has at least this many requests in flight
 PREFIX_MATCH = 0.5  # `prefix`: a match covering more than this share of the prompt is sticky
 IMBALANCE_ABS, IMBALANCE_REL = 8, 1.5  # `prefix`: in-flight requests max - min, max / min
 
